@@ -1,0 +1,79 @@
+"""The flow-sums op, declared once; the dispatcher picks the implementation per device.
+
+    ffr_fast::flow_sums(Tensor[] features) -> Tensor                      (B, 3, K-1)
+    ffr_fast::flow_sums_backward(Tensor[] features, Tensor grad_sums) -> Tensor[]
+
+Implementations, most specific first:
+    CPU   the C++ kernels in csrc/ (extension ffr_fast._C, TORCH_LIBRARY_IMPL)
+    CUDA  the Triton kernels in kernels/ (ffr_fast.kernels.flow_sums)
+    any   the plain-PyTorch reference (CompositeExplicitAutograd), the fallback
+"""
+import warnings
+from typing import List, Sequence
+
+import torch
+from torch import Tensor
+
+from ffr_fast import reference
+
+_LIB = torch.library.Library("ffr_fast", "DEF")
+_LIB.define("flow_sums(Tensor[] features) -> Tensor")
+_LIB.define("flow_sums_backward(Tensor[] features, Tensor grad_sums) -> Tensor[]")
+_LIB.impl("flow_sums", reference.flow_sums, "CompositeExplicitAutograd")
+_LIB.impl("flow_sums_backward", reference.flow_sums_backward, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("ffr_fast::flow_sums")
+def _flow_sums_fake(features: List[Tensor]) -> Tensor:
+    x = features[0]
+    return x.new_empty((x.shape[0], 3, len(features) - 1),
+                       dtype=reference.accumulation_dtype(x.dtype))
+
+
+@torch.library.register_fake("ffr_fast::flow_sums_backward")
+def _flow_sums_backward_fake(features: List[Tensor], grad_sums: Tensor) -> List[Tensor]:
+    return [torch.empty_like(x) for x in features]
+
+
+def _setup_context(ctx, inputs, output):
+    (features,) = inputs
+    ctx.save_for_backward(*features)
+
+
+def _backward(ctx, grad_sums):
+    return list(torch.ops.ffr_fast.flow_sums_backward(list(ctx.saved_tensors), grad_sums))
+
+
+torch.library.register_autograd("ffr_fast::flow_sums", _backward, setup_context=_setup_context)
+
+
+def _load_cpu_kernel() -> None:
+    try:
+        import ffr_fast._C  # noqa: F401  registers the CPU kernels with the dispatcher
+    except ImportError as error:
+        warnings.warn(
+            f"ffr_fast: the compiled CPU kernel is not available ({error}); the flow penalty "
+            "runs its plain-PyTorch reference on CPU, which is correct but slower. Reinstall "
+            "with `pip install --no-build-isolation .` on a machine with a C++ compiler.",
+            stacklevel=3,
+        )
+
+
+_load_cpu_kernel()
+
+
+def has_compiled_kernel(device_type: str) -> bool:
+    """Whether the dispatcher has a device-specific kernel (not the reference) for the op."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    return torch._C._dispatch_has_kernel_for_dispatch_key("ffr_fast::flow_sums", key)
+
+
+def require_compiled_cpu_kernel() -> None:
+    """Fail loudly when the CPU kernel is missing: `make` and the tests call this."""
+    if not has_compiled_kernel("cpu"):
+        raise RuntimeError("ffr_fast: the compiled CPU kernel (ffr_fast._C) is not loaded")
+
+
+def flow_sums(features: Sequence[Tensor]) -> Tensor:
+    """The (B, 3, K-1) flow sums of one chain, through the op (differentiable)."""
+    return torch.ops.ffr_fast.flow_sums(list(features))
