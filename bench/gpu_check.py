@@ -1,0 +1,326 @@
+"""One-call check of the Triton flow-sums kernels on a CUDA machine (issue 2, point 6).
+
+    python bench/gpu_check.py [--out bench/results/gpu_check.json]
+    python bench/gpu_check.py --dry-run    # no GPU: Triton interpreter, CPU, tiny shapes
+
+1. Correctness: the kernels (and the op ffr_fast::flow_sums on CUDA tensors) against the
+   float64 reference, forward and backward, float64/float32/float16/bfloat16, from tiny
+   chains to the ResNet-56 stages at batch 128; run-to-run bitwise determinism.
+2. Bandwidth: forward moves K*N elements (reads), backward 2*K*N (reads + writes); achieved
+   bandwidth from the Triton kernels' device time (profiler) and from the whole call (CUDA
+   events), against a device-to-device copy of a large tensor measured in the same run; a
+   block-size sweep; peak memory beyond the K gradients.
+3. The penalty forward+backward: the op vs the eager reference vs torch.compile(reference).
+
+Prints a table, writes JSON to --out. Each section records its errors and the script goes
+on, so one run yields everything it can (the JSON is rewritten after every section); it
+exits non-zero if any check failed. Estimated at 2 to 4 minutes on an H200, most of it
+compiling (Triton specializations, torch.compile of the reference). Needs ffr_fast installed
+(`pip install --no-build-isolation -e .`), with triton and a CUDA build of torch.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+# Triton reads TRITON_INTERPRET when first imported, so a dry run sets it before any import.
+if "--dry-run" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from ffr_fast import ops, reference  # noqa: E402
+from ffr_fast.kernels import flow_sums as kernels  # noqa: E402
+from ffr_fast.penalty import flow_penalty  # noqa: E402
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2,
+             torch.bfloat16: 1e-2}
+RESNET56_STAGES = [(128, 16, 32, 32), (128, 32, 16, 16), (128, 64, 8, 8)]
+START = time.perf_counter()
+
+
+def log(message):
+    print(f"[{time.perf_counter() - START:6.1f}s] {message}", flush=True)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="bench/results/gpu_check.json")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the script without a GPU: CPU tensors, Triton "
+                             "interpreter, tiny shapes (timings meaningless)")
+    return parser.parse_args()
+
+
+def plan(dry_run):
+    """The shapes each section uses: (shape, K) chains, block sizes, repetitions."""
+    if dry_run:
+        tiny = [((2, 3, 5, 7), 2), ((2, 3, 5, 7), 3), ((2, 3, 4, 4), 5)]
+        return dict(correctness=tiny, channels_last=[((2, 3, 4, 4), 4)],
+                    bandwidth=[((2, 3, 5, 7), 4)], sweep=[((2, 3, 5, 7), 4)],
+                    block_sizes=[32, 64], penalty=[((2, 3, 5, 7), 4)], copy_elements=2**20,
+                    reps=3)
+    stages = [(shape, 9) for shape in RESNET56_STAGES]
+    big = ((64, 256, 56, 56), 4)
+    return dict(correctness=[((2, 3, 5, 7), 2), ((2, 3, 5, 7), 3), ((2, 3, 5, 7), 32),
+                             ((1, 3, 5, 7), 64)] + stages,
+                channels_last=[((32, 64, 14, 14), 4), ((128, 16, 32, 32), 9)],
+                bandwidth=stages + [((128, 256, 14, 14), 6), big],
+                sweep=[stages[0], big], block_sizes=[512, 1024, 2048, 4096],
+                penalty=stages + [big], copy_elements=2**28, reps=20)
+
+
+def random_chain(shape, K, dtype, device, seed=0):
+    generator = torch.Generator(device).manual_seed(seed)
+    chain = [torch.randn(shape, generator=generator, device=device)]
+    for _ in range(K - 1):  # a feature flow: each feature a perturbation of the previous
+        chain.append(chain[-1] + 0.3 * torch.randn(shape, generator=generator, device=device))
+    return [x.to(dtype) for x in chain]
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, device, reps):
+    """Median wall time of one call, after warm-up (CUDA events on a GPU)."""
+    for _ in range(3):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def kernel_ms(fn, kernel_name, device, reps):
+    """Median device time of the GPU kernel named kernel_name per call (profiler); None on
+    CPU, where the interpreter has no kernels to time."""
+    if device.type != "cuda":
+        return None
+    fn()
+    synchronize(device)
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        for _ in range(reps):
+            fn()
+        synchronize(device)
+    times = [event.time_range.elapsed_us() / 1e3 for event in profile.events()
+             if event.name.startswith(kernel_name)]
+    if not times:
+        raise RuntimeError(f"the profiler saw no kernel named {kernel_name}; it saw "
+                           f"{sorted({event.name for event in profile.events()})}")
+    return statistics.median(times)
+
+
+def check_correctness(p, device, results):
+    cases = [(shape, K, False) for shape, K in p["correctness"]]
+    cases += [(shape, K, True) for shape, K in p["channels_last"]]
+    for dtype in TOLERANCE:
+        for shape, K, channels_last in cases:
+            features = random_chain(shape, K, dtype, device)
+            if channels_last:
+                features = [x.contiguous(memory_format=torch.channels_last) for x in features]
+            upcast = [x.double() for x in features]
+            expected = reference.flow_sums(upcast)
+            sums = kernels.flow_sums(features)
+            generator = torch.Generator(device).manual_seed(1)
+            grad_sums = torch.randn(expected.shape, generator=generator, device=device,
+                                    dtype=sums.dtype)
+            grads = kernels.flow_sums_backward(features, grad_sums)
+            expected_grads = reference.flow_sums_backward(upcast, grad_sums.double())
+            forward_error = relative_error(sums, expected)
+            backward_error = max(relative_error(g, e) for g, e in zip(grads, expected_grads))
+            deterministic = (torch.equal(sums, kernels.flow_sums(features)) and all(
+                torch.equal(a, b) for a, b in
+                zip(grads, kernels.flow_sums_backward(features, grad_sums))))
+            strides_kept = all(g.stride() == x.stride() for g, x in zip(grads, features))
+            # The op on the same chain, through the dispatcher and autograd (on CUDA it runs
+            # the same kernels; a dry run gets the CPU kernel).
+            leaves = [x.detach().requires_grad_() for x in features]
+            op_sums = ops.flow_sums(leaves)
+            op_sums.backward(grad_sums)
+            op_error = max([relative_error(op_sums.detach(), expected)] + [
+                relative_error(leaf.grad, e) for leaf, e in zip(leaves, expected_grads)])
+            ok = (max(forward_error, backward_error, op_error) <= TOLERANCE[dtype]
+                  and deterministic and strides_kept)
+            row = dict(dtype=str(dtype).split(".")[1], shape=list(shape), K=K,
+                       channels_last=channels_last, forward_rel_err=forward_error,
+                       backward_rel_err=backward_error, op_rel_err=op_error,
+                       tolerance=TOLERANCE[dtype], deterministic=deterministic,
+                       gradient_strides_kept=strides_kept, ok=ok)
+            results["correctness"].append(row)
+            log(f"{'ok  ' if ok else 'FAIL'} {row['dtype']:8} {shape} K={K}"
+                f"{' channels_last' if channels_last else ''}: forward {forward_error:.1e}, "
+                f"backward {backward_error:.1e}, op {op_error:.1e}, "
+                f"deterministic {deterministic}")
+
+
+def copy_bandwidth(p, device):
+    x = torch.randn(p["copy_elements"], device=device)
+    ms = median_ms(lambda: x.clone(), device, p["reps"])
+    return 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
+
+
+def measure_bandwidth(p, device, copy_gbps, results):
+    chains = [(shape, K, torch.float32, 1024) for shape, K in p["bandwidth"]]
+    chains += [(shape, K, torch.bfloat16, 1024) for shape, K in p["bandwidth"]]
+    chains += [(shape, K, torch.float32, block) for shape, K in p["sweep"]
+               for block in p["block_sizes"] if block != 1024]
+    for shape, K, dtype, block in chains:
+        features = random_chain(shape, K, dtype, device)
+        grad_sums = torch.ones(shape[0], 3, K - 1, device=device,
+                               dtype=reference.accumulation_dtype(dtype))
+        chain_bytes = K * features[0].numel() * features[0].element_size()
+        runs = [("forward", chain_bytes, "_flow_sums_kernel",
+                 lambda: kernels.flow_sums(features, block_size=block)),
+                ("backward", 2 * chain_bytes, "_flow_sums_backward_kernel",
+                 lambda: kernels.flow_sums_backward(features, grad_sums, block_size=block))]
+        for direction, moved, name, fn in runs:
+            call = median_ms(fn, device, p["reps"])
+            kernel = kernel_ms(fn, name, device, p["reps"])
+            gbps = moved / ((kernel if kernel is not None else call) * 1e-3) / 1e9
+            row = dict(shape=list(shape), K=K, dtype=str(dtype).split(".")[1],
+                       block_size=block, direction=direction, bytes=moved, call_ms=call,
+                       kernel_ms=kernel, GBps=gbps, fraction_of_copy=gbps / copy_gbps)
+            results["bandwidth"].append(row)
+            log(f"{direction:8} {shape} K={K} {row['dtype']} block {block}: call {call:.3f} ms,"
+                f" kernel {kernel if kernel is None else round(kernel, 3)} ms, {gbps:.0f} GB/s"
+                f" = {gbps / copy_gbps:.0%} of copy")
+        if device.type == "cuda" and block == 1024:
+            results["memory"].append(peak_extra_memory(features, grad_sums))
+
+
+def peak_extra_memory(features, grad_sums):
+    """Peak memory of forward+backward beyond what exists before, in units of the chain's
+    size: the K gradients make 1.0; anything feature-sized on top would show."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    kernels.flow_sums(features)
+    grads = kernels.flow_sums_backward(features, grad_sums)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    chain_bytes = sum(x.numel() * x.element_size() for x in features)
+    del grads
+    return dict(shape=list(features[0].shape), K=len(features),
+                dtype=str(features[0].dtype).split(".")[1], extra_bytes=extra,
+                extra_over_chain_size=extra / chain_bytes)
+
+
+def time_penalty(p, device, results):
+    """Penalty forward+backward as a user runs it: the op, eager reference, compiled reference."""
+    compiled = torch.compile(reference.flow_penalty)
+    for shape, K in p["penalty"]:
+        features = [x.requires_grad_() for x in random_chain(shape, K, torch.float32, device)]
+
+        def step(penalty):
+            def run():
+                for x in features:
+                    x.grad = None
+                penalty(features).backward()
+            return run
+
+        row = dict(shape=list(shape), K=K, dtype="float32")
+        for label, penalty in (("op", flow_penalty), ("eager_reference", reference.flow_penalty),
+                               ("compiled_reference", compiled)):
+            log(f"penalty {shape} K={K}: timing {label}")
+            row[f"{label}_ms"] = median_ms(step(penalty), device, p["reps"])
+        row["speedup_vs_eager"] = row["eager_reference_ms"] / row["op_ms"]
+        row["speedup_vs_compiled"] = row["compiled_reference_ms"] / row["op_ms"]
+        results["penalty"].append(row)
+        log(f"penalty {shape} K={K}: op {row['op_ms']:.3f} ms, eager "
+            f"{row['eager_reference_ms']:.3f} ms, compiled {row['compiled_reference_ms']:.3f} ms")
+
+
+def print_tables(results):
+    print(f"\ncopy bandwidth: {results['copy_GBps']:.0f} GB/s (issue 2's target for the "
+          "kernels: >= 80% of it)")
+    print(f"\n{'dir':8} {'shape':20} {'K':>3} {'dtype':8} {'block':>5} {'call ms':>9} "
+          f"{'kernel ms':>9} {'GB/s':>6} {'% copy':>6}")
+    for r in results["bandwidth"]:
+        kernel = "-" if r["kernel_ms"] is None else f"{r['kernel_ms']:.3f}"
+        print(f"{r['direction']:8} {str(tuple(r['shape'])):20} {r['K']:>3} {r['dtype']:8} "
+              f"{r['block_size']:>5} {r['call_ms']:>9.3f} {kernel:>9} {r['GBps']:>6.0f} "
+              f"{r['fraction_of_copy']:>6.0%}")
+    for r in results["memory"]:
+        print(f"peak extra memory {tuple(r['shape'])} K={r['K']} {r['dtype']}: "
+              f"{r['extra_over_chain_size']:.3f} x the chain (the gradients are 1.0)")
+    print(f"\n{'penalty fwd+bwd':24} {'K':>3} {'op ms':>8} {'eager ms':>9} {'compiled':>9} "
+          f"{'x eager':>8} {'x compiled':>10}")
+    for r in results["penalty"]:
+        print(f"{str(tuple(r['shape'])):24} {r['K']:>3} {r['op_ms']:>8.3f} "
+              f"{r['eager_reference_ms']:>9.3f} {r['compiled_reference_ms']:>9.3f} "
+              f"{r['speedup_vs_eager']:>8.1f} {r['speedup_vs_compiled']:>10.1f}")
+    failed = [r for r in results["correctness"] if not r["ok"]]
+    print(f"\ncorrectness: {len(results['correctness']) - len(failed)} of "
+          f"{len(results['correctness'])} cases ok; errors: {len(results['errors'])}")
+
+
+def main():
+    args = parse_args()
+    if args.dry_run:
+        device = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device is visible (torch.cuda.is_available() is False); "
+                 "run it on a CUDA machine, or pass --dry-run to check the script on CPU")
+    else:
+        device = torch.device("cuda")
+
+    p = plan(args.dry_run)
+    results = dict(
+        environment=dict(device=torch.cuda.get_device_name() if device.type == "cuda" else
+                         "cpu (Triton interpreter, dry run)", torch=torch.__version__,
+                         triton=triton.__version__, python=platform.python_version(),
+                         command=" ".join(sys.argv)),
+        op_dispatches_to_triton=ops.has_compiled_kernel(device.type) if device.type == "cuda"
+        else None,
+        correctness=[], bandwidth=[], memory=[], penalty=[], errors=[])
+    log(f"gpu_check on {results['environment']['device']}; op routed to Triton: "
+        f"{results['op_dispatches_to_triton']}")
+    if device.type == "cuda" and not results["op_dispatches_to_triton"]:
+        results["errors"].append("ffr_fast::flow_sums has no CUDA kernel registered")
+    sections = [("correctness", lambda: check_correctness(p, device, results)),
+                ("copy bandwidth", lambda: results.update(copy_GBps=copy_bandwidth(p, device))),
+                ("bandwidth", lambda: measure_bandwidth(p, device, results["copy_GBps"],
+                                                        results)),
+                ("penalty timing", lambda: time_penalty(p, device, results))]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    for name, section in sections:
+        log(f"== {name}")
+        try:
+            section()
+        except Exception:  # record, go on: one GPU session should yield every section it can
+            traceback.print_exc()
+            results["errors"].append(f"{name}: {traceback.format_exc(limit=3)}")
+        results["seconds"] = time.perf_counter() - START
+        with open(args.out, "w") as f:  # after every section: a run cut short keeps its part
+            json.dump(results, f, indent=1)
+    print_tables({"copy_GBps": float("nan"), **results})
+    log(f"wrote {args.out}")
+    if results["errors"] or not all(r["ok"] for r in results["correctness"]):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""The Triton kernels of ffr_fast::flow_sums against the reference, forward and backward.
+
+Without a GPU they run in Triton's interpreter on CPU tensors (tests/conftest.py sets
+TRITON_INTERPRET=1 before Triton is imported); with one, compiled on CUDA tensors.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ffr_fast import reference
+from ffr_fast.kernels import flow_sums as triton_kernels
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Small blocks keep the interpreter fast and split each sample (n = 105) into several blocks,
+# the last one partial.
+BLOCK = 32
+SHAPE = (2, 3, 5, 7)
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2,
+             torch.bfloat16: 1e-2}
+
+
+def random_chain(K, shape=SHAPE, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator, dtype=torch.float64).to(DEVICE, dtype)
+            for _ in range(K)]
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+def check_against_reference(features, tolerance, block_size=BLOCK):
+    """Kernels vs the float64 reference of the (upcast) features; returns the gradients."""
+    upcast = [x.double() for x in features]
+    expected = reference.flow_sums(upcast)
+    sums = triton_kernels.flow_sums(features, block_size=block_size)
+    assert sums.dtype == reference.accumulation_dtype(features[0].dtype)
+    assert sums.shape == expected.shape
+    assert relative_error(sums, expected) <= tolerance
+
+    generator = torch.Generator().manual_seed(1)
+    grad_sums = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
+    grad_sums = grad_sums.to(DEVICE, sums.dtype)
+    grads = triton_kernels.flow_sums_backward(features, grad_sums, block_size=block_size)
+    expected_grads = reference.flow_sums_backward(upcast, grad_sums.double())
+    assert len(grads) == len(features)
+    for k, (grad, x, want) in enumerate(zip(grads, features, expected_grads)):
+        assert grad.dtype == x.dtype and grad.shape == x.shape, k
+        # Half-precision gradients carry their own rounding (the interpreter truncates to
+        # bfloat16, at most 2**-7 relative; GPUs round to nearest).
+        assert relative_error(grad, want) <= tolerance, k
+    return grads
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+@pytest.mark.parametrize("K", [2, 3, 32])
+def test_matches_reference(K, dtype):
+    check_against_reference(random_chain(K, dtype=dtype), TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 5, 7), (2, 4, 8), (3, 1)],
+                         ids=["batch_of_one", "n_equals_block", "n_equals_one"])
+def test_edge_shapes(shape):
+    check_against_reference(random_chain(3, shape=shape), TOLERANCE[torch.float32])
+
+
+def test_long_chain():
+    check_against_reference(random_chain(64, shape=(2, 2, 3)), TOLERANCE[torch.float32])
+
+
+def test_default_block_size():
+    check_against_reference(random_chain(4, dtype=torch.float64), TOLERANCE[torch.float64],
+                            block_size=1024)
+
+
+def test_channels_last_is_read_in_place_and_gradients_keep_its_strides():
+    features = [x.contiguous(memory_format=torch.channels_last) for x in random_chain(3)]
+    grads = check_against_reference(features, TOLERANCE[torch.float32])
+    for x, grad in zip(features, grads):
+        assert grad.stride() == x.stride()
+
+
+@pytest.mark.parametrize("view", ["batch_slice", "permuted_sample", "strided_slice",
+                                  "mixed_layouts"])
+def test_views(view):
+    """Dense samples are read in place (any stride between samples, any order inside one);
+    the rest are copied to contiguous first."""
+    if view == "batch_slice":
+        features = [x[::2] for x in random_chain(3, shape=(4, 3, 5, 7))]
+    elif view == "permuted_sample":
+        features = [x.transpose(2, 3) for x in random_chain(3)]
+    elif view == "strided_slice":
+        features = [x[:, :, ::2] for x in random_chain(3, shape=(2, 3, 10, 7))]
+    else:
+        features = random_chain(3)
+        features[1] = features[1].contiguous(memory_format=torch.channels_last)
+    grads = check_against_reference(features, TOLERANCE[torch.float32])
+    if view == "permuted_sample":
+        assert all(grad.stride() == x.stride() for grad, x in zip(grads, features))
+
+
+def test_nearly_equal_neighbours_keep_float32_accuracy():
+    """Differences are formed element-wise: expanding |a - b|^2 would cancel catastrophically."""
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(SHAPE, generator=generator)
+    features = [x]
+    for _ in range(4):
+        features.append(features[-1] + 1e-4 * torch.randn(SHAPE, generator=generator))
+    check_against_reference([f.to(DEVICE) for f in features], TOLERANCE[torch.float32])
+
+
+class _KernelFlowSums(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *features):
+        ctx.save_for_backward(*features)
+        return triton_kernels.flow_sums(features, block_size=4)
+
+    @staticmethod
+    def backward(ctx, grad_sums):
+        return tuple(triton_kernels.flow_sums_backward(ctx.saved_tensors, grad_sums,
+                                                       block_size=4))
+
+
+def test_backward_kernel_is_the_gradient_of_the_forward_kernel():
+    features = [x.requires_grad_() for x in random_chain(4, shape=(2, 2, 3),
+                                                         dtype=torch.float64)]
+    assert torch.autograd.gradcheck(_KernelFlowSums.apply, features, fast_mode=True)
+
+
+def test_bad_grad_sums_shape_is_named():
+    features = random_chain(3)
+    with pytest.raises(ValueError, match=r"grad_sums has shape \(2, 3, 3\).*\(2, 3, 2\)"):
+        triton_kernels.flow_sums_backward(features, torch.ones(2, 3, 3, device=DEVICE))
+
+
+def test_chain_of_one_feature_is_rejected():
+    with pytest.raises(ValueError, match="K >= 2"):
+        triton_kernels.flow_sums(random_chain(1))
+
+
+def test_empty_batch():
+    features = random_chain(3, shape=(0, 3, 5, 7))
+    assert triton_kernels.flow_sums(features).shape == (0, 3, 2)
+    grads = triton_kernels.flow_sums_backward(features, torch.ones(0, 3, 2, device=DEVICE))
+    assert [grad.shape for grad in grads] == [(0, 3, 5, 7)] * 3
+
+
+def test_feature_unlike_feature_0_is_rejected():
+    features = random_chain(3)
+    features[2] = features[2][..., :6]
+    with pytest.raises(ValueError, match=r"feature 2 is \(2, 3, 5, 6\) .* feature 0 is "
+                                         r"\(2, 3, 5, 7\)"):
+        triton_kernels.flow_sums(features)
+
+
+def test_block_size_must_be_a_power_of_two():
+    with pytest.raises(ValueError, match="block_size must be a power of two, got 48"):
+        triton_kernels.flow_sums(random_chain(2), block_size=48)
+
+
+def test_feature_not_aligned_with_feature_0_is_rejected():
+    # Two float32 features 2 bytes apart: no element offset reaches the second one.
+    buffer = bytearray(4 * 13)
+    features = [torch.frombuffer(buffer, dtype=torch.float32, count=12, offset=offset)
+                .view(2, 6) for offset in (0, 2)]
+    with pytest.raises(ValueError, match="feature 1 starts 2 bytes from feature 0"):
+        triton_kernels.flow_sums(features)
+
+
+# Compiles the kernels for an H100/H200 (sm_90) without a GPU: the interpreter accepts code
+# the compiler rejects. Prints the PTX global loads and stores of each kernel per dtype.
+COMPILE_FOR_HOPPER = """
+import re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ffr_fast.kernels import flow_sums as k
+
+for x, acc in (("fp32", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")):
+    for kernel in (k._flow_sums_kernel, k._flow_sums_backward_kernel):
+        types = {"x_ptr": "*" + x, "grad_ptr": "*" + x, "partials_ptr": "*" + acc,
+                 "g_ptr": "*" + acc, "offsets_ptr": "*i64", "grad_offsets_ptr": "*i64",
+                 "BLOCK": "constexpr", "ALIGNED": "constexpr"}
+        signature = {name: types.get(name, "i32") for name in kernel.arg_names}
+        # As Triton specializes arguments at launch: aligned pointers, n % 16 == 0.
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+                 if signature[name] != "constexpr" and name != "K"}
+        source = ASTSource(fn=kernel, signature=signature, attrs=attrs,
+                           constexprs={"BLOCK": 1024, "ALIGNED": True})
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        print(kernel.__name__, x, sorted(set(re.findall(r"(?:ld|st)\\.global[.\\w]*", ptx))))
+"""
+
+
+def test_kernels_compile_for_hopper_with_vector_memory_access():
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    run = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert len(lines) == 6, run.stdout
+    for line in lines:
+        # 16-byte accesses: what the ALIGNED hint buys over per-element loads.
+        vector = "v2.b64" if " fp64 " in line else "v4.b32"
+        assert f"ld.global.{vector}" in line, line
+        if "backward" in line:
+            assert f"st.global.{vector}" in line, line
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device: only CUDA tensors are routed to Triton")
+def test_op_runs_the_triton_kernels_on_cuda():
+    from ffr_fast import ops
+
+    assert ops.has_compiled_kernel("cuda")
+    features = [x.requires_grad_() for x in random_chain(3)]
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        sums = ops.flow_sums(features)
+        sums.backward(torch.ones_like(sums))
+        torch.cuda.synchronize()
+    names = {event.name for event in profile.events()}
+    assert any("_flow_sums_kernel" in name for name in names), names
+    assert any("_flow_sums_backward_kernel" in name for name in names), names
+    expected = reference.flow_sums([x.detach().double() for x in features])
+    assert relative_error(sums.detach(), expected) <= TOLERANCE[torch.float32]
