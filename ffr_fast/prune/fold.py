@@ -1,0 +1,54 @@
+"""BatchNorm folding for deployment: conv -> bn becomes one conv with a bias (eval mode).
+
+Only pairs where the BN is the conv's single reader and each module is called once are
+folded, so no other reader ever sees the folded values. The arithmetic is torch's own
+`torch.nn.utils.fusion.fuse_conv_bn_eval`.
+"""
+from collections import Counter
+from typing import List, Tuple
+
+import torch.fx as fx
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from .surgery import set_submodule
+
+
+def foldable_pairs(gm: fx.GraphModule) -> List[Tuple[str, str]]:
+    """(conv node name, bn node name) of every conv -> bn pair that can be folded."""
+    modules = dict(gm.named_modules())
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    pairs = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
+            continue
+        conv = node.args[0]
+        if (isinstance(conv, fx.Node) and conv.op == "call_module"
+                and isinstance(modules[conv.target], nn.Conv2d) and len(conv.users) == 1
+                and calls[conv.target] == 1 and calls[node.target] == 1):
+            pairs.append((conv.name, node.name))
+    return pairs
+
+
+def fold_batchnorms(gm: fx.GraphModule, pairs=None) -> List[Tuple[str, str]]:
+    """Fold the given (or every foldable) pair in place; returns (conv path, bn path) pairs.
+
+    The model must be in eval mode: folding uses the BN running statistics."""
+    pairs = foldable_pairs(gm) if pairs is None else pairs
+    nodes = {n.name: n for n in gm.graph.nodes}
+    folded = []
+    for conv_name, bn_name in pairs:
+        conv, bn = nodes[conv_name], nodes[bn_name]
+        fused = fuse_conv_bn_eval(gm.get_submodule(conv.target), gm.get_submodule(bn.target))
+        set_submodule(gm, conv.target, fused)
+        folded.append((conv.target, bn.target))
+        bypass_batchnorm(gm, conv, bn)
+    gm.recompile()
+    return folded
+
+
+def bypass_batchnorm(gm: fx.GraphModule, conv: fx.Node, bn: fx.Node) -> None:
+    """Drop a BN node whose arithmetic now lives in its conv (or in a loaded state dict)."""
+    bn.replace_all_uses_with(conv)
+    gm.graph.erase_node(bn)
+    gm.delete_submodule(bn.target)

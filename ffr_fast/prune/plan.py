@@ -1,0 +1,113 @@
+"""The pruning plan: which channel classes go, under threshold or ratio, with per-layer floors.
+
+A *group* is the set of producer layers (Conv2d / Linear) whose output channels are tied by
+the dependency graph (e.g. every conv that writes into one residual stream) together with
+their channel classes. Selection:
+- `threshold=t`: every prunable class whose score (importance.py) is <= t is removed.
+- `ratio=r`, `scope="global"`: the round(r * n) lowest-scored of all n prunable classes.
+- `ratio=r`, `scope="layer"`: in every group, the floor(r * size) lowest-scored classes.
+Then, per producer layer, classes are given back (highest score first) until the layer keeps
+at least `min_channels` channel classes and, with `round_to=k`, a multiple of k (or all).
+"""
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Set
+
+from torch import nn
+
+from .graph import ChannelGraph
+
+
+@dataclass
+class Group:
+    producers: List[str]
+    roots: List[int]  # channel classes, sorted
+    pinned: Dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    removed: Set[int]  # union-find roots of the removed channel classes
+    groups: List[Group]
+    unpruned: List[dict]
+    cutoff: Optional[float]  # the largest score removed (None when nothing was removed)
+
+
+def find_groups(cg: ChannelGraph) -> List[Group]:
+    producers = [mc for mc in cg.modules.values() if not isinstance(mc.module, nn.BatchNorm2d)]
+    owner: Dict[int, int] = {}  # class root -> index of a producer, merged by union-find
+    parent = list(range(len(producers)))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for index, mc in enumerate(producers):
+        for root in set(cg.roots(mc.out_ids).tolist()):
+            if root in owner:
+                parent[find(index)] = find(owner[root])
+            else:
+                owner[root] = index
+    members: Dict[int, Group] = {}
+    for index, mc in enumerate(producers):
+        group = members.setdefault(find(index), Group([], []))
+        group.producers.append(mc.path)
+    for root, index in owner.items():
+        members[find(index)].roots.append(root)
+    pinned = cg.pinned_roots()
+    groups = list(members.values())
+    for group in groups:
+        group.roots.sort()
+        group.pinned = {r: pinned[r] for r in group.roots if r in pinned}
+    return groups
+
+
+def make_plan(cg: ChannelGraph, scores: Dict[int, float], *, threshold=None, ratio=None,
+              scope="global", min_channels=1, round_to=None) -> Plan:
+    groups = find_groups(cg)
+    for group in groups:  # a class nothing scores (importance "bn" without a BN) stays
+        for root in group.roots:
+            if root not in scores:
+                group.pinned.setdefault(root, "no BatchNorm to score it (importance='bn')")
+    prunable = [r for g in groups for r in g.roots if r not in g.pinned]
+    if threshold is not None:
+        removed = {r for r in prunable if scores[r] <= threshold}
+    elif scope == "global":
+        removed = set(sorted(prunable, key=scores.get)[:round(ratio * len(prunable))])
+    else:
+        removed = set()
+        for g in groups:
+            candidates = sorted((r for r in g.roots if r not in g.pinned), key=scores.get)
+            removed.update(candidates[:int(ratio * len(g.roots))])
+    _give_back(cg, removed, scores, min_channels, round_to)
+    cutoff = max((scores[r] for r in removed), default=None)
+    return Plan(removed, groups, _unpruned(groups), cutoff)
+
+
+def _give_back(cg, removed: Set[int], scores, min_channels: int, round_to) -> None:
+    """Return removed classes to layers below their floor until every layer is satisfied."""
+    layers = [sorted(set(cg.roots(mc.out_ids).tolist())) for mc in cg.modules.values()
+              if not isinstance(mc.module, nn.BatchNorm2d)]
+    changed = True
+    while changed:  # giving back to one layer can unround another that shares classes
+        changed = False
+        for roots in layers:
+            kept = sum(r not in removed for r in roots)
+            want = max(kept, min(min_channels, len(roots)))
+            if round_to:
+                want = min(len(roots), -(-want // round_to) * round_to)
+            back = sorted((r for r in roots if r in removed), key=scores.get, reverse=True)
+            for root in back[:want - kept]:
+                removed.discard(root)
+                changed = True
+
+
+def _unpruned(groups: List[Group]) -> List[dict]:
+    out = []
+    for g in groups:
+        if g.pinned:
+            reasons = sorted(set(g.pinned.values()))
+            out.append({"layers": g.producers, "kept_channels": len(g.pinned),
+                        "of": len(g.roots), "reasons": reasons})
+    return out

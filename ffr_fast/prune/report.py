@@ -1,0 +1,83 @@
+"""What prune() did, verified on the example inputs: a dataclass, JSON-able and readable."""
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+
+@dataclass
+class PruneReport:
+    settings: dict
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    channels: Dict[str, Tuple[int, int]]  # layer path -> (channels before, after)
+    removed_classes: int  # channel classes removed (a class = channels removed together)
+    prunable_classes: int
+    removed_blocks: List[dict] = field(default_factory=list)
+    unpruned: List[dict] = field(default_factory=list)  # groups kept (partly) and why
+    opaque_ops: List[dict] = field(default_factory=list)  # ops the analysis did not understand
+    folded_bn: List[Tuple[str, str]] = field(default_factory=list)
+    score_cutoff: Optional[float] = None  # largest importance score removed
+    # Max |new - reference| where the reference is the original (eval mode) with every
+    # removed channel and dead branch zeroed: float rounding when the surgery is exact.
+    max_abs_diff: float = 0.0
+    reference_max_abs: float = 0.0  # max |reference output|, the scale of max_abs_diff
+    max_abs_diff_original: float = 0.0  # max |new - untouched original|
+    seconds: float = 0.0
+
+    @property
+    def param_ratio(self) -> float:
+        return self.params_before / max(self.params_after, 1)
+
+    @property
+    def flop_ratio(self) -> float:
+        return self.flops_before / max(self.flops_after, 1)
+
+    @property
+    def relative_diff(self) -> float:
+        return self.max_abs_diff / max(self.reference_max_abs, 1e-30)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.update(param_ratio=self.param_ratio, flop_ratio=self.flop_ratio,
+                   relative_diff=self.relative_diff)
+        return out
+
+    def to_markdown(self) -> str:
+        lines = [
+            "## Pruning report",
+            f"settings: {self.settings}",
+            "",
+            "| | before | after | ratio |",
+            "|---|---:|---:|---:|",
+            f"| params | {self.params_before:,} | {self.params_after:,} | {self.param_ratio:.2f}x |",
+            f"| FLOPs | {self.flops_before:,} | {self.flops_after:,} | {self.flop_ratio:.2f}x |",
+            "",
+            f"channel classes removed: {self.removed_classes} of {self.prunable_classes} "
+            f"prunable; score cutoff {self.score_cutoff}",
+            f"max |new - zeroed original| = {self.max_abs_diff:.3g} (relative "
+            f"{self.relative_diff:.3g}); max |new - original| = {self.max_abs_diff_original:.3g}",
+            f"pruning took {self.seconds:.3f} s",
+        ]
+        if self.removed_blocks:
+            lines += ["", "### Removed blocks"]
+            lines += [f"- {b['block']} (add `{b['add']}`): replaced by its {b['shortcut']}"
+                      for b in self.removed_blocks]
+        if self.folded_bn:
+            lines += ["", f"BatchNorms folded into their convs: {len(self.folded_bn)}"]
+        if self.unpruned:
+            lines += ["", "### Groups kept (fully or partly) and why"]
+            lines += [f"- {', '.join(u['layers'][:4])}{' ...' if len(u['layers']) > 4 else ''}: "
+                      f"{u['kept_channels']} of {u['of']} channels kept: {'; '.join(u['reasons'])}"
+                      for u in self.unpruned]
+        if self.opaque_ops:
+            lines += ["", "### Ops kept opaque (their channels are not pruned)"]
+            lines += [f"- {o['op']}: {o['reason']}" for o in self.opaque_ops]
+        changed = {k: v for k, v in self.channels.items() if v[0] != v[1]}
+        lines += ["", "### Channels per layer (changed layers)", "", "| layer | before | after |",
+                  "|---|---:|---:|"]
+        lines += [f"| {k} | {b} | {a} |" for k, (b, a) in changed.items()]
+        return "\n".join(lines)
+
+    __str__ = to_markdown

@@ -1,0 +1,92 @@
+"""Saving a pruned model as a state dict plus a structure description, and rebuilding it.
+
+The file holds plain data only (loadable with `torch.load(weights_only=True)`): the trace
+settings (`ignored`), the residual adds that were replaced by their shortcut, the folded
+conv/BN node pairs and the constructor arguments of every Conv2d / BatchNorm2d / Linear.
+`load_pruned` re-traces the original architecture, replays those edits, builds empty
+modules of the saved sizes and loads the weights strictly. (Pickling the whole GraphModule
+with `torch.save(model)` works too; this format survives code changes to the pruner.)
+"""
+import copy
+from typing import Callable, Union
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .blocks import DeadBranch, remove_branches
+from .fold import bypass_batchnorm
+from .graph import trace
+from .pruner import STRUCTURE_FORMAT, STRUCTURE_KEY, PruneResult
+from .surgery import set_submodule
+
+
+def module_spec(module: nn.Module) -> dict:
+    dtype = str(next(module.parameters(), torch.empty(0)).dtype).removeprefix("torch.")
+    if isinstance(module, nn.Conv2d):
+        return dict(type="Conv2d", in_channels=module.in_channels,
+                    out_channels=module.out_channels, kernel_size=module.kernel_size,
+                    stride=module.stride, padding=module.padding, dilation=module.dilation,
+                    groups=module.groups, bias=module.bias is not None,
+                    padding_mode=module.padding_mode, dtype=dtype)
+    if isinstance(module, nn.BatchNorm2d):
+        return dict(type="BatchNorm2d", num_features=module.num_features, eps=module.eps,
+                    momentum=module.momentum, affine=module.affine,
+                    track_running_stats=module.track_running_stats, dtype=dtype)
+    return dict(type="Linear", in_features=module.in_features,
+                out_features=module.out_features, bias=module.bias is not None, dtype=dtype)
+
+
+def build_module(spec: dict) -> nn.Module:
+    spec = dict(spec)
+    kind, dtype = spec.pop("type"), getattr(torch, spec.pop("dtype"))
+    return getattr(nn, kind)(**spec).to(dtype)
+
+
+def save_pruned(result_or_model: Union[PruneResult, fx.GraphModule], path) -> None:
+    model = result_or_model.model if isinstance(result_or_model, PruneResult) else result_or_model
+    structure = getattr(model, "meta", {}).get(STRUCTURE_KEY)
+    if structure is None:
+        raise ValueError("save_pruned needs a PruneResult or the model prune() returned; "
+                         f"got a {type(model).__name__} without pruning structure")
+    modules = {name: module_spec(m) for name, m in model.named_modules()
+               if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear))}
+    structure = dict(structure, modules=modules, training=model.training)
+    torch.save({"structure": structure, "state_dict": model.state_dict()}, path)
+
+
+def load_pruned(path, original: Union[nn.Module, Callable[[], nn.Module]]) -> fx.GraphModule:
+    """Rebuild a pruned model from `path` and the original architecture.
+
+    `original` is an instance of the unpruned model (it is copied, not modified) or a
+    zero-argument factory that builds one."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    structure = payload.get("structure", {})
+    if structure.get("format") != STRUCTURE_FORMAT:
+        raise ValueError(f"{path} is not a file written by save_pruned (format "
+                         f"{structure.get('format')!r}, expected {STRUCTURE_FORMAT!r})")
+    model = copy.deepcopy(original) if isinstance(original, nn.Module) else original()
+    gm = fx.GraphModule(model, trace(model, structure["ignored"]))
+    nodes = {n.name: n for n in gm.graph.nodes}
+    needed = [name for name, _ in structure["removed_blocks"]]
+    needed += [name for pair in structure["folded_bn"] for name in pair]
+    missing = [name for name in needed if name not in nodes]
+    if missing:
+        raise ValueError(f"{path} does not match the architecture of {type(model).__name__}: "
+                         f"graph nodes {missing} not found")
+    remove_branches(gm.graph, [DeadBranch(add, arg, ()) for add, arg in
+                               structure["removed_blocks"]], dict(gm.named_modules()))
+    for conv, bn in structure["folded_bn"]:
+        bypass_batchnorm(gm, nodes[conv], nodes[bn])
+    gm.delete_all_unused_submodules()
+    for name, spec in structure["modules"].items():
+        set_submodule(gm, name, build_module(spec))
+    gm.recompile()
+    try:
+        gm.load_state_dict(payload["state_dict"])
+    except RuntimeError as error:
+        raise ValueError(f"{path} does not match the architecture of {type(model).__name__}: "
+                         f"{error}") from error
+    gm.meta[STRUCTURE_KEY] = {k: v for k, v in structure.items()
+                              if k not in ("modules", "training")}
+    return gm.train(structure["training"])

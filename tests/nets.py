@@ -1,0 +1,154 @@
+"""Test-only networks for the pruner, each exercising one dependency rule, and helpers that
+make a random model look trained (BN statistics) or give it exactly dead filters."""
+import pytest
+import torch
+import torch.fx
+from torch import nn
+
+
+def conv_bn_relu(cin, cout, k=3, groups=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, 1, k // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class DenseLayer(nn.Module):
+    """Pre-activation BN-ReLU-conv whose output is concatenated to its input (DenseNet)."""
+
+    def __init__(self, cin, growth):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(cin)
+        self.conv = nn.Conv2d(cin, growth, 3, 1, 1, bias=False)
+
+    def forward(self, x):
+        return torch.cat([x, self.conv(torch.relu(self.bn(x)))], 1)
+
+
+class TinyDenseNet(nn.Module):
+    """stem (8) -> three dense layers (growth 4) -> BN -> 1x1 transition -> pool -> fc."""
+
+    def __init__(self, growth=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
+        self.dense = nn.Sequential(*[DenseLayer(8 + i * growth, growth) for i in range(3)])
+        self.bn = nn.BatchNorm2d(8 + 3 * growth)
+        self.transition = nn.Conv2d(8 + 3 * growth, 12, 1)
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.dense(self.stem(x))))
+        x = torch.relu(self.transition(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class ResNeXtBlock(nn.Module):
+    """1x1 -> grouped 3x3 (groups=4) -> 1x1, with an identity shortcut."""
+
+    def __init__(self, channels=16, width=32, groups=4):
+        super().__init__()
+        self.reduce = conv_bn_relu(channels, width, 1)
+        self.grouped = conv_bn_relu(width, width, 3, groups)
+        self.expand = nn.Conv2d(width, channels, 1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn(self.expand(self.grouped(self.reduce(x)))))
+
+
+class TinyResNeXt(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn_relu(3, 16)
+        self.blocks = nn.Sequential(ResNeXtBlock(), ResNeXtBlock())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
+
+
+def channel_shuffle(x, groups: int):
+    """ShuffleNet's channel permutation: a custom op that mixes channel positions."""
+    b, c, h, w = x.shape
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+torch.fx.wrap("channel_shuffle")  # one opaque call_function node in the trace
+
+
+class ShuffleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = conv_bn_relu(3, 16)
+        self.conv2 = conv_bn_relu(16, 16)
+        self.conv3 = conv_bn_relu(16, 24)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = self.conv3(self.conv2(channel_shuffle(self.conv1(x), 4)))
+        return self.fc(x.mean((2, 3)))
+
+
+class Gate(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        if x.mean() > 0:
+            return self.conv(x)
+        return x
+
+
+class GatedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = conv_bn_relu(3, 16)
+        self.gate = Gate(16)
+        self.conv2 = conv_bn_relu(16, 32)
+        self.conv3 = conv_bn_relu(32, 32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.conv3(self.conv2(self.gate(self.conv1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+TEST_NETS = {"densenet": (TinyDenseNet, ()), "resnext": (TinyResNeXt, ()),
+             "shuffle": (ShuffleNet, ()), "gated": (GatedNet, ("gate",))}
+
+
+def look_trained(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BN affine parameters and running statistics, as after training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+    return model.eval()
+
+
+def kill_channels(model: nn.Module, path: str, channels, bn_path: str = None) -> None:
+    """Make output `channels` of layer `path` (and of its BN) exactly zero."""
+    with torch.no_grad():
+        for p in (path, bn_path):
+            if p is not None:
+                m = model.get_submodule(p)
+                m.weight[channels] = 0
+                if m.bias is not None:
+                    m.bias[channels] = 0
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The pruner tests run many small convolutions: on a shared machine one intra-op
+    thread is faster and steadier than several. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

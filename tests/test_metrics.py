@@ -1,0 +1,44 @@
+"""metrics: parameter and FLOP counts against hand formulas, sparsity, latency bookkeeping."""
+import pytest
+import torch
+from torch import nn
+
+from ffr_fast.metrics import (count_flops, count_params, filter_sparsity, measure_latency,
+                              weight_sparsity)
+
+
+def small_net():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+
+
+def test_count_params():
+    assert count_params(small_net()) == (8 * 3 * 9 + 8) + 2 * 8 + (288 * 5 + 5)
+
+
+def test_count_flops_matches_formula_and_restores_mode():
+    net = small_net().train()
+    flops = count_flops(net, torch.randn(2, 3, 6, 6))
+    conv = 2 * 2 * 8 * 3 * 9 * 6 * 6  # 2 per multiply-add, batch 2, 8x6x6 outputs
+    linear = 2 * 2 * 288 * 5
+    assert flops == conv + linear
+    assert net.training
+
+
+def test_sparsity():
+    net = small_net()
+    with torch.no_grad():
+        net[0].weight[:2] = 0  # two of 8 conv filters, 54 of 216 conv weights
+        net[4].weight[:, :10] = 0  # 50 scattered linear weights, no whole filter
+    assert filter_sparsity(net) == pytest.approx(2 / (8 + 5))
+    assert weight_sparsity(net) == pytest.approx((54 + 50) / (216 + 1440))
+
+
+def test_measure_latency_bookkeeping():
+    net = small_net().train()
+    threads = torch.get_num_threads()
+    times = measure_latency(net, (3, 6, 6), batch_sizes=(1, 4), threads=1, warmup=1,
+                            repeats=3)
+    assert set(times) == {1, 4} and all(t > 0 for t in times.values())
+    assert torch.get_num_threads() == threads and net.training
+

@@ -1,0 +1,79 @@
+"""Deployment: BN folding, whole-module pickling, state dict + structure, torch.export."""
+import pytest
+import torch
+from torch import nn
+
+from ffr_fast import load_pruned, models, prune, save_pruned
+from nets import TinyResNeXt, kill_channels, look_trained, one_thread  # noqa: F401
+
+X = torch.randn(2, 3, 32, 32)
+
+
+def run(model, x=X):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.fixture(scope="module")
+def sparse_resnet():
+    """A resnet20 with some dead filters and one dead block, as FFR training leaves it."""
+    torch.manual_seed(0)
+    model = look_trained(models.resnet20())
+    kill_channels(model, "layer1.0.conv1", [1, 2], "layer1.0.bn1")
+    kill_channels(model, "layer3.1.bn2", list(range(64)))
+    return model
+
+
+def test_fold_bn_equivalence(sparse_resnet):
+    plain = prune(sparse_resnet, X, threshold=0.0)
+    folded = prune(sparse_resnet, X, threshold=0.0, fold_bn=True)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.model.modules())
+    # stem + 9 blocks x 2 + 2 downsamples = 21 conv-bn pairs, less the removed block's 2
+    assert len(folded.report.folded_bn) == 21 - 2
+    expected = run(plain.model)
+    assert (run(folded.model) - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert folded.report.relative_diff <= 1e-5
+    # FlopCounterMode counts convs and matmuls only, so folding shows in the parameters.
+    assert folded.report.flops_after == plain.report.flops_after
+    assert folded.report.params_after < plain.report.params_after
+    assert not folded.model.training
+
+
+def test_whole_module_pickle(sparse_resnet, tmp_path):
+    result = prune(sparse_resnet, X, ratio=0.5, fold_bn=True)
+    torch.save(result.model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert torch.equal(run(loaded), run(result.model))
+
+
+@pytest.mark.parametrize("fold_bn", [False, True])
+def test_state_dict_and_structure_round_trip(sparse_resnet, tmp_path, fold_bn):
+    result = prune(sparse_resnet, X, ratio=0.4, fold_bn=fold_bn)
+    assert result.report.removed_blocks  # the round trip must replay a graph edit
+    save_pruned(result, tmp_path / "pruned.pt")
+    from_factory = load_pruned(tmp_path / "pruned.pt", models.resnet20)
+    from_instance = load_pruned(tmp_path / "pruned.pt", sparse_resnet)
+    for loaded in (from_factory, from_instance):
+        assert torch.equal(run(loaded), run(result.model))
+        assert loaded.state_dict().keys() == result.model.state_dict().keys()
+    save_pruned(from_factory, tmp_path / "again.pt")  # a loaded model saves again
+    assert torch.equal(run(load_pruned(tmp_path / "again.pt", models.resnet20)),
+                       run(result.model))
+
+
+def test_load_into_wrong_architecture_is_an_error(sparse_resnet, tmp_path):
+    save_pruned(prune(sparse_resnet, X, ratio=0.4), tmp_path / "pruned.pt")
+    with pytest.raises(ValueError, match="does not match the architecture of CifarResNet"):
+        load_pruned(tmp_path / "pruned.pt", models.resnet56)
+    with pytest.raises(ValueError, match="save_pruned needs a PruneResult"):
+        save_pruned(models.resnet20(), tmp_path / "plain.pt")
+
+
+def test_torch_export_of_pruned_model():
+    model = look_trained(TinyResNeXt())
+    kill_channels(model, "blocks.1.bn", list(range(16)))
+    x = torch.randn(2, 3, 16, 16)
+    result = prune(model, x, ratio=0.5, fold_bn=True)
+    assert result.report.removed_blocks
+    exported = torch.export.export(result.model, (x,))
+    assert torch.allclose(exported.module()(x), run(result.model, x), atol=1e-6)

@@ -1,0 +1,184 @@
+"""prune()'s options and its errors on bad input."""
+import pytest
+import torch
+from torch import nn
+
+import ffr_fast
+from ffr_fast import models, prune
+from ffr_fast.prune import ExampleInputError, UntraceableModelError
+from nets import GatedNet, ShuffleNet, look_trained, one_thread  # noqa: F401
+
+X = torch.randn(1, 3, 32, 32)
+
+
+def conv_channels(result):
+    return {p: after for p, (_, after) in result.report.channels.items()
+            if isinstance(result.model.get_submodule(p), nn.Conv2d)}
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return look_trained(models.resnet20())
+
+
+def test_round_to(resnet):
+    result = prune(resnet, X, ratio=0.5, round_to=8)
+    counts = conv_channels(result)
+    assert all(c % 8 == 0 for c in counts.values()), counts
+    assert min(counts.values()) < 64 and result.report.relative_diff <= 1e-5
+    plain = conv_channels(prune(resnet, X, ratio=0.5))
+    assert any(c % 8 for c in plain.values())  # without round_to the counts are ragged
+
+
+def test_min_channels_keeps_layers_alive(resnet):
+    result = prune(resnet, X, ratio=0.99, scope="layer", min_channels=3)
+    assert set(conv_channels(result).values()) == {3}
+    with torch.no_grad():
+        assert result.model(X).shape == (1, 10)
+    huge = prune(resnet, X, threshold=1e9, min_channels=2, remove_blocks=False)
+    assert set(conv_channels(huge).values()) == {2}
+
+
+def test_scope_layer_prunes_every_group_alike(resnet):
+    result = prune(resnet, X, ratio=0.5, scope="layer")
+    for path, (before, after) in result.report.channels.items():
+        if path != "fc":
+            assert after == before - before // 2, path
+
+
+def test_importance_bn_ranks_by_gamma():
+    model = look_trained(models.resnet20())
+    with torch.no_grad():
+        model.layer1[0].bn1.weight[:4] = 1e-4  # the smallest |gamma| in their layer
+        model.layer1[0].bn1.bias[:4] = 5.0  # ...but a large emitted shift
+    by_gamma = prune(model, X, ratio=0.25, importance="bn", scope="layer")
+    by_norm = prune(model, X, ratio=0.25, importance="l2", scope="layer")
+    gamma = model.layer1[0].bn1.weight
+    assert torch.equal(by_gamma.model.get_submodule("layer1.0.bn1").weight, gamma[4:])
+    kept = by_norm.model.get_submodule("layer1.0.bn1").weight
+    assert (kept == 1e-4).sum() == 4
+    l1 = prune(model, X, ratio=0.3, importance="l1")
+    assert l1.report.removed_classes > 0 and l1.report.relative_diff <= 1e-5
+
+
+def test_ignored_module_keeps_its_channels():
+    model = look_trained(GatedNet())
+    x = torch.randn(2, 3, 16, 16)
+    for ignored in (["gate"], [model.gate], [type(model.gate)]):
+        result = prune(model, x, ratio=0.5, ignored=ignored)
+        assert result.report.channels["conv1.0"] == (16, 16)
+        assert result.model.gate.conv.weight.shape == (16, 16, 1, 1)
+        assert result.report.channels["conv2.0"][1] < 32
+        assert any("ignored" in u["reason"] for u in result.report.opaque_ops)
+        assert result.report.relative_diff <= 1e-5
+
+
+def test_custom_mixing_op_is_named_and_left_alone():
+    model = look_trained(ShuffleNet())
+    x = torch.randn(2, 3, 16, 16)
+    result = prune(model, x, ratio=0.5)
+    assert [o["op"] for o in result.report.opaque_ops] == [
+        "call_function 'channel_shuffle' (node channel_shuffle)"]
+    assert result.report.channels["conv1.0"] == (16, 16)
+    assert result.model.get_submodule("conv2.0").in_channels == 16
+    assert "channel_shuffle" in str(result.report)
+    assert result.report.relative_diff <= 1e-5
+
+
+def test_inplace(resnet):
+    model = look_trained(models.resnet20())
+    result = prune(model, X, ratio=0.5, inplace=True)
+    assert model.layer1[0].conv1 is result.model.get_submodule("layer1.0.conv1")
+    assert model.layer1[0].conv1.out_channels < 16
+    with torch.no_grad():  # no block removed: the caller's own forward runs the pruned net
+        assert torch.allclose(model(X), result.model(X), atol=1e-6)
+
+
+def test_callable_from_the_package(resnet):
+    import ffr_fast.prune.graph  # noqa: F401  (binds ffr_fast.prune to the subpackage)
+    result = ffr_fast.prune(resnet, X, ratio=0.1)
+    assert isinstance(result, ffr_fast.PruneResult)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(), "exactly one of threshold= or ratio="),
+    (dict(threshold=0.1, ratio=0.5), "exactly one of threshold= or ratio="),
+    (dict(ratio=1.0), r"ratio must be in \[0, 1\)"),
+    (dict(ratio=-0.1), r"ratio must be in \[0, 1\)"),
+    (dict(threshold=-1.0), "threshold must be >= 0"),
+    (dict(ratio=0.5, importance="l3"), "importance must be one of"),
+    (dict(ratio=0.5, scope="net"), "scope must be one of"),
+    (dict(ratio=0.5, min_channels=0), "min_channels must be an int >= 1"),
+    (dict(ratio=0.5, round_to=0), "round_to must be None or an int >= 1"),
+    (dict(ratio=0.5, ignored=["layer9"]), "has no submodule 'layer9'"),
+])
+def test_bad_settings(resnet, kwargs, message):
+    before = {k: v.clone() for k, v in resnet.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        prune(resnet, X, **kwargs)
+    assert all(torch.equal(v, before[k]) for k, v in resnet.state_dict().items())
+
+
+def test_wrong_input_shape_names_shape_and_module(resnet):
+    with pytest.raises(ExampleInputError, match=r"shape \(1, 4, 32, 32\) in module 'stem.0.0'"):
+        prune(resnet, torch.randn(1, 4, 32, 32), ratio=0.5)
+    with pytest.raises(TypeError, match=r"example_inputs\[0\] must be a torch.Tensor"):
+        prune(resnet, [[1.0]], ratio=0.5)
+
+
+def test_untraceable_model_names_module_and_fix():
+    with pytest.raises(UntraceableModelError,
+                       match=r"module 'gate' \(Gate\).*ignored=\['gate'\]"):
+        prune(GatedNet(), torch.randn(1, 3, 16, 16), ratio=0.5)
+
+
+class SplitNet(nn.Module):
+    """torch.chunk on channels: the halves' sizes are baked into the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        a, b = torch.chunk(torch.relu(self.conv1(x)), 2, dim=1)
+        y = torch.relu(self.conv2(a)) * b
+        return self.fc(y.view(y.size(0), y.size(1), -1).mean(2))
+
+
+def test_tuple_returning_op_pins_its_input():
+    model = SplitNet()
+    x = torch.randn(2, 3, 16, 16)
+    result = prune(model, x, ratio=0.5)
+    assert result.report.channels["conv1"] == (16, 16)
+    assert any("chunk" in o["op"] for o in result.report.opaque_ops)
+    assert result.report.relative_diff <= 1e-5
+
+
+class ShiftNet(nn.Module):
+    """x + 1 is channel-wise but turns a zero channel into ones: removing it is not exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv3(torch.relu(self.conv2(torch.relu(self.conv1(x)) + 1)))
+
+
+def test_constant_shift_is_not_pruned_through():
+    model = ShiftNet()
+    with torch.no_grad():
+        model.conv1.weight[2] = 0
+        model.conv1.bias[2] = 0
+        model.conv2.weight[5] = 0
+        model.conv2.bias[5] = 0
+    result = prune(model, torch.randn(1, 3, 8, 8), threshold=0.0)
+    assert result.report.channels["conv1"] == (8, 8)
+    assert result.report.channels["conv2"] == (8, 7)
+    assert [o["op"] for o in result.report.opaque_ops] == ["call_function 'add' (node add)"]
+    assert result.report.relative_diff <= 1e-5 and result.report.max_abs_diff_original < 1e-5
