@@ -6,3 +6,8 @@ import torch
 # CPU tensors in the interpreter, so CI tests every Triton kernel.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# One intra-op thread per test process: the tests are small, and the distributed tests run
+# several processes on a 2-core machine, where OpenMP threads would oversubscribe the cores.
+# Tests of the parallel kernels choose their thread counts themselves.
+torch.set_num_threads(1)

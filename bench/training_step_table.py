@@ -1,0 +1,130 @@
+"""What FFRLoss adds to a training step: one CIFAR ResNet-56 step at batch 128 (32x32 inputs;
+forward, cross-entropy, backward, SGD step) without a regularizer, with FFRLoss on the fused
+op, and with FFRLoss on the eager plain-PyTorch reference. Target: FFRLoss (op) adds <= 5%.
+
+The three steps are timed in interleaved rounds, so slow drift of a shared machine hits them
+alike; the table gives each median and, per round, the ratio to the unregularized step.
+
+    .venv/bin/python bench/training_step_table.py [--rounds 7] [--batch 128]
+
+writes bench/results/training_step.json and bench/results/training_step.md.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ffr_fast import FFRLoss, models, ops, reference
+from ffr_fast.penalty import flow_penalty
+
+# name -> the per-chain penalty function FFRLoss applies (None: no regularizer)
+VARIANTS = {
+    "no regularizer": None,
+    "FFRLoss (fused op)": flow_penalty,
+    "FFRLoss (eager reference)": reference.flow_penalty,
+}
+RESULTS = Path(__file__).parent / "results"
+
+
+def make_training_step(variant: str, batch: int = 128, seed: int = 0):
+    """A closure running one full training step of a fresh ResNet-56 on a fixed batch."""
+    torch.manual_seed(seed)
+    model = models.resnet56().train()
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    penalty_fn = VARIANTS[variant]
+    ffr = None if penalty_fn is None else FFRLoss(model, penalty_fn=penalty_fn)
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x), y)
+        if ffr is not None:
+            loss = loss + ffr()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def measure(rounds: int, batch: int) -> dict:
+    steps = {name: make_training_step(name, batch) for name in VARIANTS}
+    for step in steps.values():  # warm-up: allocator, kernels, lazy imports
+        step()
+    seconds = {name: [] for name in VARIANTS}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            seconds[name].append(time.perf_counter() - start)
+    baseline = seconds["no regularizer"]
+    return {
+        name: {
+            "median_s": statistics.median(times),
+            "min_s": min(times),
+            "times_s": times,
+            "median_ratio_to_no_regularizer": statistics.median(
+                t / b for t, b in zip(times, baseline)),
+        }
+        for name, times in seconds.items()
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# ResNet-56 training step, batch {report['batch']} (32x32), CPU",
+        "",
+        f"Rerun: `{report['command']}`",
+        "",
+        f"Machine: {report['machine']}; torch {report['torch']}, {report['threads']} threads; "
+        f"compiled CPU kernel: {report['compiled_cpu_kernel']}; load average before/after "
+        f"{report['load_before']} / {report['load_after']} (a shared machine: read ratios "
+        f"within a few percent as noise). {report['rounds']} interleaved rounds after one "
+        "warm-up step each.",
+        "",
+        "| step | median (s) | min (s) | median ratio to no regularizer |",
+        "|---|---|---|---|",
+    ]
+    for name, row in report["variants"].items():
+        lines.append(f"| {name} | {row['median_s']:.3f} | {row['min_s']:.3f} | "
+                     f"{row['median_ratio_to_no_regularizer']:.3f} |")
+    lines += ["", f"Target: FFRLoss (fused op) adds <= 5% to the step: "
+                  f"{'met' if report['target_met'] else 'NOT met'}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=128)
+    args = parser.parse_args()
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    variants = measure(args.rounds, args.batch)
+    report = {
+        "command": f".venv/bin/python bench/training_step_table.py --rounds {args.rounds} "
+                   f"--batch {args.batch}",
+        "batch": args.batch,
+        "rounds": args.rounds,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "compiled_cpu_kernel": ops.has_compiled_kernel("cpu"),
+        "load_before": load_before,
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+        "variants": variants,
+        "target_met": variants["FFRLoss (fused op)"]["median_ratio_to_no_regularizer"] <= 1.05,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "training_step.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    (RESULTS / "training_step.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

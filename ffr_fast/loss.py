@@ -1,0 +1,208 @@
+"""FFRLoss: Feature Flow Regularization as one line in an existing training loop.
+
+    ffr = FFRLoss(model)                  # hooks the layers of the feature flow
+    out = model(x)                        # the hooks keep references to their outputs
+    loss = task_loss(out, y) + ffr()      # the penalty of this forward's chains
+    loss.backward()
+"""
+import functools
+from collections import Counter
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ffr_fast.chains import (Chain, ChainInfo, LayerSpec, auto_layers, resolve_layers,
+                             split_into_chains)
+from ffr_fast.penalty import check_options, flow_penalty
+
+# The phases of the most recent forward of the model, as ffr() sees them.
+_NO_FORWARD, _CAPTURING, _READY, _CONSUMED, _INFERENCE, _REMOVED = (
+    "no forward", "capturing", "ready", "consumed", "inference", "removed")
+
+
+class FFRLoss(nn.Module):
+    """The FFR penalty (ffr_fast.reference states the math) of a model's feature flow, one call
+    per forward.
+
+    Args:
+        model: the network (a DistributedDataParallel wrapper is unwrapped: the hooks go on
+            `model.module`). It is referenced, not registered as a submodule, so
+            `ffr.parameters()`, `ffr.to()` and `ffr.state_dict()` leave it alone.
+        grad_weight, curv_weight: weights of the flow's gradient and curvature terms. The
+            defaults (1e-3 each) make the penalty of a freshly initialised CIFAR ResNet-20/56
+            about 0.01-0.05, a few percent of a 10-class cross-entropy; raise them for more
+            structured sparsity.
+        layers: "auto" (the rules in ffr_fast.chains: residual blocks, or conv-norm-activation
+            units of a plain net), or a list of submodule names and/or modules. The order of
+            the list does not matter: features are taken in the order the forward produces
+            them, and a module called twice in one forward gives two features.
+        norm, curvature, eps, delta: the penalty variant (see ffr_fast.flow_penalty).
+        chain_weights: optional per-chain factors, in forward order, one per chain that the
+            forward forms (checked at every call).
+        penalty_fn: the function applied to each chain, with flow_penalty's signature; the
+            default is the fused op. ffr_fast.reference.flow_penalty is the plain-PyTorch
+            oracle (benchmarks compare the two).
+
+    Behaviour, per forward of `model`:
+      - A forward in training mode with gradients enabled (decided when the model's forward
+        starts) captures references to the hooked layers' outputs (never copies) and forms
+        chains: runs of consecutive same-shape features, length >= 2 (see describe()).
+      - A forward in eval() mode or under torch.no_grad() captures nothing, and ffr() after
+        it returns a zero tensor, so one loss function serves training and validation.
+      - ffr() returns the penalty of the most recent forward and releases its features; a
+        second ffr() for the same forward, or ffr() before any forward, raises RuntimeError.
+      - A captured output that a later in-place operation (e.g. ReLU(inplace=True)) changed
+        is no longer the layer's output: ffr() raises RuntimeError naming the layer.
+    """
+
+    def __init__(self, model: nn.Module, grad_weight: float = 1e-3, curv_weight: float = 1e-3,
+                 layers: Union[str, Sequence[LayerSpec]] = "auto", norm: str = "squared",
+                 curvature: str = "diff", eps: float = 1e-8, delta: float = 1e-6,
+                 chain_weights: Optional[Sequence[float]] = None,
+                 penalty_fn: Callable[..., Tensor] = flow_penalty):
+        super().__init__()
+        check_options(grad_weight, curv_weight, norm, curvature, eps, delta)
+        if chain_weights is not None:
+            chain_weights = [float(w) for w in chain_weights]
+            if any(not w >= 0 for w in chain_weights):
+                raise ValueError(f"chain_weights must be >= 0, got {chain_weights}")
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.__dict__["model"] = model  # a reference, deliberately not a submodule
+        self.options = dict(grad_weight=grad_weight, curv_weight=curv_weight, norm=norm,
+                            curvature=curvature, eps=eps, delta=delta)
+        self.chain_weights = chain_weights
+        self.penalty_fn = penalty_fn
+        if isinstance(layers, str) and layers == "auto":
+            names, self.rule = auto_layers(model)
+        else:
+            names, self.rule = resolve_layers(model, layers), "explicit layers"
+        self.layer_names: Tuple[str, ...] = tuple(names)
+
+        self._phase = _NO_FORWARD
+        self._captured: List[Tuple[str, Tensor, int]] = []
+        self._chains: List[Chain] = []
+        self._calls: Counter = Counter()  # calls of each hooked layer in this forward
+        # What describe() reports about the last training forward (names and shapes only).
+        self._last_shapes: List[Tuple[str, Tuple[int, ...]]] = []
+        self._last_chains: List[ChainInfo] = []
+        modules = dict(model.named_modules())
+        self._handles = [model.register_forward_pre_hook(self._start_forward)]
+        self._handles += [modules[name].register_forward_hook(functools.partial(self._capture,
+                                                                                name))
+                          for name in self.layer_names]
+        self._handles.append(model.register_forward_hook(self._end_forward))
+
+    # -- hooks --------------------------------------------------------------------------
+    def _start_forward(self, model: nn.Module, args) -> None:
+        if self._phase == _REMOVED:
+            return
+        self._captured, self._chains, self._calls = [], [], Counter()
+        self._phase = _CAPTURING if model.training and torch.is_grad_enabled() else _INFERENCE
+
+    def _capture(self, name: str, module: nn.Module, args, output) -> None:
+        if self._phase != _CAPTURING or not isinstance(output, Tensor):
+            return
+        self._calls[name] += 1
+        label = name if self._calls[name] == 1 else f"{name}#{self._calls[name]}"
+        self._captured.append((label, output, output._version))
+
+    def _end_forward(self, model: nn.Module, args, output) -> None:
+        if self._phase != _CAPTURING:
+            return
+        self._last_shapes = [(name, tuple(x.shape)) for name, x, _ in self._captured]
+        self._chains = split_into_chains(self._captured)
+        self._last_chains = [ChainInfo(tuple(c.names), tuple(c.shape)) for c in self._chains]
+        self._captured = []  # features outside any chain are released now
+        self._phase = _READY
+
+    # -- the penalty --------------------------------------------------------------------
+    def forward(self) -> Tensor:
+        """The penalty of the most recent forward of the model (a 0-dim tensor)."""
+        if self._phase == _INFERENCE:
+            return torch.zeros(())
+        if self._phase != _READY:
+            self._captured = []  # an unfinished forward's features are of no use
+            raise RuntimeError(self._not_ready_message())
+        chains, self._chains, self._phase = self._chains, [], _CONSUMED
+        if not chains:
+            raise ValueError(
+                "the last forward formed no chain: a chain needs >= 2 consecutive captured "
+                f"features of one shape, and the hooked layers gave {self._last_shapes}. "
+                "Pass layers=[...] naming at least two layers with equal output shapes.")
+        weights = self.chain_weights or [1.0] * len(chains)
+        if len(weights) != len(chains):
+            raise ValueError(f"chain_weights has {len(weights)} entries but the forward formed "
+                             f"{len(chains)} chains:\n{self._describe_chains()}")
+        for chain in chains:
+            changed = chain.modified_in_place()
+            if changed:
+                raise RuntimeError(
+                    f"the outputs of {changed} were modified in place after FFRLoss captured "
+                    "them (e.g. by a following ReLU(inplace=True) or `+=`), so they no longer "
+                    "hold those layers' outputs. Hook the module that applies the in-place "
+                    "operation instead (layers=[...]) or make that operation out of place.")
+        penalties = [w * self.penalty_fn(chain.features, **self.options)
+                     for w, chain in zip(weights, chains) if w != 0]
+        return torch.stack(penalties).sum() if penalties else torch.zeros(())
+
+    def _not_ready_message(self) -> str:
+        return {
+            _NO_FORWARD: "ffr() was called before any forward pass of the model: run "
+                         "`out = model(x)` first, then `loss = task_loss + ffr()`",
+            _CONSUMED: "ffr() was already called for the last forward pass and its features "
+                       "were released; run the model again before the next ffr() (one "
+                       "penalty per forward)",
+            _CAPTURING: "the model's last forward pass did not finish, so its chains are "
+                        "incomplete; run a full forward before ffr()",
+            _REMOVED: "ffr() was called after remove(): the hooks are gone",
+        }[self._phase]
+
+    # -- hooks lifetime -----------------------------------------------------------------
+    def remove(self) -> None:
+        """Remove every hook from the model and release captured features."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._captured, self._chains = [], [], []
+        self._phase = _REMOVED
+
+    def __enter__(self) -> "FFRLoss":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()
+
+    # -- description --------------------------------------------------------------------
+    @property
+    def chains(self) -> List[ChainInfo]:
+        """Layer names and feature shape of each chain of the last training forward."""
+        return list(self._last_chains)
+
+    def _describe_chains(self) -> str:
+        if not self._last_shapes:
+            return ("  chains: not formed yet; shapes are known after the first forward in "
+                    "training mode. Hooked layers: " + ", ".join(self.layer_names))
+        if not self._last_chains:
+            return f"  chains: none formed by the last forward (captured {self._last_shapes})"
+        lines = [f"  chains of the last training forward (batch {self._last_chains[0].shape[0]}):"]
+        for i, chain in enumerate(self._last_chains):
+            lines.append(f"    chain {i}: length {len(chain.names)}, shape "
+                         f"{chain.shape[1:]}: " + ", ".join(chain.names))
+        return "\n".join(lines)
+
+    def describe(self) -> str:
+        """The settings, the hooked layers and every chain of the last training forward."""
+        options = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        if self.chain_weights is not None:
+            options += f", chain_weights={self.chain_weights}"
+        return (f"FFRLoss({options})\n"
+                f"  layers: {len(self.layer_names)} {self.rule}"
+                f"{' (removed)' if self._phase == _REMOVED else ''}\n"
+                + self._describe_chains())
+
+    def __repr__(self) -> str:
+        return self.describe()

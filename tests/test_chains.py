@@ -1,0 +1,208 @@
+"""Where FFRLoss finds the feature flow: the auto rules on the model zoo, explicit layers,
+chain formation, and the errors for models and layer lists it cannot use."""
+import pytest
+import torch
+from torch import nn
+
+from ffr_fast import FFRLoss, models
+from ffr_fast.chains import adds_shortcut, split_into_chains
+
+
+def stage(prefix, blocks):
+    return tuple(f"{prefix}.{i}" for i in range(blocks))
+
+
+def features(indices):
+    return tuple(f"features.{i}" for i in indices)
+
+
+# model, input shape, expected chains as (layer names, per-sample shape), in forward order
+ZOO_CASES = {
+    "resnet20": (models.resnet20, (2, 3, 32, 32), [
+        (stage("layer1", 3), (16, 32, 32)),
+        (stage("layer2", 3), (32, 16, 16)),
+        (stage("layer3", 3), (64, 8, 8))]),
+    "resnet56": (models.resnet56, (2, 3, 32, 32), [
+        (stage("layer1", 9), (16, 32, 32)),
+        (stage("layer2", 9), (32, 16, 16)),
+        (stage("layer3", 9), (64, 8, 8))]),
+    "resnet18": (lambda: models.resnet18(width=8), (2, 3, 64, 64), [
+        (stage("layer1", 2), (8, 16, 16)),
+        (stage("layer2", 2), (16, 8, 8)),
+        (stage("layer3", 2), (32, 4, 4)),
+        (stage("layer4", 2), (64, 2, 2))]),
+    "resnet50": (lambda: models.resnet50(width=8), (2, 3, 64, 64), [
+        (stage("layer1", 3), (32, 16, 16)),
+        (stage("layer2", 4), (64, 8, 8)),
+        (stage("layer3", 6), (128, 4, 4)),
+        (stage("layer4", 3), (256, 2, 2))]),
+    # one chain per stage: the ReLU outputs of the conv-bn-relu units between two poolings
+    "vgg16_bn": (models.vgg16_bn, (2, 3, 32, 32), [
+        (features([2, 5]), (64, 32, 32)),
+        (features([9, 12]), (128, 16, 16)),
+        (features([16, 19, 22]), (256, 8, 8)),
+        (features([26, 29, 32]), (512, 4, 4)),
+        (features([36, 39, 42]), (512, 2, 2))]),
+    # every InvertedResidual, the shape-changing first block of a stage included; the
+    # single-block stages (16 and 320 channels) form no chain
+    "mobilenet_v2": (models.mobilenet_v2, (2, 3, 32, 32), [
+        (features([3, 4]), (24, 32, 32)),
+        (features([5, 6, 7]), (32, 16, 16)),
+        (features([8, 9, 10, 11]), (64, 8, 8)),
+        (features([12, 13, 14]), (96, 8, 8)),
+        (features([15, 16, 17]), (160, 4, 4))]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO_CASES))
+def test_auto_chains_on_the_zoo(name):
+    factory, input_shape, expected = ZOO_CASES[name]
+    torch.manual_seed(0)
+    model = factory()
+    ffr = FFRLoss(model)
+    assert "not formed yet" in ffr.describe()
+    model(torch.randn(input_shape))
+    batch = input_shape[0]
+    assert [(c.names, c.shape) for c in ffr.chains] == [
+        (names, (batch, *shape)) for names, shape in expected]
+    text = repr(ffr)
+    for i, (names, shape) in enumerate(expected):
+        assert f"chain {i}: length {len(names)}, shape {shape}: {', '.join(names)}" in text
+
+
+class AddsInput(nn.Module):
+    def __init__(self, add):
+        super().__init__()
+        self.body = nn.Conv2d(2, 2, 3, padding=1)
+        self.bias = nn.Parameter(torch.randn(1, 2, 1, 1))
+        self.add = add
+
+    def forward(self, x):
+        return self.add(self, x)
+
+
+@pytest.mark.parametrize("add, expected", [
+    (lambda m, x: x + m.body(x), True),
+    (lambda m, x: torch.add(m.body(x), x), True),
+    (lambda m, x: m.body(x).add_(x), True),
+    (lambda m, x: m.body(x) + m.body(m.body(x)), True),   # two paths from the input join
+    (lambda m, x: m.body(x) + m.bias, False),             # a bias is no shortcut
+    (lambda m, x: m.body(x) * x, False),
+])
+def test_adds_shortcut(add, expected):
+    assert adds_shortcut(AddsInput(add)) is expected
+
+
+def test_adding_two_different_inputs_is_no_shortcut():
+    class Fuse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 1)
+
+        def forward(self, a, b):
+            return self.conv(a) + b
+
+    assert not adds_shortcut(Fuse())
+
+
+def test_shortcut_of_submodules_does_not_make_their_parent_a_block():
+    class Stage(nn.Module):  # not a Sequential: its forward loops over residual blocks
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(models.BasicBlock(4, 4) for _ in range(3))
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Stage())
+    assert not adds_shortcut(model[1])
+    assert FFRLoss(model).layer_names == ("1.blocks.0", "1.blocks.1", "1.blocks.2")
+
+
+def test_an_untraceable_module_is_searched_through():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = models.BasicBlock(4, 4), models.BasicBlock(4, 4)
+
+        def forward(self, x):
+            return self.b(self.a(x)) if x.sum() > -1e30 else x  # fx cannot trace this branch
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), DataDependent())
+    assert FFRLoss(model).layer_names == ("1.a", "1.b")
+
+
+def test_a_module_called_twice_gives_two_features():
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    relu = nn.ReLU()
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.relu = conv, relu
+
+        def forward(self, x):
+            return self.relu(self.conv(self.relu(self.conv(x))))
+
+    model = Shared()
+    ffr = FFRLoss(model)
+    assert ffr.layer_names == ("relu",)
+    model(torch.randn(2, 4, 5, 5))
+    assert [c.names for c in ffr.chains] == [("relu", "relu#2")]
+
+
+def test_split_into_chains():
+    def capture(name, *shape):
+        return name, torch.randn(shape), 0
+
+    captured = [capture("a", 2, 3), capture("b", 2, 3), capture("c", 2, 4),
+                capture("d", 2, 3), capture("e", 2, 3), capture("f", 2, 3), capture("g", 1, 3)]
+    chains = split_into_chains(captured)
+    assert [c.names for c in chains] == [["a", "b"], ["d", "e", "f"]]
+    assert [tuple(c.shape) for c in chains] == [(2, 3), (2, 3)]
+    assert chains[1].features[2] is captured[5][1]
+
+
+def test_explicit_layers_by_name_and_module():
+    model = models.resnet20()
+    ffr = FFRLoss(model, layers=["layer2.1", model.layer2[2], "layer2.0"])
+    assert ffr.layer_names == ("layer2.1", "layer2.2", "layer2.0")
+    assert ffr.rule == "explicit layers"
+    model(torch.randn(2, 3, 32, 32))
+    assert [c.names for c in ffr.chains] == [("layer2.0", "layer2.1", "layer2.2")]
+
+
+@pytest.mark.parametrize("layers, error, message", [
+    (["layer1.0", "layer2.9"], ValueError, r"layers\[1\].*no submodule named 'layer2.9'"
+                                           r".*close matches.*layer2.0"),
+    ([nn.Conv2d(1, 1, 1)], ValueError, r"layers\[0\]: this Conv2d is not a submodule"),
+    ([""], ValueError, r"the model itself"),
+    (["layer1.0", "layer1.0"], ValueError, r"'layer1.0' is listed twice"),
+    ([], ValueError, r"layers is empty"),
+    ("layer1", TypeError, r"layers must be 'auto' or a list"),
+    ([3], TypeError, r"layers\[0\] is a int"),
+])
+def test_bad_layers(layers, error, message):
+    model = models.resnet20()
+    hooks_before = sum(len(m._forward_hooks) for m in model.modules())
+    with pytest.raises(error, match=message):
+        FFRLoss(model, layers=layers)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks_before
+
+
+def test_auto_without_flow_says_what_it_looked_for():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.Sigmoid())
+    with pytest.raises(ValueError, match=r"found no feature flow in Sequential: it looked for "
+                                         r"residual blocks.*conv-norm-activation.*layers=\[") :
+        FFRLoss(model)
+
+
+def test_layers_without_equal_shapes_form_no_chain():
+    model = models.resnet20()
+    ffr = FFRLoss(model, layers=["layer1.2", "layer2.0", "layer3.0"])
+    model(torch.randn(2, 3, 32, 32))
+    assert ffr.chains == [] and "none formed" in ffr.describe()
+    with pytest.raises(ValueError, match=r"formed no chain.*'layer2.0', \(2, 32, 16, 16\)"):
+        ffr()
