@@ -28,7 +28,7 @@ def cpp_extensions():
     extension = CppExtension(
         name="ffr_fast._C",
         sources=sorted(glob.glob("csrc/*.cpp")),
-        extra_compile_args=["-O3", "-fopenmp", "-std=c++17"],
+        extra_compile_args=["-O3", "-fopenmp", "-std=c++20", "-Wno-psabi"],
         extra_link_args=["-fopenmp"],
     )
     return [extension], {"build_ext": TolerantBuildExtension}

@@ -8,6 +8,7 @@ Implementations, most specific first:
     CUDA  the Triton kernels in kernels/ (ffr_fast.kernels.flow_sums)
     any   the plain-PyTorch reference (CompositeExplicitAutograd), the fallback
 """
+import importlib.util
 import warnings
 from typing import List, Sequence
 
@@ -59,7 +60,35 @@ def _load_cpu_kernel() -> None:
         )
 
 
+def _triton_kernels():
+    from ffr_fast.kernels import flow_sums as kernels  # imports triton: on first CUDA call
+
+    return kernels
+
+
+def _register_cuda_kernels() -> None:
+    """Route CUDA tensors to the Triton kernels, when triton is installed.
+
+    Why register_kernel and not torch.library.triton_op: triton_op defines its own op (schema
+    inferred from the Python function), so it cannot serve a schema declared once above that
+    the C++ CPU kernels also implement; and under torch.compile it decomposes the op into its
+    Python body for every device, which would bypass the CPU kernel and launch Triton on CPU
+    tensors. With register_kernel, torch.compile keeps the op as one opaque node (traced
+    through the fake kernel above), and the dispatcher picks CPU or CUDA at run time.
+    """
+    if importlib.util.find_spec("triton") is None:
+        return  # CUDA tensors then run the reference
+    torch.library.register_kernel(
+        "ffr_fast::flow_sums", "cuda",
+        lambda features: _triton_kernels().flow_sums(features), lib=_LIB)
+    torch.library.register_kernel(
+        "ffr_fast::flow_sums_backward", "cuda",
+        lambda features, grad_sums: _triton_kernels().flow_sums_backward(features, grad_sums),
+        lib=_LIB)
+
+
 _load_cpu_kernel()
+_register_cuda_kernels()
 
 
 def has_compiled_kernel(device_type: str) -> bool:
