@@ -1,0 +1,5 @@
+import sys
+
+from ffr_fast.cli import main
+
+sys.exit(main())

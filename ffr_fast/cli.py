@@ -1,0 +1,296 @@
+"""`python -m ffr_fast` / `ffr-fast`: demo, train, prune, finetune, sweep, bench, report.
+
+Progress bars go to stderr; `--json` prints one JSON object on stdout (rank 0 only under
+torchrun). A failure prints `ffr-fast: error: ...` and exits 2; Ctrl-C exits 130 after
+saying which checkpoint to resume from.
+"""
+import argparse
+import json
+import os
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+from ffr_fast import checkpoint, data, metrics, pipeline, regularizers, train
+
+PRUNED_FILENAME = "pruned.pt"
+
+
+def _add_training_options(parser, defaults: train.TrainConfig, finetune: bool = False):
+    group = parser.add_argument_group("training")
+    group.add_argument("--epochs", type=int, default=defaults.epochs)
+    group.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                       help="global batch size, split across torchrun processes")
+    group.add_argument("--lr", type=float, default=defaults.lr)
+    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    group.add_argument("--max-batches", type=int, default=None,
+                       help="stop each epoch (and validation) after this many batches")
+    group.add_argument("--amp", nargs="?", const="bf16", default=None, choices=("bf16", "fp16"),
+                       help="autocast: bf16 (CPU or CUDA) or fp16 (CUDA)")
+    group.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    group.add_argument("--out", required=True, help="folder for checkpoint.pt and history.json")
+    group.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    group.add_argument("--force", action="store_true", help="replace an existing checkpoint")
+    if finetune:
+        return
+    group.add_argument("--model", default=defaults.model)
+    group.add_argument("--data", default=defaults.data, choices=data.DATASETS)
+    group.add_argument("--data-root", default=None, help="folder of cifar10/cifar100/folder")
+    group.add_argument("--image-size", type=int, default=defaults.image_size,
+                       help="side images of --data folder are resized to")
+    group.add_argument("--seed", type=int, default=defaults.seed)
+    group.add_argument("--regularizer", default="none", choices=regularizers.REGULARIZERS)
+    group.add_argument("--weight", type=float, default=0.0, help="the regularizer's weight")
+    group.add_argument("--ffr-norm", default=defaults.ffr_norm, choices=("squared", "l2"))
+    group.add_argument("--ffr-curvature", default=defaults.ffr_curvature,
+                       choices=("diff", "angle"))
+    group.add_argument("--ffr-curv-ratio", type=float, default=defaults.ffr_curv_ratio,
+                       help="curv_weight = weight * ratio")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    common.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser = argparse.ArgumentParser(prog="ffr-fast", description=__doc__.split("\n")[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+
+
+    def command(name, **options):  # every subcommand takes the common options
+        return subparsers.add_parser(name, parents=[common], **options)
+
+    demo = command("demo", help="train none/slimming/FFR on digits, prune, report")
+    demo.add_argument("--out", default="results/demo")
+    demo.add_argument("--epochs", type=int, default=None)
+    demo.add_argument("--finetune-epochs", type=int, default=None)
+    demo.add_argument("--max-batches", type=int, default=None)
+    demo.add_argument("--latency-repeats", type=int, default=30,
+                      help="timed forwards per model and batch size (the median is reported)")
+
+    sweep = command("sweep", help="regularizer weights vs accuracy and FLOPs kept")
+    sweep.add_argument("--out", default="results/sweep")
+    sweep.add_argument("--epochs", type=int, default=None)
+    sweep.add_argument("--finetune-epochs", type=int, default=None)
+    sweep.add_argument("--max-batches", type=int, default=None)
+    sweep.add_argument("--quick", action="store_true",
+                       help="one weight of none, slimming and FFR (a smoke run)")
+    sweep.add_argument("--keep", type=float, nargs="+", default=None,
+                       help="FLOPs budgets, as fractions kept (default 0.7 0.5 0.3)")
+
+    _add_training_options(command("train", help="train a model"), train.TrainConfig())
+
+    finetune = command("finetune", help="fine-tune a pruned checkpoint")
+    finetune.add_argument("--checkpoint", required=True, help="a pruned.pt written by `prune`")
+    _add_training_options(finetune, replace(train.TrainConfig(), epochs=5, lr=0.01),
+                          finetune=True)
+
+    prune = command("prune", help="prune a trained checkpoint")
+    prune.add_argument("--checkpoint", required=True)
+    target = prune.add_mutually_exclusive_group()
+    target.add_argument("--flops-target", type=float, default=0.5,
+                        help="fraction of the FLOPs to keep (default 0.5)")
+    target.add_argument("--ratio", type=float, help="fraction of channels to remove")
+    target.add_argument("--threshold", type=float, help="remove channels below this importance")
+    prune.add_argument("--importance", default="bn", choices=("l2", "l1", "bn"))
+    prune.add_argument("--scope", default="global", choices=("global", "layer"))
+    prune.add_argument("--out", default=None, help="folder for pruned.pt (default: next to "
+                       "the checkpoint)")
+
+    bench = command("bench", help="CPU latency, params and FLOPs of checkpoints")
+    bench.add_argument("checkpoints", nargs="+")
+    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    bench.add_argument("--threads", type=int, default=None)
+    bench.add_argument("--out", default=None, help="write bench.json here")
+
+    report = command("report", help="accuracy, sparsity, params, FLOPs table")
+    report.add_argument("checkpoints", nargs="+")
+    report.add_argument("--split", default="test", choices=("val", "test"))
+    report.add_argument("--threshold", type=float, default=pipeline.SPARSITY_THRESHOLD)
+    report.add_argument("--out", default=None, help="write report.md and report.json here")
+    return parser
+
+
+def _config_from(args) -> train.TrainConfig:
+    names = {f.name for f in fields(train.TrainConfig)}
+    return train.TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _run_training(model, splits, config, args, extra_summary):
+    result = train.fit(model, splits, config, out_dir=args.out, resume=args.resume,
+                       overwrite=args.force)
+    digests = _gather_digests(result.model)
+    if result.interrupted:
+        print(f"interrupted; resume with --resume --out {args.out} "
+              f"({len(result.history)} epochs saved)", file=sys.stderr)
+        raise SystemExit(130)
+    summary = {"checkpoint": str(result.checkpoint), "epochs": len(result.history),
+               "val_accuracy": result.history[-1]["val_accuracy"] if result.history else None,
+               "history": result.history, "param_digests": digests, **extra_summary}
+    if train.is_main_process():
+        checkpoint.atomic_write_json(Path(args.out) / "history.json", result.history)
+    return summary
+
+
+def _gather_digests(model):
+    import torch.distributed as dist
+
+    digest = train.parameter_digest(model)
+    if not dist.is_initialized():
+        return [digest]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, digest)
+    return gathered
+
+
+def _resumed_config(state, path, args) -> train.TrainConfig:
+    """A run continues under the recipe it started with; only these two flags apply."""
+    if os.environ.get("RANK", "0") == "0":  # before the process group exists
+        print(f"resuming {path} after epoch {state['epoch']} with its own settings (of the "
+              "training flags only --max-batches and --device apply)", file=sys.stderr)
+    return replace(train.TrainConfig(**state["config"]), max_batches=args.max_batches,
+                   device=args.device)
+
+
+def cmd_train(args):
+    config = _config_from(args)
+    path = Path(args.out) / checkpoint.FILENAME
+    if args.resume:
+        config = _resumed_config(checkpoint.load(path), path, args)
+    splits = data.load(config.data, config.data_root, config.seed, config.image_size)
+    return _run_training(pipeline.seeded_model(config, splits), splits, config, args, {})
+
+
+def cmd_finetune(args):
+    source = checkpoint.load(args.checkpoint)
+    config = replace(train.TrainConfig(**source["config"]), epochs=args.epochs, lr=args.lr,
+                     batch_size=args.batch_size, weight_decay=args.weight_decay,
+                     regularizer="none", weight=0.0, max_batches=args.max_batches,
+                     amp=args.amp, device=args.device)
+    state = source
+    if args.resume:
+        path = Path(args.out) / checkpoint.FILENAME
+        state = checkpoint.load(path)
+        config = _resumed_config(state, path, args)
+    splits = data.load(config.data, config.data_root, config.seed, config.image_size)
+    return _run_training(checkpoint.build_model(state), splits, config, args,
+                         {"source": args.checkpoint})
+
+
+def cmd_prune(args):
+    state = checkpoint.load(args.checkpoint)
+    config = train.TrainConfig(**state["config"])
+    splits = data.load(config.data, config.data_root, config.seed, config.image_size)
+    model = checkpoint.build_model(state).eval()
+    inputs = pipeline.example_inputs(splits)
+    options = {"importance": args.importance, "scope": args.scope}
+    if args.ratio is not None or args.threshold is not None:
+        from ffr_fast.prune import prune
+
+        result = prune(model, inputs, ratio=args.ratio, threshold=args.threshold, **options)
+    else:
+        result = pipeline.prune_to_flops(model, inputs, args.flops_target, **options)
+    before = train.evaluate(model, splits.val)["accuracy"]
+    after = train.evaluate(result.model, splits.val)["accuracy"]
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    report = {"source": args.checkpoint, "val_accuracy_before": before,
+              "val_accuracy_after": after, "options": options, **result.report.to_dict()}
+    checkpoint.save(out / PRUNED_FILENAME, result.model, config, prune_report=report)
+    checkpoint.atomic_write_json(out / "prune_report.json", report)
+    return {"checkpoint": str(out / PRUNED_FILENAME), **report}
+
+
+def _load_for_measuring(path):
+    state = checkpoint.load(path)
+    config = train.TrainConfig(**state["config"])
+    splits = data.load(config.data, config.data_root, config.seed, config.image_size)
+    return checkpoint.build_model(state).eval(), splits
+
+
+def cmd_bench(args):
+    rows = []
+    for path in args.checkpoints:
+        model, splits = _load_for_measuring(path)
+        inputs = pipeline.example_inputs(splits)
+        seconds = metrics.measure_latency(model, splits.input_shape, tuple(args.batch_sizes),
+                                          threads=args.threads)
+        rows.append({"checkpoint": path, "params": metrics.count_params(model),
+                     "flops": metrics.count_flops(model, inputs),
+                     "latency_ms": {batch: 1e3 * s for batch, s in seconds.items()}})
+    if args.out:
+        checkpoint.atomic_write_json(Path(args.out) / "bench.json", rows)
+    return {"results": rows}
+
+
+def cmd_report(args):
+    from ffr_fast.demo import markdown_table
+
+    rows = []
+    for path in args.checkpoints:
+        model, splits = _load_for_measuring(path)
+        inputs = pipeline.example_inputs(splits)
+        sparsity = pipeline.structured_sparsity(model, args.threshold)
+        accuracy = train.evaluate(model, getattr(splits, args.split))["accuracy"]
+        rows.append({"checkpoint": path, f"{args.split} accuracy": accuracy,
+                     "filters below": sparsity["filters_below"],
+                     "BN scales below": sparsity["bn_scales_below"],
+                     "params": metrics.count_params(model),
+                     "FLOPs": metrics.count_flops(model, inputs)})
+    table = markdown_table(rows)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(f"Threshold for 'below': {args.threshold:g}\n\n{table}\n")
+        checkpoint.atomic_write_json(out / "report.json", rows)
+    return {"table": table, "rows": rows}
+
+
+def cmd_demo(args):
+    from ffr_fast import demo
+
+    return demo.run(args.out, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
+                    max_batches=args.max_batches, latency_repeats=args.latency_repeats)
+
+
+def cmd_sweep(args):
+    from ffr_fast import sweep
+
+    return sweep.run(args.out, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
+                     max_batches=args.max_batches, quick=args.quick,
+                     keep=tuple(args.keep or sweep.KEEP))
+
+
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "prune": cmd_prune, "finetune": cmd_finetune,
+            "sweep": cmd_sweep, "bench": cmd_bench, "report": cmd_report}
+
+
+def _print_summary(summary, as_json: bool):
+    if as_json:
+        print(json.dumps(summary, indent=1, default=str))
+    elif "table" in summary:
+        print(summary["table"])
+    else:
+        shown = {k: v for k, v in summary.items() if k not in ("history", "rows")}
+        print("\n".join(f"{k}: {v}" for k, v in shown.items()))
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.no_progress:
+        os.environ["FFR_FAST_PROGRESS"] = "0"
+    try:
+        summary = COMMANDS[args.command](args)
+        if train.is_main_process():
+            _print_summary(summary, args.json)
+    except (FileNotFoundError, FileExistsError, checkpoint.CheckpointError, ValueError) as error:
+        print(f"ffr-fast: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        train.teardown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Data sets for training: the embedded digits set (no download), CIFAR-10/100 from a local
+folder in the python-pickle format, and ImageFolder-style directories.
+
+Every loader returns `Splits`: train / validation / test datasets of (image, label) pairs with
+images as normalised float32 (C, H, W) tensors. Hyperparameters are tuned on `val`; `test` is
+read only for the final tables.
+
+The embedded set is scikit-learn's digits (1,797 real 8x8 handwritten digits, grey levels
+0..16), stored once in ffr_fast/data/digits.npz so that nothing needs scikit-learn at run
+time. It was written by this one-off (kept here, not in a script, because it never reruns):
+
+    import numpy as np
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    np.savez_compressed("ffr_fast/data/digits.npz", images=d.images.astype(np.uint8),
+                        labels=d.target.astype(np.uint8))
+"""
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+DIGITS_FILE = Path(__file__).with_name("data") / "digits.npz"
+DATASETS = ("digits", "cifar10", "cifar100", "folder")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".npy")
+
+
+class ImageTensors(Dataset):
+    """Images held in memory as uint8 (N, C, H, W); normalised per item so that CIFAR's
+    50,000 images stay at 150 MB instead of 600 MB of float32."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor,
+                 std: torch.Tensor):
+        self.images, self.labels = images, labels.long()
+        self.mean, self.std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        image = (self.images[index].float() - self.mean) / self.std
+        return image, self.labels[index]
+
+
+@dataclass
+class Splits:
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    in_channels: int
+    image_size: Tuple[int, int]
+
+    @property
+    def input_shape(self) -> Tuple[int, int, int]:
+        return (self.in_channels, *self.image_size)
+
+
+def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int):
+    """Index arrays, one per fraction, with every class split in the same proportions.
+
+    The permutation depends only on `seed`, so a split is the same on every machine."""
+    rng = np.random.default_rng(seed)
+    parts = [[] for _ in fractions]
+    bounds = np.cumsum(fractions)[:-1]
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        cuts = np.round(bounds * len(members)).astype(int)
+        for part, chunk in zip(parts, np.split(members, cuts)):
+            part.append(chunk)
+    return [np.sort(np.concatenate(part)) for part in parts]
+
+
+def _channel_stats(images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of a uint8 (N, C, H, W) training set, in its own units."""
+    flat = images.transpose(0, 1).reshape(images.shape[1], -1).double()
+    return flat.mean(1).float(), flat.std(1).float().clamp_min(1e-6)
+
+
+def _from_arrays(train, val, test, num_classes: int) -> Splits:
+    """Splits from (images uint8 NCHW, labels) pairs, normalised with training statistics."""
+    mean, std = _channel_stats(train[0])
+    make = lambda pair: ImageTensors(pair[0], torch.as_tensor(pair[1]), mean, std)  # noqa: E731
+    _, channels, height, width = train[0].shape
+    return Splits(make(train), make(val), make(test), num_classes, channels, (height, width))
+
+
+def load_digits(seed: int = 0, size: int = 16, fractions=(0.7, 0.15, 0.15)) -> Splits:
+    """The embedded digits, upsampled (bilinear) from 8x8 to size x size, split 70/15/15."""
+    with np.load(DIGITS_FILE) as archive:
+        images, labels = archive["images"], archive["labels"].astype(np.int64)
+    pixels = torch.from_numpy(images).float().unsqueeze(1) * (255 / 16)
+    pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)
+    pixels = pixels.round().clamp(0, 255).to(torch.uint8)
+    parts = stratified_split(labels, fractions, seed)
+    return _from_arrays(*[(pixels[idx], labels[idx]) for idx in parts], num_classes=10)
+
+
+def _read_pickle(path: Path, what: str) -> dict:
+    try:
+        with open(path, "rb") as handle:
+            return pickle.load(handle, encoding="latin1")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path}: not a readable {what} pickle ({error})") from error
+
+
+def _cifar_batch(path: Path, label_key: str) -> Tuple[torch.Tensor, np.ndarray]:
+    batch = _read_pickle(path, "CIFAR batch")
+    if not isinstance(batch, dict) or "data" not in batch or label_key not in batch:
+        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise ValueError(f"{path}: a CIFAR batch needs the keys 'data' and {label_key!r}; "
+                         f"found {keys}")
+    data, labels = np.asarray(batch["data"]), np.asarray(batch[label_key], dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
+        raise ValueError(f"{path}: 'data' must be (N, 3072) with N = len({label_key!r}) = "
+                         f"{len(labels)}; got shape {data.shape}")
+    return torch.from_numpy(data.astype(np.uint8).reshape(-1, 3, 32, 32)), labels
+
+
+def load_cifar(root, num_classes: int = 10, seed: int = 0, val_fraction: float = 0.1) -> Splits:
+    """CIFAR-10 (data_batch_1..5, test_batch, batches.meta) or CIFAR-100 (train, test, meta)
+    from the folder `root` (or its cifar-10-batches-py / cifar-100-python subfolder); a
+    seeded stratified `val_fraction` of the training set is held out for validation."""
+    if num_classes == 10:
+        subfolder, train_files, test_files = "cifar-10-batches-py", [
+            f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]
+        expected, label_key = train_files + test_files + ["batches.meta"], "labels"
+    elif num_classes == 100:
+        subfolder, train_files, test_files = "cifar-100-python", ["train"], ["test"]
+        expected, label_key = train_files + test_files + ["meta"], "fine_labels"
+    else:
+        raise ValueError(f"CIFAR has 10 or 100 classes, got num_classes={num_classes}")
+    root = Path(root)
+    if (root / subfolder).is_dir():
+        root = root / subfolder
+    missing = [name for name in expected if not (root / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"CIFAR-{num_classes} folder {root} lacks {missing}; expected the python-pickle "
+            f"files {expected} (as unpacked from cifar-{num_classes}-python.tar.gz)")
+    _read_pickle(root / expected[-1], "CIFAR meta")
+    train = [_cifar_batch(root / name, label_key) for name in train_files]
+    images, labels = torch.cat([b[0] for b in train]), np.concatenate([b[1] for b in train])
+    test = [_cifar_batch(root / name, label_key) for name in test_files]
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"{root}: labels span {labels.min()}..{labels.max()}, outside "
+                         f"0..{num_classes - 1}")
+    fit, held_out = stratified_split(labels, (1 - val_fraction, val_fraction), seed)
+    return _from_arrays((images[fit], labels[fit]), (images[held_out], labels[held_out]),
+                        (torch.cat([b[0] for b in test]), np.concatenate([b[1] for b in test])),
+                        num_classes)
+
+
+def _read_image(path: Path, size: Tuple[int, int]) -> np.ndarray:
+    """An image file as uint8 (C, H, W) resized to `size`; .npy holds (H, W) or (H, W, C)."""
+    if path.suffix.lower() == ".npy":
+        array = np.load(path)
+        if array.dtype != np.uint8:
+            raise ValueError(f"{path}: .npy images must be uint8, got {array.dtype}")
+        tensor = torch.from_numpy(array if array.ndim == 3 else array[..., None])
+    else:
+        from PIL import Image  # pillow comes with matplotlib, a dependency
+
+        with Image.open(path) as image:
+            tensor = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
+    tensor = tensor.permute(2, 0, 1)
+    if tuple(tensor.shape[1:]) != tuple(size):
+        tensor = F.interpolate(tensor[None].float(), size=size, mode="bilinear",
+                               align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+    return tensor
+
+
+def _scan_folder(folder: Path):
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    samples = [(path, label) for label, name in enumerate(classes)
+               for path in sorted((folder / name).iterdir())
+               if path.suffix.lower() in IMAGE_SUFFIXES]
+    return classes, samples
+
+
+def load_image_folder(root, size: int = 32, seed: int = 0, val_fraction: float = 0.1) -> Splits:
+    """An ImageFolder-style tree: root/train/<class>/<image> and root/test/<class>/<image>
+    (root/val/ too, else a seeded stratified `val_fraction` of train). Images (.png, .jpg,
+    ... through pillow, or uint8 .npy) are resized to size x size and held in memory."""
+    root = Path(root)
+    if not (root / "train").is_dir() or not (root / "test").is_dir():
+        found = sorted(p.name for p in root.iterdir()) if root.is_dir() else "no such folder"
+        raise FileNotFoundError(f"image folder {root} needs the subfolders train/ and test/ "
+                                f"(each with one folder of images per class); found {found}")
+    classes = _scan_folder(root / "train")[0]
+
+    def load(split: str):
+        split_classes, samples = _scan_folder(root / split)
+        if not samples:
+            raise FileNotFoundError(f"{root / split} has no class folders with images "
+                                    f"({', '.join(IMAGE_SUFFIXES)})")
+        unknown = sorted(set(split_classes) - set(classes))
+        if unknown:
+            raise ValueError(f"{root / split} has classes {unknown} that train/ lacks")
+        labels = np.array([classes.index(split_classes[label]) for _, label in samples])
+        images = torch.stack([_read_image(path, (size, size)) for path, _ in samples])
+        return images, labels
+
+    images, labels = load("train")
+    if (root / "val").is_dir():
+        val = load("val")
+    else:
+        fit, held_out = stratified_split(labels, (1 - val_fraction, val_fraction), seed)
+        (images, labels), val = (images[fit], labels[fit]), (images[held_out], labels[held_out])
+    return _from_arrays((images, labels), val, load("test"), len(classes))
+
+
+def load(name: str = "digits", root=None, seed: int = 0, image_size: int = 32) -> Splits:
+    """The data set `name` (one of DATASETS); `root` is its folder for everything but digits."""
+    if name == "digits":
+        return load_digits(seed)
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; choose one of {DATASETS}")
+    if root is None:
+        raise ValueError(f"data set {name!r} is read from a local folder: pass --data-root")
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data folder {root} does not exist")
+    if name == "folder":
+        return load_image_folder(root, image_size, seed)
+    return load_cifar(root, 10 if name == "cifar10" else 100, seed)

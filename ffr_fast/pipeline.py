@@ -1,0 +1,122 @@
+"""The steps of the story that the CLI, the demo and the sweep share: build a seeded model,
+prune it to a FLOPs budget, measure the structured sparsity training left behind."""
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from ffr_fast import metrics, models, train
+
+# A filter or BatchNorm scale counts as "zero" below this magnitude (stated in every table).
+SPARSITY_THRESHOLD = 1e-2
+
+
+def run_arm(config, splits, keep_levels=(0.5,), finetune_epochs: int = 4,
+            finetune_lr: float = 0.01, importance: str = "bn",
+            splits_to_score=("val", "test")) -> dict:
+    """Train one arm from its config, then for each FLOPs budget in `keep_levels` prune a
+    copy of it with `importance` and fine-tune that briefly without a regularizer.
+
+    Returns accuracies on `splits_to_score` after training, pruning and fine-tuning, the
+    histories, the sparsity training left, the prune reports and the models themselves."""
+    def score(model):  # config.max_batches (smoke runs) limits scoring too
+        return {name: train.evaluate(model, getattr(splits, name), config.batch_size,
+                                     max_batches=config.max_batches)["accuracy"]
+                for name in splits_to_score}
+
+    result = _uninterrupted(train.fit(seeded_model(config, splits), splits, config))
+    trained = result.model.eval()
+    arm = {"config": train.config_dict(config), "history": result.history,
+           "trained": score(trained), "sparsity": structured_sparsity(trained),
+           "filter_norms": filter_norms(trained), "bn_scales": bn_scales(trained),
+           "model": trained, "budgets": {}}
+    finetune = replace(config, epochs=finetune_epochs, lr=finetune_lr, regularizer="none",
+                       weight=0.0)
+    for keep in keep_levels:
+        pruned = prune_to_flops(trained, example_inputs(splits), keep, importance)
+        after_pruning = score(pruned.model)
+        tuned = _uninterrupted(train.fit(pruned.model, splits, finetune))
+        arm["budgets"][keep] = {
+            "pruned": after_pruning, "finetuned": score(tuned.model.eval()),
+            "finetune_history": tuned.history, "report": pruned.report.to_dict(),
+            "model": tuned.model}
+    return arm
+
+
+def _uninterrupted(result):
+    if result.interrupted:  # fit() returns on Ctrl-C; a pipeline stops there
+        raise KeyboardInterrupt
+    return result
+
+
+def seeded_model(config, splits) -> nn.Module:
+    """The config's zoo model for the data, initialised from the config's seed."""
+    torch.manual_seed(config.seed)
+    return models.create(config.model, splits.num_classes, splits.in_channels)
+
+
+def example_inputs(splits, batch_size: int = 1):
+    return (torch.randn(batch_size, *splits.input_shape),)
+
+
+def prune_to_flops(model: nn.Module, inputs, keep: float, importance: str = "bn",
+                   scope: str = "global", tolerance: float = 0.02, iterations: int = 10,
+                   **options):
+    """Prune `model` to keep between keep - tolerance and keep of its FLOPs, every candidate
+    with the same importance rule: a bracketed search on the pruning ratio (the FLOPs kept
+    fall as it grows), each step interpolating the bracket linearly in sqrt(FLOPs kept), as
+    removing a share r of every layer's channels keeps about (1 - r)^2 of the FLOPs.
+    Returns the PruneResult closest to `keep` from below found within `iterations`."""
+    from ffr_fast.prune import prune
+
+    if not 0 < keep < 1:
+        raise ValueError(f"the FLOPs budget is a fraction of the original in (0, 1), got {keep}")
+    low, high = (0.0, 1.0), (0.99, 0.0)  # (ratio, FLOPs kept): kept(low) > keep >= kept(high)
+    ratio, best = 1 - keep**0.5, None
+    for _ in range(iterations):
+        result = prune(model, inputs, ratio=ratio, importance=importance, scope=scope,
+                       **options)
+        kept = flops_kept(result.report)
+        if kept <= keep:
+            high = (ratio, kept)
+            if best is None or kept > flops_kept(best.report):
+                best = result
+            if kept >= keep - tolerance:
+                break
+        else:
+            low = (ratio, kept)
+        (r0, k0), (r1, k1) = low, high
+        ratio = r0 + (r1 - r0) * (k0**0.5 - keep**0.5) / (k0**0.5 - k1**0.5)
+        ratio = min(max(ratio, r0 + 0.05 * (r1 - r0)), r1 - 0.05 * (r1 - r0))
+    if best is None:
+        raise RuntimeError(f"no pruning ratio keeps at most {keep:.0%} of the FLOPs with "
+                           f"importance={importance!r}; the pruner's min_channels may forbid it")
+    return best
+
+
+def flops_kept(report) -> float:
+    facts = report.to_dict()
+    return facts["flops_after"] / facts["flops_before"]
+
+
+def structured_sparsity(model: nn.Module, threshold: float = SPARSITY_THRESHOLD) -> dict:
+    """Share of conv/linear filters whose L2 norm is <= `threshold`, and share of BatchNorm
+    scales |gamma| <= it, over the whole model."""
+    scales = [m.weight.detach().abs() for m in model.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
+    below = float((torch.cat(scales) <= threshold).float().mean()) if scales else 0.0
+    return {"filters_below": metrics.filter_sparsity(model, threshold),
+            "bn_scales_below": below, "threshold": threshold}
+
+
+def filter_norms(model: nn.Module) -> dict:
+    """Per conv layer (by module name), the L2 norms of its filters: for the plots."""
+    return {name: module.weight.detach().flatten(1).norm(dim=1).tolist()
+            for name, module in model.named_modules() if isinstance(module, nn.Conv2d)}
+
+
+def bn_scales(model: nn.Module) -> dict:
+    """Per BatchNorm layer (by module name), its scales |gamma|: for the plots."""
+    return {name: module.weight.detach().abs().tolist()
+            for name, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine}

@@ -1,0 +1,140 @@
+"""The demo's and the sweep's figures (matplotlib, Agg backend: no display needed).
+
+Every function takes plain data (dicts of lists, as stored in the JSON results) and writes
+one PNG, so a figure can be redrawn from results/*.json without training again."""
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+
+STYLES = {"none": ("tab:gray", "-"), "slimming": ("tab:blue", "-"), "ffr": ("tab:red", "-"),
+          "ffr l2": ("tab:orange", "--"), "ffr angle": ("tab:purple", ":")}
+
+
+def _color(method: str) -> str:
+    return STYLES.get(method, (None, "-"))[0]
+
+
+def _save(figure, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def per_layer(norms: Dict[str, Dict[str, Sequence[float]]], path,
+              ylabel: str = "filter L2 norm") -> Path:
+    """One panel per method, one column of dots per layer: e.g. the L2 norm of every conv
+    filter, or every |gamma| of the BatchNorms (log scale; values <= 1e-6 drawn at 1e-6)."""
+    figure, axes = plt.subplots(len(norms), 1, figsize=(11, 2.6 * len(norms)), sharex=True,
+                                sharey=True, squeeze=False)
+    rng = np.random.default_rng(0)  # jitter only
+    for ax, (method, layers) in zip(axes[:, 0], norms.items()):
+        for i, values in enumerate(layers.values()):
+            values = np.maximum(np.asarray(values), 1e-6)
+            ax.scatter(i + rng.uniform(-0.25, 0.25, len(values)), values, s=4, alpha=0.6,
+                       color=_color(method))
+        ax.set_yscale("log")
+        ax.set_ylabel(ylabel)
+        ax.set_title(method, loc="left", fontsize=10)
+    labels = list(next(iter(norms.values())))
+    axes[-1, 0].set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+    return _save(figure, path)
+
+
+def channels_kept(channels: Dict[str, Dict[str, Tuple[int, int]]], path) -> Path:
+    """Per layer: channels before pruning (outline) and kept by each method (bars).
+    `channels` maps method -> layer -> (before, after), the layers in forward order."""
+    methods = list(channels)
+    conv_layers = list(next(iter(channels.values())))
+    width = 0.8 / len(methods)
+    figure, ax = plt.subplots(figsize=(12, 4))
+    x = np.arange(len(conv_layers))
+    before = [channels[methods[0]].get(name, (0, 0))[0] for name in conv_layers]
+    ax.bar(x, before, 0.9, fill=False, edgecolor="black", linewidth=0.6, label="before")
+    for i, method in enumerate(methods):
+        kept = [channels[method].get(name, (0, 0))[1] for name in conv_layers]
+        ax.bar(x - 0.4 + width * (i + 0.5), kept, width, color=_color(method), label=method)
+    ax.set_xticks(x, conv_layers, rotation=90, fontsize=7)
+    ax.set_ylabel("output channels")
+    ax.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def training_curves(histories: Dict[str, List[dict]], path, finetune_from: int = None) -> Path:
+    """Validation accuracy, training loss and regularizer penalty per epoch, per method;
+    epochs after `finetune_from` (a dashed line) are the fine-tuning of the pruned model."""
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    keys = (("val_accuracy", "validation accuracy"), ("train_loss", "training loss (task)"),
+            ("train_penalty", "penalty (weighted)"))
+    for method, history in histories.items():
+        epochs = np.arange(1, len(history) + 1)
+        for ax, (key, label) in zip(axes, keys):
+            ax.plot(epochs, [record[key] for record in history], marker=".",
+                    color=_color(method), label=method)
+            ax.set_title(label, fontsize=10)
+            ax.set_xlabel("epoch")
+    if finetune_from is not None:
+        for ax in axes:
+            ax.axvline(finetune_from + 0.5, linestyle="--", color="black", linewidth=0.6)
+    axes[1].set_yscale("log")
+    axes[2].set_yscale("symlog", linthresh=1e-4)
+    axes[2].set_ylim(bottom=0)
+    axes[0].legend(fontsize=8)
+    return _save(figure, path)
+
+
+def frontier(points: List[dict], path, baseline: dict = None) -> Path:
+    """Validation accuracy against the share of FLOPs kept, after prune + fine-tune (left)
+    and right after pruning (right): one curve per method, each point the method's best
+    weight at that budget (by the fine-tuned accuracy), and a star at the unpruned
+    no-regularizer model."""
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for method in dict.fromkeys(p["method"] for p in points):
+        mine = sorted((p for p in points if p["method"] == method), key=lambda p: p["keep"])
+        color, line = STYLES.get(method, (None, "-"))
+        for ax, key in zip(axes, ("accuracy", "pruned_accuracy")):
+            ax.plot([p["flops_kept"] for p in mine], [p[key] for p in mine], marker="o",
+                    color=color, linestyle=line, label=method)
+    titles = ("after prune + fine-tune", "after pruning, before fine-tuning")
+    for ax, title in zip(axes, titles):
+        if baseline is not None:
+            ax.scatter([1.0], [baseline["accuracy"]], marker="*", s=150, color="black",
+                       label="no regularizer, unpruned", zorder=3)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("FLOPs kept (share of ResNet-20)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation accuracy")
+    axes[0].legend(fontsize=8)
+    return _save(figure, path)
+
+
+def weights(points: List[dict], path, keep: float) -> Path:
+    """Validation accuracy against the regularizer's weight, trained (left) and after pruning
+    to `keep` of the FLOPs and fine-tuning (right): where each penalty falls off its cliff.
+    `points` hold method, weight, trained and finetuned accuracies; the unregularized
+    model is a horizontal line."""
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for method in dict.fromkeys(p["method"] for p in points):
+        mine = sorted((p for p in points if p["method"] == method), key=lambda p: p["weight"])
+        color, line = STYLES.get(method, (None, "-"))
+        for ax, key in zip(axes, ("trained", "finetuned")):
+            if method == "none":
+                ax.axhline(mine[0][key], color=color, linestyle="--", label=method)
+            else:
+                ax.plot([p["weight"] for p in mine], [p[key] for p in mine], marker="o",
+                        color=color, linestyle=line, label=method)
+    for ax, title in zip(axes, ("trained, unpruned", f"pruned to {keep:.0%} FLOPs + fine-tuned")):
+        ax.set_xscale("log")
+        ax.set_xlabel("regularizer weight")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation accuracy")
+    axes[0].legend(fontsize=8)
+    return _save(figure, path)
