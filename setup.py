@@ -59,7 +59,7 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["ffr_fast", "ffr_fast.prune", "ffr_fast.kernels"],
+    packages=["ffr_fast", "ffr_fast.pruning", "ffr_fast.kernels"],
     package_dir={"ffr_fast.kernels": "kernels"},
     package_data={"ffr_fast": ["data/*.npz"]},
     install_requires=["torch>=2.6", "numpy", "tqdm", "matplotlib"],

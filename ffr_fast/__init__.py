@@ -9,10 +9,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "flow_penalty": "ffr_fast.penalty",
     "FFRLoss": "ffr_fast.loss",
-    "prune": "ffr_fast.prune",
-    "PruneResult": "ffr_fast.prune",
-    "save_pruned": "ffr_fast.prune",
-    "load_pruned": "ffr_fast.prune",
+    "prune": "ffr_fast.pruning",
+    "PruneResult": "ffr_fast.pruning",
+    "save_pruned": "ffr_fast.pruning",
+    "load_pruned": "ffr_fast.pruning",
     "measure_latency": "ffr_fast.metrics",
     "models": "ffr_fast.models",
 }

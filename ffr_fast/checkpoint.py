@@ -56,7 +56,7 @@ def architecture_of(model: nn.Module, config: dict) -> dict:
     shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
     if shapes(reference) == shapes(model):
         return {"kind": "zoo", **recipe}
-    from ffr_fast.prune import save_pruned
+    from ffr_fast.pruning import save_pruned
 
     buffer = io.BytesIO()
     save_pruned(model, buffer)
@@ -141,7 +141,7 @@ def build_model(state: dict) -> nn.Module:
     if recipe["kind"] == "zoo":
         model = _build_zoo(recipe)
     else:
-        from ffr_fast.prune import load_pruned
+        from ffr_fast.pruning import load_pruned
 
         model = load_pruned(io.BytesIO(recipe["pruned"]), lambda: _build_zoo(recipe))
     model.load_state_dict(state["model_state"])

@@ -184,7 +184,7 @@ def cmd_prune(args):
     inputs = pipeline.example_inputs(splits)
     options = {"importance": args.importance, "scope": args.scope}
     if args.ratio is not None or args.threshold is not None:
-        from ffr_fast.prune import prune
+        from ffr_fast.pruning import prune
 
         result = prune(model, inputs, ratio=args.ratio, threshold=args.threshold, **options)
     else:

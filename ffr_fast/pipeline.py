@@ -67,7 +67,7 @@ def prune_to_flops(model: nn.Module, inputs, keep: float, importance: str = "bn"
     fall as it grows), each step interpolating the bracket linearly in sqrt(FLOPs kept), as
     removing a share r of every layer's channels keeps about (1 - r)^2 of the FLOPs.
     Returns the PruneResult closest to `keep` from below found within `iterations`."""
-    from ffr_fast.prune import prune
+    from ffr_fast.pruning import prune
 
     if not 0 < keep < 1:
         raise ValueError(f"the FLOPs budget is a fraction of the original in (0, 1), got {keep}")

@@ -5,7 +5,7 @@ from torch import nn
 
 import ffr_fast
 from ffr_fast import models, prune
-from ffr_fast.prune import ExampleInputError, UntraceableModelError
+from ffr_fast.pruning import ExampleInputError, UntraceableModelError
 from nets import GatedNet, ShuffleNet, look_trained, one_thread  # noqa: F401
 
 X = torch.randn(1, 3, 32, 32)
@@ -95,8 +95,8 @@ def test_inplace(resnet):
         assert torch.allclose(model(X), result.model(X), atol=1e-6)
 
 
-def test_callable_from_the_package(resnet):
-    import ffr_fast.prune.graph  # noqa: F401  (binds ffr_fast.prune to the subpackage)
+def test_prune_is_exported_by_the_package(resnet):
+    import ffr_fast.pruning.graph  # noqa: F401  (importing the subpackage must not shadow it)
     result = ffr_fast.prune(resnet, X, ratio=0.1)
     assert isinstance(result, ffr_fast.PruneResult)
 

@@ -7,9 +7,6 @@
 Modules: graph (channel dependencies from torch.fx), importance (scores), plan (what goes),
 blocks (residual-branch removal), surgery (slicing), fold (BN folding), report, serialize.
 """
-import sys
-import types
-
 from .graph import UntraceableModelError
 from .pruner import ExampleInputError, PruneResult, prune
 from .report import PruneReport
@@ -17,15 +14,3 @@ from .serialize import load_pruned, save_pruned
 
 __all__ = ["prune", "PruneResult", "PruneReport", "save_pruned", "load_pruned",
            "UntraceableModelError", "ExampleInputError"]
-
-
-class _CallablePackage(types.ModuleType):
-    """Importing this package binds `ffr_fast.prune` to the package itself (Python sets the
-    submodule attribute on its parent), shadowing the function of the same name that
-    `ffr_fast` exports; calling the package therefore calls the function."""
-
-    def __call__(self, *args, **kwargs):
-        return prune(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallablePackage
