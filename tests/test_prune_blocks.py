@@ -31,6 +31,17 @@ def test_identity_block_disappears():
     check_outputs_unchanged(model, result, x)
 
 
+def test_model_without_a_block_still_trains():
+    """The removed block's ReLU(inplace=True) now acts on the previous block's output, which
+    autograd saved: it must not write into it, or the pruned model cannot be fine-tuned."""
+    model = look_trained(models.resnet20())
+    kill_channels(model, "layer1.1.bn2", list(range(16)))
+    x = torch.randn(2, 3, 32, 32)
+    pruned = prune(model, x, threshold=0.0).model.train()
+    pruned(x).square().mean().backward()
+    assert all(p.grad is not None for p in pruned.parameters())
+
+
 def test_downsample_block_becomes_its_shortcut():
     model = look_trained(models.resnet20())
     kill_channels(model, "layer2.0.conv2", list(range(32)), "layer2.0.bn2")

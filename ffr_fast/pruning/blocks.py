@@ -124,16 +124,20 @@ def _erase_unused(graph: fx.Graph, start: fx.Node) -> List[str]:
 
 
 def _guard_in_place(graph: fx.Graph, shortcut: fx.Node, modules) -> None:
-    """The shortcut now feeds what the add fed; an in-place op there must not clobber it
-    for its other readers, so that op gets a copy."""
-    if len(shortcut.users) < 2:
-        return
+    """The shortcut now feeds what the add fed. An in-place op there used to write into the
+    add's fresh output; now it would write into the shortcut, which other readers or autograd
+    (a ReLU saves its output for the backward) still need. So such an op works out of place:
+    an activation module loses its `inplace` flag, anything else gets a copy."""
     for user in list(shortcut.users):
-        if _mutates_input(user, modules) and user.args and user.args[0] is shortcut:
-            with graph.inserting_before(user):
-                copy = graph.call_method("clone", (shortcut,))
-            copy.meta = dict(shortcut.meta)  # same shape: the analysis needs no new pass
-            user.replace_input_with(shortcut, copy)
+        if not (_mutates_input(user, modules) and user.args and user.args[0] is shortcut):
+            continue
+        if user.op == "call_module":
+            modules[user.target].inplace = False
+            continue
+        with graph.inserting_before(user):
+            copy = graph.call_method("clone", (shortcut,))
+        copy.meta = dict(shortcut.meta)  # same shape: the analysis needs no new pass
+        user.replace_input_with(shortcut, copy)
 
 
 def _common_prefix(paths: List[str]) -> str:
