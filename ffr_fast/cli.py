@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fraction of the FLOPs to keep (default 0.5)")
     target.add_argument("--ratio", type=float, help="fraction of channels to remove")
     target.add_argument("--threshold", type=float, help="remove channels below this importance")
-    prune.add_argument("--importance", default="bn", choices=("l2", "l1", "bn"))
+    prune.add_argument("--importance", default="l2", choices=("l2", "l1", "bn"))
     prune.add_argument("--scope", default="global", choices=("global", "layer"))
     prune.add_argument("--out", default=None, help="folder for pruned.pt (default: next to "
                        "the checkpoint)")

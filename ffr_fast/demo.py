@@ -3,9 +3,9 @@
 A CIFAR ResNet-20 is trained three ways with the same recipe, data order and seed: no
 regularizer, Network Slimming (L1 on BatchNorm scales) and FFR, each at the weight the
 sweep chose. Each trained model is pruned to the same FLOPs budget with the same rule
-(BatchNorm-scale importance, global ranking, the ratio searched until 48-50% of the FLOPs
-remain; see pipeline.prune_to_flops), fine-tuned briefly without a regularizer, and
-measured. Accuracies in the table are on the test split, which nothing was tuned on.
+(every channel and residual branch whose folded filter norm is at most a threshold, the
+threshold searched until at most half of the FLOPs remain; see pipeline.prune_to_flops),
+fine-tuned briefly without a regularizer, and measured. Accuracies in the table are on the test split, which nothing was tuned on.
 Writes results/demo/: table.md, table.json and four PNG figures (filter norms, BatchNorm
 scales, channels kept per layer, training curves).
 """
@@ -24,7 +24,10 @@ RECIPE = train.TrainConfig(model="resnet20", data="digits", epochs=10, batch_siz
 FINETUNE_EPOCHS = 3
 FINETUNE_LR = 0.01
 FLOPS_KEEP = 0.5  # prune every arm to half of ResNet-20's FLOPs
-IMPORTANCE = "bn"  # the same pruning rule for every arm: |gamma| of the channel's BatchNorm
+# The same pruning rule for every arm: remove every channel, and every residual branch, whose
+# importance (L2 norm of its filter with the BatchNorm folded in) is at most a threshold, the
+# threshold searched until at most FLOPS_KEEP of the FLOPs remain (pipeline.prune_to_flops).
+IMPORTANCE = "l2"
 # Chosen by `python -m ffr_fast sweep` (results/sweep/sweep.json, "chosen"): per method,
 # the weight with the best validation accuracy after pruning to FLOPS_KEEP and fine-tuning.
 ARMS = {
@@ -133,7 +136,9 @@ def run(out="results/demo", epochs=None, finetune_epochs=None, max_batches=None,
 def _describe(recipe, splits, finetune_epochs) -> str:
     return (f"ResNet-20 on digits (16x16, {recipe.epochs} epochs, SGD lr {recipe.lr} cosine, "
             f"batch {recipe.batch_size}, seed {recipe.seed}); pruned to {FLOPS_KEEP:.0%} of "
-            f"the FLOPs by BatchNorm-scale importance (global), fine-tuned {finetune_epochs} "
+            f"the FLOPs (at most) by one rule for all: channels and residual branches whose "
+            f"filter norm, BatchNorm folded in, is under a threshold searched for the budget; "
+            f"fine-tuned {finetune_epochs} "
             f"epochs at lr {FINETUNE_LR}. Accuracies on the test split ({len(splits.test)} "
             f"images: one image is {100 / len(splits.test):.2f} points). 'filters' and "
             f"'BN scales' are the shares of conv filters (L2 norm) and BatchNorm scales at or "

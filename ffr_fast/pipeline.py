@@ -12,7 +12,7 @@ SPARSITY_THRESHOLD = 1e-2
 
 
 def run_arm(config, splits, keep_levels=(0.5,), finetune_epochs: int = 4,
-            finetune_lr: float = 0.01, importance: str = "bn",
+            finetune_lr: float = 0.01, importance: str = "l2",
             splits_to_score=("val", "test")) -> dict:
     """Train one arm from its config, then for each FLOPs budget in `keep_levels` prune a
     copy of it with `importance` and fine-tune that briefly without a regularizer.
@@ -59,39 +59,50 @@ def example_inputs(splits, batch_size: int = 1):
     return (torch.randn(batch_size, *splits.input_shape),)
 
 
-def prune_to_flops(model: nn.Module, inputs, keep: float, importance: str = "bn",
-                   scope: str = "global", tolerance: float = 0.02, iterations: int = 10,
-                   **options):
+def prune_to_flops(model: nn.Module, inputs, keep: float, importance: str = "l2",
+                   criterion: str = "threshold", scope: str = "global",
+                   tolerance: float = 0.02, iterations: int = 16, **options):
     """Prune `model` to keep between keep - tolerance and keep of its FLOPs, every candidate
-    with the same importance rule: a bracketed search on the pruning ratio (the FLOPs kept
-    fall as it grows), each step interpolating the bracket linearly in sqrt(FLOPs kept), as
-    removing a share r of every layer's channels keeps about (1 - r)^2 of the FLOPs.
-    Returns the PruneResult closest to `keep` from below found within `iterations`."""
+    with the same rule: a search on the pruner's `criterion`, "threshold" (remove every
+    channel, and every residual branch, whose importance is at most t) or "ratio" (remove
+    a share r of the channels). The FLOPs kept fall as either grows; the search brackets
+    the budget, then bisects. Returns the PruneResult closest to `keep` from below (a
+    threshold removes whole blocks at once, so the FLOPs kept move in steps)."""
     from ffr_fast.pruning import prune
 
     if not 0 < keep < 1:
         raise ValueError(f"the FLOPs budget is a fraction of the original in (0, 1), got {keep}")
-    low, high = (0.0, 1.0), (0.99, 0.0)  # (ratio, FLOPs kept): kept(low) > keep >= kept(high)
-    ratio, best = 1 - keep**0.5, None
+    if criterion not in ("threshold", "ratio"):
+        raise ValueError(f"criterion must be 'threshold' or 'ratio', got {criterion!r}")
+    low, high, best = 0.0, None, None  # kept(low) > keep >= kept(high)
+    value = 1 - keep**0.5 if criterion == "ratio" else 1.0
     for _ in range(iterations):
-        result = prune(model, inputs, ratio=ratio, importance=importance, scope=scope,
-                       **options)
+        result = prune(model, inputs, importance=importance, scope=scope,
+                       **{criterion: value}, **options)
         kept = flops_kept(result.report)
         if kept <= keep:
-            high = (ratio, kept)
+            high = value
             if best is None or kept > flops_kept(best.report):
                 best = result
             if kept >= keep - tolerance:
                 break
         else:
-            low = (ratio, kept)
-        (r0, k0), (r1, k1) = low, high
-        ratio = r0 + (r1 - r0) * (k0**0.5 - keep**0.5) / (k0**0.5 - k1**0.5)
-        ratio = min(max(ratio, r0 + 0.05 * (r1 - r0)), r1 - 0.05 * (r1 - r0))
+            low = value
+        value = _next_candidate(low, high, criterion)
     if best is None:
-        raise RuntimeError(f"no pruning ratio keeps at most {keep:.0%} of the FLOPs with "
+        raise RuntimeError(f"no {criterion} keeps at most {keep:.0%} of the FLOPs with "
                            f"importance={importance!r}; the pruner's min_channels may forbid it")
     return best
+
+
+def _next_candidate(low: float, high, criterion: str) -> float:
+    """Bisection: arithmetic for a ratio (bounded by 0.99), geometric for a threshold (its
+    scale is the model's, unknown in advance: doubled until the budget is bracketed)."""
+    if criterion == "ratio":
+        return (low + (0.99 if high is None else high)) / 2
+    if high is None:
+        return 2 * low
+    return (low * high) ** 0.5 if low > 0 else high / 2
 
 
 def flops_kept(report) -> float:

@@ -60,16 +60,19 @@ def frontier(points: dict) -> list:
 
 def choose_weights(points: dict, keep: float) -> dict:
     """Per method, the weight with the best validation accuracy after pruning to `keep` of
-    the FLOPs and fine-tuning (a tie goes to the larger weight, the sparser model)."""
+    the FLOPs and fine-tuning; a tie goes to the better accuracy straight after pruning (the
+    model that lost less), then to the larger weight (the sparser model)."""
     chosen = {}
     for point in points.values():
         budget = point["budgets"].get(str(keep))
         if budget is None:
             continue
-        candidate = (budget["accuracy"], point["settings"]["weight"])
+        candidate = (budget["accuracy"], budget["pruned_accuracy"],
+                     point["settings"]["weight"])
         best = chosen.get(point["method"])
-        if best is None or candidate > (best["accuracy"], best["weight"]):
-            chosen[point["method"]] = {"weight": candidate[1], "accuracy": candidate[0]}
+        if best is None or candidate > best["rank"]:
+            chosen[point["method"]] = {"weight": candidate[2], "accuracy": candidate[0],
+                                       "rank": candidate}
     return chosen
 
 
@@ -128,7 +131,7 @@ def run(out="results/sweep", epochs=None, finetune_epochs=None, max_batches=None
     (out / "frontier.md").write_text(
         f"Validation accuracy ({len(splits.val)} images) of ResNet-20 on digits, trained with "
         f"the demo's recipe ({recipe.epochs} epochs), pruned to each FLOPs budget by "
-        f"{demo.IMPORTANCE!r} importance and fine-tuned {finetune_epochs} epochs; per method "
+        f"the demo's rule ({demo.IMPORTANCE!r} importance, threshold) and fine-tuned {finetune_epochs} epochs; per method "
         f"and budget the best of {len(points)} trained points. Weights chosen for the demo "
         f"(best at {demo.FLOPS_KEEP:.0%} FLOPs): {chosen_text}. The {len(points)} points took "
         f"{seconds / 60:.1f} min.\n\n{table}\n")
