@@ -22,7 +22,6 @@ writes bench/results/penalty_cpu.json and bench/results/penalty_cpu.md.
 import argparse
 import ctypes
 import gc
-import json
 import os
 import platform
 import re
@@ -34,10 +33,10 @@ import torch
 
 from ffr_fast import ops, reference
 from ffr_fast.penalty import flow_penalty
+from results_io import write_results  # noqa: E402  (bench/ is the script's folder)
 
 CHAIN_SHAPES = [(16, 32, 32), (32, 16, 16), (64, 8, 8)]  # ResNet-56 stages, per sample
 CHAIN_LENGTH = 9
-RESULTS = Path(__file__).parent / "results"
 
 
 def _total(penalty_fn):
@@ -222,10 +221,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     report = measure(args.rounds, args.batch)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "penalty_cpu.json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
-    (RESULTS / "penalty_cpu.md").write_text(text)
+    write_results("penalty_cpu", report, text)
     print(text)
 
 

@@ -12,7 +12,6 @@ Two starting points:
   without block removal, and with BN folding.
 """
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -23,11 +22,11 @@ import torch
 
 from ffr_fast import models, prune
 from ffr_fast.metrics import count_flops, count_params, measure_latency
+from results_io import write_results  # noqa: E402  (bench/ is the script's folder)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from nets import look_trained  # noqa: E402  (random BN statistics, shared with the tests)
 
-RESULTS = Path(__file__).resolve().parent / "results"
 INPUT = (3, 32, 32)
 
 
@@ -158,9 +157,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args(argv)
     table = measure(args.threads, args.rounds)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "prune_resnet56.json").write_text(json.dumps(table, indent=2))
-    (RESULTS / "prune_resnet56.md").write_text(markdown(table))
+    write_results("prune_resnet56", table, markdown(table))
     print(markdown(table))
 
 

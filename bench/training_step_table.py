@@ -10,18 +10,17 @@ alike; the table gives each median and, per round, the ratio to the unregularize
 writes bench/results/training_step.json and bench/results/training_step.md.
 """
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ffr_fast import FFRLoss, models, ops, reference
 from ffr_fast.penalty import flow_penalty
+from results_io import write_results  # noqa: E402  (bench/ is the script's folder)
 
 # name -> the per-chain penalty function FFRLoss applies (None: no regularizer)
 VARIANTS = {
@@ -29,7 +28,6 @@ VARIANTS = {
     "FFRLoss (fused op)": flow_penalty,
     "FFRLoss (eager reference)": reference.flow_penalty,
 }
-RESULTS = Path(__file__).parent / "results"
 
 
 def make_training_step(variant: str, batch: int = 128, seed: int = 0):
@@ -119,10 +117,8 @@ def main() -> None:
         "variants": variants,
         "target_met": variants["FFRLoss (fused op)"]["median_ratio_to_no_regularizer"] <= 1.05,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "training_step.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)
-    (RESULTS / "training_step.md").write_text(table)
+    write_results("training_step", report, table)
     print(table)
 
 
