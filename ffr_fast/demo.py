@@ -28,12 +28,14 @@ FLOPS_KEEP = 0.5  # prune every arm to half of ResNet-20's FLOPs
 # importance (L2 norm of its filter with the BatchNorm folded in) is at most a threshold, the
 # threshold searched until at most FLOPS_KEEP of the FLOPs remain (pipeline.prune_to_flops).
 IMPORTANCE = "l2"
-# Chosen by `python -m ffr_fast sweep` (results/sweep/sweep.json, "chosen"): per method,
-# the weight with the best validation accuracy after pruning to FLOPS_KEEP and fine-tuning.
+# Chosen by `python -m ffr_fast sweep` (results/sweep/sweep.json, "chosen"; the rule is
+# sweep.choose_weights): per method, the best validation accuracy after pruning to
+# FLOPS_KEEP and fine-tuning, one validation image counted as a tie, then the best accuracy
+# straight after pruning.
 ARMS = {
     "none": dict(regularizer="none", weight=0.0),
     "slimming": dict(regularizer="slimming", weight=1e-2),
-    "ffr": dict(regularizer="ffr", weight=0.1, ffr_norm="squared", ffr_curvature="diff"),
+    "ffr": dict(regularizer="ffr", weight=1.0, ffr_norm="squared", ffr_curvature="diff"),
 }
 
 

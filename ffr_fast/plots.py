@@ -90,20 +90,20 @@ def training_curves(histories: Dict[str, List[dict]], path, finetune_from: int =
     return _save(figure, path)
 
 
-def frontier(points: List[dict], path, baseline: dict = None) -> Path:
-    """Validation accuracy against the share of FLOPs kept, after prune + fine-tune (left)
-    and right after pruning (right): one curve per method, each point the method's best
-    weight at that budget (by the fine-tuned accuracy), and a star at the unpruned
-    no-regularizer model."""
+def frontier(finetuned: List[dict], pruned: List[dict], path, baseline: dict = None) -> Path:
+    """Validation accuracy against the share of FLOPs kept, after prune + fine-tune (left,
+    `finetuned`) and right after pruning (right, `pruned`): one curve per method, each point
+    the method's best weight at that budget by the accuracy its panel shows, and a star at
+    the unpruned no-regularizer model."""
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for method in dict.fromkeys(p["method"] for p in points):
-        mine = sorted((p for p in points if p["method"] == method), key=lambda p: p["keep"])
-        color, line = STYLES.get(method, (None, "-"))
-        for ax, key in zip(axes, ("accuracy", "pruned_accuracy")):
+    panels = ((finetuned, "accuracy", "after prune + fine-tune"),
+              (pruned, "pruned_accuracy", "after pruning, before fine-tuning"))
+    for ax, (points, key, title) in zip(axes, panels):
+        for method in dict.fromkeys(p["method"] for p in points):
+            mine = sorted((p for p in points if p["method"] == method), key=lambda p: p["keep"])
+            color, line = STYLES.get(method, (None, "-"))
             ax.plot([p["flops_kept"] for p in mine], [p[key] for p in mine], marker="o",
                     color=color, linestyle=line, label=method)
-    titles = ("after prune + fine-tune", "after pruning, before fine-tuning")
-    for ax, title in zip(axes, titles):
         if baseline is not None:
             ax.scatter([1.0], [baseline["accuracy"]], marker="*", s=150, color="black",
                        label="no regularizer, unpruned", zorder=3)

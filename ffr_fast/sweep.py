@@ -46,33 +46,47 @@ def _point(label, settings, arm) -> dict:
                         for keep, budget in arm["budgets"].items()}}
 
 
-def frontier(points: dict) -> list:
-    """Per method and budget, the weight with the best validation accuracy after fine-tuning."""
+def _point_row(point: dict) -> dict:
+    row = {"method": point["method"], "weight": point["settings"]["weight"],
+           "val acc. trained": f"{point['trained']:.1%}"}
+    for keep, b in point["budgets"].items():
+        row[f"at {float(keep):.0%} FLOPs"] = (
+            f"{b['accuracy']:.1%} ({b['pruned_accuracy']:.1%}), {b['flops_kept']:.0%}, "
+            f"{b['blocks_removed']} blocks")
+    return row
+
+
+def frontier(points: dict, score: str = "accuracy") -> list:
+    """Per method and budget, the weight with the best validation `score`: "accuracy" (after
+    fine-tuning) or "pruned_accuracy" (straight after pruning)."""
     best = {}
     for key, point in points.items():
         for keep, budget in point["budgets"].items():
             slot = (point["method"], keep)
-            if slot not in best or budget["accuracy"] > best[slot]["accuracy"]:
+            if slot not in best or budget[score] > best[slot][score]:
                 best[slot] = {"method": point["method"], "keep": float(keep), "key": key,
                               "weight": point["settings"]["weight"], **budget}
     return list(best.values())
 
 
-def choose_weights(points: dict, keep: float) -> dict:
-    """Per method, the weight with the best validation accuracy after pruning to `keep` of
-    the FLOPs and fine-tuning; a tie goes to the better accuracy straight after pruning (the
-    model that lost less), then to the larger weight (the sparser model)."""
-    chosen = {}
+def choose_weights(points: dict, keep: float, tie: float) -> dict:
+    """Per method, the weight to use at `keep` of the FLOPs: among the weights whose
+    validation accuracy after pruning and fine-tuning is within `tie` (one validation image)
+    of the method's best, the one with the best accuracy straight after pruning (the model
+    that pruning hurt least), then the larger weight (the sparser model)."""
+    by_method = {}
     for point in points.values():
         budget = point["budgets"].get(str(keep))
-        if budget is None:
-            continue
-        candidate = (budget["accuracy"], budget["pruned_accuracy"],
-                     point["settings"]["weight"])
-        best = chosen.get(point["method"])
-        if best is None or candidate > best["rank"]:
-            chosen[point["method"]] = {"weight": candidate[2], "accuracy": candidate[0],
-                                       "rank": candidate}
+        if budget is not None:
+            by_method.setdefault(point["method"], []).append(
+                (budget["accuracy"], budget["pruned_accuracy"], point["settings"]["weight"]))
+    chosen = {}
+    for method, candidates in by_method.items():
+        best = max(accuracy for accuracy, _, _ in candidates)
+        tied = [c for c in candidates if c[0] >= best - tie - 1e-12]
+        accuracy, pruned_accuracy, weight = max(tied, key=lambda c: (c[1], c[2]))
+        chosen[method] = {"weight": weight, "accuracy": accuracy,
+                          "pruned_accuracy": pruned_accuracy}
     return chosen
 
 
@@ -109,16 +123,17 @@ def run(out="results/sweep", epochs=None, finetune_epochs=None, max_batches=None
                            seconds=time.perf_counter() - point_started)
         checkpoint.atomic_write_json(path, {"settings": settings, "points": points})
 
-    best = frontier(points)
-    chosen = choose_weights(points, demo.FLOPS_KEEP)
+    best, best_pruned = frontier(points), frontier(points, "pruned_accuracy")
+    chosen = choose_weights(points, demo.FLOPS_KEEP, tie=1 / len(splits.val))
     baseline = next(p for p in points.values() if p["method"] == "none")
-    plots.frontier(best, out / "frontier.png", {"accuracy": baseline["trained"]})
+    plots.frontier(best, best_pruned, out / "frontier.png", {"accuracy": baseline["trained"]})
     plots.weights([{"method": p["method"], "weight": p["settings"]["weight"],
                     "trained": p["trained"],
                     "finetuned": p["budgets"][str(demo.FLOPS_KEEP)]["accuracy"]}
                    for p in points.values() if str(demo.FLOPS_KEEP) in p["budgets"]],
                   out / "weights.png", demo.FLOPS_KEEP)
-    summary = {"settings": settings, "points": points, "frontier": best, "chosen": chosen,
+    summary = {"settings": settings, "points": points, "frontier": best,
+               "frontier_before_finetuning": best_pruned, "chosen": chosen,
                "seconds_this_run": time.perf_counter() - started}
     checkpoint.atomic_write_json(path, summary)
     rows = [{"method": p["method"], "FLOPs budget": p["keep"], "best weight": p["weight"],
@@ -126,13 +141,17 @@ def run(out="results/sweep", epochs=None, finetune_epochs=None, max_batches=None
              "FLOPs kept": p["flops_kept"], "blocks removed": p["blocks_removed"]}
             for p in sorted(best, key=lambda p: (p["method"], -p["keep"]))]
     table = demo.markdown_table(rows)
+    every_point = demo.markdown_table([_point_row(p) for p in points.values()])
     seconds = sum(p.get("seconds", 0.0) for p in points.values())
     chosen_text = ", ".join(f"{m} {c['weight']:g}" for m, c in chosen.items())
     (out / "frontier.md").write_text(
         f"Validation accuracy ({len(splits.val)} images) of ResNet-20 on digits, trained with "
         f"the demo's recipe ({recipe.epochs} epochs), pruned to each FLOPs budget by "
-        f"the demo's rule ({demo.IMPORTANCE!r} importance, threshold) and fine-tuned {finetune_epochs} epochs; per method "
-        f"and budget the best of {len(points)} trained points. Weights chosen for the demo "
-        f"(best at {demo.FLOPS_KEEP:.0%} FLOPs): {chosen_text}. The {len(points)} points took "
-        f"{seconds / 60:.1f} min.\n\n{table}\n")
+        f"the demo's rule ({demo.IMPORTANCE!r} importance, threshold) and fine-tuned "
+        f"{finetune_epochs} epochs; per method and budget the best of {len(points)} trained points. Weights chosen for the demo "
+        f"at {demo.FLOPS_KEEP:.0%} FLOPs (sweep.choose_weights: best fine-tuned accuracy, "
+        f"one validation image counted as a tie, then best accuracy straight after "
+        f"pruning): {chosen_text}. The {len(points)} points took "
+        f"{seconds / 60:.1f} min.\n\n{table}\n\nEvery point, per FLOPs budget: accuracy "
+        f"fine-tuned (straight after pruning), FLOPs kept, blocks removed.\n\n{every_point}\n")
     return {**summary, "table": table}
