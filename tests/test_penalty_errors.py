@@ -1,5 +1,9 @@
 """Bad input to flow_penalty and to the op: a clear error naming the problem, and the
-caller's tensors left exactly as they were."""
+caller's tensors left exactly as they were; and a missing compiled kernel, said once."""
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -80,3 +84,26 @@ def test_op_called_directly_checks_its_chain():
         torch.ops.ffr_fast.flow_sums(features[:1])
     with pytest.raises(RuntimeError, match=r"grad_sums has shape \[2, 3\]; expected \(2, 3, 2\)"):
         torch.ops.ffr_fast.flow_sums_backward(chain(3), torch.ones(2, 3))
+
+
+def test_without_the_compiled_kernel_one_warning_and_the_reference_path():
+    """A machine where the extension did not build: one clear warning, correct results."""
+    script = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["ffr_fast._C"] = None  # as if the build had failed: import raises
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import torch
+            from ffr_fast import ops, reference
+            from ffr_fast.penalty import flow_penalty
+        messages = [str(w.message) for w in caught if "ffr_fast" in str(w.message)]
+        assert len(messages) == 1 and "reference" in messages[0], messages
+        assert not ops.has_compiled_kernel("cpu")
+        xs = [torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+        got, want = flow_penalty(xs, 0.5, 0.25), reference.flow_penalty(xs, 0.5, 0.25)
+        assert torch.allclose(got, want, rtol=1e-12), (got, want)
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
