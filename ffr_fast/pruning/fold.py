@@ -40,6 +40,9 @@ def fold_batchnorms(gm: fx.GraphModule, pairs=None) -> List[Tuple[str, str]]:
     for conv_name, bn_name in pairs:
         conv, bn = nodes[conv_name], nodes[bn_name]
         fused = fuse_conv_bn_eval(gm.get_submodule(conv.target), gm.get_submodule(bn.target))
+        # torch gives a conv that had no bias a frozen one; the BN's shift lives there now,
+        # so it trains like the weight (fine-tuning a folded model must not freeze it).
+        fused.bias.requires_grad_(fused.weight.requires_grad)
         set_submodule(gm, conv.target, fused)
         folded.append((conv.target, bn.target))
         bypass_batchnorm(gm, conv, bn)
