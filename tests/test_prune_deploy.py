@@ -77,3 +77,34 @@ def test_torch_export_of_pruned_model():
     assert result.report.removed_blocks
     exported = torch.export.export(result.model, (x,))
     assert torch.allclose(exported.module()(x), run(result.model, x), atol=1e-6)
+
+
+@pytest.mark.parametrize("fold_bn", [False, True])
+def test_residual_adds_run_in_place_and_the_model_still_trains(fold_bn):
+    """fx turns `out += identity` into an out-of-place add; the pruner writes it back in
+    place into the conv/BN output (which autograd does not save), as the eager model did."""
+    model = look_trained(models.resnet20())
+    result = prune(model, X, ratio=0.3, fold_bn=fold_bn)
+    adds = [n.target for n in result.model.graph.nodes if "add" in str(n.target)]
+    assert adds == ["add_"] * 9  # one per BasicBlock
+    assert result.report.max_abs_diff <= 1e-5 * result.report.reference_max_abs
+    result.model.train()
+    result.model(X).square().mean().backward()
+    assert all(p.grad is not None for p in result.model.parameters())
+
+
+def test_an_add_whose_operand_is_read_elsewhere_stays_out_of_place():
+    class SharedConvOutput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.other = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            y, z = self.conv(x), self.other(x)
+            return (y + z) * y * z  # both are read again: writing into either would be wrong
+
+    model = SharedConvOutput()
+    result = prune(model, X, ratio=0.0)
+    targets = [str(n.target) for n in result.model.graph.nodes if "add" in str(n.target)]
+    assert targets == ["<built-in function add>"]
+    torch.testing.assert_close(run(result.model), run(model))

@@ -5,7 +5,8 @@
     print(result.report)
 
 Modules: graph (channel dependencies from torch.fx), importance (scores), plan (what goes),
-blocks (residual-branch removal), surgery (slicing), fold (BN folding), report, serialize.
+blocks (residual-branch removal), surgery (slicing), fold (BN folding), inplace (residual
+adds written in place, as the eager model did), report, serialize.
 """
 from .graph import UntraceableModelError
 from .pruner import ExampleInputError, PruneResult, prune

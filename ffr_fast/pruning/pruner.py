@@ -12,6 +12,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..metrics import count_params, flops_of
 from .blocks import find_dead_branches, remove_branches
+from .inplace import adds_in_place
 from .fold import fold_batchnorms, foldable_pairs
 from .graph import analyze, trace
 from .importance import IMPORTANCES, class_scores
@@ -20,7 +21,7 @@ from .report import PruneReport
 from .surgery import apply_plan, set_submodule, zero_channels, zero_removed
 
 SCOPES = ("global", "layer")
-STRUCTURE_FORMAT = "ffr_fast.pruned/1"
+STRUCTURE_FORMAT = "ffr_fast.pruned/2"
 STRUCTURE_KEY = "ffr_fast.structure"  # where the pruned GraphModule keeps it, in .meta
 
 
@@ -85,6 +86,7 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
         channels = apply_plan(gm, cg, plan.removed)
         folded_pairs = foldable_pairs(gm) if fold_bn else []
         folded = fold_batchnorms(gm, folded_pairs) if fold_bn else []
+        in_place = adds_in_place(gm)
         gm.recompile()
         pruned, flops_after = run_checked(gm, inputs)
         if inplace:  # the caller's module tree gets the new modules too
@@ -93,7 +95,8 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
                 set_submodule(model, path, kept[path])
         structure = {"format": STRUCTURE_FORMAT, "ignored": list(ignored),
                      "removed_blocks": [[b.add, b.shortcut_arg] for b in dead],
-                     "folded_bn": [list(p) for p in folded_pairs]}
+                     "folded_bn": [list(p) for p in folded_pairs],
+                     "adds_in_place": [list(a) for a in in_place]}
         gm.meta[STRUCTURE_KEY] = structure
         report = PruneReport(
             settings=dict(threshold=threshold, ratio=ratio, importance=importance, scope=scope,

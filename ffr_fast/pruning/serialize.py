@@ -2,7 +2,7 @@
 
 The file holds plain data only (loadable with `torch.load(weights_only=True)`): the trace
 settings (`ignored`), the residual adds that were replaced by their shortcut, the folded
-conv/BN node pairs and the constructor arguments of every Conv2d / BatchNorm2d / Linear.
+conv/BN node pairs, the adds rewritten in place and the constructor arguments of every Conv2d / BatchNorm2d / Linear.
 `load_pruned` re-traces the original architecture, replays those edits, builds empty
 modules of the saved sizes and loads the weights strictly. (Pickling the whole GraphModule
 with `torch.save(model)` works too; this format survives code changes to the pruner.)
@@ -17,6 +17,7 @@ from torch import nn
 from .blocks import DeadBranch, remove_branches
 from .fold import bypass_batchnorm
 from .graph import trace
+from .inplace import replay_adds_in_place
 from .pruner import STRUCTURE_FORMAT, STRUCTURE_KEY, PruneResult
 from .surgery import set_submodule
 
@@ -70,6 +71,7 @@ def load_pruned(path, original: Union[nn.Module, Callable[[], nn.Module]]) -> fx
     nodes = {n.name: n for n in gm.graph.nodes}
     needed = [name for name, _ in structure["removed_blocks"]]
     needed += [name for pair in structure["folded_bn"] for name in pair]
+    needed += [name for name, _ in structure["adds_in_place"]]
     missing = [name for name in needed if name not in nodes]
     if missing:
         raise ValueError(f"{path} does not match the architecture of {type(model).__name__}: "
@@ -78,6 +80,7 @@ def load_pruned(path, original: Union[nn.Module, Callable[[], nn.Module]]) -> fx
                                structure["removed_blocks"]], dict(gm.named_modules()))
     for conv, bn in structure["folded_bn"]:
         bypass_batchnorm(gm, nodes[conv], nodes[bn])
+    replay_adds_in_place(gm, structure["adds_in_place"])
     gm.delete_all_unused_submodules()
     for name, spec in structure["modules"].items():
         set_submodule(gm, name, build_module(spec))
