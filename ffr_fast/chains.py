@@ -23,7 +23,7 @@ known when the model runs, so chains are formed anew from every forward (`split_
 import difflib
 import operator
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, List, NamedTuple, Sequence, Tuple, Union
+from typing import Dict, FrozenSet, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -182,20 +182,21 @@ class Chain:
     """Consecutive same-shape features of one forward, with the layers that produced them.
 
     `versions` are the tensors' in-place version counters at capture time: a later in-place
-    operation on a captured output changes its counter and its values.
+    operation on a captured output changes its counter and its values (None: not known,
+    as for features captured in a torch.compile'd forward).
     """
 
     shape: torch.Size
     names: List[str] = field(default_factory=list)
     features: List[Tensor] = field(default_factory=list)
-    versions: List[int] = field(default_factory=list)
+    versions: List[Optional[int]] = field(default_factory=list)
 
     def modified_in_place(self) -> List[str]:
         return [name for name, x, version in zip(self.names, self.features, self.versions)
-                if x._version != version]
+                if version is not None and x._version != version]
 
 
-def split_into_chains(captured: Sequence[Tuple[str, Tensor, int]]) -> List[Chain]:
+def split_into_chains(captured: Sequence[Tuple[str, Tensor, Optional[int]]]) -> List[Chain]:
     """Group (name, feature, version) captures in forward order into chains of K >= 2."""
     runs: List[Chain] = []
     for name, x, version in captured:

@@ -27,9 +27,10 @@ class FFRLoss(nn.Module):
     per forward.
 
     Args:
-        model: the network (a DistributedDataParallel wrapper is unwrapped: the hooks go on
-            `model.module`). It is referenced, not registered as a submodule, so
-            `ffr.parameters()`, `ffr.to()` and `ffr.state_dict()` leave it alone.
+        model: the network (a DistributedDataParallel or torch.compile wrapper is unwrapped:
+            the hooks go on the wrapped module, and run in the compiled forward too). It is
+            referenced, not registered as a submodule, so `ffr.parameters()`, `ffr.to()` and
+            `ffr.state_dict()` leave it alone.
         grad_weight, curv_weight: weights of the flow's gradient and curvature terms. The
             defaults (1e-3 each) make the penalty of a freshly initialised CIFAR ResNet-20/56
             about 0.01-0.05, a few percent of a 10-class cross-entropy; raise them for more
@@ -70,6 +71,7 @@ class FFRLoss(nn.Module):
                 raise ValueError(f"chain_weights must be >= 0, got {chain_weights}")
         if isinstance(model, DistributedDataParallel):
             model = model.module
+        model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper runs its hooks
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.__dict__["model"] = model  # a reference, deliberately not a submodule
@@ -84,7 +86,7 @@ class FFRLoss(nn.Module):
         self.layer_names: Tuple[str, ...] = tuple(names)
 
         self._phase = _NO_FORWARD
-        self._captured: List[Tuple[str, Tensor, int]] = []
+        self._captured: List[Tuple[str, Tensor, Optional[int]]] = []
         self._chains: List[Chain] = []
         self._calls: Counter = Counter()  # calls of each hooked layer in this forward
         # What describe() reports about the last training forward (names and shapes only).
@@ -109,7 +111,10 @@ class FFRLoss(nn.Module):
             return
         self._calls[name] += 1
         label = name if self._calls[name] == 1 else f"{name}#{self._calls[name]}"
-        self._captured.append((label, output, output._version))
+        # Under torch.compile the version seen while tracing is not the real tensor's, so
+        # a compiled forward cannot be checked for later in-place writes (None: unchecked).
+        version = None if torch.compiler.is_compiling() else output._version
+        self._captured.append((label, output, version))
 
     def _end_forward(self, model: nn.Module, args, output) -> None:
         if self._phase != _CAPTURING:

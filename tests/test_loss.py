@@ -266,3 +266,28 @@ def test_the_model_is_not_a_submodule_of_the_loss():
     ffr = FFRLoss(model)
     assert ffr.model is model
     assert list(ffr.parameters()) == [] and ffr.state_dict() == {}
+
+
+def test_a_torch_compiled_model_gives_the_eager_penalty_and_gradients():
+    """FFRLoss unwraps torch.compile's wrapper; the compiled forward runs the hooks."""
+    torch.manual_seed(0)
+    model = models.CifarResNet(depth=14, width=4)
+    x = torch.randn(2, 3, 16, 16)
+    ffr = FFRLoss(torch.compile(model), grad_weight=0.5, curv_weight=0.25)
+    assert ffr.layer_names[0] == "layer1.0"  # no "_orig_mod." prefix
+    parameters = list(model.parameters())
+
+    def penalty_and_grads(forward):
+        forward(x)
+        penalty = ffr()
+        return penalty, torch.autograd.grad(penalty, parameters, allow_unused=True)
+
+    compiled, compiled_grads = penalty_and_grads(torch.compile(model))
+    eager, eager_grads = penalty_and_grads(model)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-7)
+    for parameter, got, want in zip(parameters, compiled_grads, eager_grads):
+        # A parameter the penalty does not reach (the classifier) gets None eagerly and
+        # zeros from the compiled graph.
+        zero = torch.zeros_like(parameter)
+        torch.testing.assert_close(zero if got is None else got,
+                                   zero if want is None else want, rtol=1e-4, atol=1e-6)
