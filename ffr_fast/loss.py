@@ -69,6 +69,11 @@ class FFRLoss(nn.Module):
             chain_weights = [float(w) for w in chain_weights]
             if any(not w >= 0 for w in chain_weights):
                 raise ValueError(f"chain_weights must be >= 0, got {chain_weights}")
+        if isinstance(model, nn.DataParallel):
+            raise TypeError("FFRLoss does not support nn.DataParallel: its replicas run the "
+                            "hooks in parallel threads, each with part of the batch. Use "
+                            "DistributedDataParallel (one process per device), or pass the "
+                            "unwrapped model on a single device.")
         if isinstance(model, DistributedDataParallel):
             model = model.module
         model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper runs its hooks

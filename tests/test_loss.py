@@ -291,3 +291,10 @@ def test_a_torch_compiled_model_gives_the_eager_penalty_and_gradients():
         zero = torch.zeros_like(parameter)
         torch.testing.assert_close(zero if got is None else got,
                                    zero if want is None else want, rtol=1e-4, atol=1e-6)
+
+
+def test_data_parallel_is_refused_with_a_pointer_to_ddp():
+    model = models.resnet20()
+    with pytest.raises(TypeError, match="DataParallel.*DistributedDataParallel"):
+        FFRLoss(nn.DataParallel(model))
+    assert not model._forward_hooks and not model._forward_pre_hooks  # nothing attached
