@@ -37,8 +37,8 @@ def watch_outputs(model, names, transform):
 
 def reference_penalty(ffr, features, **options):
     """Sum over the chains ffr formed of reference.flow_penalty on the given features."""
-    total, start = 0.0, 0
-    by_name = dict(zip(ffr.layer_names, range(len(ffr.layer_names))))
+    total = 0.0
+    by_name = {name: index for index, name in enumerate(ffr.layer_names)}
     assert len(by_name) == len(features)  # one call per hooked layer in these models
     for chain in ffr.chains:
         chain_features = [features[by_name[name]] for name in chain.names]

@@ -3,7 +3,6 @@ import pytest
 import torch
 from torch import nn
 
-import ffr_fast
 from ffr_fast import models, prune
 from ffr_fast.pruning import ExampleInputError, UntraceableModelError
 from nets import GatedNet, ShuffleNet, look_trained, one_thread  # noqa: F401
