@@ -37,6 +37,12 @@ def _filters(model: nn.Module) -> Iterable[torch.Tensor]:
             yield module.weight.detach().flatten(1)
 
 
+def batchnorm_scales(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """The scale parameter (gamma) of every affine BatchNorm layer, by module name."""
+    return {name: module.weight for name, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine}
+
+
 def weight_sparsity(model: nn.Module, tol: float = 0.0) -> float:
     """Fraction of conv/linear weights with |w| <= tol."""
     zero = total = 0

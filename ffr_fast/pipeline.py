@@ -113,8 +113,7 @@ def flops_kept(report) -> float:
 def structured_sparsity(model: nn.Module, threshold: float = SPARSITY_THRESHOLD) -> dict:
     """Share of conv/linear filters whose L2 norm is <= `threshold`, and share of BatchNorm
     scales |gamma| <= it, over the whole model."""
-    scales = [m.weight.detach().abs() for m in model.modules()
-              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
+    scales = [gamma.detach().abs() for gamma in metrics.batchnorm_scales(model).values()]
     below = float((torch.cat(scales) <= threshold).float().mean()) if scales else 0.0
     return {"filters_below": metrics.filter_sparsity(model, threshold),
             "bn_scales_below": below, "threshold": threshold}
@@ -128,6 +127,5 @@ def filter_norms(model: nn.Module) -> dict:
 
 def bn_scales(model: nn.Module) -> dict:
     """Per BatchNorm layer (by module name), its scales |gamma|: for the plots."""
-    return {name: module.weight.detach().abs().tolist()
-            for name, module in model.named_modules()
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine}
+    return {name: gamma.detach().abs().tolist()
+            for name, gamma in metrics.batchnorm_scales(model).items()}

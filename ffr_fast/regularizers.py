@@ -13,6 +13,8 @@
 import torch
 from torch import nn
 
+from ffr_fast import metrics
+
 REGULARIZERS = ("none", "slimming", "ffr")
 
 
@@ -32,8 +34,7 @@ class BatchNormL1:
     over layers as in the paper, so its weight is comparable with the published 1e-5..1e-4."""
 
     def __init__(self, model: nn.Module, weight: float):
-        self.scales = [m.weight for m in model.modules()
-                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
+        self.scales = list(metrics.batchnorm_scales(model).values())
         if not self.scales:
             raise ValueError("slimming needs BatchNorm layers with affine scales; the model "
                              "has none")
