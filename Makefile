@@ -1,35 +1,43 @@
 # Every target bootstraps what it needs and is idempotent.
 # torch is pinned to the CPU build that lies on this machine's disk; an unpinned torch
-# would pull a CUDA build of several GB.
+# would pull a CUDA build of several GB. torchvision 0.28.0 is the release made for it.
 PYTHON ?= python3
-TORCH_PIN ?= torch==2.13.0
+PINS ?= torch==2.13.0 torchvision==0.28.0
 VENV := .venv
 BIN := $(VENV)/bin
-INSTALLED := $(VENV)/.ffr_fast-installed
+BUILD_INPUTS := setup.py $(wildcard csrc/*.cpp csrc/*.h)
+STUDY_INSTALLED := $(VENV)/.ffr_fast-study
+TEST_INSTALLED := $(VENV)/.ffr_fast-test
 
 .PHONY: demo test bench sweep clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=64" wheel ninja
-	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
+	$(BIN)/python -m pip install -q $(PINS)
 
 # Reinstall (and recompile the C++ extension) whenever the build inputs change.
-$(INSTALLED): $(BIN)/python setup.py $(wildcard csrc/*.cpp csrc/*.h)
-	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]" "$(TORCH_PIN)"
+# The study extra (training loop, demo, plots, CLI) for `make demo`; the test extra adds
+# Triton (its interpreter runs the GPU kernels on CPU) and pytest.
+$(STUDY_INSTALLED): $(BIN)/python $(BUILD_INPUTS)
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[study]" $(PINS)
 	$(BIN)/python -c "import ffr_fast.ops as o; o.require_compiled_cpu_kernel()"
 	touch $@
 
-demo: $(INSTALLED)
+$(TEST_INSTALLED): $(STUDY_INSTALLED)
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]" $(PINS)
+	touch $@
+
+demo: $(STUDY_INSTALLED)
 	$(BIN)/python -m ffr_fast demo
 
-test: $(INSTALLED)
+test: $(TEST_INSTALLED)
 	$(BIN)/python -m pytest -q tests
 
-bench: $(INSTALLED)
+bench: $(TEST_INSTALLED)
 	$(BIN)/python -m pytest -q --benchmark-only bench
 
-sweep: $(INSTALLED)
+sweep: $(STUDY_INSTALLED)
 	$(BIN)/python -m ffr_fast sweep
 
 clean:

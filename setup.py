@@ -7,6 +7,7 @@ A machine without torch at build time, or without a C++ compiler, still gets a w
 package: the build says so once, and the op runs its plain-PyTorch reference on CPU.
 """
 import glob
+import re
 import warnings
 
 from setuptools import setup
@@ -50,24 +51,30 @@ if BuildExtension is not None:
 
 
 ext_modules, cmdclass = cpp_extensions()
+# The version is written once, in ffr_fast/__init__.py.
+VERSION = re.search(r'__version__ = "([^"]+)"', open("ffr_fast/__init__.py").read()).group(1)
+STUDY_REQUIRES = ["tqdm", "matplotlib", "torchvision"]
 
 setup(
     name="ffr_fast",
-    version="0.1.0",
+    version=VERSION,
     description="Feature Flow Regularization with fused kernels, and a pruner that ships "
     "smaller, faster CNNs",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["ffr_fast", "ffr_fast.pruning", "ffr_fast.kernels"],
+    packages=["ffr_fast", "ffr_fast.pruning", "ffr_fast.kernels", "ffr_fast.study"],
     package_dir={"ffr_fast.kernels": "kernels"},
-    package_data={"ffr_fast": ["data/*.npz"]},
-    install_requires=["torch>=2.6", "numpy", "tqdm", "matplotlib"],
+    package_data={"ffr_fast.study": ["datasets/*.npz"]},
+    # The library (FFRLoss, flow_penalty, the pruner, metrics, models) needs torch and numpy
+    # only; the study (training loop, demo, sweep, plots, CLI) brings its own extra.
+    install_requires=["torch>=2.6", "numpy"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "test": ["triton>=3.2", "pytest>=8", "pytest-benchmark>=4"],
+        "study": STUDY_REQUIRES,
+        "test": STUDY_REQUIRES + ["triton>=3.2", "pytest>=8", "pytest-benchmark>=4"],
     },
-    entry_points={"console_scripts": ["ffr-fast=ffr_fast.cli:main"]},
+    entry_points={"console_scripts": ["ffr-fast=ffr_fast.study.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

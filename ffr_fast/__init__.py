@@ -13,6 +13,7 @@ _EXPORTS = {
     "PruneResult": "ffr_fast.pruning",
     "save_pruned": "ffr_fast.pruning",
     "load_pruned": "ffr_fast.pruning",
+    "recalibrate_bn": "ffr_fast.pruning",
     "measure_latency": "ffr_fast.metrics",
     "models": "ffr_fast.models",
 }

@@ -1,5 +1,5 @@
 import sys
 
-from ffr_fast.cli import main
+from ffr_fast.study.cli import main
 
 sys.exit(main())

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from ffr_fast import checkpoint, cli
+from ffr_fast.study import checkpoint, cli
 
 FAST = ["--epochs", "1", "--max-batches", "2", "--no-progress"]
 

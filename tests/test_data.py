@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ffr_fast import data
+from ffr_fast.study import data
 
 
 def _labels(dataset):

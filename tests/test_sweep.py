@@ -1,5 +1,5 @@
 """How the sweep picks the weight the demo uses."""
-from ffr_fast.sweep import choose_weights
+from ffr_fast.study.sweep import choose_weights
 
 
 def point(method, weight, finetuned, pruned):

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from ffr_fast import checkpoint, train
+from ffr_fast.study import checkpoint, train
 
 
 def test_two_process_train_keeps_ranks_in_sync(tmp_path):

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from ffr_fast import checkpoint, data, models, pipeline, regularizers, train
+from ffr_fast import models
+from ffr_fast.study import checkpoint, data, pipeline, regularizers, train
 
 TINY = train.TrainConfig(epochs=1, max_batches=2, batch_size=16, seed=0)
 

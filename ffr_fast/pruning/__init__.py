@@ -10,8 +10,9 @@ adds written in place, as the eager model did), report, serialize.
 """
 from .graph import UntraceableModelError
 from .pruner import ExampleInputError, PruneResult, prune
+from .recalibrate import recalibrate_bn
 from .report import PruneReport
 from .serialize import load_pruned, save_pruned
 
-__all__ = ["prune", "PruneResult", "PruneReport", "save_pruned", "load_pruned",
+__all__ = ["prune", "PruneResult", "PruneReport", "save_pruned", "load_pruned", "recalibrate_bn",
            "UntraceableModelError", "ExampleInputError"]

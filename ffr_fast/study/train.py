@@ -6,7 +6,7 @@ RANK / WORLD_SIZE variables torchrun sets). The data order of epoch e depends on
 exactly the batches an uninterrupted run would have seen.
 
 A checkpoint is written atomically after every epoch (and once before the first, so that
-Ctrl-C always leaves one to resume from); see ffr_fast.checkpoint for its contents.
+Ctrl-C always leaves one to resume from); see ffr_fast.study.checkpoint for its contents.
 """
 import contextlib
 import math
@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from ffr_fast import checkpoint, regularizers
+from ffr_fast.study import checkpoint, regularizers
 
 
 @dataclass

@@ -11,7 +11,8 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
-from ffr_fast import checkpoint, data, metrics, pipeline, regularizers, train
+from ffr_fast import metrics
+from ffr_fast.study import checkpoint, data, pipeline, regularizers, train
 
 PRUNED_FILENAME = "pruned.pt"
 
@@ -222,7 +223,7 @@ def cmd_bench(args):
 
 
 def cmd_report(args):
-    from ffr_fast.demo import markdown_table
+    from ffr_fast.study.demo import markdown_table
 
     rows = []
     for path in args.checkpoints:
@@ -245,14 +246,14 @@ def cmd_report(args):
 
 
 def cmd_demo(args):
-    from ffr_fast import demo
+    from ffr_fast.study import demo
 
     return demo.run(args.out, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
                     max_batches=args.max_batches, latency_repeats=args.latency_repeats)
 
 
 def cmd_sweep(args):
-    from ffr_fast import sweep
+    from ffr_fast.study import sweep
 
     return sweep.run(args.out, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
                      max_batches=args.max_batches, quick=args.quick,

@@ -6,13 +6,13 @@ images as normalised float32 (C, H, W) tensors. Hyperparameters are tuned on `va
 read only for the final tables.
 
 The embedded set is scikit-learn's digits (1,797 real 8x8 handwritten digits, grey levels
-0..16), stored once in ffr_fast/data/digits.npz so that nothing needs scikit-learn at run
+0..16), stored once in ffr_fast/study/datasets/digits.npz so that nothing needs scikit-learn at run
 time. It was written by this one-off (kept here, not in a script, because it never reruns):
 
     import numpy as np
     from sklearn.datasets import load_digits
     d = load_digits()
-    np.savez_compressed("ffr_fast/data/digits.npz", images=d.images.astype(np.uint8),
+    np.savez_compressed("ffr_fast/study/datasets/digits.npz", images=d.images.astype(np.uint8),
                         labels=d.target.astype(np.uint8))
 """
 import os
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-DIGITS_FILE = Path(__file__).with_name("data") / "digits.npz"
+DIGITS_FILE = Path(__file__).with_name("datasets") / "digits.npz"
 DATASETS = ("digits", "cifar10", "cifar100", "folder")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".npy")
 

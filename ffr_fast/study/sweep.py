@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ffr_fast import checkpoint, data, demo, pipeline, plots, train
+from ffr_fast.study import checkpoint, data, demo, pipeline, plots, train
 
 KEEP = (0.5, 0.25, 0.1)  # must include demo.FLOPS_KEEP
 # (label, settings) per point. A short run (10 epochs, ~200 steps) needs large weights

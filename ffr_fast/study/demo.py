@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ffr_fast import checkpoint, data, metrics, pipeline, plots, train
+from ffr_fast import metrics
+from ffr_fast.study import checkpoint, data, pipeline, plots, train
 
 # The recipe shared by every arm (and by the sweep).
 RECIPE = train.TrainConfig(model="resnet20", data="digits", epochs=10, batch_size=64, lr=0.1,

@@ -5,7 +5,8 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ffr_fast import metrics, models, train
+from ffr_fast import metrics, models
+from ffr_fast.study import train
 
 # A filter or BatchNorm scale counts as "zero" below this magnitude (stated in every table).
 SPARSITY_THRESHOLD = 1e-2
