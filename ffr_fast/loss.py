@@ -94,6 +94,7 @@ class FFRLoss(nn.Module):
         self._captured: List[Tuple[str, Tensor, Optional[int]]] = []
         self._chains: List[Chain] = []
         self._calls: Counter = Counter()  # calls of each hooked layer in this forward
+        self._no_grad_layers: List[str] = []  # captured with gradients off (see _capture)
         # What describe() reports about the last training forward (names and shapes only).
         self._last_shapes: List[Tuple[str, Tuple[int, ...]]] = []
         self._last_chains: List[ChainInfo] = []
@@ -109,6 +110,7 @@ class FFRLoss(nn.Module):
         if self._phase == _REMOVED:
             return
         self._captured, self._chains, self._calls = [], [], Counter()
+        self._no_grad_layers = []
         self._phase = _CAPTURING if model.training and torch.is_grad_enabled() else _INFERENCE
 
     def _capture(self, name: str, module: nn.Module, args, output) -> None:
@@ -116,6 +118,11 @@ class FFRLoss(nn.Module):
             return
         self._calls[name] += 1
         label = name if self._calls[name] == 1 else f"{name}#{self._calls[name]}"
+        if not torch.is_grad_enabled():
+            # Inside a training forward with gradients on, a layer that runs without them
+            # sits in a region such as checkpoint(..., use_reentrant=True): its output
+            # carries no graph, so the penalty could not train anything before it.
+            self._no_grad_layers.append(label)
         # Under torch.compile the version seen while tracing is not the real tensor's, so
         # a compiled forward cannot be checked for later in-place writes (None: unchecked).
         version = None if torch.compiler.is_compiling() else output._version
@@ -129,6 +136,27 @@ class FFRLoss(nn.Module):
         self._last_chains = [ChainInfo(tuple(c.names), tuple(c.shape)) for c in self._chains]
         self._captured = []  # features outside any chain are released now
         self._phase = _READY
+        self._check_forward()
+
+    def _check_forward(self) -> None:
+        """What only a whole forward shows; raised from the model's call, before any loss."""
+        problem = None
+        if self._no_grad_layers:
+            problem = (
+                f"{self._no_grad_layers} ran with gradients disabled inside a training forward "
+                "(typically torch.utils.checkpoint.checkpoint(..., use_reentrant=True)), so "
+                "their outputs carry no graph and FFR could not train the layers before them. "
+                "Use checkpoint(..., use_reentrant=False), which FFRLoss supports.")
+        elif self.options["curv_weight"] > 0 and self._chains and all(
+                len(chain.names) < 3 for chain in self._chains):
+            problem = (
+                f"curv_weight={self.options['curv_weight']} but every chain of this forward "
+                "has only 2 features, and curvature needs 3 consecutive ones, so the curvature "
+                "term would be 0. Set curv_weight=0, or hook more layers (a smaller stride or "
+                f"layers=[...]).\n{self._describe_chains()}")
+        if problem:
+            self._chains, self._phase = [], _NO_FORWARD
+            raise RuntimeError("FFRLoss: " + problem)
 
     # -- the penalty --------------------------------------------------------------------
     def forward(self) -> Tensor:
@@ -171,6 +199,18 @@ class FFRLoss(nn.Module):
                         "incomplete; run a full forward before ffr()",
             _REMOVED: "ffr() was called after remove(): the hooks are gone",
         }[self._phase]
+
+    # -- copies -------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """A copy or a pickle (copy.deepcopy(model), torch.save(model), prune()) carries the
+        settings and hooks but never the captured features of a forward in flight: the copy
+        starts as if no forward had run."""
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state.update(_captured=[], _chains=[], _calls=Counter(), _no_grad_layers=[])
+        if state["_phase"] != _REMOVED:
+            state["_phase"] = _NO_FORWARD
+        return state
 
     # -- hooks lifetime -----------------------------------------------------------------
     def remove(self) -> None:
