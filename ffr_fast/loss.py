@@ -6,6 +6,7 @@
     loss.backward()
 """
 import functools
+import warnings
 from collections import Counter
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -95,6 +96,7 @@ class FFRLoss(nn.Module):
         self._chains: List[Chain] = []
         self._calls: Counter = Counter()  # calls of each hooked layer in this forward
         self._no_grad_layers: List[str] = []  # captured with gradients off (see _capture)
+        self._warned_no_curvature = False
         # What describe() reports about the last training forward (names and shapes only).
         self._last_shapes: List[Tuple[str, Tuple[int, ...]]] = []
         self._last_chains: List[ChainInfo] = []
@@ -140,23 +142,21 @@ class FFRLoss(nn.Module):
 
     def _check_forward(self) -> None:
         """What only a whole forward shows; raised from the model's call, before any loss."""
-        problem = None
         if self._no_grad_layers:
-            problem = (
-                f"{self._no_grad_layers} ran with gradients disabled inside a training forward "
-                "(typically torch.utils.checkpoint.checkpoint(..., use_reentrant=True)), so "
-                "their outputs carry no graph and FFR could not train the layers before them. "
-                "Use checkpoint(..., use_reentrant=False), which FFRLoss supports.")
-        elif self.options["curv_weight"] > 0 and self._chains and all(
-                len(chain.names) < 3 for chain in self._chains):
-            problem = (
-                f"curv_weight={self.options['curv_weight']} but every chain of this forward "
-                "has only 2 features, and curvature needs 3 consecutive ones, so the curvature "
-                "term would be 0. Set curv_weight=0, or hook more layers (a smaller stride or "
-                f"layers=[...]).\n{self._describe_chains()}")
-        if problem:
             self._chains, self._phase = [], _NO_FORWARD
-            raise RuntimeError("FFRLoss: " + problem)
+            raise RuntimeError(
+                f"FFRLoss: {self._no_grad_layers} ran with gradients disabled inside a training "
+                "forward (typically torch.utils.checkpoint.checkpoint(..., use_reentrant=True)), "
+                "so their outputs carry no graph and FFR could not train the layers before "
+                "them. Use checkpoint(..., use_reentrant=False), which FFRLoss supports.")
+        if (self.options["curv_weight"] > 0 and self._chains and not self._warned_no_curvature
+                and all(len(chain.names) < 3 for chain in self._chains)):
+            self._warned_no_curvature = True  # a property of the model: say it once
+            warnings.warn(
+                f"FFRLoss: curv_weight={self.options['curv_weight']} but every chain has only "
+                "2 features and curvature needs 3 consecutive ones, so the curvature term is "
+                "0 and only the gradient term trains. Set curv_weight=0 to say so, or hook "
+                f"more layers (layers=[...]).\n{self._describe_chains()}", stacklevel=3)
 
     # -- the penalty --------------------------------------------------------------------
     def forward(self) -> Tensor:
