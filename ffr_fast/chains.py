@@ -1,8 +1,15 @@
 """Where the feature flow of a model is: which layers FFRLoss hooks, and how the features
 they output in one forward pass form chains.
 
-Two rules find the layers when FFRLoss is given `layers="auto"` (see `auto_layers`):
+Three rules find the layers when FFRLoss is given `layers="auto"` (see `auto_layers`):
 
+0. A torch.fx.GraphModule (a model emitted by ffr_fast.prune, for one) runs its graph, which
+   calls leaf modules only, so its blocks as modules never run. Its flow is read off the
+   graph instead: every addition of two values computed from the input is a residual add,
+   and its result is a feature, read as the output of the activation module that follows it
+   (as in a post-activation ResNet) or else as the input of the module that reads it next
+   (the next block's LayerNorm in a transformer). A module called several times in one
+   forward is hooked at the one call that reads the feature.
 1. Residual blocks. A submodule is a residual block when its own forward adds a shortcut:
    traced with torch.fx, every submodule it calls kept opaque, its graph holds an addition
    (`+`, `+=`, `torch.add`, `Tensor.add(_)`) whose two operands both derive from the same
@@ -22,6 +29,7 @@ known when the model runs, so chains are formed anew from every forward (`split_
 """
 import difflib
 import operator
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -39,9 +47,26 @@ _WEIGHT_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 _NORMALIZATIONS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
                    nn.GroupNorm, nn.LayerNorm)
 
+GRAPH_RULE = ("residual adds of the graph (the model is a torch.fx.GraphModule, such as a "
+              "pruned model)")
 RESIDUAL_RULE = "residual blocks (submodules whose forward adds a shortcut to its input)"
 PLAIN_RULE = ("conv-norm-activation units (activation modules fed by a convolution or linear "
               "layer, directly or through a normalization)")
+
+
+@dataclass(frozen=True)
+class CapturePoint:
+    """Where FFRLoss reads a feature: the output of submodule `module` (or its first input,
+    with `input=True`) at its `call`-th call in one forward (0-based; None: every call)."""
+
+    module: str
+    call: Optional[int] = None
+    input: bool = False
+
+    def label(self, call: int) -> str:
+        """The feature's name in chains and messages: 'layer1.0', 'relu#2', 'ln:input'."""
+        name = self.module if call == 0 else f"{self.module}#{call + 1}"
+        return name + (":input" if self.input else "")
 
 
 class _OwnCodeTracer(fx.Tracer):
@@ -116,18 +141,56 @@ def find_plain_units(model: nn.Module) -> List[str]:
     return units
 
 
-def auto_layers(model: nn.Module) -> Tuple[List[str], str]:
-    """The layers `layers="auto"` hooks and the rule that found them; raises if none."""
-    blocks = find_residual_blocks(model)
-    if blocks:
-        return blocks, RESIDUAL_RULE
+def _derives_from_input(graph: fx.Graph) -> Dict[fx.Node, bool]:
+    derived: Dict[fx.Node, bool] = {}
+    for node in graph.nodes:
+        derived[node] = node.op == "placeholder" or any(derived[n] for n in node.all_input_nodes)
+    return derived
+
+
+def find_graph_stream(model: fx.GraphModule) -> List[CapturePoint]:
+    """Where a GraphModule's residual adds are read (rule 0 of the module docstring)."""
+    modules = dict(model.named_modules())
+    derived = _derives_from_input(model.graph)
+    calls: Counter = Counter()
+    call_index: Dict[fx.Node, int] = {}
+    for node in model.graph.nodes:
+        if node.op == "call_module":
+            call_index[node] = calls[node.target]
+            calls[node.target] += 1
+    points: List[CapturePoint] = []
+    for node in model.graph.nodes:
+        operands = node.args[:2] if _is_addition(node) else ()
+        if len(operands) < 2 or not all(isinstance(a, fx.Node) and derived[a] for a in operands):
+            continue
+        readers = [user for user in node.users if user.op == "call_module" and user.args
+                   and user.args[0] is node]
+        activation = next((user for user in readers
+                           if isinstance(modules[user.target], _ACTIVATIONS)), None)
+        if activation is not None:
+            points.append(CapturePoint(activation.target, call_index[activation]))
+        elif readers:
+            points.append(CapturePoint(readers[0].target, call_index[readers[0]], input=True))
+    return points
+
+
+def auto_layers(model: nn.Module) -> Tuple[List[CapturePoint], str]:
+    """Where `layers="auto"` reads features and the rule that found them; raises if nowhere."""
+    if isinstance(model, fx.GraphModule):
+        points = find_graph_stream(model)
+        if points:
+            return points, GRAPH_RULE
+    else:
+        blocks = find_residual_blocks(model)
+        if blocks:
+            return [CapturePoint(name) for name in blocks], RESIDUAL_RULE
     try:
         units = find_plain_units(model)
         trace_note = ""
     except Exception as error:
         units, trace_note = [], f" (torch.fx could not trace the model: {error})"
     if units:
-        return units, PLAIN_RULE
+        return [CapturePoint(name) for name in units], PLAIN_RULE
     examples = [name for name, _ in model.named_modules() if name][:6]
     raise ValueError(
         f"FFRLoss(layers='auto') found no feature flow in {type(model).__name__}: it looked "
@@ -136,8 +199,8 @@ def auto_layers(model: nn.Module) -> Tuple[List[str], str]:
         f"with names from model.named_modules() such as {examples}.")
 
 
-def resolve_layers(model: nn.Module, layers: Sequence[LayerSpec]) -> List[str]:
-    """Names of explicitly given layers (names or submodules of `model`), checked."""
+def resolve_layers(model: nn.Module, layers: Sequence[LayerSpec]) -> List[CapturePoint]:
+    """The outputs of explicitly given layers (names or submodules of `model`), checked."""
     if isinstance(layers, (str, nn.Module)) or not isinstance(layers, Sequence):
         raise TypeError(f"layers must be 'auto' or a list of submodule names or modules, got "
                         f"{layers!r}")
@@ -167,7 +230,7 @@ def resolve_layers(model: nn.Module, layers: Sequence[LayerSpec]) -> List[str]:
         if name in names:
             raise ValueError(f"layers[{i}]: {name!r} is listed twice")
         names.append(name)
-    return names
+    return [CapturePoint(name) for name in names]
 
 
 class ChainInfo(NamedTuple):

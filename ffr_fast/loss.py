@@ -8,14 +8,15 @@
 import functools
 import warnings
 from collections import Counter
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ffr_fast.chains import (Chain, ChainInfo, LayerSpec, auto_layers, resolve_layers,
-                             split_into_chains)
+from ffr_fast.chains import (CapturePoint, Chain, ChainInfo, LayerSpec, auto_layers,
+                             resolve_layers, split_into_chains)
 from ffr_fast.penalty import check_options, flow_penalty
 
 # The phases of the most recent forward of the model, as ffr() sees them.
@@ -86,10 +87,12 @@ class FFRLoss(nn.Module):
         self.chain_weights = chain_weights
         self.penalty_fn = penalty_fn
         if isinstance(layers, str) and layers == "auto":
-            names, self.rule = auto_layers(model)
+            points, self.rule = auto_layers(model)
         else:
-            names, self.rule = resolve_layers(model, layers), "explicit layers"
-        self.layer_names: Tuple[str, ...] = tuple(names)
+            points, self.rule = resolve_layers(model, layers), "explicit layers"
+        self.capture_points: Tuple[CapturePoint, ...] = tuple(points)
+        self.layer_names: Tuple[str, ...] = tuple(
+            p.module if p.call is None else p.label(p.call) for p in points)
 
         self._phase = _NO_FORWARD
         self._captured: List[Tuple[str, Tensor, Optional[int]]] = []
@@ -101,10 +104,18 @@ class FFRLoss(nn.Module):
         self._last_shapes: List[Tuple[str, Tuple[int, ...]]] = []
         self._last_chains: List[ChainInfo] = []
         modules = dict(model.named_modules())
+        points_of: Dict[str, List[CapturePoint]] = {}
+        for point in points:
+            points_of.setdefault(point.module, []).append(point)
         self._handles = [model.register_forward_pre_hook(self._start_forward)]
-        self._handles += [modules[name].register_forward_hook(functools.partial(self._capture,
-                                                                                name))
-                          for name in self.layer_names]
+        for name, module_points in points_of.items():
+            inputs = [p for p in module_points if p.input]
+            outputs = [p for p in module_points if not p.input]
+            self._handles.append(modules[name].register_forward_pre_hook(
+                functools.partial(self._count_call, name, inputs)))
+            if outputs:
+                self._handles.append(modules[name].register_forward_hook(
+                    functools.partial(self._read_output, name, outputs)))
         self._handles.append(model.register_forward_hook(self._end_forward))
 
     # -- hooks --------------------------------------------------------------------------
@@ -115,11 +126,26 @@ class FFRLoss(nn.Module):
         self._no_grad_layers = []
         self._phase = _CAPTURING if model.training and torch.is_grad_enabled() else _INFERENCE
 
-    def _capture(self, name: str, module: nn.Module, args, output) -> None:
+    def _count_call(self, name: str, inputs: List[CapturePoint], module: nn.Module,
+                    args) -> None:
+        if self._phase != _CAPTURING:
+            return
+        call = self._calls[name]
+        self._calls[name] += 1
+        for point in inputs:
+            if point.call in (None, call) and args and isinstance(args[0], Tensor):
+                self._keep(point.label(call), args[0])
+
+    def _read_output(self, name: str, outputs: List[CapturePoint], module: nn.Module, args,
+                     output) -> None:
         if self._phase != _CAPTURING or not isinstance(output, Tensor):
             return
-        self._calls[name] += 1
-        label = name if self._calls[name] == 1 else f"{name}#{self._calls[name]}"
+        call = self._calls[name] - 1
+        for point in outputs:
+            if point.call in (None, call):
+                self._keep(point.label(call), output)
+
+    def _keep(self, label: str, feature: Tensor) -> None:
         if not torch.is_grad_enabled():
             # Inside a training forward with gradients on, a layer that runs without them
             # sits in a region such as checkpoint(..., use_reentrant=True): its output
@@ -127,8 +153,8 @@ class FFRLoss(nn.Module):
             self._no_grad_layers.append(label)
         # Under torch.compile the version seen while tracing is not the real tensor's, so
         # a compiled forward cannot be checked for later in-place writes (None: unchecked).
-        version = None if torch.compiler.is_compiling() else output._version
-        self._captured.append((label, output, version))
+        version = None if torch.compiler.is_compiling() else feature._version
+        self._captured.append((label, feature, version))
 
     def _end_forward(self, model: nn.Module, args, output) -> None:
         if self._phase != _CAPTURING:
@@ -142,6 +168,16 @@ class FFRLoss(nn.Module):
 
     def _check_forward(self) -> None:
         """What only a whole forward shows; raised from the model's call, before any loss."""
+        never_called = [name for name in dict.fromkeys(p.module for p in self.capture_points)
+                        if self._calls[name] == 0]
+        if never_called:
+            self._chains, self._phase = [], _NO_FORWARD
+            graph_note = (" The model is a torch.fx.GraphModule (a pruned model, say): its "
+                          "forward calls leaf modules only; layers='auto' reads its residual "
+                          "adds from the graph." if isinstance(self.model, fx.GraphModule)
+                          else "")
+            raise RuntimeError(f"FFRLoss: the forward never called the hooked layers "
+                               f"{never_called}, so they give no feature.{graph_note}")
         if self._no_grad_layers:
             self._chains, self._phase = [], _NO_FORWARD
             raise RuntimeError(

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from ffr_fast import FFRLoss, models
+from ffr_fast import FFRLoss, models, reference
 from ffr_fast.chains import adds_shortcut, split_into_chains
 
 
@@ -206,3 +206,85 @@ def test_layers_without_equal_shapes_form_no_chain():
     assert ffr.chains == [] and "none formed" in ffr.describe()
     with pytest.raises(ValueError, match=r"formed no chain.*'layer2.0', \(2, 32, 16, 16\)"):
         ffr()
+
+
+def test_a_pruned_model_has_the_flow_of_its_original_and_can_be_pruned_again():
+    import ffr_fast
+
+    torch.manual_seed(0)
+    model = models.resnet20().eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():  # shrink two branches to zero so the first prune removes blocks
+        for block in (model.layer1[1], model.layer2[2]):
+            block.conv2.weight.zero_()
+            block.bn2.weight.zero_()
+            block.bn2.bias.zero_()
+    first = ffr_fast.prune(model, x[:1], threshold=0.0)
+    assert first.report.removed_blocks
+    pruned = first.model.train()
+    ffr = FFRLoss(pruned, grad_weight=0.1, curv_weight=0.1)
+    assert ffr.rule.startswith("residual adds of the graph")
+    out = pruned(x)
+    assert [len(chain.names) for chain in ffr.chains] == [2, 2, 3]  # a block gone in 1, 2
+    # the features are the surviving blocks' outputs, as the original computes them
+    surviving = [["layer1.0", "layer1.2"], ["layer2.0", "layer2.1"],
+                 ["layer3.0", "layer3.1", "layer3.2"]]
+    outputs = {}
+    hooks = [model.get_submodule(name).register_forward_hook(
+        lambda m, a, out, name=name: outputs.__setitem__(name, out.clone()))
+        for chain in surviving for name in chain]
+    model.train()(x)
+    for hook in hooks:
+        hook.remove()
+    expected = sum(reference.flow_penalty([outputs[n] for n in chain], grad_weight=0.1,
+                                          curv_weight=0.1) for chain in surviving)
+    penalty = ffr()
+    torch.testing.assert_close(penalty, expected, rtol=1e-4, atol=1e-6)
+    (out.sum() + penalty).backward()
+    assert pruned.get_submodule("layer3.0.conv1").weight.grad.abs().sum() > 0
+    ffr.remove()
+    second = ffr_fast.prune(pruned.eval(), x[:1], ratio=0.25)
+    assert second.report.flops_after < first.report.flops_after
+
+
+def test_explicit_blocks_of_a_graph_module_that_never_run_are_named():
+    import ffr_fast
+
+    torch.manual_seed(0)
+    pruned = ffr_fast.prune(models.resnet20().eval(), torch.randn(1, 3, 32, 32),
+                            ratio=0.2).model.train()
+    ffr = FFRLoss(pruned, layers=["layer1.0", "layer1.1"])
+    with pytest.raises(RuntimeError, match=r"never called the hooked layers \['layer1.0', "
+                                           r"'layer1.1'\].*GraphModule"):
+        pruned(torch.randn(2, 3, 32, 32))
+
+
+def test_a_traced_pre_norm_transformer_is_read_at_its_residual_adds():
+    from ffr_fast.torchvision_loader import load_torchvision
+
+    vision_transformer = load_torchvision().models.VisionTransformer
+    torch.manual_seed(0)
+    vit = vision_transformer(image_size=16, patch_size=4, num_layers=3, num_heads=2,
+                             hidden_dim=16, mlp_dim=32, num_classes=10)
+    traced = torch.fx.symbolic_trace(vit).train()
+    ffr = FFRLoss(traced, curv_weight=0.5)
+    x = torch.randn(2, 3, 16, 16)
+    out = traced(x)
+    (chain,) = ffr.chains  # the residual stream: after each attention and each MLP branch
+    assert len(chain.names) == 6 and chain.shape == (2, 17, 16)
+    assert chain.names[-1].endswith("encoder.ln:input")
+    penalty = ffr()
+    # the same features read from the module model: each block's input after attention is
+    # the input of ln_2, and each block's output the input of the next ln_1 / final ln
+    stream = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: stream.append(a[0]))
+             for name, m in vit.named_modules()
+             if name.endswith("ln_2") or name.endswith("ln_1") and not name.endswith("_0.ln_1")
+             or name == "encoder.ln"]
+    vit.train()
+    vit(x)
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(
+        penalty, reference.flow_penalty(stream, grad_weight=1e-3, curv_weight=0.5))
+    del out
