@@ -1,5 +1,5 @@
 // Fused CPU kernels of the op ffr_fast::flow_sums and its backward (schemas: ffr_fast/ops.py,
-// math: ffr_fast/reference.py and shared FFR_SPEC.md): the torch glue. The inner loops are in
+// math: ffr_fast/reference.py and docs/math.md): the torch glue. The inner loops are in
 // flow_sums_kernels.h.
 //
 // A chain is K same-shape features x_0 .. x_{K-1} of shape (B, *S), n = prod(S) elements per

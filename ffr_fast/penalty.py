@@ -54,7 +54,7 @@ def check_options(grad_weight: float, curv_weight: float, norm: str, curvature: 
 
 def penalty_from_sums(sums: Tensor, n: int, grad_weight: float, curv_weight: float,
                       norm: str, curvature: str, eps: float, delta: float) -> Tensor:
-    """FFR_SPEC.md's penalty from the (B, 3, K-1) flow sums of a chain of n-element features."""
+    """The penalty (docs/math.md) from the (B, 3, K-1) flow sums of n-element features."""
     squared_d = sums[:, 0, :]
     squared_s, dots = sums[:, 1, :-1], sums[:, 2, :-1]  # K-2 curvature terms
     if norm == "squared":
@@ -73,7 +73,7 @@ def penalty_from_sums(sums: Tensor, n: int, grad_weight: float, curv_weight: flo
 def flow_penalty(features: Sequence[Tensor], grad_weight: float = 1.0, curv_weight: float = 1.0,
                  norm: str = "squared", curvature: str = "diff", eps: float = 1e-8,
                  delta: float = 1e-6) -> Tensor:
-    """The FFR penalty of one chain of same-shape features x_0 .. x_{K-1} (FFR_SPEC.md).
+    """The FFR penalty of one chain of same-shape features x_0 .. x_{K-1} (docs/math.md).
 
     Returns a 0-dim tensor in float32 (float64 for float64 features), differentiable with
     respect to every feature. The features are read in place: no copy is made of a

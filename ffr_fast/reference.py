@@ -1,4 +1,4 @@
-"""Plain-PyTorch Feature Flow Regularization, written straight from shared FFR_SPEC.md.
+"""Plain-PyTorch Feature Flow Regularization, written straight from docs/math.md.
 
 This is the executable spec: the oracle for the tests and the fallback of the op on devices
 without a compiled kernel. It favours clarity over speed and forms every difference tensor.
@@ -84,7 +84,7 @@ def flow_sums_backward(features: Sequence[Tensor], grad_sums: Tensor) -> List[Te
 def flow_penalty(features: Sequence[Tensor], grad_weight: float = 1.0, curv_weight: float = 1.0,
                  norm: str = "squared", curvature: str = "diff", eps: float = 1e-8,
                  delta: float = 1e-6) -> Tensor:
-    """The penalty of one chain, computed term by term as FFR_SPEC.md writes it.
+    """The penalty of one chain, computed term by term as docs/math.md writes it.
 
     Differentiable by autograd; independent of the flow-sums path the op takes.
     """
