@@ -35,6 +35,7 @@ test: $(TEST_INSTALLED)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(TEST_INSTALLED)
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,bench]" $(PINS)
 	$(BIN)/python -m pytest -q --benchmark-only bench
 
 sweep: $(STUDY_INSTALLED)
