@@ -63,47 +63,15 @@ def example_inputs(splits, batch_size: int = 1):
 def prune_to_flops(model: nn.Module, inputs, keep: float, importance: str = "l2",
                    criterion: str = "threshold", scope: str = "global",
                    tolerance: float = 0.02, iterations: int = 16, **options):
-    """Prune `model` to keep between keep - tolerance and keep of its FLOPs, every candidate
-    with the same rule: a search on the pruner's `criterion`, "threshold" (remove every
-    channel, and every residual branch, whose importance is at most t) or "ratio" (remove
-    a share r of the channels). The FLOPs kept fall as either grows; the search brackets
-    the budget, then bisects. Returns the PruneResult closest to `keep` from below (a
-    threshold removes whole blocks at once, so the FLOPs kept move in steps)."""
+    """Prune `model` to keep between keep - tolerance and keep of its FLOPs: the library's
+    FLOPs budget (prune(flops_target=...)), searching the pruner's `criterion` ("threshold"
+    or "ratio") in at most `iterations` prunings. A budget the search cannot land on is a
+    FlopsTargetWarning and is written in the report's `warnings`."""
     from ffr_fast.pruning import prune
 
-    if not 0 < keep < 1:
-        raise ValueError(f"the FLOPs budget is a fraction of the original in (0, 1), got {keep}")
-    if criterion not in ("threshold", "ratio"):
-        raise ValueError(f"criterion must be 'threshold' or 'ratio', got {criterion!r}")
-    low, high, best = 0.0, None, None  # kept(low) > keep >= kept(high)
-    value = 1 - keep**0.5 if criterion == "ratio" else 1.0
-    for _ in range(iterations):
-        result = prune(model, inputs, importance=importance, scope=scope,
-                       **{criterion: value}, **options)
-        kept = flops_kept(result.report)
-        if kept <= keep:
-            high = value
-            if best is None or kept > flops_kept(best.report):
-                best = result
-            if kept >= keep - tolerance:
-                break
-        else:
-            low = value
-        value = _next_candidate(low, high, criterion)
-    if best is None:
-        raise RuntimeError(f"no {criterion} keeps at most {keep:.0%} of the FLOPs with "
-                           f"importance={importance!r}; the pruner's min_channels may forbid it")
-    return best
-
-
-def _next_candidate(low: float, high, criterion: str) -> float:
-    """Bisection: arithmetic for a ratio (bounded by 0.99), geometric for a threshold (its
-    scale is the model's, unknown in advance: doubled until the budget is bracketed)."""
-    if criterion == "ratio":
-        return (low + (0.99 if high is None else high)) / 2
-    if high is None:
-        return 2 * low
-    return (low * high) ** 0.5 if low > 0 else high / 2
+    return prune(model, inputs, flops_target=keep, flops_search=criterion,
+                 flops_tolerance=tolerance, flops_search_steps=iterations,
+                 importance=importance, scope=scope, **options)
 
 
 def flops_kept(report) -> float:
