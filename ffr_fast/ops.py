@@ -14,6 +14,7 @@ from typing import List, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from ffr_fast import reference
 
@@ -46,6 +47,29 @@ def _backward(ctx, grad_sums):
 
 
 torch.library.register_autograd("ffr_fast::flow_sums", _backward, setup_context=_setup_context)
+
+HIGHER_ORDER_MESSAGE = (
+    "ffr_fast: the flow penalty supports first-order reverse-mode gradients only: a second "
+    "backward (create_graph=True, e.g. a gradient penalty) and forward-mode AD "
+    "(torch.func.jvp, torch.autograd.forward_ad) are not implemented. Use "
+    "ffr_fast.reference.flow_penalty, plain PyTorch, for higher-order derivatives.")
+
+
+def _refuse_double_backward(ctx, *grads):
+    raise RuntimeError(HIGHER_ORDER_MESSAGE)
+
+
+# With create_graph=True the backward op is recorded in the graph; differentiating it again
+# must fail loudly rather than treat the backward as a constant (as torchvision's ops do).
+torch.library.register_autograd("ffr_fast::flow_sums_backward", _refuse_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
+def refuse_forward_mode(features: Sequence[Tensor]) -> None:
+    """Raise for forward-mode dual tensors: the op's autograd has no jvp, and without this
+    check the dispatcher would drop the tangents and report a zero derivative."""
+    if any(forward_ad.unpack_dual(x).tangent is not None for x in features):
+        raise RuntimeError(HIGHER_ORDER_MESSAGE)
 
 
 def _load_cpu_kernel() -> None:
@@ -105,4 +129,5 @@ def require_compiled_cpu_kernel() -> None:
 
 def flow_sums(features: Sequence[Tensor]) -> Tensor:
     """The (B, 3, K-1) flow sums of one chain, through the op (differentiable)."""
+    refuse_forward_mode(features)
     return torch.ops.ffr_fast.flow_sums(list(features))
