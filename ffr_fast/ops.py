@@ -72,9 +72,15 @@ def refuse_forward_mode(features: Sequence[Tensor]) -> None:
         raise RuntimeError(HIGHER_ORDER_MESSAGE)
 
 
+# Device types ("cpu", "cuda") whose kernels were registered below: set where they are
+# registered, so that no one has to ask the dispatcher's internals.
+_COMPILED_KERNELS = set()
+
+
 def _load_cpu_kernel() -> None:
     try:
         import ffr_fast._C  # noqa: F401  registers the CPU kernels with the dispatcher
+        _COMPILED_KERNELS.add("cpu")
     except ImportError as error:
         warnings.warn(
             f"ffr_fast: the compiled CPU kernel is not available ({error}); the flow penalty "
@@ -109,6 +115,7 @@ def _register_cuda_kernels() -> None:
         "ffr_fast::flow_sums_backward", "cuda",
         lambda features, grad_sums: _triton_kernels().flow_sums_backward(features, grad_sums),
         lib=_LIB)
+    _COMPILED_KERNELS.add("cuda")
 
 
 _load_cpu_kernel()
@@ -117,8 +124,7 @@ _register_cuda_kernels()
 
 def has_compiled_kernel(device_type: str) -> bool:
     """Whether the dispatcher has a device-specific kernel (not the reference) for the op."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    return torch._C._dispatch_has_kernel_for_dispatch_key("ffr_fast::flow_sums", key)
+    return device_type in _COMPILED_KERNELS
 
 
 def require_compiled_cpu_kernel() -> None:
