@@ -34,12 +34,11 @@ if "--dry-run" in sys.argv:
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from ffr_fast import ops, reference  # noqa: E402
+from ffr_fast import ops, reference, testing  # noqa: E402
 from ffr_fast.kernels import flow_sums as kernels  # noqa: E402
 from ffr_fast.penalty import flow_penalty  # noqa: E402
+from ffr_fast.testing import TOLERANCE, relative_error  # noqa: E402
 
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2,
-             torch.bfloat16: 1e-2}
 RESNET56_STAGES = [(128, 16, 32, 32), (128, 32, 16, 16), (128, 64, 8, 8)]
 START = time.perf_counter()
 
@@ -75,16 +74,9 @@ def plan(dry_run):
                 penalty=stages + [big], copy_elements=2**28, reps=20)
 
 
-def random_chain(shape, K, dtype, device, seed=0):
-    generator = torch.Generator(device).manual_seed(seed)
-    chain = [torch.randn(shape, generator=generator, device=device)]
-    for _ in range(K - 1):  # a feature flow: each feature a perturbation of the previous
-        chain.append(chain[-1] + 0.3 * torch.randn(shape, generator=generator, device=device))
-    return [x.to(dtype) for x in chain]
-
-
-def relative_error(actual, expected):
-    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+def random_chain(shape, K, dtype, device):
+    """A feature flow: each feature a perturbation of the previous one."""
+    return testing.random_chain(K, shape, dtype, device, step=0.3)
 
 
 def synchronize(device):

@@ -14,6 +14,7 @@ from typing import List, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from ffr_fast import reference
 
@@ -47,10 +48,39 @@ def _backward(ctx, grad_sums):
 
 torch.library.register_autograd("ffr_fast::flow_sums", _backward, setup_context=_setup_context)
 
+HIGHER_ORDER_MESSAGE = (
+    "ffr_fast: the flow penalty supports first-order reverse-mode gradients only: a second "
+    "backward (create_graph=True, e.g. a gradient penalty) and forward-mode AD "
+    "(torch.func.jvp, torch.autograd.forward_ad) are not implemented. Use "
+    "ffr_fast.reference.flow_penalty, plain PyTorch, for higher-order derivatives.")
+
+
+def _refuse_double_backward(ctx, *grads):
+    raise RuntimeError(HIGHER_ORDER_MESSAGE)
+
+
+# With create_graph=True the backward op is recorded in the graph; differentiating it again
+# must fail loudly rather than treat the backward as a constant (as torchvision's ops do).
+torch.library.register_autograd("ffr_fast::flow_sums_backward", _refuse_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
+def refuse_forward_mode(features: Sequence[Tensor]) -> None:
+    """Raise for forward-mode dual tensors: the op's autograd has no jvp, and without this
+    check the dispatcher would drop the tangents and report a zero derivative."""
+    if any(forward_ad.unpack_dual(x).tangent is not None for x in features):
+        raise RuntimeError(HIGHER_ORDER_MESSAGE)
+
+
+# Device types ("cpu", "cuda") whose kernels were registered below: set where they are
+# registered, so that no one has to ask the dispatcher's internals.
+_COMPILED_KERNELS = set()
+
 
 def _load_cpu_kernel() -> None:
     try:
         import ffr_fast._C  # noqa: F401  registers the CPU kernels with the dispatcher
+        _COMPILED_KERNELS.add("cpu")
     except ImportError as error:
         warnings.warn(
             f"ffr_fast: the compiled CPU kernel is not available ({error}); the flow penalty "
@@ -85,6 +115,7 @@ def _register_cuda_kernels() -> None:
         "ffr_fast::flow_sums_backward", "cuda",
         lambda features, grad_sums: _triton_kernels().flow_sums_backward(features, grad_sums),
         lib=_LIB)
+    _COMPILED_KERNELS.add("cuda")
 
 
 _load_cpu_kernel()
@@ -93,8 +124,7 @@ _register_cuda_kernels()
 
 def has_compiled_kernel(device_type: str) -> bool:
     """Whether the dispatcher has a device-specific kernel (not the reference) for the op."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    return torch._C._dispatch_has_kernel_for_dispatch_key("ffr_fast::flow_sums", key)
+    return device_type in _COMPILED_KERNELS
 
 
 def require_compiled_cpu_kernel() -> None:
@@ -105,4 +135,5 @@ def require_compiled_cpu_kernel() -> None:
 
 def flow_sums(features: Sequence[Tensor]) -> Tensor:
     """The (B, 3, K-1) flow sums of one chain, through the op (differentiable)."""
+    refuse_forward_mode(features)
     return torch.ops.ffr_fast.flow_sums(list(features))

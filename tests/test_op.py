@@ -1,8 +1,7 @@
 """The flow-sums op on CPU (the fused C++ kernels of csrc/) against the plain-PyTorch
 reference: sums, penalty variants, gradients, layouts, numerics, determinism, torch.compile.
 
-Tolerances (relative to the largest reference value): float64 1e-10, float32 1e-5,
-float16/bfloat16 1e-2 against the float64 reference of the upcast inputs.
+Tolerances: ffr_fast.testing.TOLERANCE (relative to the largest reference value).
 """
 import importlib.util
 import itertools
@@ -12,9 +11,8 @@ import torch
 
 from ffr_fast import ops, reference
 from ffr_fast.penalty import flow_penalty
+from ffr_fast.testing import TOLERANCE, random_chain, relative_error, upcast
 
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2,
-             torch.bfloat16: 1e-2}
 VARIANTS = [dict(norm=norm, curvature=curvature, grad_weight=0.7, curv_weight=1.3, eps=eps)
             for norm, curvature in itertools.product(reference.NORMS, reference.CURVATURES)
             for eps in (1e-8, 0.5)]
@@ -24,21 +22,6 @@ VARIANTS = [dict(norm=norm, curvature=curvature, grad_weight=0.7, curv_weight=1.
 def compiled_kernel():
     """Every test here must run the C++ kernel, never silently the reference fallback."""
     ops.require_compiled_cpu_kernel()
-
-
-def random_chain(K, shape, dtype=torch.float32, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
-            for _ in range(K)]
-
-
-def relative_error(actual, expected):
-    return ((actual.double() - expected.double()).abs().max()
-            / expected.double().abs().max()).item()
-
-
-def upcast(features):
-    return [x.detach().double() for x in features]
 
 
 def penalty_and_grads(penalty_fn, features, **options):
@@ -152,13 +135,7 @@ def test_channels_last_is_read_in_place():
 def test_nearly_equal_features(variant):
     """x_{l+1} = x_l + 1e-4 noise: differences must be formed element-wise. From
     |a|^2 + |b|^2 - 2<a, b> in float32 the squared differences would lose every digit."""
-    generator = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 8, 16, 16, generator=generator, dtype=torch.float64) + 3
-    chain = [x]
-    for _ in range(5):
-        chain.append(chain[-1] + 1e-4 * torch.randn(x.shape, generator=generator,
-                                                    dtype=torch.float64))
-    features = [c.float() for c in chain]
+    features = [x + 3 for x in random_chain(6, (2, 8, 16, 16), seed=3, step=1e-4)]
     sums = ops.flow_sums(features)
     assert relative_error(sums, reference.flow_sums(upcast(features))) <= 1e-5
     value, grads = penalty_and_grads(flow_penalty, features, **variant)

@@ -11,25 +11,19 @@ import pytest
 import torch
 
 from ffr_fast import reference
+from ffr_fast import testing
 from ffr_fast.kernels import flow_sums as triton_kernels
+from ffr_fast.testing import TOLERANCE, relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Small blocks keep the interpreter fast and split each sample (n = 105) into several blocks,
 # the last one partial.
 BLOCK = 32
 SHAPE = (2, 3, 5, 7)
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2,
-             torch.bfloat16: 1e-2}
 
 
-def random_chain(K, shape=SHAPE, dtype=torch.float32, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=generator, dtype=torch.float64).to(DEVICE, dtype)
-            for _ in range(K)]
-
-
-def relative_error(actual, expected):
-    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+def random_chain(K, shape=SHAPE, dtype=torch.float32, seed=0, step=None):
+    return testing.random_chain(K, shape, dtype, DEVICE, seed, step)
 
 
 def check_against_reference(features, tolerance, block_size=BLOCK):
@@ -104,12 +98,7 @@ def test_views(view):
 
 def test_nearly_equal_neighbours_keep_float32_accuracy():
     """Differences are formed element-wise: expanding |a - b|^2 would cancel catastrophically."""
-    generator = torch.Generator().manual_seed(2)
-    x = torch.randn(SHAPE, generator=generator)
-    features = [x]
-    for _ in range(4):
-        features.append(features[-1] + 1e-4 * torch.randn(SHAPE, generator=generator))
-    check_against_reference([f.to(DEVICE) for f in features], TOLERANCE[torch.float32])
+    check_against_reference(random_chain(5, seed=2, step=1e-4), TOLERANCE[torch.float32])
 
 
 class _KernelFlowSums(torch.autograd.Function):
