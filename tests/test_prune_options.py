@@ -101,8 +101,11 @@ def test_prune_is_exported_by_the_package(resnet):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(), "exactly one of threshold= or ratio="),
-    (dict(threshold=0.1, ratio=0.5), "exactly one of threshold= or ratio="),
+    (dict(), "exactly one of threshold=, ratio= or flops_target="),
+    (dict(threshold=0.1, ratio=0.5), "exactly one of threshold=, ratio= or flops_target="),
+    (dict(ratio=0.5, flops_target=0.5), "exactly one of threshold=, ratio= or flops_target="),
+    (dict(flops_target=1.0), r"flops_target must be in \(0, 1\)"),
+    (dict(flops_target=0.5, flops_search="bisect"), "flops_search must be one of"),
     (dict(ratio=1.0), r"ratio must be in \[0, 1\)"),
     (dict(ratio=-0.1), r"ratio must be in \[0, 1\)"),
     (dict(threshold=-1.0), "threshold must be >= 0"),

@@ -5,14 +5,17 @@
     print(result.report)
 
 Modules: graph (channel dependencies from torch.fx), importance (scores), plan (what goes),
-blocks (residual-branch removal), surgery (slicing), fold (BN folding), inplace (residual
+blocks (residual branches: found, measured, removed), surgery (slicing), fold (BN folding), inplace (residual
 adds written in place, as the eager model did), report, serialize.
 """
+from .blocks import ResidualBranch
 from .graph import UntraceableModelError
-from .pruner import ExampleInputError, PruneResult, prune
+from .inputs import ExampleInputError
+from .pruner import FlopsTargetWarning, PruneResult, prune, residual_branches
 from .recalibrate import recalibrate_bn
 from .report import PruneReport
 from .serialize import load_pruned, save_pruned
 
-__all__ = ["prune", "PruneResult", "PruneReport", "save_pruned", "load_pruned", "recalibrate_bn",
-           "UntraceableModelError", "ExampleInputError"]
+__all__ = ["prune", "PruneResult", "PruneReport", "residual_branches", "ResidualBranch",
+           "save_pruned", "load_pruned", "recalibrate_bn", "UntraceableModelError",
+           "ExampleInputError", "FlopsTargetWarning"]

@@ -1,44 +1,62 @@
-"""Residual-block removal: `y = shortcut + branch` becomes `y = shortcut` when the branch is dead.
+"""Residual branches: `y = shortcut + branch(x)` becomes `y = shortcut` when a branch goes.
 
-Found generically in the fx graph, not by module class: a residual add is an add node of two
-same-shaped tensors. Its *branch tail* is found by walking back from one input through
-zero-preserving channel-wise ops (ReLU, dropout, ...) and an optional BatchNorm to the
-producing Conv2d / Linear. The branch contributes nothing when every row that tail emits
-(filter and bias with the BN folded in, importance.emitted_rows) has norm <= `tol`: with
-tol = 0 the branch output is exactly zero -- note that a BN with gamma = 0 but beta != 0
-still emits beta, and such a branch is kept. The add is then replaced by the other input
-(the identity, or the downsample path alone) and the nodes only the branch used are erased.
+Found generically in the fx graph, not by module class. A *residual add* is an add of two
+same-shaped tensors; one side is a *branch* when the nodes only that side uses (its
+exclusive sub-graph, read back from the add until a node that something else also reads)
+call at least one module and start from a tensor of the graph. When both sides qualify (a
+projection shortcut), the branch is the side with more nodes and the shortcut the other.
+
+A branch's name is the longest module path common to the modules it calls ("layer2.1" for
+a ResNet block, "features.6.conv" for a MobileNetV2 block); branches that would share a name
+(the attention and MLP branches of one transformer block) get the next path component of
+their largest module appended ("encoder.layers.encoder_layer_3.self_attention").
+
+A branch's *tail* is the producer (Conv2d / Linear, and the BatchNorm right after it) reached
+from the add through zero-preserving channel-wise ops: what the branch emits is what the
+tail emits, so the branch scores like the tail's channels (importance.py: one unit for
+channels and branches) and a branch whose tail emits exactly zero is exactly dead. Note that
+a BN with gamma = 0 but beta != 0 still emits beta, and such a branch is kept.
 """
 import operator
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .graph import ZERO_PRESERVING_FUNCTIONS, ZERO_PRESERVING_METHODS, ZERO_PRESERVING_MODULES
-from .importance import emitted_rows, row_norm
+from .graph import is_zero_preserving_call, is_zero_preserving_module
+from .importance import Scorer, layer_scores
 
 ADD_TARGETS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 
 
 @dataclass
-class DeadBranch:
-    add: str  # name of the add node
+class ResidualBranch:
+    """One residual branch of a traced model.
+
+    name: stable, readable (see the module docstring); flops: what removing the branch saves
+    on the example inputs; influence: ShortGPT's Block Influence on the example inputs,
+    1 - cos(x_in, x_out) per sample (features flattened per sample), averaged over the batch,
+    where x_in is the shortcut and x_out the sum (0: the branch changes nothing's direction).
+    """
+    name: str
+    flops: int
+    influence: float
+    add: str  # name of the add node in the traced graph
     shortcut_arg: int  # which input of the add survives
-    tail: Tuple[str, ...]  # producer path (and its BN path): zeroed in the reference model
+    modules: Tuple[str, ...]  # modules the branch calls that nothing else calls
+    tail: Optional[Tuple[str, ...]]  # (producer path, [its BatchNorm path]), if found
 
 
 def _is_passthrough(node: fx.Node, modules) -> bool:
     if node.op == "call_module":
-        return isinstance(modules[node.target], ZERO_PRESERVING_MODULES)
-    return node.op in ("call_function", "call_method") and (
-        node.target in ZERO_PRESERVING_FUNCTIONS or node.target in ZERO_PRESERVING_METHODS)
+        return is_zero_preserving_module(modules[node.target])
+    return node.op in ("call_function", "call_method") and is_zero_preserving_call(node)
 
 
 def _tail(node: fx.Node, modules, ignored) -> Optional[Tuple[str, ...]]:
-    while _is_passthrough(node, modules) and isinstance(node.args[0], fx.Node):
+    while _is_passthrough(node, modules) and node.args and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     tail = ()
     if node.op == "call_module" and isinstance(modules[node.target], nn.BatchNorm2d):
@@ -50,31 +68,156 @@ def _tail(node: fx.Node, modules, ignored) -> Optional[Tuple[str, ...]]:
     return (node.target,) + tail
 
 
-def find_dead_branches(gm: fx.GraphModule, tol: float, importance: str,
-                       ignored: Sequence[str] = ()) -> List[DeadBranch]:
+def _shape(node) -> Optional[torch.Size]:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return getattr(meta, "shape", None)
+
+
+def _exclusive(add: fx.Node, start: fx.Node, order: Dict[fx.Node, int]) -> List[fx.Node]:
+    """The nodes that only `add`'s input `start` uses (start included), in graph order."""
+    if set(start.users) != {add}:
+        return []
+    inside: Set[fx.Node] = {start}
+    pending = {n for n in start.all_input_nodes}
+    # Users come after their inputs in the graph, so visiting candidates from the latest
+    # back decides every user before the nodes it reads.
+    while pending:
+        node = max(pending, key=order.get)
+        pending.discard(node)
+        if node.op in ("placeholder", "output") or not set(node.users) <= inside:
+            continue
+        inside.add(node)
+        pending.update(node.all_input_nodes)
+    return sorted(inside, key=order.get)
+
+
+def _is_branch(nodes: List[fx.Node]) -> bool:
+    calls_module = any(n.op == "call_module" for n in nodes)
+    inside = set(nodes)
+    reads_graph = any(i not in inside and i.op != "get_attr"
+                      for n in nodes for i in n.all_input_nodes)
+    return calls_module and reads_graph
+
+
+def _common_prefix(paths: Sequence[str]) -> str:
+    parts = [p.split(".") for p in paths]
+    prefix = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        prefix.append(level[0])
+    return ".".join(prefix)
+
+
+def find_branches(gm: fx.GraphModule, ignored: Sequence[str] = ()) -> List[ResidualBranch]:
+    """Every residual branch of `gm` (whose nodes carry ShapeProp shapes), in forward order;
+    `flops` and `influence` are left at 0 (see measure_branches)."""
     modules, ignored = dict(gm.named_modules()), set(ignored)
-    norm = "l1" if importance == "l1" else "l2"
-    dead = []
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    called = {}
     for node in gm.graph.nodes:
-        if node.target not in ADD_TARGETS or len(node.args) != 2:
+        if node.op == "call_module":
+            called.setdefault(node.target, set()).add(node)
+    found = []
+    for add in gm.graph.nodes:
+        if add.target not in ADD_TARGETS or len(add.args) != 2 or add.kwargs:
             continue
-        args = node.args
-        if not all(isinstance(a, fx.Node) for a in args):
+        args = add.args
+        if (not all(isinstance(a, fx.Node) for a in args) or args[0] is args[1]
+                or _shape(args[0]) is None or _shape(args[0]) != _shape(args[1])
+                or _shape(args[0]) != _shape(add)):
             continue
-        shapes = [a.meta.get("tensor_meta") for a in args]
-        if None in shapes or shapes[0].shape != shapes[1].shape:
+        sides = [_exclusive(add, a, order) for a in args]
+        candidates = [s for s in (0, 1) if _is_branch(sides[s])]
+        if not candidates:
             continue
-        for side in (0, 1):
-            if len(args[side].users) != 1:
-                continue  # read elsewhere too (an identity shortcut): not a branch
-            tail = _tail(args[side], modules, ignored)
-            if tail is None:
-                continue
-            bn = modules[tail[1]] if len(tail) > 1 else None
-            if row_norm(emitted_rows(modules[tail[0]], bn), norm).max() <= tol:
-                dead.append(DeadBranch(node.name, 1 - side, tail))
-                break
-    return dead
+        side = max(candidates, key=lambda s: (len(sides[s]), -s))
+        nodes = sides[side]
+        inside = set(nodes)
+        paths = [n.target for n in nodes if n.op == "call_module"]
+        own = tuple(p for p in dict.fromkeys(paths) if called[p] <= inside)
+        found.append((add, 1 - side, own, paths, _tail(args[side], modules, ignored)))
+    names = _names([paths for *_, paths, _ in found], modules)
+    return [ResidualBranch(name, 0, 0.0, add.name, shortcut, own, tail)
+            for name, (add, shortcut, own, _, tail) in zip(names, found)]
+
+
+def _names(branch_paths: List[List[str]], modules) -> List[str]:
+    names = [_common_prefix(paths) for paths in branch_paths]
+    for i, (name, paths) in enumerate(zip(list(names), branch_paths)):
+        if names.count(name) > 1 or not name:
+            biggest = max(paths, key=lambda p: sum(q.numel() for q in modules[p].parameters()))
+            rest = biggest[len(name):].lstrip(".").split(".")[0]
+            names[i] = f"{name}.{rest}" if name else rest
+    for i, name in enumerate(list(names)):
+        if names.count(name) > 1:  # still ambiguous: number them in forward order
+            names[i] = f"{name}#{names[:i].count(name)}"
+    return names
+
+
+class _BranchMeter(fx.Interpreter):
+    """Runs the graph once, counting each node's FLOPs and each residual add's influence."""
+
+    def __init__(self, gm: fx.GraphModule, branches: Sequence[ResidualBranch]):
+        super().__init__(gm)
+        self.watch = {b.add: b.shortcut_arg for b in branches}
+        self.flops: Dict[str, int] = {}
+        self.influence: Dict[str, float] = {}
+
+    def run_node(self, node: fx.Node):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            result = super().run_node(node)
+        self.flops[node.name] = counter.get_total_flops()
+        if node.name in self.watch:  # now, before an in-place op overwrites the sum
+            shortcut = self.env[node.args[self.watch[node.name]]]
+            self.influence[node.name] = block_influence(shortcut, result)
+        return result
+
+
+def block_influence(x_in: torch.Tensor, x_out: torch.Tensor) -> float:
+    """1 - cos(x_in, x_out) per sample (flattened), averaged over the batch (ShortGPT)."""
+    a, b = x_in.detach().double().flatten(1), x_out.detach().double().flatten(1)
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-30)
+    return float((1 - cos).mean())
+
+
+def measure_branches(gm: fx.GraphModule, inputs, branches: Sequence[ResidualBranch]) -> None:
+    """Fill in each branch's `flops` (of the nodes removing it erases) and `influence`."""
+    meter = _BranchMeter(gm, branches)
+    with torch.no_grad():
+        meter.run(*inputs)
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for branch in branches:
+        add = nodes[branch.add]
+        erased = _exclusive(add, add.args[1 - branch.shortcut_arg], order) + [add]
+        branch.flops = sum(meter.flops[n.name] for n in erased)
+        branch.influence = meter.influence[branch.add]
+
+
+def branch_score(branch: ResidualBranch, scorer: Scorer, modules) -> Optional[float]:
+    """The branch's importance in the unit of its channels (None: nothing to score it by)."""
+    if branch.tail is None:
+        return None
+    bn = modules[branch.tail[1]] if len(branch.tail) > 1 else None
+    scores = layer_scores(scorer, modules[branch.tail[0]], bn, branch.tail[0])
+    return None if scores is None else float(scores.max())
+
+
+def select_branches(branches: Sequence[ResidualBranch], names: Sequence[str]
+                    ) -> List[ResidualBranch]:
+    """The branches called `names` (each must exist), in forward order."""
+    if isinstance(names, str):
+        raise TypeError(f"remove_branches must be a list of branch names, got the string "
+                        f"{names!r}; write remove_branches=[{names!r}]")
+    valid = [b.name for b in branches]
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ValueError(f"remove_branches: no residual branch named {unknown}; the model's "
+                         f"branches are {valid}")
+    return [b for b in branches if b.name in set(names)]
 
 
 def _mutates_input(node: fx.Node, modules) -> bool:
@@ -85,11 +228,15 @@ def _mutates_input(node: fx.Node, modules) -> bool:
     return node.target in (operator.iadd, operator.isub, operator.imul)
 
 
-def remove_branches(graph: fx.Graph, dead: Sequence[DeadBranch], modules) -> List[dict]:
-    """Edit `graph`: every dead add becomes its shortcut. Returns one record per block."""
-    nodes = {n.name: n for n in graph.nodes}
+def remove_branches(graph: fx.Graph, branches: Sequence[ResidualBranch], modules
+                    ) -> List[dict]:
+    """Edit `graph`: every branch's add becomes its shortcut. Returns one record per branch
+    removed (a branch inside one removed before it is gone with it and has no record)."""
     records = []
-    for branch in dead:
+    for branch in branches:
+        nodes = {n.name: n for n in graph.nodes}
+        if branch.add not in nodes:
+            continue
         add = nodes[branch.add]
         shortcut, start = add.args[branch.shortcut_arg], add.args[1 - branch.shortcut_arg]
         # The shortcut is the identity when the branch reads the very same tensor.
@@ -98,8 +245,7 @@ def remove_branches(graph: fx.Graph, dead: Sequence[DeadBranch], modules) -> Lis
         graph.erase_node(add)
         erased = _erase_unused(graph, start)
         _guard_in_place(graph, shortcut, modules)
-        records.append({"add": branch.add, "block": _common_prefix(erased),
-                        "removed_modules": erased,
+        records.append({"add": branch.add, "block": branch.name, "removed_modules": erased,
                         "shortcut": (f"identity shortcut (node {shortcut.name})" if identity
                                      else f"shortcut path ending in '{shortcut.target}'")})
     graph.lint()
@@ -138,14 +284,3 @@ def _guard_in_place(graph: fx.Graph, shortcut: fx.Node, modules) -> None:
             copy = graph.call_method("clone", (shortcut,))
         copy.meta = dict(shortcut.meta)  # same shape: the analysis needs no new pass
         user.replace_input_with(shortcut, copy)
-
-
-def _common_prefix(paths: List[str]) -> str:
-    parts = [p.split(".") for p in paths]
-    prefix = []
-    for level in zip(*parts):
-        if len(set(level)) != 1:
-            break
-        prefix.append(level[0])
-    return ".".join(prefix) or "(root)"
-

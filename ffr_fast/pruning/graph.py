@@ -73,15 +73,37 @@ def trace(model: nn.Module, leaves: Sequence[str] = ()) -> fx.Graph:
 
 
 # Channel-wise ops that map a zero channel to a zero channel: pruning through them is exact.
+# Types whose every instance does; a Hardtanh or Threshold does only for some settings
+# (Hardtanh(0.5, 2) maps 0 to 0.5), so is_zero_preserving_module checks the instance.
 ZERO_PRESERVING_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh,
-    nn.ELU, nn.Mish, nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)
+    nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh, nn.ELU, nn.CELU, nn.Mish,
+    nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d, nn.Upsample)
 ZERO_PRESERVING_FUNCTIONS = {
-    F.relu, F.relu6, F.leaky_relu, F.hardtanh, F.gelu, F.silu, F.hardswish, F.elu, F.mish,
+    F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.hardswish, F.elu, F.mish,
     F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
     F.interpolate, torch.relu, torch.tanh}
 ZERO_PRESERVING_METHODS = {"relu", "relu_", "tanh", "contiguous", "clone", "detach", "to"}
+
+
+def is_zero_preserving_module(module: nn.Module) -> bool:
+    """Whether this instance maps a zero channel to a zero channel."""
+    if isinstance(module, nn.Hardtanh):  # ReLU6 included
+        return module.min_val <= 0 <= module.max_val
+    if isinstance(module, nn.Threshold):  # y = x if x > threshold else value
+        return module.threshold < 0 or module.value == 0
+    return isinstance(module, ZERO_PRESERVING_MODULES)
+
+
+def is_zero_preserving_call(node: fx.Node) -> bool:
+    """Whether a call_function / call_method node maps a zero channel to a zero channel."""
+    if node.target is F.hardtanh:
+        low = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
+        high = node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0)
+        return isinstance(low, (int, float)) and isinstance(high, (int, float)) and low <= 0 <= high
+    return node.target in ZERO_PRESERVING_FUNCTIONS or node.target in ZERO_PRESERVING_METHODS
+
+
 MERGING_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.iadd, operator.isub,
                      operator.imul, torch.add, torch.sub, torch.mul}
 MERGING_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_"}
@@ -232,7 +254,7 @@ class _Analyzer:
             if ids is not None:
                 self.record(node, module, None, ids)
             return ids
-        if isinstance(module, ZERO_PRESERVING_MODULES):
+        if is_zero_preserving_module(module):
             return self.passthrough(node)
         if isinstance(module, nn.Flatten):
             return self.reshape(node)
@@ -240,7 +262,7 @@ class _Analyzer:
 
     def function_rule(self, node) -> Optional[np.ndarray]:
         target = node.target
-        if target in ZERO_PRESERVING_FUNCTIONS or target in ZERO_PRESERVING_METHODS:
+        if is_zero_preserving_call(node):
             return self.passthrough(node)
         if target in MERGING_FUNCTIONS or target in MERGING_METHODS:
             return self.merge(node)

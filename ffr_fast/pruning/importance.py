@@ -1,27 +1,34 @@
-"""Channel importance: what a channel emits, measured so that a dead channel scores zero.
+"""Channel importance: one score per output channel of every layer, on one scale for
+channels and residual branches alike.
 
-For every output channel of a Conv2d or Linear (a *producer*) the emitted map is its filter
-and bias, with the BatchNorm that directly follows it folded in (eval-mode affine map):
-    row_c = [ s_c * W_c , s_c * b_c + t_c ]     s = gamma / sqrt(var + eps), t = beta - mean * s
-A BatchNorm that follows no producer (e.g. after a concat or an add) emits t_c for a zero
-input, so it contributes the row [t_c]. A channel's output is identically zero exactly when
-all its rows are zero.
+A *scorer* maps a layer to one non-negative score per output channel:
+    scorer(module, bn) -> Tensor of shape (out_channels,), or None (no opinion)
+It is called for every producer (Conv2d / Linear), with `bn` the BatchNorm that directly
+follows it (or None), and as scorer(bn, None) for a BatchNorm that follows no producer
+(e.g. after a concat or an add). The score of a channel class (channels tied by the
+dependency graph) is the MAX over all its members, and the score of a residual branch is
+the max over the channels its last layer emits, so `threshold=t` compares channels and
+branches in the same unit and removes something only when everything it emits scores <= t.
 
-`importance="l2"` / `"l1"`: a row's score is its L2 / L1 norm. `importance="bn"`: the score
-is |gamma_c| of the channel's BatchNorms (network slimming); classes without a BatchNorm
-are not pruned under "bn".
-The score of a channel class (channels tied by the dependency graph) is the MAX over all
-rows of all its members, so `threshold=t` removes a class only when every member filter is
-at most t: with t = 0 exactly the dead (all-zero) filters go. Consumers' input weights are
-deliberately not counted: a dead filter is dead whatever reads it.
+Built-in scorers (`importance=` "l2", "l1", "bn"), and any callable of the form above:
+- "l2" / "l1": the norm of what a channel emits. For a producer that is its filter and
+  bias with the following BatchNorm folded in (eval-mode affine map):
+      row_c = [ s_c * W_c , s_c * b_c + t_c ]     s = gamma / sqrt(var + eps), t = beta - mean * s
+  and for a lone BatchNorm its shift t_c (what it emits for a zero input). A channel's
+  output is identically zero exactly when all its rows are zero, so threshold 0 removes
+  exactly the dead channels. Consumers' input weights are deliberately not counted: a dead
+  filter is dead whatever reads it.
+- "bn": |gamma_c| of the channel's BatchNorms (network slimming); layers without a
+  BatchNorm have no opinion, and a class nothing scores is not pruned.
 """
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .graph import ChannelGraph, ModuleChannels
 
+Scorer = Callable[[nn.Module, Optional[nn.Module]], Optional[torch.Tensor]]
 IMPORTANCES = ("l2", "l1", "bn")
 
 
@@ -51,8 +58,47 @@ def emitted_rows(producer: nn.Module, bn: Optional[nn.BatchNorm2d]) -> torch.Ten
     return torch.cat([weight, bias[:, None]], dim=1)
 
 
-def row_norm(rows: torch.Tensor, importance: str) -> torch.Tensor:
-    return rows.abs().sum(1) if importance == "l1" else rows.norm(dim=1)
+def _norm_scorer(order: int) -> Scorer:
+    def score(module: nn.Module, bn: Optional[nn.Module]) -> torch.Tensor:
+        if isinstance(module, nn.BatchNorm2d):  # a lone BatchNorm emits its shift
+            return bn_affine(module)[1].abs()
+        return emitted_rows(module, bn).norm(p=order, dim=1)
+    return score
+
+
+def gamma_scores(module: nn.Module, bn: Optional[nn.Module]) -> Optional[torch.Tensor]:
+    norm = module if isinstance(module, nn.BatchNorm2d) else bn
+    if norm is None:
+        return None
+    gamma = norm.weight if norm.affine else torch.ones(norm.num_features)
+    return gamma.detach().abs().double()
+
+
+SCORERS: Dict[str, Scorer] = {"l2": _norm_scorer(2), "l1": _norm_scorer(1), "bn": gamma_scores}
+
+
+def scorer_for(importance: Union[str, Scorer]) -> Scorer:
+    if callable(importance):
+        return importance
+    if importance not in SCORERS:
+        raise ValueError(f"importance must be one of {IMPORTANCES} or a callable "
+                         f"(module, bn) -> per-channel scores, got {importance!r}")
+    return SCORERS[importance]
+
+
+def layer_scores(scorer: Scorer, module: nn.Module, bn: Optional[nn.Module], path: str
+                 ) -> Optional[torch.Tensor]:
+    """`scorer(module, bn)`, checked: None or one finite score >= 0 per output channel."""
+    scores = scorer(module, bn)
+    if scores is None:
+        return None
+    channels = module.num_features if isinstance(module, nn.BatchNorm2d) else module.weight.shape[0]
+    if (not isinstance(scores, torch.Tensor) or scores.shape != (channels,)
+            or not bool(torch.isfinite(scores).all()) or bool((scores < 0).any())):
+        raise ValueError(f"the importance function returned {scores!r} for layer '{path}'; "
+                         f"it must return None or a tensor of {channels} finite scores >= 0 "
+                         "(one per output channel)")
+    return scores.detach().double().cpu()
 
 
 def following_bn(cg: ChannelGraph, producer: ModuleChannels) -> Optional[ModuleChannels]:
@@ -66,13 +112,14 @@ def following_bn(cg: ChannelGraph, producer: ModuleChannels) -> Optional[ModuleC
     return bn
 
 
-def class_scores(cg: ChannelGraph, importance: str) -> Dict[int, float]:
+def class_scores(cg: ChannelGraph, importance: Union[str, Scorer]) -> Dict[int, float]:
     """Score of every channel class (keyed by its union-find root) that has a member."""
-    if importance not in IMPORTANCES:
-        raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
+    scorer = scorer_for(importance)
     scores: Dict[int, float] = {}
 
     def add(ids, values):
+        if values is None:
+            return
         for root, value in zip(cg.roots(ids).tolist(), values.tolist()):
             scores[root] = max(scores.get(root, 0.0), value)
 
@@ -83,14 +130,8 @@ def class_scores(cg: ChannelGraph, importance: str) -> Dict[int, float]:
         bn = following_bn(cg, mc)
         if bn is not None:
             folded.add(bn.path)
-        if importance != "bn":
-            add(mc.out_ids, row_norm(emitted_rows(mc.module, bn and bn.module), importance))
+        add(mc.out_ids, layer_scores(scorer, mc.module, bn and bn.module, mc.path))
     for mc in cg.modules.values():
-        if not isinstance(mc.module, nn.BatchNorm2d):
-            continue
-        if importance == "bn":
-            gamma = mc.module.weight if mc.module.affine else torch.ones(len(mc.out_ids))
-            add(mc.out_ids, gamma.detach().abs().double())
-        elif mc.path not in folded:
-            add(mc.out_ids, bn_affine(mc.module)[1].abs())
+        if isinstance(mc.module, nn.BatchNorm2d) and mc.path not in folded:
+            add(mc.out_ids, layer_scores(scorer, mc.module, None, mc.path))
     return scores

@@ -4,6 +4,7 @@ A *group* is the set of producer layers (Conv2d / Linear) whose output channels 
 the dependency graph (e.g. every conv that writes into one residual stream) together with
 their channel classes. Selection:
 - `threshold=t`: every prunable class whose score (importance.py) is <= t is removed.
+- neither: nothing is removed (prune() was asked for residual branches only).
 - `ratio=r`, `scope="global"`: the round(r * n) lowest-scored of all n prunable classes.
 - `ratio=r`, `scope="layer"`: in every group, the floor(r * size) lowest-scored classes.
 Then, per producer layer, classes are given back (highest score first) until the layer keeps
@@ -73,6 +74,8 @@ def make_plan(cg: ChannelGraph, scores: Dict[int, float], *, threshold=None, rat
     prunable = [r for g in groups for r in g.roots if r not in g.pinned]
     if threshold is not None:
         removed = {r for r in prunable if scores[r] <= threshold}
+    elif ratio is None:  # only residual branches were asked for
+        removed = set()
     elif scope == "global":
         removed = set(sorted(prunable, key=scores.get)[:round(ratio * len(prunable))])
     else:

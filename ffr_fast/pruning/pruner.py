@@ -1,8 +1,10 @@
-"""prune(): trace, remove dead residual branches, plan, cut, optionally fold BN, verify."""
+"""prune(): trace, remove residual branches, plan, cut, optionally fold BN, verify; and
+residual_branches(): the branches prune() can remove, measured on the example inputs."""
 import copy
 import time
+import warnings
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -10,23 +12,27 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_leaves
 
-from ..metrics import count_params, flops_of
-from .blocks import find_dead_branches, remove_branches
-from .inplace import adds_in_place
+from ..metrics import count_params
+from .blocks import (ResidualBranch, branch_score, find_branches, measure_branches,
+                     remove_branches as remove_from_graph, select_branches)
 from .fold import fold_batchnorms, foldable_pairs
 from .graph import analyze, trace
-from .importance import IMPORTANCES, class_scores
+from .importance import Scorer, class_scores, scorer_for
+from .inplace import adds_in_place
+from .inputs import (as_inputs, evaluating, resolve_ignored, restore_training_flags,
+                     run_checked, training_flags)
 from .plan import make_plan
 from .report import PruneReport
-from .surgery import apply_plan, set_submodule, zero_channels, zero_removed
+from .surgery import apply_plan, set_submodule, zero_removed
 
 SCOPES = ("global", "layer")
+FLOPS_SEARCHES = ("threshold", "ratio")
 STRUCTURE_FORMAT = "ffr_fast.pruned/2"
 STRUCTURE_KEY = "ffr_fast.structure"  # where the pruned GraphModule keeps it, in .meta
 
 
-class ExampleInputError(ValueError):
-    """The model failed on the example inputs; the message names their shapes and the module."""
+class FlopsTargetWarning(UserWarning):
+    """prune(flops_target=...) could not land within the tolerance; the report says where."""
 
 
 @dataclass
@@ -39,94 +45,98 @@ class PruneResult:
         return str(self.report)
 
 
+def residual_branches(model: nn.Module, example_inputs, ignored: Sequence[Any] = ()
+                      ) -> List[ResidualBranch]:
+    """The residual branches of `model` that prune(remove_branches=[...]) can remove, in
+    forward order, each with its stable `name`, the `flops` removing it saves and its Block
+    Influence (ShortGPT) on `example_inputs` (blocks.ResidualBranch). The model runs in
+    eval mode and is left exactly as it was (every submodule's training flag included)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"residual_branches() needs an nn.Module, got {type(model).__name__}")
+    inputs = as_inputs(example_inputs)
+    ignored = resolve_ignored(model, ignored)
+    with evaluating(model), torch.no_grad():
+        gm = fx.GraphModule(model, trace(model, ignored))
+        run_checked(gm, inputs, ShapeProp(gm).propagate)
+        branches = find_branches(gm, ignored)
+        measure_branches(gm, inputs, branches)
+    return branches
+
+
 def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.Tensor]], *,
           threshold: Optional[float] = None, ratio: Optional[float] = None,
-          importance: str = "l2", scope: str = "global", min_channels: int = 1,
-          round_to: Optional[int] = None, remove_blocks: bool = True, fold_bn: bool = False,
-          ignored: Sequence[Any] = (), inplace: bool = False) -> PruneResult:
-    """Remove filters (and dead residual blocks) from `model`; return a new compact model.
+          flops_target: Optional[float] = None, flops_search: str = "threshold",
+          flops_tolerance: float = 0.02, importance: Union[str, Scorer] = "l2",
+          scope: str = "global", min_channels: int = 1, round_to: Optional[int] = None,
+          remove_blocks: bool = True, remove_branches: Sequence[str] = (),
+          fold_bn: bool = False, ignored: Sequence[Any] = (), inplace: bool = False
+          ) -> PruneResult:
+    """Remove filters and residual branches from `model`; return a new compact model.
 
-    Exactly one of `threshold` (remove every channel class whose importance score is
-    <= threshold, see importance.py; 0 removes exactly the all-zero filters) or `ratio`
-    (fraction of prunable channel classes to remove, `scope` "global" or per "layer") is
-    given. `ignored` lists modules (names, instances or classes) that are traced as opaque
-    leaves and whose channels are kept. The result's model is a torch.fx.GraphModule in the
-    original's training mode (eval mode with `fold_bn`). With `inplace=True` the model is
-    not copied: its modules are replaced and reused, and only `result.model` should be used
-    afterwards (its own forward may still call removed blocks).
+    What goes, at most one of:
+    - `threshold=t`: every channel class whose importance score is <= t (importance.py;
+      0 removes exactly the all-zero filters) and, with `remove_blocks`, every residual
+      branch whose last layer's channels all score <= t (the same unit; without a
+      threshold, the branches whose last layer emits exactly zero);
+    - `ratio=r`: that fraction of the prunable channel classes (`scope` "global" or per
+      "layer");
+    - `flops_target=f`: the smallest pruning (a search on `flops_search`, "threshold" or
+      "ratio") that keeps at most the fraction f of the FLOPs, accepted within
+      `flops_tolerance` below f; when the search cannot land there (a threshold removes
+      whole blocks at once) it warns (FlopsTargetWarning) and the report's `warnings` say
+      what it kept;
+    - none of them, with `remove_branches` only.
+    `remove_branches` lists residual branches by name (see residual_branches()) to remove
+    whatever their scores. `importance` is "l2", "l1", "bn" or a callable
+    (module, following_bn) -> one score per output channel (importance.py). `ignored` lists
+    modules (names, instances or classes) traced as opaque leaves whose channels are kept.
+
+    The result's model is a torch.fx.GraphModule whose submodules have the training flags
+    of the original's (all eval with `fold_bn`); the output is verified on the example
+    inputs (report.relative_diff). With `inplace=False` the model is not modified at all;
+    with `inplace=True` it is not copied: its modules are replaced and reused, and only
+    `result.model` should be used afterwards (its own forward may still call removed
+    branches).
     """
     start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"prune() needs an nn.Module, got {type(model).__name__}")
-    _check_settings(threshold, ratio, importance, scope, min_channels, round_to)
-    inputs = _as_inputs(example_inputs)
-    ignored = resolve_ignored(model, ignored)
-    was_training = model.training
-    work = model if inplace else copy.deepcopy(model)
-    work.eval()
-    with torch.no_grad():
-        gm = fx.GraphModule(work, trace(work, ignored))
-        params_before = count_params(gm)
-        # One pass records shapes for the analysis, the original output and its FLOPs.
-        original, flops_before = run_checked(gm, inputs, ShapeProp(gm).propagate)
-        dead = (find_dead_branches(gm, threshold or 0.0, importance, ignored)
-                if remove_blocks else [])
-        blocks = remove_branches(gm.graph, dead, dict(gm.named_modules()))
-        gm.delete_all_unused_submodules()
-        cg = analyze(gm, ignored)
-        plan = make_plan(cg, class_scores(cg, importance), threshold=threshold, ratio=ratio,
-                         scope=scope, min_channels=min_channels, round_to=round_to)
-        # The reference: the original graph with what goes zeroed (modules are shared).
-        zero_removed(cg, plan.removed)
-        for branch in dead:
-            for path in branch.tail:
-                module = work.get_submodule(path)
-                zero_channels(module, range(_out_channels(module)))
-        reference, _ = run_checked(work, inputs)
-        channels = apply_plan(gm, cg, plan.removed)
-        folded_pairs = foldable_pairs(gm) if fold_bn else []
-        folded = fold_batchnorms(gm, folded_pairs) if fold_bn else []
-        in_place = adds_in_place(gm)
-        gm.recompile()
-        pruned, flops_after = run_checked(gm, inputs)
-        if inplace:  # the caller's module tree gets the new modules too
-            kept = dict(gm.named_modules())
-            for path in channels.keys() & kept.keys():
-                set_submodule(model, path, kept[path])
-        structure = {"format": STRUCTURE_FORMAT, "ignored": list(ignored),
-                     "removed_blocks": [[b.add, b.shortcut_arg] for b in dead],
-                     "folded_bn": [list(p) for p in folded_pairs],
-                     "adds_in_place": [list(a) for a in in_place]}
-        gm.meta[STRUCTURE_KEY] = structure
-        report = PruneReport(
-            settings=dict(threshold=threshold, ratio=ratio, importance=importance, scope=scope,
-                          min_channels=min_channels, round_to=round_to,
-                          remove_blocks=remove_blocks, fold_bn=fold_bn, ignored=list(ignored)),
-            params_before=params_before, params_after=count_params(gm),
-            flops_before=flops_before, flops_after=flops_after,
-            channels=channels, removed_classes=len(plan.removed),
-            prunable_classes=sum(len(g.roots) - len(g.pinned) for g in plan.groups),
-            removed_blocks=blocks, unpruned=plan.unpruned, opaque_ops=cg.unknown_ops,
-            folded_bn=folded,
-            score_cutoff=plan.cutoff, max_abs_diff=_max_diff(pruned, reference),
-            reference_max_abs=max(float(t.abs().max()) for t in _tensors(reference)),
-            max_abs_diff_original=_max_diff(pruned, original))
-    gm.train(was_training and not fold_bn)
-    model.train(was_training)  # only the copy (or, with inplace=True, the model) was in eval
-    report.seconds = time.perf_counter() - start
-    return PruneResult(gm, report, structure)
+    _check_settings(threshold, ratio, flops_target, flops_search, flops_tolerance, importance,
+                    scope, min_channels, round_to, remove_branches)
+    inputs = as_inputs(example_inputs)
+    options = dict(importance=importance, scope=scope, min_channels=min_channels,
+                   round_to=round_to, remove_blocks=remove_blocks,
+                   remove_branches=list(remove_branches), fold_bn=fold_bn,
+                   ignored=resolve_ignored(model, ignored))
+    if flops_target is None:
+        result = _prune_once(model, inputs, threshold, ratio, inplace, **options)
+    else:
+        result = _prune_to_flops(model, inputs, flops_target, flops_search, flops_tolerance,
+                                 inplace, options)
+    result.report.seconds = time.perf_counter() - start
+    return result
 
 
-def _check_settings(threshold, ratio, importance, scope, min_channels, round_to) -> None:
-    if (threshold is None) == (ratio is None):
-        raise ValueError("prune() needs exactly one of threshold= or ratio=, got "
-                         f"threshold={threshold!r} and ratio={ratio!r}")
+def _check_settings(threshold, ratio, flops_target, flops_search, flops_tolerance,
+                    importance, scope, min_channels, round_to, remove_branches) -> None:
+    given = [name for name, value in (("threshold", threshold), ("ratio", ratio),
+                                      ("flops_target", flops_target)) if value is not None]
+    if len(given) > 1 or (not given and not remove_branches):
+        raise ValueError("prune() needs exactly one of threshold=, ratio= or flops_target= "
+                         f"(or only remove_branches=), got threshold={threshold!r}, "
+                         f"ratio={ratio!r} and flops_target={flops_target!r}")
     if ratio is not None and not 0 <= ratio < 1:
         raise ValueError(f"ratio must be in [0, 1) (the fraction of channels removed), got {ratio!r}")
     if threshold is not None and not threshold >= 0:
         raise ValueError(f"threshold must be >= 0, got {threshold!r}")
-    if importance not in IMPORTANCES:
-        raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
+    if flops_target is not None and not 0 < flops_target < 1:
+        raise ValueError(f"flops_target must be in (0, 1) (the fraction of the FLOPs kept), "
+                         f"got {flops_target!r}")
+    if flops_search not in FLOPS_SEARCHES:
+        raise ValueError(f"flops_search must be one of {FLOPS_SEARCHES}, got {flops_search!r}")
+    if not 0 <= flops_tolerance < 1:
+        raise ValueError(f"flops_tolerance must be in [0, 1), got {flops_tolerance!r}")
+    scorer_for(importance)  # raises for an unknown name
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if not isinstance(min_channels, int) or min_channels < 1:
@@ -134,66 +144,150 @@ def _check_settings(threshold, ratio, importance, scope, min_channels, round_to)
                          "that should vanish entirely is removed by remove_blocks instead)")
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise ValueError(f"round_to must be None or an int >= 1, got {round_to!r}")
+    if isinstance(remove_branches, str):
+        raise TypeError(f"remove_branches must be a list of branch names, got the string "
+                        f"{remove_branches!r}; write remove_branches=[{remove_branches!r}]")
 
 
-def _as_inputs(example_inputs) -> Tuple[torch.Tensor, ...]:
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    for i, x in enumerate(inputs):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"example_inputs[{i}] must be a torch.Tensor, got {type(x).__name__}")
-    return inputs
-
-
-def resolve_ignored(model: nn.Module, ignored) -> Tuple[str, ...]:
-    """Module names for `ignored` given as names, module instances or module classes."""
-    names = []
-    by_id = {id(m): name for name, m in model.named_modules()}
-    for item in ignored:
-        if isinstance(item, str):
-            try:
-                model.get_submodule(item)
-            except AttributeError:
-                raise ValueError(f"ignored: {type(model).__name__} has no submodule {item!r}") from None
-            names.append(item)
-        elif isinstance(item, type):
-            names += [name for name, m in model.named_modules() if isinstance(m, item) and name]
-        elif id(item) in by_id:
-            names.append(by_id[id(item)])
-        else:
-            raise ValueError(f"ignored: {item!r} is not a submodule name, submodule or class of "
-                             f"{type(model).__name__}")
-    return tuple(dict.fromkeys(names))
-
-
-def run_checked(model: nn.Module, inputs, run=None):
-    """`run(*inputs)` (default: the model) and its FLOPs; a failure is re-raised naming the
-    input shapes and the innermost module of `model` that was running."""
-    stack, handles = [], []
-
-    def enter(name):
-        return lambda module, args: stack.append(name)  # returns None: inputs unchanged
-
-    def leave(module, args, output):
-        stack.pop()  # returns None: output unchanged
-
-    for name, module in model.named_modules():
-        handles.append(module.register_forward_pre_hook(enter(name)))
-        handles.append(module.register_forward_hook(leave))
+def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importance, scope,
+                min_channels, round_to, remove_blocks, remove_branches, fold_bn, ignored
+                ) -> PruneResult:
+    flags = training_flags(model)
+    work = model if inplace else copy.deepcopy(model)
+    work.eval()
     try:
-        return flops_of(run or model, *inputs)
-    except Exception as error:
-        path = stack[-1] if stack else ""
-        kind = type(model.get_submodule(path)).__name__
-        shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
-        raise ExampleInputError(f"the model failed on example inputs of shape {shapes} in "
-                                f"module '{path or '(root)'}' ({kind}): {error}") from error
+        with torch.no_grad():
+            gm = fx.GraphModule(work, trace(work, ignored))
+            params_before = count_params(gm)
+            # One pass records shapes for the analysis, the original output and its FLOPs.
+            original, flops_before = run_checked(gm, inputs, ShapeProp(gm).propagate)
+            modules = dict(gm.named_modules())
+            branches = find_branches(gm, ignored)
+            chosen = select_branches(branches, remove_branches)
+            if remove_blocks:  # without a threshold: the branches that emit exactly zero
+                exact = threshold is None
+                scorer = scorer_for("l2" if exact else importance)
+                tol = 0.0 if exact else threshold
+                chosen += [b for b in branches if b not in chosen
+                           and _at_most(branch_score(b, scorer, modules), tol)]
+            chosen.sort(key=branches.index)
+            blocks = remove_from_graph(gm.graph, chosen, modules)
+            gm.delete_all_unused_submodules()
+            gm.recompile()
+            cg = analyze(gm, ignored)
+            plan = make_plan(cg, class_scores(cg, importance), threshold=threshold,
+                             ratio=ratio, scope=scope, min_channels=min_channels,
+                             round_to=round_to)
+            # The reference: the graph without the removed branches, every removed channel
+            # zeroed in the very modules it runs (the surgery below replaces them).
+            zero_removed(cg, plan.removed)
+            reference, _ = run_checked(gm, inputs)
+            channels = apply_plan(gm, cg, plan.removed)
+            folded_pairs = foldable_pairs(gm) if fold_bn else []
+            folded = fold_batchnorms(gm, folded_pairs) if fold_bn else []
+            in_place = adds_in_place(gm)
+            gm.recompile()
+            pruned, flops_after = run_checked(gm, inputs)
+            if inplace:  # the caller's module tree gets the new modules too
+                kept = dict(gm.named_modules())
+                for path in channels.keys() & kept.keys():
+                    set_submodule(model, path, kept[path])
     finally:
-        for handle in handles:
-            handle.remove()
+        if inplace:
+            restore_training_flags(model, flags)
+    if fold_bn:
+        gm.eval()
+    else:
+        restore_training_flags(gm, flags)  # module paths are kept by the surgery
+    structure = {"format": STRUCTURE_FORMAT, "ignored": list(ignored),
+                 "removed_blocks": [[b.add, b.shortcut_arg] for b in chosen],
+                 "folded_bn": [list(p) for p in folded_pairs],
+                 "adds_in_place": [list(a) for a in in_place]}
+    gm.meta[STRUCTURE_KEY] = structure
+    report = PruneReport(
+        settings=dict(threshold=threshold, ratio=ratio, importance=_label(importance),
+                      scope=scope, min_channels=min_channels, round_to=round_to,
+                      remove_blocks=remove_blocks, remove_branches=list(remove_branches),
+                      fold_bn=fold_bn, ignored=list(ignored)),
+        params_before=params_before, params_after=count_params(gm),
+        flops_before=flops_before, flops_after=flops_after,
+        channels=channels, removed_classes=len(plan.removed),
+        prunable_classes=sum(len(g.roots) - len(g.pinned) for g in plan.groups),
+        removed_blocks=blocks, unpruned=plan.unpruned, opaque_ops=cg.unknown_ops,
+        folded_bn=folded,
+        score_cutoff=plan.cutoff, max_abs_diff=_max_diff(pruned, reference),
+        reference_max_abs=max(float(t.abs().max()) for t in _tensors(reference)),
+        max_abs_diff_original=_max_diff(pruned, original))
+    return PruneResult(gm, report, structure)
 
 
-def _out_channels(module: nn.Module) -> int:
-    return module.weight.shape[0] if module.weight is not None else module.num_features
+def _prune_to_flops(model, inputs, target: float, search: str, tolerance: float,
+                    inplace: bool, options: Dict) -> PruneResult:
+    """Search `search` ("threshold" or "ratio") until the FLOPs kept fall in
+    [target - tolerance, target]: the value is raised (a threshold doubled, since its scale
+    is the model's) until the budget is met, then bisected (geometrically for a threshold).
+    Every candidate prunes a copy; the chosen one is redone with `inplace` if asked."""
+    low, high = 0.0, None  # kept(low) > target >= kept(high)
+    value = 1 - target ** 0.5 if search == "ratio" else 1.0
+    tried: List[tuple] = []  # (kept, value)
+    for _ in range(24):
+        result = _prune_once(model, inputs, **{search: value}, **_other(search),
+                             inplace=False, **options)
+        kept = result.report.flops_after / result.report.flops_before
+        tried.append((kept, value, result))
+        if target - tolerance <= kept <= target:
+            break
+        if kept <= target:
+            high = value
+        else:
+            low = value
+        value = _next_value(low, high, search)
+        if value is None:
+            break
+    under = [t for t in tried if t[0] <= target]
+    kept, value, result = max(under, key=lambda t: t[0]) if under else min(tried, key=lambda t: t[0])
+    if inplace:
+        result = _prune_once(model, inputs, **{search: value}, **_other(search), inplace=True,
+                             **options)
+    report = result.report
+    report.settings.update(flops_target=target, flops_search=search,
+                           flops_tolerance=tolerance)
+    if not target - tolerance <= kept <= target:
+        near = sorted(t[0] for t in tried)
+        below = max((k for k in near if k <= target), default=None)
+        above = min((k for k in near if k > target), default=None)
+        message = (f"flops_target={target:.1%} (tolerance {tolerance:.1%}) not reached by the "
+                   f"{search} search: kept {kept:.1%} of the FLOPs ({search}={value:.4g}); "
+                   f"the nearest candidates kept {_pct(below)} and {_pct(above)}")
+        report.warnings.append(message)
+        warnings.warn(message, FlopsTargetWarning, stacklevel=3)
+    return result
+
+
+def _other(search: str) -> dict:
+    return {"ratio": None} if search == "threshold" else {"threshold": None}
+
+
+def _next_value(low: float, high: Optional[float], search: str) -> Optional[float]:
+    if search == "ratio":
+        value = (low + (0.99 if high is None else high)) / 2
+        return None if high is None and low >= 0.98 else value
+    if high is None:
+        return 2 * low if low < 1e12 else None
+    return (low * high) ** 0.5 if low > 0 else high / 2
+
+
+def _pct(fraction: Optional[float]) -> str:
+    return "nothing" if fraction is None else f"{fraction:.1%}"
+
+
+def _at_most(score: Optional[float], threshold: float) -> bool:
+    return score is not None and score <= threshold
+
+
+def _label(importance: Union[str, Callable]) -> str:
+    return importance if isinstance(importance, str) else getattr(
+        importance, "__qualname__", repr(importance))
 
 
 def _tensors(output):

@@ -25,6 +25,7 @@ class PruneReport:
     reference_max_abs: float = 0.0  # max |reference output|, the scale of max_abs_diff
     max_abs_diff_original: float = 0.0  # max |new - untouched original|
     seconds: float = 0.0
+    warnings: List[str] = field(default_factory=list)  # e.g. a FLOPs target not reached
 
     @property
     def param_ratio(self) -> float:
@@ -60,6 +61,7 @@ class PruneReport:
             f"{self.relative_diff:.3g}); max |new - original| = {self.max_abs_diff_original:.3g}",
             f"pruning took {self.seconds:.3f} s",
         ]
+        lines += [f"WARNING: {w}" for w in self.warnings]
         if self.removed_blocks:
             lines += ["", "### Removed blocks"]
             lines += [f"- {b['block']} (add `{b['add']}`): replaced by its {b['shortcut']}"

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .blocks import DeadBranch, remove_branches
+from .blocks import ResidualBranch, remove_branches
 from .fold import bypass_batchnorm
 from .graph import trace
 from .inplace import replay_adds_in_place
@@ -76,8 +76,9 @@ def load_pruned(path, original: Union[nn.Module, Callable[[], nn.Module]]) -> fx
     if missing:
         raise ValueError(f"{path} does not match the architecture of {type(model).__name__}: "
                          f"graph nodes {missing} not found")
-    remove_branches(gm.graph, [DeadBranch(add, arg, ()) for add, arg in
-                               structure["removed_blocks"]], dict(gm.named_modules()))
+    remove_branches(gm.graph, [ResidualBranch(add, 0, 0.0, add, arg, (), None)
+                               for add, arg in structure["removed_blocks"]],
+                    dict(gm.named_modules()))
     for conv, bn in structure["folded_bn"]:
         bypass_batchnorm(gm, nodes[conv], nodes[bn])
     replay_adds_in_place(gm, structure["adds_in_place"])
