@@ -1,5 +1,6 @@
 """The model zoo: CIFAR-style networks (and a torchvision-style ResNet) defined here so that
-tests, benchmarks and the demo need no torchvision. All of them trace with torch.fx.
+tests, benchmarks and the demo need no torchvision, and one small Vision Transformer taken
+from torchvision (imported only when it is built). All of them trace with torch.fx.
 
 `in_channels` lets the same networks run on single-channel data such as the digits set.
 """
@@ -217,11 +218,35 @@ def mobilenet_v2(num_classes: int = 10, in_channels: int = 3,
     return MobileNetV2(num_classes, in_channels, width_mult)
 
 
+# The small ViT for 16x16 images (the digits set): patch 4, so 16 patch tokens and a class
+# token; 8 pre-norm encoder blocks of width 64 (4 heads, MLP 128). About 0.27M parameters:
+# a couple of minutes of training on 2 CPU cores.
+VIT_TINY = dict(image_size=16, patch_size=4, num_layers=8, num_heads=4, hidden_dim=64,
+                mlp_dim=128)
+
+
+def vit_tiny(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """torchvision's VisionTransformer configured small (VIT_TINY), for 16x16 inputs with
+    `in_channels` channels: the exact encoder blocks (attention and MLP branches on one
+    residual stream) the pruner and FFRLoss see in torchvision's full-size ViTs."""
+    from ffr_fast.torchvision_loader import load_torchvision
+
+    load_torchvision()
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(num_classes=num_classes, **VIT_TINY)
+    if in_channels != 3:  # the patch embedding is the only layer that sees the channels
+        model.conv_proj = nn.Conv2d(in_channels, VIT_TINY["hidden_dim"],
+                                    VIT_TINY["patch_size"], VIT_TINY["patch_size"])
+    return model
+
+
 ZOO = {
     "resnet20": resnet20,
     "resnet56": resnet56,
     "vgg16_bn": vgg16_bn,
     "mobilenet_v2": mobilenet_v2,
+    "vit_tiny": vit_tiny,
 }
 
 

@@ -1,6 +1,7 @@
 """Every CLI subcommand end to end on a budget of a few batches: it exits 0 and writes what
 it promises."""
 import json
+import re
 import subprocess
 import sys
 
@@ -82,3 +83,112 @@ def test_console_entry_point_runs():
     assert result.returncode == 0
     for command in ("demo", "train", "prune", "finetune", "sweep", "bench", "report"):
         assert command in result.stdout
+
+
+def _refused(capsys, argv, message):
+    """The CLI's promise for bad input: `ffr-fast: error: ...` naming it, exit status 2, no
+    traceback (argparse's own errors exit through SystemExit(2), as `ffr-fast COMMAND:
+    error: ...`)."""
+    capsys.readouterr()
+    try:
+        status = cli.main(argv)
+    except SystemExit as exit_:
+        status = exit_.code
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert re.search(r"ffr-fast( \w+)?: error: ", err) and message in err, err
+    assert "Traceback" not in err
+    return err
+
+
+TRAIN = ["train", "--epochs", "1", "--max-batches", "1", "--batch-size", "16", "--no-progress"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "nan"], "--lr must be a finite number > 0"),
+    (["--lr", "-1"], "--lr must be a finite number > 0"),
+    (["--epochs", "-1"], "--epochs must be at least 1"),
+    (["--max-batches", "0"], "--max-batches must be at least 1"),
+    (["--weight-decay", "inf"], "--weight-decay"),
+    (["--regularizer", "layerdrop", "--weight", "1.0"], "drop probability"),
+    (["--model", "vgg16_bn"], "model 'vgg16_bn' cannot take digits images of shape (1, 16, 16)"),
+    (["--amp", "fp16"], "--amp fp16 needs CUDA"),
+    (["--model", "resnet1"], "invalid choice: 'resnet1'"),
+])
+def test_bad_training_values_are_refused_before_training(tmp_path, capsys, flags, message):
+    _refused(capsys, TRAIN + ["--out", str(tmp_path / "run"), *flags], message)
+    assert not (tmp_path / "run").exists()  # refused before the first checkpoint
+
+
+def test_cuda_without_cuda_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    _refused(capsys, TRAIN + ["--out", str(tmp_path), "--device", "cuda"],
+             "--device cuda was asked for but CUDA is not available")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "x.pt", "--threads", "0"], "argument --threads: must be at least 1, got 0"),
+    (["bench", "x.pt", "--batch-sizes", "-1"], "argument --batch-sizes: must be at least 1"),
+    (["prune", "--checkpoint", "x.pt", "--flops-target", "1.5"], "must be a fraction in (0, 1)"),
+    (["report", "x.pt", "--threshold", "nan"], "must be a finite number >= 0"),
+    (["demo", "--epochs", "0"], "argument --epochs: must be at least 1"),
+])
+def test_bad_command_values_are_refused_by_the_parser(capsys, argv, message):
+    _refused(capsys, argv, message)
+
+
+def test_sweep_refuses_a_bad_budget_before_training(tmp_path, capsys):
+    _refused(capsys, ["sweep", "--out", str(tmp_path / "sweep"), "--keep", "0.5", "1.5"],
+             "argument --keep: must be a fraction in (0, 1), got 1.5")
+    assert not (tmp_path / "sweep").exists()
+
+
+def _cifar10(root, labels_of_test=None, module_in_meta=None):
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = [int(v) for v in rng.integers(0, 10, 6)]
+        if name == "test_batch" and labels_of_test is not None:
+            labels = labels_of_test
+        batch = {"data": rng.integers(0, 256, (6, 3072), dtype=np.uint8), "labels": labels}
+        (root / name).write_bytes(pickle.dumps(batch))
+    meta = pickle.dumps({"label_names": [str(i) for i in range(10)]})
+    if module_in_meta is not None:  # protocol 0: GLOBAL module.Thing, empty tuple, REDUCE
+        meta = f"c{module_in_meta}\nThing\n)R.".encode()
+    (root / "batches.meta").write_bytes(meta)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (dict(labels_of_test=[0, 1, 2, 3, 4, 12]), "test labels span 0..12, outside 0..9"),
+    (dict(module_in_meta="no_such_module"), "not a readable CIFAR meta pickle"),
+])
+def test_bad_cifar_folders_are_refused_before_training(tmp_path, capsys, damage, message):
+    _cifar10(tmp_path, **damage)
+    _refused(capsys, TRAIN + ["--out", str(tmp_path / "run"), "--data", "cifar10",
+                              "--data-root", str(tmp_path)], message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_image_size_applies_to_digits_and_is_refused_for_cifar(tmp_path, capsys):
+    from ffr_fast.study import data
+
+    assert data.load("digits", image_size=24).input_shape == (1, 24, 24)
+    assert data.load("digits").input_shape == (1, 16, 16)
+    _cifar10(tmp_path)
+    _refused(capsys, TRAIN + ["--out", str(tmp_path / "run"), "--data", "cifar10",
+                              "--data-root", str(tmp_path), "--image-size", "16"],
+             "CIFAR images are 32x32; --image-size 16 is not supported")
+
+
+def test_train_seed_leaves_the_split_alone_and_split_seed_moves_it(tmp_path, capsys):
+    one = _run(capsys, *TRAIN, "--out", str(tmp_path / "a"), "--seed", "1")
+    two = _run(capsys, *TRAIN, "--out", str(tmp_path / "b"), "--seed", "2")
+    assert one["param_digests"] != two["param_digests"]
+    configs = [checkpoint.load(tmp_path / run / checkpoint.FILENAME)["config"]
+               for run in ("a", "b")]
+    assert [c["split_seed"] for c in configs] == [0, 0] and [c["seed"] for c in configs] == [1, 2]
+    _run(capsys, *TRAIN, "--out", str(tmp_path / "c"), "--split-seed", "5")
+    assert checkpoint.load(tmp_path / "c" / checkpoint.FILENAME)["config"]["split_seed"] == 5

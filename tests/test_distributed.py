@@ -1,6 +1,12 @@
 """FFRLoss under DistributedDataParallel: two CPU processes (gloo) train a small CIFAR ResNet
 for a few steps; parameters must stay identical across ranks, and each rank's penalty must
-equal the single-process penalty of the same weights on that rank's batch."""
+equal the single-process penalty of the same weights on that rank's batch.
+
+Robust under load (a rank once aborted with "terminate called without an active exception"
+on a loaded machine): the ranks meet at a barrier before tearing the process group down,
+so neither closes its gloo connections while the other still reads from them (gloo aborts
+the process when a peer vanishes mid-operation); the timeout allows for a slow machine;
+the rendezvous is a file, so no port can be taken by another test run."""
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,6 +20,7 @@ from ffr_fast import FFRLoss
 from ffr_fast.models import CifarResNet
 
 WORLD_SIZE, STEPS = 2, 3
+TIMEOUT = timedelta(minutes=5)  # a loaded machine; a hang still ends with a clear error
 OPTIONS = dict(grad_weight=0.5, curv_weight=0.5)
 
 
@@ -24,7 +31,7 @@ def small_resnet() -> CifarResNet:
 def train_on_rank(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
+                            world_size=WORLD_SIZE, timeout=TIMEOUT)
     try:
         torch.manual_seed(0)  # the same initial weights on every rank
         model, single = small_resnet(), small_resnet()
@@ -62,6 +69,7 @@ def train_on_rank(rank: int, init_file: str, out_dir: str) -> None:
             "parameters_moved": any(not torch.equal(p, p0)
                                     for p, p0 in zip(model.parameters(), initial)),
         }, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # both ranks are done communicating before either tears down
     finally:
         dist.destroy_process_group()
 

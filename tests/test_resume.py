@@ -72,6 +72,34 @@ def test_corrupt_checkpoint_is_reported_and_left_alone(tmp_path, capsys, damage)
     assert path.read_bytes() == damaged
 
 
+def test_checkpoint_with_flipped_bytes_is_refused_by_every_command(tmp_path, capsys):
+    assert cli.main(_tiny_train_args(tmp_path)) == 0
+    path = tmp_path / checkpoint.FILENAME
+    content = bytearray(path.read_bytes())
+    middle = len(content) // 2
+    content[middle:middle + 200] = bytes(b ^ 0xFF for b in content[middle:middle + 200])
+    path.write_bytes(bytes(content))
+    capsys.readouterr()
+    for command in (_tiny_train_args(tmp_path) + ["--resume"],
+                    ["prune", "--checkpoint", str(path)],
+                    ["finetune", "--checkpoint", str(path), "--out", str(tmp_path / "tuned"),
+                     "--epochs", "1", "--max-batches", "1"],
+                    ["bench", str(path)], ["report", str(path)]):
+        assert cli.main(command + ["--no-progress"]) == 2, command
+        message = capsys.readouterr().err
+        assert "does not match the SHA-256" in message and str(path) in message, message
+    assert path.read_bytes() == bytes(content)
+    assert not (tmp_path / "tuned").exists()
+
+
+def test_a_folder_given_as_checkpoint_names_the_file_inside(tmp_path, capsys):
+    assert cli.main(_tiny_train_args(tmp_path)) == 0
+    capsys.readouterr()
+    assert cli.main(["bench", str(tmp_path), "--no-progress"]) == 2
+    message = capsys.readouterr().err
+    assert "is a folder" in message and str(tmp_path / checkpoint.FILENAME) in message
+
+
 def test_existing_checkpoint_is_not_overwritten_without_resume(tmp_path, capsys):
     assert cli.main(_tiny_train_args(tmp_path)) == 0
     path = tmp_path / checkpoint.FILENAME
@@ -92,7 +120,7 @@ def test_ctrl_c_in_the_cli_exits_130_and_leaves_a_checkpoint(tmp_path, monkeypat
     real_epoch = train._train_epoch
 
     def epoch_then_ctrl_c(*args):
-        if args[-2] == 1:  # the epoch index: Ctrl-C during the second epoch
+        if args[-3] == 1:  # the epoch index: Ctrl-C during the second epoch
             raise KeyboardInterrupt
         return real_epoch(*args)
 

@@ -8,7 +8,7 @@ from ffr_fast.study import checkpoint, train
 
 
 def test_two_process_train_keeps_ranks_in_sync(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", FFR_FAST_PROGRESS="0")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node=2", "-m", "ffr_fast", "train", "--out", str(tmp_path),
                "--epochs", "2", "--max-batches", "2", "--batch-size", "16",

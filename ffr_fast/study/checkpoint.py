@@ -1,7 +1,10 @@
-"""Training checkpoints: written atomically, read with errors that say what is wrong.
+"""Training checkpoints: written atomically, checksummed, read with errors that say what is
+wrong.
 
-A checkpoint is one torch.save file of plain data (read with weights_only=True) holding
-    format        FORMAT, to tell a checkpoint from any other file
+A checkpoint is one torch.save file {"format": FORMAT, "sha256": ..., "payload": uint8 tensor}:
+the payload is itself a torch.save of plain data (both read with weights_only=True), and its
+SHA-256 is checked on every load, so that flipped bytes anywhere in it are refused instead of
+loading as different weights. The payload holds
     config        the TrainConfig of the run, as a dict
     architecture  {"kind": "zoo", name, num_classes, in_channels} to rebuild a zoo model;
                   {"kind": "pruned", ..., "pruned": bytes} adds what save_pruned wrote
@@ -11,6 +14,7 @@ A checkpoint is one torch.save file of plain data (read with weights_only=True) 
     rng           torch / CUDA / numpy / python random states
     extra         anything the writer adds (the pruning report, ...)
 """
+import hashlib
 import io
 import json
 import os
@@ -25,7 +29,7 @@ from torch import nn
 
 from ffr_fast import models
 
-FORMAT = "ffr_fast.checkpoint/1"
+FORMAT = "ffr_fast.checkpoint/2"  # /1 had no checksum
 FILENAME = "checkpoint.pt"
 # Fields that may differ between the run that wrote a checkpoint and the run resuming it.
 RESUMABLE_CHANGES = ("max_batches", "device")
@@ -108,31 +112,53 @@ def atomic_write_json(path, obj) -> None:
 def save(path, model: nn.Module, config, optimizer=None, scheduler=None, epoch: int = 0,
          history=(), **extra) -> None:
     config = config if isinstance(config, dict) else asdict(config)
-    atomic_save({
-        "format": FORMAT, "config": config, "architecture": architecture_of(model, config),
+    payload = io.BytesIO()
+    torch.save({
+        "config": config, "architecture": architecture_of(model, config),
         "model_state": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "epoch": epoch, "history": list(history), "rng": rng_state(), "extra": extra,
-    }, path)
+    }, payload)
+    payload = payload.getvalue()
+    # A uint8 tensor, not bytes: its storage is kept raw in the file, so damage to it reaches
+    # the checksum instead of breaking the unpickler with an unrelated error.
+    atomic_save({"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
+                 "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}, path)
 
 
-def load(path) -> dict:
-    """The checkpoint at `path`; CheckpointError (FileNotFoundError if absent) otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+def _read(source, path: Path):
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, AttributeError,
-            ImportError, IndexError, KeyError) as error:
+            ImportError, IndexError, KeyError, OSError) as error:
         raise CheckpointError(f"checkpoint {path} cannot be read: truncated, corrupt or not a "
                               f"checkpoint ({type(error).__name__}: {error}); it was left as "
                               "it is") from error
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an ffr_fast checkpoint (no {FORMAT!r} marker); "
+
+
+def load(path) -> dict:
+    """The checkpoint's payload at `path`, its checksum verified; CheckpointError
+    (FileNotFoundError if absent) otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        inside = path / FILENAME
+        hint = f"; did you mean {inside}?" if inside.is_file() else ""
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file{hint}")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    container = _read(path, path)
+    if not isinstance(container, dict) or container.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an ffr_fast checkpoint (no {FORMAT!r} marker; "
+                              "checkpoints of format /1, without checksum, are no longer read); "
                               "it was left as it is")
-    return state
+    payload = container.get("payload")
+    payload = payload.numpy().tobytes() if isinstance(payload, torch.Tensor) else b""
+    if hashlib.sha256(payload).hexdigest() != container.get("sha256"):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its payload does not match the "
+                              "SHA-256 stored with it (damaged on disk or in transfer); it was "
+                              "left as it is")
+    return _read(io.BytesIO(payload), path)
 
 
 def build_model(state: dict) -> nn.Module:

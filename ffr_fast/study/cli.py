@@ -6,15 +6,41 @@ saying which checkpoint to resume from.
 """
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
-from ffr_fast import metrics
+from ffr_fast import metrics, models
+from ffr_fast.pruning.importance import IMPORTANCES
+from ffr_fast.pruning.pruner import SCOPES
+from ffr_fast.reference import CURVATURES, NORMS
 from ffr_fast.study import checkpoint, data, pipeline, regularizers, train
 
 PRUNED_FILENAME = "pruned.pt"
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def open_fraction(text: str) -> float:
+    """A share of the FLOPs or channels, strictly between 0 and 1."""
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1), got {text}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def _add_training_options(parser, defaults: train.TrainConfig, finetune: bool = False):
@@ -26,25 +52,30 @@ def _add_training_options(parser, defaults: train.TrainConfig, finetune: bool = 
     group.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     group.add_argument("--max-batches", type=int, default=None,
                        help="stop each epoch (and validation) after this many batches")
-    group.add_argument("--amp", nargs="?", const="bf16", default=None, choices=("bf16", "fp16"),
+    group.add_argument("--amp", nargs="?", const="bf16", default=None,
+                       choices=tuple(train.AMP_MODES),
                        help="autocast: bf16 (CPU or CUDA) or fp16 (CUDA)")
-    group.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    group.add_argument("--device", default="cpu", choices=train.DEVICES)
     group.add_argument("--out", required=True, help="folder for checkpoint.pt and history.json")
     group.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     group.add_argument("--force", action="store_true", help="replace an existing checkpoint")
     if finetune:
         return
-    group.add_argument("--model", default=defaults.model)
+    group.add_argument("--model", default=defaults.model, choices=sorted(models.ZOO))
     group.add_argument("--data", default=defaults.data, choices=data.DATASETS)
     group.add_argument("--data-root", default=None, help="folder of cifar10/cifar100/folder")
     group.add_argument("--image-size", type=int, default=defaults.image_size,
-                       help="side images of --data folder are resized to")
-    group.add_argument("--seed", type=int, default=defaults.seed)
+                       help="side images are resized to (digits and folder; default: the "
+                       "data set's own, 16 for digits, 32 for a folder)")
+    group.add_argument("--seed", type=int, default=defaults.seed,
+                       help="initial weights and data order")
+    group.add_argument("--split-seed", type=int, default=defaults.split_seed,
+                       help="which images are train / val / test (fixed unless asked)")
     group.add_argument("--regularizer", default="none", choices=regularizers.REGULARIZERS)
-    group.add_argument("--weight", type=float, default=0.0, help="the regularizer's weight")
-    group.add_argument("--ffr-norm", default=defaults.ffr_norm, choices=("squared", "l2"))
-    group.add_argument("--ffr-curvature", default=defaults.ffr_curvature,
-                       choices=("diff", "angle"))
+    group.add_argument("--weight", type=float, default=0.0,
+                       help="the regularizer's weight (layerdrop: the drop probability)")
+    group.add_argument("--ffr-norm", default=defaults.ffr_norm, choices=NORMS)
+    group.add_argument("--ffr-curvature", default=defaults.ffr_curvature, choices=CURVATURES)
     group.add_argument("--ffr-curv-ratio", type=float, default=defaults.ffr_curv_ratio,
                        help="curv_weight = weight * ratio")
 
@@ -62,20 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = command("demo", help="train none/slimming/FFR on digits, prune, report")
     demo.add_argument("--out", default="results/demo")
-    demo.add_argument("--epochs", type=int, default=None)
-    demo.add_argument("--finetune-epochs", type=int, default=None)
-    demo.add_argument("--max-batches", type=int, default=None)
-    demo.add_argument("--latency-repeats", type=int, default=30,
+    demo.add_argument("--epochs", type=positive_int, default=None)
+    demo.add_argument("--finetune-epochs", type=positive_int, default=None)
+    demo.add_argument("--max-batches", type=positive_int, default=None)
+    demo.add_argument("--latency-repeats", type=positive_int, default=30,
                       help="timed forwards per model and batch size (the median is reported)")
 
     sweep = command("sweep", help="regularizer weights vs accuracy and FLOPs kept")
     sweep.add_argument("--out", default="results/sweep")
-    sweep.add_argument("--epochs", type=int, default=None)
-    sweep.add_argument("--finetune-epochs", type=int, default=None)
-    sweep.add_argument("--max-batches", type=int, default=None)
+    sweep.add_argument("--epochs", type=positive_int, default=None)
+    sweep.add_argument("--finetune-epochs", type=positive_int, default=None)
+    sweep.add_argument("--max-batches", type=positive_int, default=None)
     sweep.add_argument("--quick", action="store_true",
                        help="one weight of none, slimming and FFR (a smoke run)")
-    sweep.add_argument("--keep", type=float, nargs="+", default=None,
+    sweep.add_argument("--keep", type=open_fraction, nargs="+", default=None,
                        help="FLOPs budgets, as fractions kept (default 0.7 0.5 0.3)")
 
     _add_training_options(command("train", help="train a model"), train.TrainConfig())
@@ -88,25 +119,26 @@ def build_parser() -> argparse.ArgumentParser:
     prune = command("prune", help="prune a trained checkpoint")
     prune.add_argument("--checkpoint", required=True)
     target = prune.add_mutually_exclusive_group()
-    target.add_argument("--flops-target", type=float, default=0.5,
+    target.add_argument("--flops-target", type=open_fraction, default=0.5,
                         help="fraction of the FLOPs to keep (default 0.5)")
-    target.add_argument("--ratio", type=float, help="fraction of channels to remove")
-    target.add_argument("--threshold", type=float, help="remove channels below this importance")
-    prune.add_argument("--importance", default="l2", choices=("l2", "l1", "bn"))
-    prune.add_argument("--scope", default="global", choices=("global", "layer"))
+    target.add_argument("--ratio", type=open_fraction, help="fraction of channels to remove")
+    target.add_argument("--threshold", type=non_negative,
+                        help="remove channels below this importance")
+    prune.add_argument("--importance", default="l2", choices=IMPORTANCES)
+    prune.add_argument("--scope", default="global", choices=SCOPES)
     prune.add_argument("--out", default=None, help="folder for pruned.pt (default: next to "
                        "the checkpoint)")
 
     bench = command("bench", help="CPU latency, params and FLOPs of checkpoints")
     bench.add_argument("checkpoints", nargs="+")
-    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
-    bench.add_argument("--threads", type=int, default=None)
+    bench.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 64])
+    bench.add_argument("--threads", type=positive_int, default=None)
     bench.add_argument("--out", default=None, help="write bench.json here")
 
     report = command("report", help="accuracy, sparsity, params, FLOPs table")
     report.add_argument("checkpoints", nargs="+")
-    report.add_argument("--split", default="test", choices=("val", "test"))
-    report.add_argument("--threshold", type=float, default=pipeline.SPARSITY_THRESHOLD)
+    report.add_argument("--split", default="test", choices=data.EVALUATION_SPLITS)
+    report.add_argument("--threshold", type=non_negative, default=pipeline.SPARSITY_THRESHOLD)
     report.add_argument("--out", default=None, help="write report.md and report.json here")
     return parser
 
@@ -118,7 +150,7 @@ def _config_from(args) -> train.TrainConfig:
 
 def _run_training(model, splits, config, args, extra_summary):
     result = train.fit(model, splits, config, out_dir=args.out, resume=args.resume,
-                       overwrite=args.force)
+                       overwrite=args.force, progress=not args.no_progress)
     digests = _gather_digests(result.model)
     if result.interrupted:
         print(f"interrupted; resume with --resume --out {args.out} "
@@ -157,7 +189,8 @@ def cmd_train(args):
     path = Path(args.out) / checkpoint.FILENAME
     if args.resume:
         config = _resumed_config(checkpoint.load(path), path, args)
-    splits = data.load(config.data, config.data_root, config.seed, config.image_size)
+    train.check_config(config)
+    splits = pipeline.load_splits(config)
     return _run_training(pipeline.seeded_model(config, splits), splits, config, args, {})
 
 
@@ -172,7 +205,8 @@ def cmd_finetune(args):
         path = Path(args.out) / checkpoint.FILENAME
         state = checkpoint.load(path)
         config = _resumed_config(state, path, args)
-    splits = data.load(config.data, config.data_root, config.seed, config.image_size)
+    train.check_config(config)
+    splits = pipeline.load_splits(config)
     return _run_training(checkpoint.build_model(state), splits, config, args,
                          {"source": args.checkpoint})
 
@@ -180,7 +214,7 @@ def cmd_finetune(args):
 def cmd_prune(args):
     state = checkpoint.load(args.checkpoint)
     config = train.TrainConfig(**state["config"])
-    splits = data.load(config.data, config.data_root, config.seed, config.image_size)
+    splits = pipeline.load_splits(config)
     model = checkpoint.build_model(state).eval()
     inputs = pipeline.example_inputs(splits)
     options = {"importance": args.importance, "scope": args.scope}
@@ -203,7 +237,7 @@ def cmd_prune(args):
 def _load_for_measuring(path):
     state = checkpoint.load(path)
     config = train.TrainConfig(**state["config"])
-    splits = data.load(config.data, config.data_root, config.seed, config.image_size)
+    splits = pipeline.load_splits(config)
     return checkpoint.build_model(state).eval(), splits
 
 
@@ -249,7 +283,8 @@ def cmd_demo(args):
     from ffr_fast.study import demo
 
     return demo.run(args.out, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
-                    max_batches=args.max_batches, latency_repeats=args.latency_repeats)
+                    max_batches=args.max_batches, latency_repeats=args.latency_repeats,
+                    progress=not args.no_progress)
 
 
 def cmd_sweep(args):
@@ -257,7 +292,7 @@ def cmd_sweep(args):
 
     return sweep.run(args.out, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
                      max_batches=args.max_batches, quick=args.quick,
-                     keep=tuple(args.keep or sweep.KEEP))
+                     keep=tuple(args.keep or sweep.KEEP), progress=not args.no_progress)
 
 
 COMMANDS = {"demo": cmd_demo, "train": cmd_train, "prune": cmd_prune, "finetune": cmd_finetune,
@@ -276,21 +311,22 @@ def _print_summary(summary, as_json: bool):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.no_progress:
-        os.environ["FFR_FAST_PROGRESS"] = "0"
+    status = 1  # until the command returns or fails in a known way
     try:
         summary = COMMANDS[args.command](args)
         if train.is_main_process():
             _print_summary(summary, args.json)
-    except (FileNotFoundError, FileExistsError, checkpoint.CheckpointError, ValueError) as error:
+        status = 0
+    except (FileNotFoundError, FileExistsError, checkpoint.CheckpointError, ValueError,
+            FloatingPointError) as error:
         print(f"ffr-fast: error: {error}", file=sys.stderr)
-        return 2
+        status = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        status = 130
     finally:
-        train.teardown_distributed()
-    return 0
+        train.teardown_distributed(succeeded=status == 0)
+    return status
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 DIGITS_FILE = Path(__file__).with_name("datasets") / "digits.npz"
 DATASETS = ("digits", "cifar10", "cifar100", "folder")
+EVALUATION_SPLITS = ("val", "test")  # Splits' held-out parts: tune on val, report on test
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".npy")
 
 
@@ -106,7 +107,8 @@ def _read_pickle(path: Path, what: str) -> dict:
     try:
         with open(path, "rb") as handle:
             return pickle.load(handle, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            ImportError) as error:  # ImportError: a pickle naming a module not installed
         raise ValueError(f"{path}: not a readable {what} pickle ({error})") from error
 
 
@@ -148,13 +150,14 @@ def load_cifar(root, num_classes: int = 10, seed: int = 0, val_fraction: float =
     train = [_cifar_batch(root / name, label_key) for name in train_files]
     images, labels = torch.cat([b[0] for b in train]), np.concatenate([b[1] for b in train])
     test = [_cifar_batch(root / name, label_key) for name in test_files]
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"{root}: labels span {labels.min()}..{labels.max()}, outside "
-                         f"0..{num_classes - 1}")
+    test_images, test_labels = torch.cat([b[0] for b in test]), np.concatenate([b[1] for b in test])
+    for split, split_labels in (("training", labels), ("test", test_labels)):
+        if split_labels.min() < 0 or split_labels.max() >= num_classes:
+            raise ValueError(f"{root}: {split} labels span {split_labels.min()}.."
+                             f"{split_labels.max()}, outside 0..{num_classes - 1}")
     fit, held_out = stratified_split(labels, (1 - val_fraction, val_fraction), seed)
     return _from_arrays((images[fit], labels[fit]), (images[held_out], labels[held_out]),
-                        (torch.cat([b[0] for b in test]), np.concatenate([b[1] for b in test])),
-                        num_classes)
+                        (test_images, test_labels), num_classes)
 
 
 def _read_image(path: Path, size: Tuple[int, int]) -> np.ndarray:
@@ -216,16 +219,23 @@ def load_image_folder(root, size: int = 32, seed: int = 0, val_fraction: float =
     return _from_arrays((images, labels), val, load("test"), len(classes))
 
 
-def load(name: str = "digits", root=None, seed: int = 0, image_size: int = 32) -> Splits:
-    """The data set `name` (one of DATASETS); `root` is its folder for everything but digits."""
-    if name == "digits":
-        return load_digits(seed)
+DIGITS_SIZE, FOLDER_SIZE, CIFAR_SIZE = 16, 32, 32
+
+
+def load(name: str = "digits", root=None, seed: int = 0, image_size=None) -> Splits:
+    """The data set `name` (one of DATASETS); `root` is its folder for everything but digits.
+    `seed` picks the split; `image_size` (None: the set's own) resizes digits and folders."""
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose one of {DATASETS}")
+    if name == "digits":
+        return load_digits(seed, image_size or DIGITS_SIZE)
     if root is None:
         raise ValueError(f"data set {name!r} is read from a local folder: pass --data-root")
     if not os.path.isdir(root):
         raise FileNotFoundError(f"data folder {root} does not exist")
     if name == "folder":
-        return load_image_folder(root, image_size, seed)
+        return load_image_folder(root, image_size or FOLDER_SIZE, seed)
+    if image_size not in (None, CIFAR_SIZE):
+        raise ValueError(f"CIFAR images are {CIFAR_SIZE}x{CIFAR_SIZE}; --image-size "
+                         f"{image_size} is not supported for {name}")
     return load_cifar(root, 10 if name == "cifar10" else 100, seed)

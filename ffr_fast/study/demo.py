@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ffr_fast import metrics
-from ffr_fast.study import checkpoint, data, pipeline, plots, train
+from ffr_fast.study import checkpoint, pipeline, plots, train
 
 # The recipe shared by every arm (and by the sweep).
 RECIPE = train.TrainConfig(model="resnet20", data="digits", epochs=10, batch_size=64, lr=0.1,
@@ -90,17 +90,18 @@ def _display(row: dict) -> dict:
 
 
 def run(out="results/demo", epochs=None, finetune_epochs=None, max_batches=None,
-        latency_repeats: int = 30) -> dict:
+        latency_repeats: int = 30, progress: bool = True) -> dict:
     started = time.perf_counter()
     recipe = replace(RECIPE, epochs=epochs or RECIPE.epochs, max_batches=max_batches)
     finetune_epochs = finetune_epochs or FINETUNE_EPOCHS
-    splits = data.load(recipe.data, seed=recipe.seed)
+    splits = pipeline.load_splits(recipe)
     results = {}
     for method, settings in ARMS.items():
         print(f"[demo] {method}: training {recipe.epochs} epochs, pruning to "
               f"{FLOPS_KEEP:.0%} of the FLOPs, fine-tuning {finetune_epochs}", file=sys.stderr)
         results[method] = pipeline.run_arm(replace(recipe, **settings), splits, (FLOPS_KEEP,),
-                                           finetune_epochs, FINETUNE_LR, IMPORTANCE)
+                                           finetune_epochs, FINETUNE_LR, IMPORTANCE,
+                                           progress=progress)
 
     unpruned = results[next(iter(results))]["model"]
     latency = lambda model: metrics.measure_latency(  # noqa: E731

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ffr_fast import metrics, models
-from ffr_fast.study import train
+from ffr_fast.study import data, train
 
 # A filter or BatchNorm scale counts as "zero" below this magnitude (stated in every table).
 SPARSITY_THRESHOLD = 1e-2
@@ -14,7 +14,7 @@ SPARSITY_THRESHOLD = 1e-2
 
 def run_arm(config, splits, keep_levels=(0.5,), finetune_epochs: int = 4,
             finetune_lr: float = 0.01, importance: str = "l2",
-            splits_to_score=("val", "test")) -> dict:
+            splits_to_score=("val", "test"), progress: bool = True) -> dict:
     """Train one arm from its config, then for each FLOPs budget in `keep_levels` prune a
     copy of it with `importance` and fine-tune that briefly without a regularizer.
 
@@ -25,7 +25,8 @@ def run_arm(config, splits, keep_levels=(0.5,), finetune_epochs: int = 4,
                                      max_batches=config.max_batches)["accuracy"]
                 for name in splits_to_score}
 
-    result = _uninterrupted(train.fit(seeded_model(config, splits), splits, config))
+    result = _uninterrupted(train.fit(seeded_model(config, splits), splits, config,
+                                      progress=progress))
     trained = result.model.eval()
     arm = {"config": train.config_dict(config), "history": result.history,
            "trained": score(trained), "sparsity": structured_sparsity(trained),
@@ -36,7 +37,7 @@ def run_arm(config, splits, keep_levels=(0.5,), finetune_epochs: int = 4,
     for keep in keep_levels:
         pruned = prune_to_flops(trained, example_inputs(splits), keep, importance)
         after_pruning = score(pruned.model)
-        tuned = _uninterrupted(train.fit(pruned.model, splits, finetune))
+        tuned = _uninterrupted(train.fit(pruned.model, splits, finetune, progress=progress))
         arm["budgets"][keep] = {
             "pruned": after_pruning, "finetuned": score(tuned.model.eval()),
             "finetune_history": tuned.history, "report": pruned.report.to_dict(),
@@ -50,10 +51,25 @@ def _uninterrupted(result):
     return result
 
 
+def load_splits(config) -> "data.Splits":
+    """The data a config trains on, split by its split_seed."""
+    return data.load(config.data, config.data_root, config.split_seed, config.image_size)
+
+
 def seeded_model(config, splits) -> nn.Module:
-    """The config's zoo model for the data, initialised from the config's seed."""
+    """The config's zoo model for the data, initialised from the config's seed; a model that
+    cannot take the data's images (VGG's five poolings on 16x16 digits, a ViT built for
+    another size) is refused here, before any training."""
     torch.manual_seed(config.seed)
-    return models.create(config.model, splits.num_classes, splits.in_channels)
+    model = models.create(config.model, splits.num_classes, splits.in_channels)
+    model.eval()
+    try:  # a shape probe: zeros draw nothing from the generator the training run uses
+        with torch.no_grad():
+            model(torch.zeros(1, *splits.input_shape))
+    except (RuntimeError, AssertionError, ValueError) as error:
+        raise ValueError(f"model {config.model!r} cannot take {config.data} images of shape "
+                         f"{splits.input_shape}: {error}") from error
+    return model.train()
 
 
 def example_inputs(splits, batch_size: int = 1):

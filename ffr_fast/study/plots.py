@@ -1,15 +1,15 @@
-"""The demo's and the sweep's figures (matplotlib, Agg backend: no display needed).
+"""The demo's and the sweep's figures, drawn on matplotlib Figures with an Agg canvas of
+their own: no display is needed, and pyplot's global backend (the caller's, say a notebook's)
+is neither used nor switched.
 
 Every function takes plain data (dicts of lists, as stored in the JSON results) and writes
 one PNG, so a figure can be redrawn from results/*.json without training again."""
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 STYLES = {"none": ("tab:gray", "-"), "slimming": ("tab:blue", "-"), "ffr": ("tab:red", "-"),
           "ffr l2": ("tab:orange", "--"), "ffr angle": ("tab:purple", ":")}
@@ -19,12 +19,18 @@ def _color(method: str) -> str:
     return STYLES.get(method, (None, "-"))[0]
 
 
+def _subplots(*grid, **options):
+    """A Figure on its own Agg canvas (never registered with pyplot) and its axes."""
+    figure = Figure(figsize=options.pop("figsize"))
+    FigureCanvasAgg(figure)
+    return figure, figure.subplots(*grid, **options)
+
+
 def _save(figure, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     return path
 
 
@@ -32,7 +38,7 @@ def per_layer(norms: Dict[str, Dict[str, Sequence[float]]], path,
               ylabel: str = "filter L2 norm") -> Path:
     """One panel per method, one column of dots per layer: e.g. the L2 norm of every conv
     filter, or every |gamma| of the BatchNorms (log scale; values <= 1e-6 drawn at 1e-6)."""
-    figure, axes = plt.subplots(len(norms), 1, figsize=(11, 2.6 * len(norms)), sharex=True,
+    figure, axes = _subplots(len(norms), 1, figsize=(11, 2.6 * len(norms)), sharex=True,
                                 sharey=True, squeeze=False)
     rng = np.random.default_rng(0)  # jitter only
     for ax, (method, layers) in zip(axes[:, 0], norms.items()):
@@ -54,7 +60,7 @@ def channels_kept(channels: Dict[str, Dict[str, Tuple[int, int]]], path) -> Path
     methods = list(channels)
     conv_layers = list(next(iter(channels.values())))
     width = 0.8 / len(methods)
-    figure, ax = plt.subplots(figsize=(12, 4))
+    figure, ax = _subplots(figsize=(12, 4))
     x = np.arange(len(conv_layers))
     before = [channels[methods[0]].get(name, (0, 0))[0] for name in conv_layers]
     ax.bar(x, before, 0.9, fill=False, edgecolor="black", linewidth=0.6, label="before")
@@ -70,7 +76,7 @@ def channels_kept(channels: Dict[str, Dict[str, Tuple[int, int]]], path) -> Path
 def training_curves(histories: Dict[str, List[dict]], path, finetune_from: int = None) -> Path:
     """Validation accuracy, training loss and regularizer penalty per epoch, per method;
     epochs after `finetune_from` (a dashed line) are the fine-tuning of the pruned model."""
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    figure, axes = _subplots(1, 3, figsize=(13, 3.6))
     keys = (("val_accuracy", "validation accuracy"), ("train_loss", "training loss (task)"),
             ("train_penalty", "penalty (weighted)"))
     for method, history in histories.items():
@@ -95,7 +101,7 @@ def frontier(finetuned: List[dict], pruned: List[dict], path, baseline: dict = N
     `finetuned`) and right after pruning (right, `pruned`): one curve per method, each point
     the method's best weight at that budget by the accuracy its panel shows, and a star at
     the unpruned no-regularizer model."""
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    figure, axes = _subplots(1, 2, figsize=(11, 4.5))
     panels = ((finetuned, "accuracy", "after prune + fine-tune"),
               (pruned, "pruned_accuracy", "after pruning, before fine-tuning"))
     for ax, (points, key, title) in zip(axes, panels):
@@ -120,7 +126,7 @@ def weights(points: List[dict], path, keep: float) -> Path:
     to `keep` of the FLOPs and fine-tuning (right): where each penalty falls off its cliff.
     `points` hold method, weight, trained and finetuned accuracies; the unregularized
     model is a horizontal line."""
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    figure, axes = _subplots(1, 2, figsize=(11, 4), sharey=True)
     for method in dict.fromkeys(p["method"] for p in points):
         mine = sorted((p for p in points if p["method"] == method), key=lambda p: p["weight"])
         color, line = STYLES.get(method, (None, "-"))

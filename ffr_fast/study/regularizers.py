@@ -9,13 +9,16 @@
 "slimming"  Network Slimming (Liu et al., 2017): weight * sum of |gamma| over every BatchNorm
 "ffr"       Feature Flow Regularization through ffr_fast.FFRLoss with
             grad_weight = weight and curv_weight = weight * curv_ratio
+"layerdrop" LayerDrop (Fan et al., 2019; stochastic depth, Huang et al., 2016): no penalty;
+            in training mode each residual block is skipped with probability `weight`
 """
 import torch
 from torch import nn
 
 from ffr_fast import metrics
+from ffr_fast.chains import find_residual_blocks
 
-REGULARIZERS = ("none", "slimming", "ffr")
+REGULARIZERS = ("none", "slimming", "ffr", "layerdrop")
 
 
 class NoPenalty:
@@ -51,6 +54,52 @@ class BatchNormL1:
                 "BatchNorm layers")
 
 
+class LayerDrop:
+    """LayerDrop: during training, each residual block (ffr_fast.chains.find_residual_blocks:
+    a ResNet's blocks, a ViT's encoder blocks) is skipped, its output replaced by its input,
+    with probability `rate`, drawn per block and per batch from torch's generator (so a
+    seeded run drops the same blocks). A block whose output shape differs from its input's
+    (a ResNet's downsampling block) cannot be skipped and always runs; describe() says how
+    many blocks that left droppable. Nothing is dropped in eval mode: the trained network is
+    used whole, and then pruned. The blocks still compute when dropped (a hook replaces
+    their output), so no parameter of a dropped block gets a gradient from that batch."""
+
+    def __init__(self, model: nn.Module, rate: float):
+        if not 0 <= rate < 1:
+            raise ValueError(f"the LayerDrop rate is a probability in [0, 1), got {rate}")
+        names = find_residual_blocks(model)
+        if not names:
+            raise ValueError(f"LayerDrop needs residual blocks; {type(model).__name__} has none")
+        self.rate = rate
+        self.blocks = dict(zip(names, map(model.get_submodule, names)))
+        self.shape_keeping = {}  # block name -> whether its output has its input's shape
+        self.handles = [block.register_forward_hook(self._hook(name))
+                        for name, block in self.blocks.items()]
+
+    def _hook(self, name):
+        def maybe_skip(block, inputs, output):
+            same_shape = inputs[0].shape == output.shape
+            self.shape_keeping[name] = same_shape
+            if block.training and same_shape and float(torch.rand(())) < self.rate:
+                return inputs[0]
+            return None
+        return maybe_skip
+
+    def __call__(self) -> torch.Tensor:
+        return torch.zeros(())
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def describe(self) -> str:
+        droppable = sum(self.shape_keeping.values())
+        return (f"LayerDrop: rate {self.rate:g} over {len(self.blocks)} residual blocks "
+                f"({droppable} of them keep their input's shape and can be skipped; known "
+                "after the first forward)")
+
+
 def build(model: nn.Module, name: str, weight: float = 0.0, norm: str = "squared",
           curvature: str = "diff", curv_ratio: float = 1.0):
     """The regularizer `name` (one of REGULARIZERS) attached to `model`."""
@@ -62,6 +111,8 @@ def build(model: nn.Module, name: str, weight: float = 0.0, norm: str = "squared
         return NoPenalty()
     if name == "slimming":
         return BatchNormL1(model, weight)
+    if name == "layerdrop":
+        return LayerDrop(model, weight)
     from ffr_fast.loss import FFRLoss  # imported late: its hooks machinery is FFR-only
 
     return FFRLoss(model, grad_weight=weight, curv_weight=weight * curv_ratio, norm=norm,

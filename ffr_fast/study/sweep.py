@@ -91,7 +91,7 @@ def choose_weights(points: dict, keep: float, tie: float) -> dict:
 
 
 def run(out="results/sweep", epochs=None, finetune_epochs=None, max_batches=None,
-        quick=False, keep=KEEP) -> dict:
+        quick=False, keep=KEEP, progress: bool = True) -> dict:
     """Run (or continue) the sweep; `quick` trains one weight of none, slimming and FFR."""
     started = time.perf_counter()
     recipe = replace(demo.RECIPE, epochs=epochs or demo.RECIPE.epochs, max_batches=max_batches)
@@ -110,7 +110,7 @@ def run(out="results/sweep", epochs=None, finetune_epochs=None, max_batches=None
             points = previous["points"]
     grid = GRID if not quick else [next(g for g in GRID if g[0] == label)
                                    for label in ("none", "slimming", "ffr")]
-    splits = data.load(recipe.data, seed=recipe.seed)
+    splits = pipeline.load_splits(recipe)
     for label, arm_settings in grid:
         key = _key(label, arm_settings)
         if key in points:
@@ -118,7 +118,8 @@ def run(out="results/sweep", epochs=None, finetune_epochs=None, max_batches=None
         print(f"[sweep] {key}", file=sys.stderr)
         point_started = time.perf_counter()
         arm = pipeline.run_arm(replace(recipe, **arm_settings), splits, keep, finetune_epochs,
-                               demo.FINETUNE_LR, demo.IMPORTANCE, splits_to_score=("val",))
+                               demo.FINETUNE_LR, demo.IMPORTANCE, splits_to_score=("val",),
+                               progress=progress)
         points[key] = dict(_point(label, arm_settings, arm),
                            seconds=time.perf_counter() - point_started)
         checkpoint.atomic_write_json(path, {"settings": settings, "points": points})

@@ -32,7 +32,7 @@ class TrainConfig:
     model: str = "resnet20"
     data: str = "digits"
     data_root: Optional[str] = None
-    image_size: int = 32
+    image_size: Optional[int] = None  # None: the data set's own size (digits 16, folder 32)
     epochs: int = 10
     batch_size: int = 64  # global: split across DDP processes
     lr: float = 0.1
@@ -43,10 +43,58 @@ class TrainConfig:
     ffr_norm: str = "squared"
     ffr_curvature: str = "diff"
     ffr_curv_ratio: float = 1.0
-    seed: int = 0
+    seed: int = 0  # initial weights and data order
+    split_seed: int = 0  # which images are train / val / test: fixed unless asked
     max_batches: Optional[int] = None  # per epoch, for smoke tests
     amp: Optional[str] = None  # None | "bf16" | "fp16"
     device: str = "cpu"
+
+
+AMP_MODES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DEVICES = ("cpu", "cuda")
+
+
+def check_config(config: TrainConfig) -> None:
+    """Refuse a config that cannot train as asked, before any data is read or step taken.
+    Messages name the command-line flag."""
+    from ffr_fast import models
+    from ffr_fast.reference import CURVATURES, NORMS
+
+    def need(ok: bool, flag: str, value, what: str):
+        if not ok:
+            raise ValueError(f"{flag} must be {what}, got {value!r}")
+
+    need(config.epochs >= 1, "--epochs", config.epochs, "at least 1")
+    need(config.batch_size >= 1, "--batch-size", config.batch_size, "at least 1")
+    need(math.isfinite(config.lr) and config.lr > 0, "--lr", config.lr, "a finite number > 0")
+    need(math.isfinite(config.momentum) and 0 <= config.momentum < 1, "momentum",
+         config.momentum, "in [0, 1)")
+    need(math.isfinite(config.weight_decay) and config.weight_decay >= 0, "--weight-decay",
+         config.weight_decay, "a finite number >= 0")
+    need(math.isfinite(config.weight) and config.weight >= 0, "--weight", config.weight,
+         "a finite number >= 0")
+    need(math.isfinite(config.ffr_curv_ratio) and config.ffr_curv_ratio >= 0,
+         "--ffr-curv-ratio", config.ffr_curv_ratio, "a finite number >= 0")
+    need(config.max_batches is None or config.max_batches >= 1, "--max-batches",
+         config.max_batches, "at least 1 (or left out)")
+    need(config.image_size is None or config.image_size >= 1, "--image-size",
+         config.image_size, "at least 1")
+    need(config.model in models.ZOO, "--model", config.model, f"one of {sorted(models.ZOO)}")
+    need(config.regularizer in regularizers.REGULARIZERS, "--regularizer", config.regularizer,
+         f"one of {regularizers.REGULARIZERS}")
+    need(config.ffr_norm in NORMS, "--ffr-norm", config.ffr_norm, f"one of {NORMS}")
+    need(config.ffr_curvature in CURVATURES, "--ffr-curvature", config.ffr_curvature,
+         f"one of {CURVATURES}")
+    need(config.amp is None or config.amp in AMP_MODES, "--amp", config.amp,
+         f"one of {tuple(AMP_MODES)}")
+    need(config.device in DEVICES, "--device", config.device, f"one of {DEVICES}")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available here")
+    if config.amp == "fp16" and config.device != "cuda":
+        raise ValueError("--amp fp16 needs CUDA; use bf16 on CPU")
+    if config.regularizer == "layerdrop":
+        need(config.weight < 1, "--weight", config.weight,
+             "a drop probability in [0, 1) for layerdrop")
 
 
 @dataclass
@@ -81,15 +129,20 @@ def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def teardown_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def teardown_distributed(succeeded: bool) -> None:
+    """Leave the process group. After a run that succeeded on this rank, the ranks first meet
+    at a barrier: a rank that tears its gloo connections down while a peer still reads from
+    them makes that peer abort ("terminate called without an active exception"). After a
+    failure there is no barrier: the peers may never arrive."""
+    if not dist.is_initialized():
+        return
+    if succeeded:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def resolve_device(config: TrainConfig) -> torch.device:
     if config.device == "cuda":  # one GPU per process, torchrun's LOCAL_RANK picks it
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for but CUDA is not available")
         index = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
@@ -99,12 +152,7 @@ def resolve_device(config: TrainConfig) -> torch.device:
 def autocast(config: TrainConfig, device: torch.device):
     if config.amp is None:
         return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
-    if dtype is None:
-        raise ValueError(f"--amp takes bf16 or fp16, got {config.amp!r}")
-    if dtype == torch.float16 and device.type != "cuda":
-        raise ValueError("--amp fp16 needs CUDA; use bf16 on CPU")
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=AMP_MODES[config.amp])
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, steps_per_epoch: int):
@@ -137,12 +185,12 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 256, device="cpu",
 
 
 def _train_epoch(model, ddp_model, loader, penalty, optimizer, scheduler, scaler, config,
-                 device, dist_info, epoch, on_batch_end) -> dict:
+                 device, dist_info, epoch, on_batch_end, progress) -> dict:
     model.train()
     totals = torch.zeros(4, dtype=torch.float64)  # loss, penalty, correct, count
     steps = len(loader) if config.max_batches is None else min(len(loader), config.max_batches)
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-               disable=not (dist_info.is_main and _progress_enabled()))
+               disable=not (dist_info.is_main and progress))
     for step, (images, labels) in enumerate(bar):
         if step >= steps:
             break
@@ -188,20 +236,18 @@ def _average_buffers(model: nn.Module, world_size: int) -> None:
             buffer /= world_size
 
 
-def _progress_enabled() -> bool:
-    return os.environ.get("FFR_FAST_PROGRESS", "1") != "0"
-
-
 def fit(model: nn.Module, splits, config: TrainConfig, out_dir=None, resume: bool = False,
-        overwrite: bool = False,
-        on_batch_end: Optional[Callable[[int, int], None]] = None) -> TrainResult:
+        overwrite: bool = False, on_batch_end: Optional[Callable[[int, int], None]] = None,
+        progress: bool = True) -> TrainResult:
     """Train `model` on splits.train for config.epochs, validating on splits.val after every
     epoch; with `out_dir`, checkpoint to out_dir/checkpoint.pt (resume from it if asked).
 
     `model` is built by the caller (a zoo model, or a pruned one for fine-tuning) with
     the config's seed already applied. Ctrl-C stops the run, leaves the last epoch's
     checkpoint in place and returns with `interrupted=True`. `on_batch_end(epoch, step)`
-    is called after every optimizer step (tests use it to simulate Ctrl-C)."""
+    is called after every optimizer step (tests use it to simulate Ctrl-C); `progress` shows
+    a progress bar per epoch on stderr (main process only)."""
+    check_config(config)
     device = resolve_device(config)
     dist_info = setup_distributed(config.device)
     if config.batch_size % dist_info.world_size:
@@ -247,7 +293,8 @@ def fit(model: nn.Module, splits, config: TrainConfig, out_dir=None, resume: boo
             sampler.set_epoch(epoch)
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
             record.update(_train_epoch(model, ddp_model, loader, penalty, optimizer, scheduler,
-                                       scaler, config, device, dist_info, epoch, on_batch_end))
+                                       scaler, config, device, dist_info, epoch, on_batch_end,
+                                       progress))
             val = evaluate(model, splits.val, config.batch_size, device, config.max_batches)
             record.update(val_loss=val["loss"], val_accuracy=val["accuracy"],
                           seconds=time.perf_counter() - started)
