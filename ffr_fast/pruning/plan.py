@@ -1,6 +1,6 @@
 """The pruning plan: which channel classes go, under threshold or ratio, with per-layer floors.
 
-A *group* is the set of producer layers (Conv2d / Linear) whose output channels are tied by
+A *group* is the set of producer layers (Conv / Linear) whose output channels are tied by
 the dependency graph (e.g. every conv that writes into one residual stream) together with
 their channel classes. Selection:
 - `threshold=t`: every prunable class whose score (importance.py) is <= t is removed.
@@ -13,7 +13,6 @@ at least `min_channels` channel classes and, with `round_to=k`, a multiple of k 
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set
 
-from torch import nn
 
 from .graph import ChannelGraph
 
@@ -34,7 +33,7 @@ class Plan:
 
 
 def find_groups(cg: ChannelGraph) -> List[Group]:
-    producers = [mc for mc in cg.modules.values() if not isinstance(mc.module, nn.BatchNorm2d)]
+    producers = [mc for mc in cg.modules.values() if mc.rule.kind == "producer"]
     owner: Dict[int, int] = {}  # class root -> index of a producer, merged by union-find
     parent = list(range(len(producers)))
 
@@ -91,7 +90,7 @@ def make_plan(cg: ChannelGraph, scores: Dict[int, float], *, threshold=None, rat
 def _give_back(cg, removed: Set[int], scores, min_channels: int, round_to) -> None:
     """Return removed classes to layers below their floor until every layer is satisfied."""
     layers = [sorted(set(cg.roots(mc.out_ids).tolist())) for mc in cg.modules.values()
-              if not isinstance(mc.module, nn.BatchNorm2d)]
+              if mc.rule.kind == "producer"]
     changed = True
     while changed:  # giving back to one layer can unround another that shares classes
         changed = False
