@@ -35,22 +35,27 @@ Scorer = Callable[[nn.Module, Optional[nn.Module]], Optional[torch.Tensor]]
 IMPORTANCES = ("l2", "l1", "bn")
 
 
-def emitted_rows(producer: nn.Module, bn: Optional[nn.Module]) -> torch.Tensor:
-    """(out_channels, D) float64: each output channel's filter and bias, BN folded in."""
-    weight = producer_weight(producer).double()
+def emitted_norms(producer: nn.Module, bn: Optional[nn.Module], order: int) -> torch.Tensor:
+    """(out_channels,) float64: the L1 or L2 norm of each output channel's row
+    [s_c * W_c, s_c * b_c + t_c] (the BN's map folded in), computed per part so that a
+    wide layer is never copied whole to float64."""
+    weight = producer_weight(producer)
+    norms = torch.linalg.vector_norm(weight, ord=order, dim=1, dtype=torch.float64)
     bias = (producer.bias.detach().double() if getattr(producer, "bias", None) is not None
             else torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device))
     if bn is not None:
         scale, shift = rule_for(bn).affine(bn)
-        weight, bias = weight * scale[:, None], bias * scale + shift
-    return torch.cat([weight, bias[:, None]], dim=1)
+        norms, bias = norms * scale.abs(), bias * scale + shift
+    if order == 1:
+        return norms + bias.abs()
+    return torch.sqrt(norms ** 2 + bias ** 2)
 
 
 def _norm_scorer(order: int) -> Scorer:
     def score(module: nn.Module, bn: Optional[nn.Module]) -> Optional[torch.Tensor]:
         rule = rule_for(module)
         if rule.kind == "producer":
-            return emitted_rows(module, bn).norm(p=order, dim=1)
+            return emitted_norms(module, bn, order)
         if rule.emits_for_zero is None:
             return None  # zero-preserving (PReLU): the producers before it decide
         emitted = torch.as_tensor(rule.emits_for_zero(module)).double().abs()

@@ -96,7 +96,7 @@ def apply_plan(root: nn.Module, cg: ChannelGraph, removed: Set[int]
                 tensor = getattr(mc.module, name)
                 index = keep_out if role == "out" else _in_positions(mc, keep_in,
                                                                      tensor.shape[dim])
-                _replace(mc.module, name, tensor.index_select(dim, index).clone())
+                _replace(mc.module, name, tensor.index_select(dim, index))
             mc.rule.resize(mc.module)
         for pc in cg.params:
             keep = _keep(cg, pc.ids, removed)
@@ -104,7 +104,7 @@ def apply_plan(root: nn.Module, cg: ChannelGraph, removed: Set[int]
                 continue
             owner_path, _, name = pc.path.rpartition(".")
             owner = root.get_submodule(owner_path)
-            _replace(owner, name, getattr(owner, name).index_select(pc.dim, keep).clone())
+            _replace(owner, name, getattr(owner, name).index_select(pc.dim, keep))
     return channels
 
 
