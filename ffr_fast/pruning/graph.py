@@ -33,7 +33,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .rules import Rule, rule_for
+from .rules import Rule, out_channels, rule_for
 
 
 class UntraceableModelError(RuntimeError):
@@ -154,6 +154,14 @@ class ModuleChannels:
     in_ids: Optional[np.ndarray]
     out_ids: np.ndarray
     node: fx.Node
+    inner_ids: Optional[np.ndarray] = None  # attention: the heads' channels
+
+    def written(self) -> List[Tuple[str, np.ndarray]]:
+        """(layer name, ids) of every set of channels this layer creates."""
+        out = [(self.path, self.out_ids)]
+        if self.inner_ids is not None:
+            out.append((f"{self.path} (heads)", self.inner_ids))
+        return out
 
 
 @dataclass
@@ -331,6 +339,8 @@ class _Analyzer:
 
     # -- modules --------------------------------------------------------------------------
     def module_rule(self, node, module, rule: Rule):
+        if rule.kind == "attention":
+            return self.attention(node, module, rule)
         if not node.args or not isinstance(node.args[0], fx.Node) or _shape(node) is None:
             return None
         if rule.kind == "producer":
@@ -383,16 +393,34 @@ class _Analyzer:
                 return
         self.cg.params.append(ParamChannels(path, dim, ids))
 
-    def record(self, node, module, rule, in_ids, out_ids) -> None:
+    def attention(self, node, module, rule: Rule):
+        """Self-attention (query is key is value) without masks: a list (output, weights)."""
+        heads = rule.heads(module)
+        query, key, value = (_arg(node, i, name) for i, name in
+                             enumerate(("query", "key", "value")))
+        extra = list(node.args[3:]) + [v for k, v in node.kwargs.items()
+                                       if k not in ("query", "key", "value")]
+        if (heads is None or not isinstance(query, fx.Node) or not query is key is value
+                or any(isinstance(v, fx.Node) for v in extra) or _shape(query) is None):
+            return None
+        in_ids = self.take(query, -1, _describe(node, self.modules))
+        num_heads, head_dim = heads
+        inner = np.repeat(self.cg.fresh(num_heads), head_dim)
+        out_ids = self.cg.fresh(out_channels(module))
+        self.record(node, module, rule, in_ids, out_ids, inner)
+        return [Chan((len(_shape(query)) - 1,), out_ids), None]
+
+    def record(self, node, module, rule, in_ids, out_ids, inner_ids=None) -> None:
         seen = self.cg.modules.get(node.target)
         if seen is None:
             self.cg.modules[node.target] = ModuleChannels(node.target, module, rule, in_ids,
-                                                          out_ids, node)
+                                                          out_ids, node, inner_ids)
             return
         # A module called twice shares its filters between both calls.
-        self.cg.union(seen.out_ids, out_ids)
-        if in_ids is not None:
-            self.cg.union(seen.in_ids, in_ids)
+        for old, new in ((seen.out_ids, out_ids), (seen.in_ids, in_ids),
+                         (seen.inner_ids, inner_ids)):
+            if new is not None:
+                self.cg.union(old, new)
 
     def gated(self, node) -> bool:
         """Every reader multiplies this gate with another tensor (x * sigmoid(...)): the

@@ -22,6 +22,8 @@ Built-in scorers (`importance=` "l2", "l1", "bn"), and any callable of the form 
   reads it.
 - "bn": |gamma_c| of the channel's BatchNorms (network slimming); layers without a
   BatchNorm have no opinion, and a class nothing scores is not pruned.
+Attention heads are scored by the L2 (L1 under "l1") norm of their q, k and v rows,
+whatever `importance` says: a head whose rows are all zero is dead.
 """
 from typing import Callable, Dict, Optional, Union
 
@@ -130,6 +132,10 @@ def class_scores(cg: ChannelGraph, importance: Union[str, Scorer]) -> Dict[int, 
             folded.add(bn.path)
         add(mc.out_ids, layer_scores(scorer, mc.module, bn and bn.module, mc.path))
     for mc in cg.modules.values():
-        if mc.rule.kind != "producer" and mc.path not in folded:
+        if mc.rule.kind == "channelwise" and mc.path not in folded:
             add(mc.out_ids, layer_scores(scorer, mc.module, None, mc.path))
+        if mc.inner_ids is not None:  # attention heads: what their q, k, v rows read
+            order = 1 if importance == "l1" else 2
+            add(mc.inner_ids, torch.linalg.vector_norm(mc.rule.inner_rows(mc.module), ord=order,
+                                                       dim=1, dtype=torch.float64))
     return scores

@@ -4,7 +4,9 @@ A `Rule` says, for one module type, everything the pruner needs to know:
 - how channel ids flow through it (`kind`): a *producer* (Conv, Linear) reads the ids of its
   input's channel dimension `dim` and writes fresh ids on the same dimension of its output;
   a *channelwise* layer (BatchNorm, LayerNorm, activations, pools) writes the ids it reads;
-  a *reshape* (Flatten) moves them as the shapes before and after say;
+  a *reshape* (Flatten) moves them as the shapes before and after say; an *attention*
+  (nn.MultiheadAttention) reads the embedding, writes fresh output ids and has inner ids
+  in whole heads (q, k, v rows and the output projection's columns go together);
 - how to slice it: `params` names, for each parameter or buffer, the role of each of its
   dimensions ("out": the output channels, "in": the input channels, None: untouched), and
   `resize(module)` sets the size attributes (in_channels, num_features, ...) from the sliced
@@ -28,8 +30,11 @@ from typing import Callable, Dict, Optional, Tuple, Type
 import torch
 from torch import nn
 
+from .attention import (HeadPrunedMultiheadAttention, attention_heads, inner_rows,
+                        resize_attention)
+
 Roles = Tuple[Optional[str], ...]
-KINDS = ("producer", "channelwise", "reshape")
+KINDS = ("producer", "channelwise", "reshape", "attention")
 
 
 def _always(module: nn.Module) -> bool:
@@ -56,6 +61,12 @@ class Rule:
     affine: Optional[Callable[[nn.Module], Tuple[torch.Tensor, torch.Tensor]]] = None
     renormalizes: bool = False
     groups: Callable[[nn.Module], int] = lambda module: 1
+    # Attention: (num_heads, head_dim), or None where it cannot be cut by heads; the
+    # "inner" role marks the heads' channels, `blocks` how many stacked copies (q, k, v) a
+    # tensor holds, `inner_rows` what each inner channel reads (for its score).
+    heads: Optional[Callable[[nn.Module], Optional[Tuple[int, int]]]] = None
+    blocks: Dict[str, int] = field(default_factory=dict)
+    inner_rows: Optional[Callable[[nn.Module], torch.Tensor]] = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -187,6 +198,13 @@ for _op in (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveA
     register_rule(_op, Rule("channelwise", dim=1))
 register_rule(nn.Hardtanh, Rule("channelwise", zero_preserving=_hardtanh_keeps_zero))
 register_rule(nn.Threshold, Rule("channelwise", zero_preserving=_threshold_keeps_zero))
+for _mha in (nn.MultiheadAttention, HeadPrunedMultiheadAttention):
+    register_rule(_mha, Rule(
+        "attention", -1,
+        {"in_proj_weight": ("inner", "in"), "in_proj_bias": ("inner",),
+         "out_proj.weight": ("out", "inner"), "out_proj.bias": ("out",)},
+        resize_attention, heads=attention_heads, blocks={"in_proj_weight": 3, "in_proj_bias": 3},
+        inner_rows=inner_rows))
 for _view in (nn.Flatten, nn.Unflatten):
     register_rule(_view, Rule("reshape"))
 # A gate: f(0) = 1/2, so a channel that is removed must be multiplied by a zero channel
@@ -202,11 +220,18 @@ def is_zero_preserving_module(module: nn.Module) -> bool:
     return rule is not None and rule.kind == "channelwise" and rule.zero_preserving(module)
 
 
+def tensor_of(module: nn.Module, name: str) -> Tuple[nn.Module, str, Optional[torch.Tensor]]:
+    """(owner, attribute, tensor) for a parameter or buffer name such as 'out_proj.weight'."""
+    path, _, attr = name.rpartition(".")
+    owner = module.get_submodule(path) if path else module
+    return owner, attr, getattr(owner, attr, None)
+
+
 def out_channels(module: nn.Module) -> int:
     """The number of channels a module with a rule writes."""
     rule = rule_for(module)
     for name, roles in rule.params.items():
-        tensor = getattr(module, name, None)
+        tensor = tensor_of(module, name)[2]
         if tensor is not None and "out" in roles:
             return tensor.shape[roles.index("out")]
     raise ValueError(f"{type(module).__name__} has no parameter holding its output channels")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .graph import ChannelGraph, ModuleChannels
+from .rules import tensor_of
 
 
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -33,11 +34,23 @@ def _keep(cg: ChannelGraph, ids: np.ndarray, removed: Set[int]) -> torch.Tensor:
 def _tensor_roles(mc: ModuleChannels):
     """(name, dimension, role) for every parameter and buffer dimension with a role."""
     for name, roles in mc.rule.params.items():
-        if getattr(mc.module, name, None) is None:
+        if tensor_of(mc.module, name)[2] is None:
             continue
         for dim, role in enumerate(roles):
             if role is not None:
                 yield name, dim, role
+
+
+def _positions(cg: ChannelGraph, mc: ModuleChannels, name: str, role: str, removed: Set[int],
+               size: int) -> torch.Tensor:
+    """The kept positions along a tensor dimension of `size` that holds `role` channels
+    (stacked `blocks` times for attention's q, k, v)."""
+    if role == "in":
+        return _in_positions(mc, _keep(cg, mc.in_ids, removed), size)
+    ids = mc.out_ids if role == "out" else mc.inner_ids
+    keep = _keep(cg, ids, removed)
+    blocks = mc.rule.blocks.get(name, 1) if role == "inner" else 1
+    return torch.cat([keep + k * len(ids) for k in range(blocks)])
 
 
 def _in_positions(mc: ModuleChannels, keep_in: torch.Tensor, size: int) -> torch.Tensor:
@@ -50,23 +63,27 @@ def _in_positions(mc: ModuleChannels, keep_in: torch.Tensor, size: int) -> torch
     return keep_in[keep_in < size]  # graph.py ties every group to the first one
 
 
-def _replace(owner: nn.Module, name: str, value: torch.Tensor) -> None:
-    old = getattr(owner, name)
+def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, attr, old = tensor_of(module, name)
     if isinstance(old, nn.Parameter):
-        setattr(owner, name, nn.Parameter(value, requires_grad=old.requires_grad))
+        setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
     else:
-        owner._buffers[name] = value  # a registered buffer keeps its registration
+        owner._buffers[attr] = value  # a registered buffer keeps its registration
 
 
 def zero_removed(cg: ChannelGraph, removed: Set[int], root: nn.Module) -> None:
     """Zero, in the modules and parameters the graph points at, every tensor slice that
-    holds a removed channel as an output."""
+    holds a removed channel as an output (or, in attention, a removed head's q, k, v)."""
     with torch.no_grad():
         for mc in cg.modules.values():
-            gone = _gone(cg, mc.out_ids, removed)
             for name, dim, role in _tensor_roles(mc):
-                if role == "out" and len(gone):
-                    getattr(mc.module, name).index_fill_(dim, gone, 0)
+                if role == "in":
+                    continue
+                tensor = tensor_of(mc.module, name)[2]
+                kept = _positions(cg, mc, name, role, removed, tensor.shape[dim])
+                gone = torch.from_numpy(np.setdiff1d(np.arange(tensor.shape[dim]), kept.numpy()))
+                if len(gone):
+                    tensor.index_fill_(dim, gone, 0)
         for pc in cg.params:
             gone = _gone(cg, pc.ids, removed)
             if len(gone):
@@ -81,21 +98,20 @@ def _gone(cg: ChannelGraph, ids, removed: Set[int]) -> torch.Tensor:
 def apply_plan(root: nn.Module, cg: ChannelGraph, removed: Set[int]
                ) -> Dict[str, Tuple[int, int]]:
     """Slice every affected module and parameter under `root`; returns
-    {module path: (output channels before, after)}."""
+    {layer name: (channels before, after)} for the channels each layer creates."""
     channels = {}
     with torch.no_grad():
         for path, mc in cg.modules.items():
-            keep_out = _keep(cg, mc.out_ids, removed)
-            keep_in = _keep(cg, mc.in_ids, removed) if mc.in_ids is not None else None
-            channels[path] = (len(mc.out_ids), len(keep_out))
-            changed = len(keep_out) < len(mc.out_ids) or (
-                keep_in is not None and len(keep_in) < len(mc.in_ids))
-            if not changed:
+            sizes = {}
+            for name, ids in mc.written():
+                channels[name] = sizes[name] = (len(ids), len(_keep(cg, ids, removed)))
+            shrinks = any(after < before for before, after in sizes.values()) or (
+                mc.in_ids is not None and len(_keep(cg, mc.in_ids, removed)) < len(mc.in_ids))
+            if not shrinks:
                 continue
             for name, dim, role in _tensor_roles(mc):
-                tensor = getattr(mc.module, name)
-                index = keep_out if role == "out" else _in_positions(mc, keep_in,
-                                                                     tensor.shape[dim])
+                tensor = tensor_of(mc.module, name)[2]
+                index = _positions(cg, mc, name, role, removed, tensor.shape[dim])
                 _replace(mc.module, name, tensor.index_select(dim, index))
             mc.rule.resize(mc.module)
         for pc in cg.params:
