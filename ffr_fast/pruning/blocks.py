@@ -23,10 +23,10 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx as fx
-from torch import nn
 
 from ..metrics import flops_of
-from .graph import is_zero_preserving_call, is_zero_preserving_module
+from .graph import MULTIPLYING, PERMUTES, VIEWS, is_zero_preserving_call
+from .rules import is_zero_preserving_module, rule_for
 from .importance import Scorer, layer_scores
 
 ADD_TARGETS = {operator.add, operator.iadd, torch.add, "add", "add_"}
@@ -50,21 +50,30 @@ class ResidualBranch:
     tail: Optional[Tuple[str, ...]]  # (producer path, [its BatchNorm path]), if found
 
 
-def _is_passthrough(node: fx.Node, modules) -> bool:
+def _zero_through(node: fx.Node, modules) -> bool:
+    """Whether a zero input gives a zero output: zero-preserving ops, data movement and a
+    product with a parameter or a constant (a layer scale)."""
     if node.op == "call_module":
         return is_zero_preserving_module(modules[node.target])
-    return node.op in ("call_function", "call_method") and is_zero_preserving_call(node)
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if node.target in MULTIPLYING:
+        return all(not isinstance(a, fx.Node) or a.op == "get_attr" for a in node.args[1:])
+    return is_zero_preserving_call(node) or node.target in VIEWS or node.target in PERMUTES
 
 
 def _tail(node: fx.Node, modules, ignored) -> Optional[Tuple[str, ...]]:
-    while _is_passthrough(node, modules) and node.args and isinstance(node.args[0], fx.Node):
+    while _zero_through(node, modules) and node.args and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     tail = ()
-    if node.op == "call_module" and isinstance(modules[node.target], nn.BatchNorm2d):
-        tail, node = (node.target,), node.args[0]
+    if node.op == "call_module" and node.target not in ignored:
+        rule = rule_for(modules[node.target])
+        if rule is not None and rule.affine is not None:  # a BatchNorm after the producer
+            tail, node = (node.target,), node.args[0]
     if not isinstance(node, fx.Node) or node.op != "call_module" or node.target in ignored:
         return None
-    if not isinstance(modules[node.target], (nn.Conv2d, nn.Linear)) or set(tail) & ignored:
+    rule = rule_for(modules[node.target])
+    if rule is None or rule.kind != "producer":
         return None
     return (node.target,) + tail
 

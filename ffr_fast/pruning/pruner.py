@@ -23,11 +23,11 @@ from .inputs import (as_inputs, evaluating, resolve_ignored, restore_training_fl
                      run_checked, training_flags)
 from .plan import make_plan
 from .report import PruneReport
-from .surgery import apply_plan, set_submodule, zero_removed
+from .surgery import apply_plan, renormalized_layers, set_submodule, zero_removed
 
 SCOPES = ("global", "layer")
 FLOPS_SEARCHES = ("threshold", "ratio")
-STRUCTURE_FORMAT = "ffr_fast.pruned/3"  # 3: per-module training flags
+STRUCTURE_FORMAT = "ffr_fast.pruned/3"  # 3: per-module training flags, shapes from the state dict
 STRUCTURE_KEY = "ffr_fast.structure"  # where the pruned GraphModule keeps it, in .meta
 
 
@@ -185,8 +185,9 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
                              round_to=round_to)
             # The reference: the graph without the removed branches, every removed channel
             # zeroed in the very modules it runs (the surgery below replaces them).
-            zero_removed(cg, plan.removed)
+            zero_removed(cg, plan.removed, gm)
             reference, _ = run_checked(gm, inputs)
+            approximate = renormalized_layers(cg, plan.removed)
             channels = apply_plan(gm, cg, plan.removed)
             folded_pairs = foldable_pairs(gm) if fold_bn else []
             folded = fold_batchnorms(gm, folded_pairs) if fold_bn else []
@@ -219,6 +220,7 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
         channels=channels, removed_classes=len(plan.removed),
         prunable_classes=sum(len(g.roots) - len(g.pinned) for g in plan.groups),
         removed_blocks=blocks, unpruned=plan.unpruned, opaque_ops=cg.unknown_ops,
+        approximate=approximate,
         folded_bn=folded,
         score_cutoff=plan.cutoff, max_abs_diff=_max_diff(pruned, reference),
         reference_max_abs=max(float(t.abs().max()) for t in _tensors(reference)),
