@@ -122,11 +122,10 @@ def flow_penalty_chains(chains: Sequence[Sequence[Tensor]], grad_weight: float =
             raise ValueError(f"chain_weights must be >= 0, got {weights}")
     total = None
     for group in groups:
-        features = [x for c in group for x in chains[c]]
-        ops.refuse_forward_mode(features)
-        penalty, _ = torch.ops.ffr_fast.flow_penalty(
-            features, [len(chains[c]) for c in group], [weights[c] for c in group],
-            float(grad_weight), float(curv_weight), norm, curvature, float(eps), float(delta))
+        penalty = ops.flow_penalty(
+            [x for c in group for x in chains[c]], [len(chains[c]) for c in group],
+            [weights[c] for c in group], float(grad_weight), float(curv_weight), norm,
+            curvature, float(eps), float(delta))
         total = penalty if total is None else total + penalty
     return total
 
