@@ -129,6 +129,18 @@ struct FlatChains {
   }
 };
 
+// Work items per task of at::parallel_for: enough that a task reads about kTaskElements
+// elements, so that a small call (batch 2, say) runs on the calling thread instead of paying
+// for waking the others (which, on a loaded machine, costs a scheduler time slice).
+constexpr int64_t kTaskElements = int64_t(1) << 18;
+
+template <typename scalar_t>
+int64_t grain_size(const FlatChains<scalar_t>& flat) {
+  int64_t elements = 0;
+  for (const auto& chain : flat.chains) elements += chain.K() * chain.batch * chain.n;
+  return std::max<int64_t>(1, kTaskElements * flat.items / std::max<int64_t>(1, elements));
+}
+
 template <typename scalar_t>
 FlatChains<scalar_t> flat_chains(const Chains& chains, const Readable& readable) {
   FlatChains<scalar_t> flat;
@@ -162,7 +174,7 @@ at::Tensor flow_sums_kernel(const FlatChains<scalar_t>& flat, const at::TensorOp
   int64_t max_L = 0;
   for (const auto& chain : flat.chains) max_L = std::max(max_L, chain.L());
   std::vector<acc_t> partial(flat.partial_size);
-  at::parallel_for(0, flat.items, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, flat.items, grain_size(flat), [&](int64_t begin, int64_t end) {
     // Lane-wise accumulators, 3 * L vectors; torch's allocator gives the vector alignment
     // (std::vector<V> would not: a template argument drops V's alignment attribute).
     at::Tensor scratch = at::empty({3 * max_L * ffr_fast::Vec<acc_t>::size}, options);
@@ -216,7 +228,7 @@ void flow_sums_backward_kernel(const FlatChains<scalar_t>& flat,
     chain_grads.push_back(grad.data() + first_feature);
     first_feature += K;
   }
-  at::parallel_for(0, flat.items, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, flat.items, grain_size(flat), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const FlatChain<scalar_t>& chain = flat.of_item(item);
       const size_t c = &chain - flat.chains.data();
