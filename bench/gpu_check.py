@@ -11,6 +11,11 @@
    events), against a device-to-device copy of a large tensor measured in the same run; a
    block-size sweep; peak memory beyond the K gradients.
 3. The penalty forward+backward: the op vs the eager reference vs torch.compile(reference).
+4. The multi-chain op (issue 9): the ResNet-56 stages as chains of one call, kernels and
+   penalty variants against the reference; the whole flow's penalty fwd+bwd at batch 2 and
+   128 (op, eager, compiled reference); capture of the op's forward + backward in a CUDA
+   graph, replayed against eager; a ResNet-56 training step at batch 128 with and without
+   FFRLoss (issue 9's target: FFRLoss adds <= 3%).
 
 Prints a table, writes JSON to --out. Each section records its errors and the script goes
 on, so one run yields everything it can (the JSON is rewritten after every section); it
@@ -36,7 +41,7 @@ import triton  # noqa: E402
 
 from ffr_fast import ops, reference, testing  # noqa: E402
 from ffr_fast.kernels import flow_sums as kernels  # noqa: E402
-from ffr_fast.penalty import flow_penalty  # noqa: E402
+from ffr_fast.penalty import flow_penalty, flow_penalty_chains  # noqa: E402
 from ffr_fast.testing import TOLERANCE, relative_error  # noqa: E402
 
 RESNET56_STAGES = [(128, 16, 32, 32), (128, 32, 16, 16), (128, 64, 8, 8)]
@@ -63,15 +68,19 @@ def plan(dry_run):
         return dict(correctness=tiny, channels_last=[((2, 3, 4, 4), 4)],
                     bandwidth=[((2, 3, 5, 7), 4)], sweep=[((2, 3, 5, 7), 4)],
                     block_sizes=[32, 64], penalty=[((2, 3, 5, 7), 4)], copy_elements=2**20,
-                    reps=3)
+                    reps=3, multi_chain=[((2, 3, 5, 7), 4), ((3, 6), 2), ((1, 2, 4, 4), 5)],
+                    flow_batches=[2], step_batch=2, step_reps=2)
     stages = [(shape, 9) for shape in RESNET56_STAGES]
     big = ((64, 256, 56, 56), 4)
+    multi = dict(multi_chain=[((2, *shape[1:]), 9) for shape in RESNET56_STAGES[:2]]
+                 + [((3, 7), 4), ((128, 16, 32, 32), 2)],
+                 flow_batches=[2, 128], step_batch=128, step_reps=10)
     return dict(correctness=[((2, 3, 5, 7), 2), ((2, 3, 5, 7), 3), ((2, 3, 5, 7), 32),
                              ((1, 3, 5, 7), 64)] + stages,
                 channels_last=[((32, 64, 14, 14), 4), ((128, 16, 32, 32), 9)],
                 bandwidth=stages + [((128, 256, 14, 14), 6), big],
                 sweep=[stages[0], big], block_sizes=[512, 1024, 2048, 4096],
-                penalty=stages + [big], copy_elements=2**28, reps=20)
+                penalty=stages + [big], copy_elements=2**28, reps=20, **multi)
 
 
 def random_chain(shape, K, dtype, device):
@@ -134,23 +143,24 @@ def check_correctness(p, device, results):
             if channels_last:
                 features = [x.contiguous(memory_format=torch.channels_last) for x in features]
             upcast = [x.double() for x in features]
-            expected = reference.flow_sums(upcast)
-            sums = kernels.flow_sums(features)
+            expected = reference.flow_sums(upcast).reshape(-1)
+            sums = kernels.flow_sums(features, [K])
             generator = torch.Generator(device).manual_seed(1)
             grad_sums = torch.randn(expected.shape, generator=generator, device=device,
                                     dtype=sums.dtype)
-            grads = kernels.flow_sums_backward(features, grad_sums)
-            expected_grads = reference.flow_sums_backward(upcast, grad_sums.double())
+            grads = kernels.flow_sums_backward(features, [K], grad_sums)
+            expected_grads = reference.flow_sums_backward(upcast, grad_sums.double().view(
+                shape[0], 3, K - 1))
             forward_error = relative_error(sums, expected)
             backward_error = max(relative_error(g, e) for g, e in zip(grads, expected_grads))
-            deterministic = (torch.equal(sums, kernels.flow_sums(features)) and all(
+            deterministic = (torch.equal(sums, kernels.flow_sums(features, [K])) and all(
                 torch.equal(a, b) for a, b in
-                zip(grads, kernels.flow_sums_backward(features, grad_sums))))
+                zip(grads, kernels.flow_sums_backward(features, [K], grad_sums))))
             strides_kept = all(g.stride() == x.stride() for g, x in zip(grads, features))
             # The op on the same chain, through the dispatcher and autograd (on CUDA it runs
             # the same kernels; a dry run gets the CPU kernel).
             leaves = [x.detach().requires_grad_() for x in features]
-            op_sums = ops.flow_sums(leaves)
+            op_sums = ops.flow_sums(leaves).reshape(-1)
             op_sums.backward(grad_sums)
             op_error = max([relative_error(op_sums.detach(), expected)] + [
                 relative_error(leaf.grad, e) for leaf, e in zip(leaves, expected_grads)])
@@ -181,13 +191,14 @@ def measure_bandwidth(p, device, copy_gbps, results):
                for block in p["block_sizes"] if block != 1024]
     for shape, K, dtype, block in chains:
         features = random_chain(shape, K, dtype, device)
-        grad_sums = torch.ones(shape[0], 3, K - 1, device=device,
+        grad_sums = torch.ones(shape[0] * 3 * (K - 1), device=device,
                                dtype=reference.accumulation_dtype(dtype))
         chain_bytes = K * features[0].numel() * features[0].element_size()
         runs = [("forward", chain_bytes, "_flow_sums_kernel",
-                 lambda: kernels.flow_sums(features, block_size=block)),
+                 lambda: kernels.flow_sums(features, [K], block_size=block)),
                 ("backward", 2 * chain_bytes, "_flow_sums_backward_kernel",
-                 lambda: kernels.flow_sums_backward(features, grad_sums, block_size=block))]
+                 lambda: kernels.flow_sums_backward(features, [K], grad_sums,
+                                                    block_size=block))]
         for direction, moved, name, fn in runs:
             call = median_ms(fn, device, p["reps"])
             kernel = kernel_ms(fn, name, device, p["reps"])
@@ -209,8 +220,8 @@ def peak_extra_memory(features, grad_sums):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    kernels.flow_sums(features)
-    grads = kernels.flow_sums_backward(features, grad_sums)
+    kernels.flow_sums(features, [len(features)])
+    grads = kernels.flow_sums_backward(features, [len(features)], grad_sums)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
     chain_bytes = sum(x.numel() * x.element_size() for x in features)
@@ -245,6 +256,137 @@ def time_penalty(p, device, results):
             f"{row['eager_reference_ms']:.3f} ms, compiled {row['compiled_reference_ms']:.3f} ms")
 
 
+def check_multi_chain(p, device, results):
+    """Several chains of different shapes and lengths in one call: the kernels, and the
+    op's penalty (every variant) with its gradients, against the float64 reference."""
+    lengths = [K for _, K in p["multi_chain"]]
+    variants = [dict(norm=norm, curvature=curvature, grad_weight=0.7, curv_weight=1.3)
+                for norm in reference.NORMS for curvature in reference.CURVATURES]
+    for dtype in TOLERANCE:
+        chains = [random_chain(shape, K, dtype, device) for shape, K in p["multi_chain"]]
+        features = [x for chain in chains for x in chain]
+        upcast = [x.double() for x in features]
+        expected = ops._sums_reference(upcast, lengths)
+        sums = kernels.flow_sums(features, lengths)
+        grad_sums = torch.randn(expected.shape, device=device, dtype=sums.dtype)
+        grads = kernels.flow_sums_backward(features, lengths, grad_sums)
+        expected_grads = ops._sums_backward_reference(upcast, lengths, grad_sums.double())
+        errors = [relative_error(sums, expected)]
+        errors += [relative_error(g, e) for g, e in zip(grads, expected_grads)]
+        deterministic = torch.equal(sums, kernels.flow_sums(features, lengths))
+        weights = [0.5 + i for i in range(len(chains))]
+        for variant in variants:
+            leaves = [[x.detach().requires_grad_() for x in chain] for chain in chains]
+            value = flow_penalty_chains(leaves, chain_weights=weights, **variant)
+            flat = [x for chain in leaves for x in chain]
+            op_grads = torch.autograd.grad(value, flat)
+            up = [[x.detach().double().requires_grad_() for x in chain] for chain in chains]
+            want = sum(w * reference.flow_penalty(c, **variant) for w, c in zip(weights, up))
+            want_grads = torch.autograd.grad(want, [x for chain in up for x in chain])
+            errors.append(relative_error(value, want))
+            errors += [relative_error(g, e) for g, e in zip(op_grads, want_grads)]
+        ok = max(errors) <= TOLERANCE[dtype] and deterministic
+        row = dict(dtype=str(dtype).split(".")[1], multi_chain=p["multi_chain"],
+                   max_rel_err=max(errors), tolerance=TOLERANCE[dtype],
+                   deterministic=deterministic, ok=ok)
+        results["correctness"].append(row)
+        log(f"{'ok  ' if ok else 'FAIL'} {row['dtype']:8} {len(chains)} chains in one call: "
+            f"max error {max(errors):.1e} (kernels and {len(variants)} penalty variants)")
+
+
+def resnet56_chains(batch, device):
+    return [[x.requires_grad_() for x in random_chain((batch, *shape[1:]), 9, torch.float32,
+                                                       device)]
+            for shape in RESNET56_STAGES]
+
+
+def time_flow(p, device, results):
+    """The whole flow's penalty (three ResNet-56 chains) fwd+bwd: one op call vs the eager
+    and compiled reference, at small batch (per-call overhead) and at 128 (traffic)."""
+    def reference_total(chains):
+        return sum(reference.flow_penalty(chain) for chain in chains)
+
+    compiled = torch.compile(reference_total, dynamic=False)
+    for batch in p["flow_batches"]:
+        chains = resnet56_chains(batch, device)
+        leaves = [x for chain in chains for x in chain]
+        row = dict(batch=batch, chains=[[batch, *shape[1:]] for shape in RESNET56_STAGES], K=9)
+        for label, penalty in (("op", flow_penalty_chains), ("eager_reference", reference_total),
+                               ("compiled_reference", compiled)):
+            row[f"{label}_ms"] = median_ms(lambda: torch.autograd.grad(penalty(chains), leaves),
+                                           device, p["reps"])
+        row["op_over_eager"] = row["op_ms"] / row["eager_reference_ms"]
+        row["op_over_compiled"] = row["op_ms"] / row["compiled_reference_ms"]
+        results["flow"].append(row)
+        log(f"flow batch {batch}: op {row['op_ms']:.3f} ms, eager "
+            f"{row['eager_reference_ms']:.3f} ms, compiled {row['compiled_reference_ms']:.3f} ms")
+
+
+def capture_cuda_graph(p, device, results):
+    """Forward + backward of the op on static chains captured in a CUDA graph and replayed:
+    possible only without host synchronisation in the op."""
+    if device.type != "cuda":
+        results["cuda_graph"] = dict(skipped="needs a CUDA device")
+        return
+    chains = resnet56_chains(p["flow_batches"][0], device)
+    leaves = [x for chain in chains for x in chain]
+
+    def step():
+        return torch.autograd.grad(flow_penalty_chains(chains), leaves)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up: tables, Triton compilation, allocator
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_grads = step()
+    with torch.no_grad():
+        for x in leaves:
+            x.mul_(1.5)  # new values, same addresses
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = step()
+    error = max(relative_error(g, e.double()) for g, e in zip(static_grads, eager))
+    results["cuda_graph"] = dict(max_rel_err=error, ok=error <= TOLERANCE[torch.float32])
+    log(f"cuda graph replay vs eager: max error {error:.1e}")
+
+
+def time_training_step(p, device, results):
+    """A ResNet-56 training step with and without FFRLoss, interleaved (issue 9: <= 3%)."""
+    from ffr_fast import FFRLoss, models
+
+    def make(with_ffr):
+        torch.manual_seed(0)
+        model = models.resnet56().to(device).train()
+        x = torch.randn(p["step_batch"], 3, 32, 32, device=device)
+        y = torch.randint(0, 10, (p["step_batch"],), device=device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        ffr = FFRLoss(model) if with_ffr else None
+
+        def step():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            if ffr is not None:
+                loss = loss + ffr()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return step
+
+    steps = {"no regularizer": make(False), "FFRLoss": make(True)}
+    times = {name: [] for name in steps}
+    for _ in range(p["step_reps"]):
+        for name, step in steps.items():
+            times[name].append(median_ms(step, device, 3))
+    base, ffr = (statistics.median(times[name]) for name in steps)
+    results["training_step"] = dict(batch=p["step_batch"], no_regularizer_ms=base,
+                                    ffrloss_ms=ffr, overhead=ffr / base - 1)
+    log(f"training step batch {p['step_batch']}: {base:.2f} ms, with FFRLoss {ffr:.2f} ms "
+        f"({ffr / base - 1:+.1%})")
+
+
 def print_tables(results):
     print(f"\ncopy bandwidth: {results['copy_GBps']:.0f} GB/s (issue 2's target for the "
           "kernels: >= 80% of it)")
@@ -264,6 +406,14 @@ def print_tables(results):
         print(f"{str(tuple(r['shape'])):24} {r['K']:>3} {r['op_ms']:>8.3f} "
               f"{r['eager_reference_ms']:>9.3f} {r['compiled_reference_ms']:>9.3f} "
               f"{r['speedup_vs_eager']:>8.1f} {r['speedup_vs_compiled']:>10.1f}")
+    print(f"\n{'whole flow fwd+bwd':20} {'op ms':>8} {'eager ms':>9} {'compiled':>9} "
+          f"{'op/eager':>9} {'op/compiled':>11}")
+    for r in results["flow"]:
+        print(f"{'batch ' + str(r['batch']):20} {r['op_ms']:>8.3f} {r['eager_reference_ms']:>9.3f} "
+              f"{r['compiled_reference_ms']:>9.3f} {r['op_over_eager']:>9.2f} "
+              f"{r['op_over_compiled']:>11.2f}")
+    print(f"cuda graph: {results.get('cuda_graph')}")
+    print(f"training step: {results.get('training_step')}")
     failed = [r for r in results["correctness"] if not r["ok"]]
     print(f"\ncorrectness: {len(results['correctness']) - len(failed)} of "
           f"{len(results['correctness'])} cases ok; errors: {len(results['errors'])}")
@@ -287,7 +437,7 @@ def main():
                          command=" ".join(sys.argv)),
         op_dispatches_to_triton=ops.has_compiled_kernel(device.type) if device.type == "cuda"
         else None,
-        correctness=[], bandwidth=[], memory=[], penalty=[], errors=[])
+        correctness=[], bandwidth=[], memory=[], penalty=[], flow=[], errors=[])
     log(f"gpu_check on {results['environment']['device']}; op routed to Triton: "
         f"{results['op_dispatches_to_triton']}")
     if device.type == "cuda" and not results["op_dispatches_to_triton"]:
@@ -296,7 +446,11 @@ def main():
                 ("copy bandwidth", lambda: results.update(copy_GBps=copy_bandwidth(p, device))),
                 ("bandwidth", lambda: measure_bandwidth(p, device, results["copy_GBps"],
                                                         results)),
-                ("penalty timing", lambda: time_penalty(p, device, results))]
+                ("penalty timing", lambda: time_penalty(p, device, results)),
+                ("multi-chain correctness", lambda: check_multi_chain(p, device, results)),
+                ("whole-flow timing", lambda: time_flow(p, device, results)),
+                ("cuda graph", lambda: capture_cuda_graph(p, device, results)),
+                ("training step", lambda: time_training_step(p, device, results))]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     for name, section in sections:
         log(f"== {name}")
@@ -310,7 +464,8 @@ def main():
             json.dump(results, f, indent=1)
     print_tables({"copy_GBps": float("nan"), **results})
     log(f"wrote {args.out}")
-    if results["errors"] or not all(r["ok"] for r in results["correctness"]):
+    graph_ok = results.get("cuda_graph", {}).get("ok", True)
+    if results["errors"] or not graph_ok or not all(r["ok"] for r in results["correctness"]):
         sys.exit(1)
 
 

@@ -1,15 +1,19 @@
-// Fused CPU kernels of the op ffr_fast::flow_sums and its backward (schemas: ffr_fast/ops.py,
-// math: ffr_fast/reference.py and docs/math.md): the torch glue. The inner loops are in
-// flow_sums_kernels.h.
+// Fused CPU kernels of the ops ffr_fast::flow_sums, ffr_fast::flow_penalty and their
+// backwards (schemas: ffr_fast/ops.py, math: docs/math.md): the torch glue. The
+// inner loops are in flow_sums_kernels.h, the penalty's scalar math in penalty_math.h.
 //
-// A chain is K same-shape features x_0 .. x_{K-1} of shape (B, *S), n = prod(S) elements per
-// sample. Both kernels read the chain once, in one pass:
-//   forward   per sample, sums[:, 0, l] = ||d_l||^2, sums[:, 1, l] = ||s_l||^2,
-//             sums[:, 2, l] = <d_l, d_{l+1}>, with d_l = x_{l+1} - x_l and s_l = d_{l+1} - d_l;
-//   backward  the K gradients of <grad_sums, sums>, each written once.
-// The work is split into (sample, block) items of a fixed number of elements run by
-// at::parallel_for. The forward writes per-item partial sums and adds them in a fixed order,
-// so results are bitwise reproducible and independent of the thread count (no atomics).
+// One call takes every chain of a forward, like a multi-tensor apply: `features` holds the
+// chains one after the other and lengths[c] is chain c's K. A chain is K same-shape features
+// x_0 .. x_{K-1} of shape (B, *S), n = prod(S) elements per sample; chains may differ in
+// shape and length but share one dtype and device. Both passes read each feature once:
+//   forward   per sample, ||d_l||^2, ||s_l||^2 and <d_l, d_{l+1}>, with d_l = x_{l+1} - x_l
+//             and s_l = d_{l+1} - d_l: the flow sums, packed chain after chain, each chain a
+//             row-major (B, 3, K-1) block;
+//   backward  the K gradients of every chain, each written once.
+// The work of all chains is split into (chain, sample, block) items of a fixed number of
+// elements run by one at::parallel_for. The forward writes per-item partial sums and adds
+// them in a fixed order, so results are bitwise reproducible and independent of the thread
+// count (no atomics).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -18,9 +22,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include "flow_sums_kernels.h"
+#include "penalty_math.h"
 
 namespace {
 
@@ -28,29 +35,46 @@ using ffr_fast::kBlock;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The chain as K flat sample arrays: sample b of feature k is x[k][b * n .. b * n + n).
-template <typename scalar_t>
-struct FlatChain {
-  std::vector<const scalar_t*> x;
-  int64_t batch, n;
-  int64_t blocks() const { return ceil_div(n, kBlock); }
+// The chains of one call: chain c is features[start[c] .. start[c] + lengths[c]).
+struct Chains {
+  at::TensorList features;
+  std::vector<int64_t> lengths, start;
+  size_t size() const { return lengths.size(); }
+  at::TensorList chain(size_t c) const { return features.slice(start[c], lengths[c]); }
 };
 
-void check_chain(at::TensorList features) {
-  TORCH_CHECK(features.size() >= 2, "ffr_fast::flow_sums: a chain needs K >= 2 features, got ",
-              features.size());
-  const at::Tensor& first = features[0];
-  TORCH_CHECK(first.dim() >= 1 && first.size(0) >= 1,
-              "ffr_fast::flow_sums: feature 0 has shape ", first.sizes(), "; expected (B, *S)");
-  for (size_t k = 0; k < features.size(); ++k) {
-    const at::Tensor& x = features[k];
-    TORCH_CHECK(x.sizes() == first.sizes(), "ffr_fast::flow_sums: feature ", k, " has shape ",
-                x.sizes(), " but feature 0 has shape ", first.sizes());
-    TORCH_CHECK(x.scalar_type() == first.scalar_type(), "ffr_fast::flow_sums: feature ", k,
-                " has dtype ", x.scalar_type(), " but feature 0 has ", first.scalar_type());
-    TORCH_CHECK(x.device() == first.device(), "ffr_fast::flow_sums: feature ", k, " is on ",
-                x.device(), " but feature 0 is on ", first.device());
+// Validates the call's structure; the ffr_fast.penalty front end gives the friendlier errors
+// once per layout, these keep a direct call through torch.ops memory-safe.
+Chains check_chains(const char* op, at::TensorList features, at::IntArrayRef lengths) {
+  Chains chains{features, lengths.vec(), {}};
+  TORCH_CHECK(!lengths.empty(), op, ": no chain given (lengths is empty)");
+  int64_t next = 0;
+  for (size_t c = 0; c < lengths.size(); ++c) {
+    TORCH_CHECK(lengths[c] >= 2, op, ": chain ", c, " has ", lengths[c],
+                " features; a chain needs K >= 2 features");
+    chains.start.push_back(next);
+    next += lengths[c];
   }
+  TORCH_CHECK(next == static_cast<int64_t>(features.size()), op, ": lengths add up to ", next,
+              " features but ", features.size(), " were given");
+  const at::Tensor& first = features[0];
+  for (size_t c = 0; c < chains.size(); ++c) {
+    const at::TensorList chain = chains.chain(c);
+    const at::Tensor& head = chain[0];
+    TORCH_CHECK(head.dim() >= 2 && head.size(0) >= 1 && head.numel() > 0, op, ": chain ", c,
+                " feature 0 has shape ", head.sizes(), "; expected (B, *S), B >= 1, S non-empty");
+    for (size_t k = 0; k < chain.size(); ++k) {
+      const at::Tensor& x = chain[k];
+      TORCH_CHECK(x.sizes() == head.sizes(), op, ": chain ", c, " feature ", k, " has shape ",
+                  x.sizes(), " but feature 0 has shape ", head.sizes());
+      TORCH_CHECK(x.scalar_type() == first.scalar_type(), op, ": chain ", c, " feature ", k,
+                  " has dtype ", x.scalar_type(), " but the first feature has ",
+                  first.scalar_type(), "; one call takes one dtype");
+      TORCH_CHECK(x.device() == first.device(), op, ": chain ", c, " feature ", k, " is on ",
+                  x.device(), " but the first feature is on ", first.device());
+    }
+  }
+  return chains;
 }
 
 // Each sample is one dense run of n elements (contiguous, channels_last, or any other dense
@@ -61,125 +85,300 @@ bool samples_are_dense(const at::Tensor& x) {
   return x.is_non_overlapping_and_dense() && (x.size(0) == 1 || x.stride(0) == n);
 }
 
-// The features as the kernels read them: as they are when all share one layout in which
-// samples are dense (no copy), else contiguous copies. The copies cover non-dense views
+// A chain's features as the kernels read them: as they are when all share one layout in
+// which samples are dense (no copy), else contiguous copies. The copies cover non-dense views
 // (slices, expanded or strided tensors) and chains that mix layouts: correct, not zero-copy.
-std::vector<at::Tensor> flat_readable(at::TensorList features, bool* zero_copy) {
-  *zero_copy = samples_are_dense(features[0]);
-  for (const at::Tensor& x : features) {
-    *zero_copy = *zero_copy && x.strides() == features[0].strides();
-  }
-  std::vector<at::Tensor> readable;
-  for (const at::Tensor& x : features) {
-    readable.push_back(*zero_copy ? x : x.contiguous());
+struct Readable {
+  std::vector<at::Tensor> features;  // every chain's, in call order
+  std::vector<bool> zero_copy;       // per chain
+};
+
+Readable readable_chains(const Chains& chains) {
+  Readable readable;
+  for (size_t c = 0; c < chains.size(); ++c) {
+    const at::TensorList chain = chains.chain(c);
+    bool zero_copy = samples_are_dense(chain[0]);
+    for (const at::Tensor& x : chain) zero_copy = zero_copy && x.strides() == chain[0].strides();
+    for (const at::Tensor& x : chain) readable.features.push_back(zero_copy ? x : x.contiguous());
+    readable.zero_copy.push_back(zero_copy);
   }
   return readable;
 }
 
+// One chain as K flat sample arrays (sample b of feature k is x[k][b * n .. b * n + n)),
+// with where its work items, partial sums, packed sums and gradient coefficients start.
 template <typename scalar_t>
-FlatChain<scalar_t> flat_chain(const std::vector<at::Tensor>& readable) {
-  FlatChain<scalar_t> chain;
-  for (const at::Tensor& x : readable) chain.x.push_back(x.const_data_ptr<scalar_t>());
-  chain.batch = readable[0].size(0);
-  chain.n = readable[0].numel() / chain.batch;
-  return chain;
+struct FlatChain {
+  std::vector<const scalar_t*> x;
+  int64_t batch, n, blocks;
+  int64_t first_item, partial_offset, sums_offset, q_offset;
+  int64_t K() const { return x.size(); }
+  int64_t L() const { return K() - 1; }
+};
+
+template <typename scalar_t>
+struct FlatChains {
+  std::vector<FlatChain<scalar_t>> chains;
+  int64_t items = 0, partial_size = 0, sums_size = 0, q_size = 0;
+
+  // The chain that work item `item` belongs to (chains are few: a linear scan).
+  const FlatChain<scalar_t>& of_item(int64_t item) const {
+    size_t c = 0;
+    while (c + 1 < chains.size() && chains[c + 1].first_item <= item) ++c;
+    return chains[c];
+  }
+};
+
+// Work items per task of at::parallel_for: enough that a task reads about kTaskElements
+// elements, so that a small call (batch 2, say) runs on the calling thread instead of paying
+// for waking the others (which, on a loaded machine, costs a scheduler time slice).
+constexpr int64_t kTaskElements = int64_t(1) << 18;
+
+template <typename scalar_t>
+int64_t grain_size(const FlatChains<scalar_t>& flat) {
+  int64_t elements = 0;
+  for (const auto& chain : flat.chains) elements += chain.K() * chain.batch * chain.n;
+  return std::max<int64_t>(1, kTaskElements * flat.items / std::max<int64_t>(1, elements));
 }
 
 template <typename scalar_t>
-at::Tensor flow_sums_kernel(const FlatChain<scalar_t>& chain, const at::TensorOptions& options) {
+FlatChains<scalar_t> flat_chains(const Chains& chains, const Readable& readable) {
+  FlatChains<scalar_t> flat;
+  for (size_t c = 0; c < chains.size(); ++c) {
+    FlatChain<scalar_t> chain;
+    for (int64_t k = 0; k < chains.lengths[c]; ++k) {
+      chain.x.push_back(readable.features[chains.start[c] + k].const_data_ptr<scalar_t>());
+    }
+    const at::Tensor& head = readable.features[chains.start[c]];
+    chain.batch = head.size(0);
+    chain.n = head.numel() / chain.batch;
+    chain.blocks = ceil_div(chain.n, kBlock);
+    chain.first_item = flat.items;
+    chain.partial_offset = flat.partial_size;
+    chain.sums_offset = flat.sums_size;
+    chain.q_offset = flat.q_size;
+    const int64_t items = chain.batch * chain.blocks;
+    flat.items += items;
+    flat.partial_size += items * 3 * chain.L();
+    flat.sums_size += chain.batch * 3 * chain.L();
+    flat.q_size += chain.batch * chain.K() * 4;
+    flat.chains.push_back(std::move(chain));
+  }
+  return flat;
+}
+
+template <typename scalar_t>
+at::Tensor flow_sums_kernel(const FlatChains<scalar_t>& flat, const at::TensorOptions& options) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t K = chain.x.size(), L = K - 1, blocks = chain.blocks();
-  std::vector<acc_t> partial(chain.batch * blocks * 3 * L);
-  at::parallel_for(0, chain.batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    // Lane-wise accumulators, 3 * L vectors; torch's allocator gives the vector alignment.
-    using V = typename ffr_fast::Vec<acc_t>::type;
-    at::Tensor scratch = at::empty({3 * L * ffr_fast::Vec<acc_t>::size}, options);
+  using V = typename ffr_fast::Vec<acc_t>::type;
+  int64_t max_L = 0;
+  for (const auto& chain : flat.chains) max_L = std::max(max_L, chain.L());
+  std::vector<acc_t> partial(flat.partial_size);
+  at::parallel_for(0, flat.items, grain_size(flat), [&](int64_t begin, int64_t end) {
+    // Lane-wise accumulators, 3 * L vectors; torch's allocator gives the vector alignment
+    // (std::vector<V> would not: a template argument drops V's alignment attribute).
+    at::Tensor scratch = at::empty({3 * max_L * ffr_fast::Vec<acc_t>::size}, options);
     V* acc = reinterpret_cast<V*>(scratch.mutable_data_ptr<acc_t>());
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / blocks, start = (item % blocks) * kBlock;
-      ffr_fast::block_sums<scalar_t, acc_t>(chain.x.data(), K, b * chain.n + start,
+      const FlatChain<scalar_t>& chain = flat.of_item(item);
+      const int64_t local = item - chain.first_item, L = chain.L();
+      const int64_t b = local / chain.blocks, start = (local % chain.blocks) * kBlock;
+      ffr_fast::block_sums<scalar_t, acc_t>(chain.x.data(), chain.K(), b * chain.n + start,
                                             std::min(kBlock, chain.n - start), acc,
-                                            partial.data() + item * 3 * L);
+                                            partial.data() + chain.partial_offset +
+                                                local * 3 * L);
     }
   });
   // Blocks of a sample are added in block order, in double: the result is the same for any
   // thread count, and the few additions cost nothing.
-  at::Tensor sums = at::empty({chain.batch, 3, L}, options);
+  at::Tensor sums = at::empty({flat.sums_size}, options);
   acc_t* out = sums.mutable_data_ptr<acc_t>();
-  for (int64_t b = 0; b < chain.batch; ++b) {
-    for (int64_t j = 0; j < 3 * L; ++j) {
-      double total = 0;
-      for (int64_t block = 0; block < blocks; ++block) {
-        total += partial[(b * blocks + block) * 3 * L + j];
+  for (const auto& chain : flat.chains) {
+    const int64_t L = chain.L();
+    const acc_t* p = partial.data() + chain.partial_offset;
+    for (int64_t b = 0; b < chain.batch; ++b) {
+      for (int64_t j = 0; j < 3 * L; ++j) {
+        double total = 0;
+        for (int64_t block = 0; block < chain.blocks; ++block) {
+          total += p[(b * chain.blocks + block) * 3 * L + j];
+        }
+        out[chain.sums_offset + b * 3 * L + j] = static_cast<acc_t>(total);
       }
-      out[b * 3 * L + j] = static_cast<acc_t>(total);
     }
   }
   return sums;
 }
 
+// g: the packed gradient with respect to the sums, in the accumulation type.
 template <typename scalar_t>
-void flow_sums_backward_kernel(const FlatChain<scalar_t>& chain, const at::Tensor& grad_sums,
+void flow_sums_backward_kernel(const FlatChains<scalar_t>& flat,
+                               const at::opmath_type<scalar_t>* g,
                                const std::vector<scalar_t*>& grad) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t K = chain.x.size(), L = K - 1, blocks = chain.blocks();
-  const acc_t* g = grad_sums.const_data_ptr<acc_t>();
-  std::vector<acc_t> q(chain.batch * K * 4);
-  for (int64_t b = 0; b < chain.batch; ++b) {
-    const std::vector<acc_t> qb = ffr_fast::gradient_coefficients(g + b * 3 * L, L);
-    std::copy(qb.begin(), qb.end(), q.begin() + b * K * 4);
+  std::vector<acc_t> q(flat.q_size);
+  std::vector<scalar_t* const*> chain_grads;
+  int64_t first_feature = 0;
+  for (const auto& chain : flat.chains) {
+    const int64_t K = chain.K(), L = chain.L();
+    for (int64_t b = 0; b < chain.batch; ++b) {
+      const std::vector<acc_t> qb =
+          ffr_fast::gradient_coefficients(g + chain.sums_offset + b * 3 * L, L);
+      std::copy(qb.begin(), qb.end(), q.begin() + chain.q_offset + b * K * 4);
+    }
+    chain_grads.push_back(grad.data() + first_feature);
+    first_feature += K;
   }
-  at::parallel_for(0, chain.batch * blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, flat.items, grain_size(flat), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / blocks, start = (item % blocks) * kBlock;
-      ffr_fast::block_gradients<scalar_t, acc_t>(chain.x.data(), grad.data(), K,
-                                                 q.data() + b * K * 4, b * chain.n + start,
-                                                 std::min(kBlock, chain.n - start));
+      const FlatChain<scalar_t>& chain = flat.of_item(item);
+      const size_t c = &chain - flat.chains.data();
+      const int64_t local = item - chain.first_item;
+      const int64_t b = local / chain.blocks, start = (local % chain.blocks) * kBlock;
+      ffr_fast::block_gradients<scalar_t, acc_t>(
+          chain.x.data(), chain_grads[c], chain.K(), q.data() + chain.q_offset + b * chain.K() * 4,
+          b * chain.n + start, std::min(kBlock, chain.n - start));
     }
   });
 }
 
-at::Tensor flow_sums_cpu(at::TensorList features) {
-  check_chain(features);
-  bool zero_copy;
-  const std::vector<at::Tensor> readable = flat_readable(features, &zero_copy);
+at::ScalarType accumulation_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The packed flow sums of checked chains.
+at::Tensor packed_sums(const Chains& chains) {
+  const Readable readable = readable_chains(chains);
+  const at::Tensor& first = chains.features[0];
   at::Tensor sums;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features[0].scalar_type(),
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(),
                                   "ffr_fast::flow_sums", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    sums = flow_sums_kernel(flat_chain<scalar_t>(readable),
-                            features[0].options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    sums = flow_sums_kernel(flat_chains<scalar_t>(chains, readable),
+                            first.options().dtype(accumulation_type(first)));
   });
   return sums;
 }
 
-std::vector<at::Tensor> flow_sums_backward_cpu(at::TensorList features,
-                                               const at::Tensor& grad_sums) {
-  check_chain(features);
-  const int64_t B = features[0].size(0), L = features.size() - 1;
-  TORCH_CHECK(grad_sums.sizes() == at::IntArrayRef({B, 3, L}),
-              "ffr_fast::flow_sums_backward: grad_sums has shape ", grad_sums.sizes(),
-              "; expected (", B, ", 3, ", L, ")");
-  bool zero_copy;
-  const std::vector<at::Tensor> readable = flat_readable(features, &zero_copy);
+at::Tensor flow_sums_cpu(at::TensorList features, at::IntArrayRef lengths) {
+  return packed_sums(check_chains("ffr_fast::flow_sums", features, lengths));
+}
+
+// The gradients of <g, sums> for the packed g (a contiguous tensor of the accumulation type).
+std::vector<at::Tensor> gradients_of_sums(const Chains& chains, const at::Tensor& g) {
+  const Readable readable = readable_chains(chains);
   std::vector<at::Tensor> grads;
-  for (const at::Tensor& x : readable) grads.push_back(at::empty_like(x));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features[0].scalar_type(),
+  for (const at::Tensor& x : readable.features) grads.push_back(at::empty_like(x));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, chains.features[0].scalar_type(),
                                   "ffr_fast::flow_sums_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // Autograd may hand over an expanded or lower-precision grad_sums; it is (B, 3, K-1).
-    const at::Tensor g =
-        grad_sums.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     std::vector<scalar_t*> out;
     for (at::Tensor& grad : grads) out.push_back(grad.mutable_data_ptr<scalar_t>());
-    flow_sums_backward_kernel(flat_chain<scalar_t>(readable), g, out);
+    flow_sums_backward_kernel(flat_chains<scalar_t>(chains, readable),
+                              g.const_data_ptr<acc_t>(), out);
   });
-  if (!zero_copy) {  // give each gradient its feature's layout, as the fake kernel promises
-    for (size_t k = 0; k < grads.size(); ++k) {
-      grads[k] = at::empty_like(features[k]).copy_(grads[k]);
+  for (size_t c = 0; c < chains.size(); ++c) {
+    if (readable.zero_copy[c]) continue;
+    // Give each gradient its feature's layout, as the fake kernel promises.
+    for (int64_t k = chains.start[c]; k < chains.start[c] + chains.lengths[c]; ++k) {
+      grads[k] = at::empty_like(chains.features[k]).copy_(grads[k]);
     }
   }
   return grads;
+}
+
+int64_t packed_sums_size(const Chains& chains) {
+  int64_t size = 0;
+  for (size_t c = 0; c < chains.size(); ++c) {
+    size += chains.chain(c)[0].size(0) * 3 * (chains.lengths[c] - 1);
+  }
+  return size;
+}
+
+std::vector<at::Tensor> flow_sums_backward_cpu(at::TensorList features, at::IntArrayRef lengths,
+                                               const at::Tensor& grad_sums) {
+  const Chains chains = check_chains("ffr_fast::flow_sums_backward", features, lengths);
+  const int64_t size = packed_sums_size(chains);
+  TORCH_CHECK(grad_sums.dim() == 1 && grad_sums.size(0) == size,
+              "ffr_fast::flow_sums_backward: grad_sums has shape ", grad_sums.sizes(),
+              "; expected (", size, "), the packed (B, 3, K-1) blocks of the chains");
+  // Autograd may hand over an expanded or lower-precision grad_sums.
+  return gradients_of_sums(chains, grad_sums.to(accumulation_type(features[0])).contiguous());
+}
+
+ffr_fast::PenaltyOptions penalty_options(double grad_weight, double curv_weight,
+                                         c10::string_view norm, c10::string_view curvature,
+                                         double eps, double delta) {
+  TORCH_CHECK(norm == "squared" || norm == "l2", "ffr_fast::flow_penalty: unknown norm '",
+              std::string(norm), "'; choose 'squared' or 'l2'");
+  TORCH_CHECK(curvature == "diff" || curvature == "angle",
+              "ffr_fast::flow_penalty: unknown curvature '", std::string(curvature),
+              "'; choose 'diff' or 'angle'");
+  return {grad_weight, curv_weight, eps, delta, norm == "l2", curvature == "angle"};
+}
+
+void check_chain_weights(const Chains& chains, at::ArrayRef<double> chain_weights) {
+  TORCH_CHECK(chain_weights.size() == chains.size(), "ffr_fast::flow_penalty: ",
+              chain_weights.size(), " chain weights for ", chains.size(), " chains");
+}
+
+// sum_c w_c (grad_weight mean_b G_b + curv_weight mean_b C_b) from the packed sums.
+std::tuple<at::Tensor, at::Tensor> flow_penalty_cpu(
+    at::TensorList features, at::IntArrayRef lengths, at::ArrayRef<double> chain_weights,
+    double grad_weight, double curv_weight, c10::string_view norm, c10::string_view curvature,
+    double eps, double delta) {
+  const ffr_fast::PenaltyOptions options =
+      penalty_options(grad_weight, curv_weight, norm, curvature, eps, delta);
+  const Chains chains = check_chains("ffr_fast::flow_penalty", features, lengths);
+  check_chain_weights(chains, chain_weights);
+  const at::Tensor sums = packed_sums(chains);
+  double penalty = 0;
+  AT_DISPATCH_FLOATING_TYPES(sums.scalar_type(), "ffr_fast::flow_penalty", [&] {
+    const scalar_t* s = sums.const_data_ptr<scalar_t>();
+    for (size_t c = 0; c < chains.size(); ++c) {
+      const at::Tensor& head = chains.chain(c)[0];
+      const int64_t B = head.size(0), L = chains.lengths[c] - 1;
+      double G = 0, C = 0;
+      for (int64_t b = 0; b < B; ++b, s += 3 * L) {
+        double G_b, C_b;
+        ffr_fast::sample_terms(s, L, double(head.numel() / B), options, &G_b, &C_b);
+        G += G_b, C += C_b;
+      }
+      penalty += chain_weights[c] * (grad_weight * G + curv_weight * C) / B;
+    }
+  });
+  return {at::scalar_tensor(penalty, sums.options()), sums};
+}
+
+std::vector<at::Tensor> flow_penalty_backward_cpu(
+    at::TensorList features, at::IntArrayRef lengths, const at::Tensor& sums,
+    const at::Tensor& grad, at::ArrayRef<double> chain_weights, double grad_weight,
+    double curv_weight, c10::string_view norm, c10::string_view curvature, double eps,
+    double delta) {
+  const ffr_fast::PenaltyOptions options =
+      penalty_options(grad_weight, curv_weight, norm, curvature, eps, delta);
+  const Chains chains = check_chains("ffr_fast::flow_penalty_backward", features, lengths);
+  check_chain_weights(chains, chain_weights);
+  TORCH_CHECK(sums.dim() == 1 && sums.size(0) == packed_sums_size(chains) &&
+                  sums.scalar_type() == accumulation_type(features[0]),
+              "ffr_fast::flow_penalty_backward: sums must be the flow_penalty's second output");
+  TORCH_CHECK(grad.numel() == 1, "ffr_fast::flow_penalty_backward: grad has shape ",
+              grad.sizes(), "; the penalty is a scalar");
+  const double g = grad.item<double>();
+  const at::Tensor dense_sums = sums.contiguous();
+  at::Tensor grad_sums = at::empty_like(dense_sums);
+  AT_DISPATCH_FLOATING_TYPES(sums.scalar_type(), "ffr_fast::flow_penalty_backward", [&] {
+    const scalar_t* s = dense_sums.const_data_ptr<scalar_t>();
+    scalar_t* out = grad_sums.mutable_data_ptr<scalar_t>();
+    for (size_t c = 0; c < chains.size(); ++c) {
+      const at::Tensor& head = chains.chain(c)[0];
+      const int64_t B = head.size(0), L = chains.lengths[c] - 1;
+      const double scale = g * chain_weights[c] / B;
+      for (int64_t b = 0; b < B; ++b, s += 3 * L, out += 3 * L) {
+        ffr_fast::sample_terms_gradient(s, L, double(head.numel() / B), options,
+                                        scale * grad_weight, scale * curv_weight, out);
+      }
+    }
+  });
+  return gradients_of_sums(chains, grad_sums);
 }
 
 }  // namespace
@@ -187,6 +386,8 @@ std::vector<at::Tensor> flow_sums_backward_cpu(at::TensorList features,
 TORCH_LIBRARY_IMPL(ffr_fast, CPU, m) {
   m.impl("flow_sums", &flow_sums_cpu);
   m.impl("flow_sums_backward", &flow_sums_backward_cpu);
+  m.impl("flow_penalty", &flow_penalty_cpu);
+  m.impl("flow_penalty_backward", &flow_penalty_backward_cpu);
 }
 
 // Importing ffr_fast._C loads this library, which registers the kernels above; the module

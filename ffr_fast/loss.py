@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ffr_fast.chains import (CapturePoint, Chain, ChainInfo, LayerSpec, auto_layers,
                              resolve_layers, split_into_chains)
-from ffr_fast.penalty import check_options, flow_penalty
+from ffr_fast.penalty import check_options, flow_penalty_chains
 
 # The phases of the most recent forward of the model, as ffr() sees them.
 _NO_FORWARD, _CAPTURING, _READY, _CONSUMED, _INFERENCE, _REMOVED = (
@@ -44,9 +44,10 @@ class FFRLoss(nn.Module):
         norm, curvature, eps, delta: the penalty variant (see ffr_fast.flow_penalty).
         chain_weights: optional per-chain factors, in forward order, one per chain that the
             forward forms (checked at every call).
-        penalty_fn: the function applied to each chain, with flow_penalty's signature; the
-            default is the fused op. ffr_fast.reference.flow_penalty is the plain-PyTorch
-            oracle (benchmarks compare the two).
+        penalty_fn: None (the default): every chain of a forward goes to one call of the
+            fused op (ffr_fast.flow_penalty_chains). Or a function applied to each chain
+            separately, with flow_penalty's signature: ffr_fast.reference.flow_penalty is the
+            plain-PyTorch oracle (benchmarks compare the two).
 
     Behaviour, per forward of `model`:
       - A forward in training mode with gradients enabled (decided when the model's forward
@@ -64,7 +65,7 @@ class FFRLoss(nn.Module):
                  layers: Union[str, Sequence[LayerSpec]] = "auto", norm: str = "squared",
                  curvature: str = "diff", eps: float = 1e-8, delta: float = 1e-6,
                  chain_weights: Optional[Sequence[float]] = None,
-                 penalty_fn: Callable[..., Tensor] = flow_penalty):
+                 penalty_fn: Optional[Callable[..., Tensor]] = None):
         super().__init__()
         check_options(grad_weight, curv_weight, norm, curvature, eps, delta)
         if chain_weights is not None:
@@ -220,9 +221,14 @@ class FFRLoss(nn.Module):
                     "them (e.g. by a following ReLU(inplace=True) or `+=`), so they no longer "
                     "hold those layers' outputs. Hook the module that applies the in-place "
                     "operation instead (layers=[...]) or make that operation out of place.")
-        penalties = [w * self.penalty_fn(chain.features, **self.options)
-                     for w, chain in zip(weights, chains) if w != 0]
-        return torch.stack(penalties).sum() if penalties else torch.zeros(())
+        weighted = [(w, chain.features) for w, chain in zip(weights, chains) if w != 0]
+        if not weighted:
+            return torch.zeros(())
+        if self.penalty_fn is None:
+            return flow_penalty_chains([features for _, features in weighted],
+                                       chain_weights=[w for w, _ in weighted], **self.options)
+        return torch.stack([w * self.penalty_fn(features, **self.options)
+                            for w, features in weighted]).sum()
 
     def _not_ready_message(self) -> str:
         return {

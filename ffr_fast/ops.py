@@ -1,16 +1,34 @@
-"""The flow-sums op, declared once; the dispatcher picks the implementation per device.
+"""The ops of ffr_fast, declared once; the dispatcher picks the implementation per device.
 
-    ffr_fast::flow_sums(Tensor[] features) -> Tensor                      (B, 3, K-1)
-    ffr_fast::flow_sums_backward(Tensor[] features, Tensor grad_sums) -> Tensor[]
+One call takes every chain of a forward, like a multi-tensor apply: `features` holds the
+chains one after the other, lengths[c] is chain c's K (chains may differ in shape and
+length; one call has one dtype and device). A single chain is the case lengths = [K].
+
+    ffr_fast::flow_sums(Tensor[] features, int[] lengths) -> Tensor
+        the flow sums of every chain, packed: chain c is a row-major (B_c, 3, K_c - 1) block
+        (ffr_fast.reference.flow_sums), the blocks one after the other
+    ffr_fast::flow_sums_backward(Tensor[] features, int[] lengths, Tensor grad_sums) -> Tensor[]
+    ffr_fast::flow_penalty(Tensor[] features, int[] lengths, float[] chain_weights,
+                           float grad_weight, float curv_weight, str norm, str curvature,
+                           float eps, float delta) -> (Tensor penalty, Tensor sums)
+        sum_c chain_weights[c] * (the penalty of chain c): one op and one autograd node for
+        the whole flow. `sums` (the packed flow sums) is what the backward needs; it carries
+        no gradient.
+    ffr_fast::flow_penalty_backward(Tensor[] features, int[] lengths, Tensor sums,
+                                    Tensor grad, <the options above>) -> Tensor[]
 
 Implementations, most specific first:
-    CPU   the C++ kernels in csrc/ (extension ffr_fast._C, TORCH_LIBRARY_IMPL)
-    CUDA  the Triton kernels in kernels/ (ffr_fast.kernels.flow_sums)
+    CPU   the C++ kernels in csrc/ (extension ffr_fast._C, TORCH_LIBRARY_IMPL), all four ops
+    CUDA  the Triton kernels in kernels/ (ffr_fast.kernels.flow_sums) for the flow sums and
+          their backward; the penalty ops compose them with the epilogue below
     any   the plain-PyTorch reference (CompositeExplicitAutograd), the fallback
+
+Derivatives: first-order reverse mode. A second backward and forward-mode AD raise
+HIGHER_ORDER_MESSAGE rather than return wrong numbers.
 """
 import importlib.util
 import warnings
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -19,34 +37,186 @@ from torch.autograd import forward_ad
 from ffr_fast import reference
 
 _LIB = torch.library.Library("ffr_fast", "DEF")
-_LIB.define("flow_sums(Tensor[] features) -> Tensor")
-_LIB.define("flow_sums_backward(Tensor[] features, Tensor grad_sums) -> Tensor[]")
-_LIB.impl("flow_sums", reference.flow_sums, "CompositeExplicitAutograd")
-_LIB.impl("flow_sums_backward", reference.flow_sums_backward, "CompositeExplicitAutograd")
+_OPTIONS = ("float grad_weight, float curv_weight, str norm, str curvature, float eps, "
+            "float delta")
+_LIB.define("flow_sums(Tensor[] features, int[] lengths) -> Tensor")
+_LIB.define("flow_sums_backward(Tensor[] features, int[] lengths, Tensor grad_sums) -> Tensor[]")
+_LIB.define(f"flow_penalty(Tensor[] features, int[] lengths, float[] chain_weights, "
+            f"{_OPTIONS}) -> (Tensor, Tensor)")
+_LIB.define(f"flow_penalty_backward(Tensor[] features, int[] lengths, Tensor sums, Tensor grad, "
+            f"float[] chain_weights, {_OPTIONS}) -> Tensor[]")
+
+
+def split_chains(features: Sequence[Tensor], lengths: Sequence[int]) -> List[List[Tensor]]:
+    """The chains of a flat feature list: chain c is the next lengths[c] features."""
+    chains, start = [], 0
+    for K in lengths:
+        chains.append(list(features[start:start + K]))
+        start += K
+    return chains
+
+
+def chain_blocks(packed: Tensor, chains: Sequence[Sequence[Tensor]]) -> List[Tensor]:
+    """The (B, 3, K-1) block of each chain in packed flow sums."""
+    blocks, start = [], 0
+    for chain in chains:
+        B, L = chain[0].shape[0], len(chain) - 1
+        blocks.append(packed[start:start + B * 3 * L].view(B, 3, L))
+        start += B * 3 * L
+    return blocks
+
+
+# -- the penalty from the flow sums: the Python twin of csrc/penalty_math.h -----------------
+def _term_size(v: Tensor, n: int, norm: str, eps: float) -> Tensor:
+    """A term's size from its squared norm v, for n-element features."""
+    return torch.sqrt(v + eps**2) / n**0.5 if norm == "l2" else v / n
+
+
+def _term_size_derivative(v: Tensor, n: int, norm: str, eps: float) -> Tensor:
+    if norm == "l2":
+        return 0.5 / (torch.sqrt(v + eps**2) * n**0.5)
+    return torch.full_like(v, 1 / n)
+
+
+def _cosines(sums: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """cos(d_l, d_{l+1}) per sample and l (unclipped), and ||d_l||_eps."""
+    norm_d = torch.sqrt(sums[:, 0] + eps**2)
+    return sums[:, 2, :-1] / (norm_d[:, :-1] * norm_d[:, 1:]), norm_d
+
+
+def chain_terms(sums: Tensor, n: int, norm: str, curvature: str, eps: float,
+                delta: float) -> Tuple[Tensor, Tensor]:
+    """FFR's per-sample G_b and C_b of one chain from its (B, 3, K-1) sums."""
+    G = _term_size(sums[:, 0], n, norm, eps).sum(1)
+    if curvature == "angle":
+        cosine, _ = _cosines(sums, eps)
+        C = torch.arccos(torch.clamp(cosine, -1 + delta, 1 - delta)).sum(1)
+    else:
+        C = _term_size(sums[:, 1, :-1], n, norm, eps).sum(1)
+    return G, C
+
+
+def chain_terms_gradient(sums: Tensor, n: int, norm: str, curvature: str, eps: float,
+                         delta: float, grad_scale: Tensor, curv_scale: Tensor) -> Tensor:
+    """The gradient of sum_b (grad_scale G_b + curv_scale C_b) with respect to sums."""
+    grad = torch.zeros_like(sums)
+    grad[:, 0] = grad_scale * _term_size_derivative(sums[:, 0], n, norm, eps)
+    if curvature == "angle":
+        cosine, norm_d = _cosines(sums, eps)
+        # torch.clamp passes the gradient on the closed interval: so does this.
+        inside = (cosine >= -1 + delta) & (cosine <= 1 - delta)
+        dtheta = torch.where(inside, -curv_scale / torch.sqrt(1 - cosine.clamp(-1, 1) ** 2), 0)
+        grad[:, 2, :-1] = dtheta / (norm_d[:, :-1] * norm_d[:, 1:])
+        grad[:, 0, :-1] -= dtheta * cosine / (2 * norm_d[:, :-1] ** 2)
+        grad[:, 0, 1:] -= dtheta * cosine / (2 * norm_d[:, 1:] ** 2)
+    else:
+        grad[:, 1, :-1] = curv_scale * _term_size_derivative(sums[:, 1, :-1], n, norm, eps)
+    return grad
+
+
+def _feature_size(chain: Sequence[Tensor]) -> int:
+    return chain[0][0].numel()
+
+
+def _penalty_composite(features, lengths, chain_weights, grad_weight, curv_weight, norm,
+                       curvature, eps, delta):
+    """flow_penalty from the flow_sums op (Triton on CUDA, the reference elsewhere)."""
+    sums = torch.ops.ffr_fast.flow_sums(features, lengths)
+    chains = split_chains(features, lengths)
+    penalty = sums.new_zeros(())
+    for w, chain, block in zip(chain_weights, chains, chain_blocks(sums, chains)):
+        G, C = chain_terms(block, _feature_size(chain), norm, curvature, eps, delta)
+        penalty = penalty + w * (grad_weight * G.mean() + curv_weight * C.mean())
+    return penalty, sums
+
+
+def _penalty_backward_composite(features, lengths, sums, grad, chain_weights, grad_weight,
+                                curv_weight, norm, curvature, eps, delta):
+    chains = split_chains(features, lengths)
+    grad_sums = []
+    for w, chain, block in zip(chain_weights, chains, chain_blocks(sums, chains)):
+        scale = grad.to(sums.dtype) * w / chain[0].shape[0]
+        grad_sums.append(chain_terms_gradient(block, _feature_size(chain), norm, curvature, eps,
+                                              delta, scale * grad_weight, scale * curv_weight)
+                         .reshape(-1))
+    return torch.ops.ffr_fast.flow_sums_backward(features, lengths, torch.cat(grad_sums))
+
+
+def _sums_reference(features, lengths):
+    return torch.cat([reference.flow_sums(chain).reshape(-1)
+                      for chain in split_chains(features, lengths)])
+
+
+def _sums_backward_reference(features, lengths, grad_sums):
+    chains = split_chains(features, lengths)
+    return [grad for chain, block in zip(chains, chain_blocks(grad_sums, chains))
+            for grad in reference.flow_sums_backward(chain, block)]
+
+
+_LIB.impl("flow_sums", _sums_reference, "CompositeExplicitAutograd")
+_LIB.impl("flow_sums_backward", _sums_backward_reference, "CompositeExplicitAutograd")
+_LIB.impl("flow_penalty", _penalty_composite, "CompositeExplicitAutograd")
+_LIB.impl("flow_penalty_backward", _penalty_backward_composite, "CompositeExplicitAutograd")
+
+
+# -- shapes for torch.compile and meta tensors ----------------------------------------------
+def _packed_size(features, lengths) -> int:
+    return sum(chain[0].shape[0] * 3 * (len(chain) - 1)
+               for chain in split_chains(features, lengths))
 
 
 @torch.library.register_fake("ffr_fast::flow_sums")
-def _flow_sums_fake(features: List[Tensor]) -> Tensor:
+def _flow_sums_fake(features, lengths):
     x = features[0]
-    return x.new_empty((x.shape[0], 3, len(features) - 1),
+    return x.new_empty((_packed_size(features, lengths),),
                        dtype=reference.accumulation_dtype(x.dtype))
 
 
-@torch.library.register_fake("ffr_fast::flow_sums_backward")
-def _flow_sums_backward_fake(features: List[Tensor], grad_sums: Tensor) -> List[Tensor]:
+@torch.library.register_fake("ffr_fast::flow_penalty")
+def _flow_penalty_fake(features, lengths, chain_weights, *options):
+    sums = _flow_sums_fake(features, lengths)
+    return sums.new_empty(()), sums
+
+
+def _gradients_fake(features, *args):
     return [torch.empty_like(x) for x in features]
 
 
-def _setup_context(ctx, inputs, output):
-    (features,) = inputs
+torch.library.register_fake("ffr_fast::flow_sums_backward", _gradients_fake)
+torch.library.register_fake("ffr_fast::flow_penalty_backward", _gradients_fake)
+
+
+# -- autograd -------------------------------------------------------------------------------
+def _save_features(ctx, inputs, output):
+    features, lengths = inputs[0], inputs[1]
     ctx.save_for_backward(*features)
+    ctx.lengths = lengths
 
 
-def _backward(ctx, grad_sums):
-    return list(torch.ops.ffr_fast.flow_sums_backward(list(ctx.saved_tensors), grad_sums))
+def _flow_sums_backward(ctx, grad_sums):
+    return list(torch.ops.ffr_fast.flow_sums_backward(list(ctx.saved_tensors), ctx.lengths,
+                                                      grad_sums)), None
 
 
-torch.library.register_autograd("ffr_fast::flow_sums", _backward, setup_context=_setup_context)
+def _save_penalty_inputs(ctx, inputs, output):
+    features, lengths, *options = inputs
+    sums = output[1]
+    ctx.mark_non_differentiable(sums)
+    ctx.save_for_backward(sums, *features)
+    ctx.lengths, ctx.options = lengths, options
+
+
+def _flow_penalty_backward(ctx, grad_penalty, _grad_sums):
+    sums, *features = ctx.saved_tensors
+    grads = torch.ops.ffr_fast.flow_penalty_backward(features, ctx.lengths, sums, grad_penalty,
+                                                     *ctx.options)
+    return (list(grads),) + (None,) * (1 + len(ctx.options))
+
+
+torch.library.register_autograd("ffr_fast::flow_sums", _flow_sums_backward,
+                                setup_context=_save_features)
+torch.library.register_autograd("ffr_fast::flow_penalty", _flow_penalty_backward,
+                                setup_context=_save_penalty_inputs)
 
 HIGHER_ORDER_MESSAGE = (
     "ffr_fast: the flow penalty supports first-order reverse-mode gradients only: a second "
@@ -59,19 +229,21 @@ def _refuse_double_backward(ctx, *grads):
     raise RuntimeError(HIGHER_ORDER_MESSAGE)
 
 
-# With create_graph=True the backward op is recorded in the graph; differentiating it again
-# must fail loudly rather than treat the backward as a constant (as torchvision's ops do).
-torch.library.register_autograd("ffr_fast::flow_sums_backward", _refuse_double_backward,
-                                setup_context=lambda ctx, inputs, output: None)
+# With create_graph=True the backward ops are recorded in the graph; differentiating them
+# again must fail loudly rather than treat the backward as a constant (as torchvision's ops do).
+for _backward_op in ("ffr_fast::flow_sums_backward", "ffr_fast::flow_penalty_backward"):
+    torch.library.register_autograd(_backward_op, _refuse_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
 
 
 def refuse_forward_mode(features: Sequence[Tensor]) -> None:
-    """Raise for forward-mode dual tensors: the op's autograd has no jvp, and without this
+    """Raise for forward-mode dual tensors: the ops' autograd has no jvp, and without this
     check the dispatcher would drop the tangents and report a zero derivative."""
     if any(forward_ad.unpack_dual(x).tangent is not None for x in features):
         raise RuntimeError(HIGHER_ORDER_MESSAGE)
 
 
+# -- device kernels -------------------------------------------------------------------------
 # Device types ("cpu", "cuda") whose kernels were registered below: set where they are
 # registered, so that no one has to ask the dispatcher's internals.
 _COMPILED_KERNELS = set()
@@ -110,10 +282,11 @@ def _register_cuda_kernels() -> None:
         return  # CUDA tensors then run the reference
     torch.library.register_kernel(
         "ffr_fast::flow_sums", "cuda",
-        lambda features: _triton_kernels().flow_sums(features), lib=_LIB)
+        lambda features, lengths: _triton_kernels().flow_sums(features, lengths), lib=_LIB)
     torch.library.register_kernel(
         "ffr_fast::flow_sums_backward", "cuda",
-        lambda features, grad_sums: _triton_kernels().flow_sums_backward(features, grad_sums),
+        lambda features, lengths, grad_sums: _triton_kernels().flow_sums_backward(
+            features, lengths, grad_sums),
         lib=_LIB)
     _COMPILED_KERNELS.add("cuda")
 
@@ -123,7 +296,7 @@ _register_cuda_kernels()
 
 
 def has_compiled_kernel(device_type: str) -> bool:
-    """Whether the dispatcher has a device-specific kernel (not the reference) for the op."""
+    """Whether the ops have a device-specific kernel (not the reference) for device_type."""
     return device_type in _COMPILED_KERNELS
 
 
@@ -133,7 +306,38 @@ def require_compiled_cpu_kernel() -> None:
         raise RuntimeError("ffr_fast: the compiled CPU kernel (ffr_fast._C) is not loaded")
 
 
+class _FlowPenalty(torch.autograd.Function):
+    """The same derivative as the op's registered autograd, with less per-call work: that
+    one goes through torch.library's generic tensor-list handling (pytree flattening of
+    every argument, about 0.2 ms a step), this one hands the features over as they are."""
+
+    @staticmethod
+    def forward(ctx, lengths, options, *features):
+        penalty, sums = torch.ops.ffr_fast.flow_penalty(list(features), lengths, *options)
+        ctx.save_for_backward(sums, *features)
+        ctx.lengths, ctx.options = lengths, options
+        return penalty
+
+    @staticmethod
+    def backward(ctx, grad_penalty):
+        sums, *features = ctx.saved_tensors
+        grads = torch.ops.ffr_fast.flow_penalty_backward(features, ctx.lengths, sums,
+                                                         grad_penalty, *ctx.options)
+        return (None, None, *grads)
+
+
+def flow_penalty(features: Sequence[Tensor], lengths: List[int], chain_weights: List[float],
+                 grad_weight: float, curv_weight: float, norm: str, curvature: str, eps: float,
+                 delta: float) -> Tensor:
+    """The op ffr_fast::flow_penalty's penalty, differentiable with respect to the features
+    (one autograd node). Options are not validated here: see ffr_fast.penalty."""
+    refuse_forward_mode(features)
+    options = (chain_weights, grad_weight, curv_weight, norm, curvature, eps, delta)
+    return _FlowPenalty.apply(lengths, options, *features)
+
+
 def flow_sums(features: Sequence[Tensor]) -> Tensor:
     """The (B, 3, K-1) flow sums of one chain, through the op (differentiable)."""
     refuse_forward_mode(features)
-    return torch.ops.ffr_fast.flow_sums(list(features))
+    packed = torch.ops.ffr_fast.flow_sums(list(features), [len(features)])
+    return packed.view(features[0].shape[0], 3, len(features) - 1)

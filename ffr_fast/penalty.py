@@ -1,6 +1,7 @@
-"""The FFR penalty of one chain: validate the chain, reduce it to flow sums with the fused
-op, then apply the chosen norm and curvature to those (B, 3, K-1) sums."""
-from typing import Sequence
+"""The FFR penalty of a forward's chains: validate their layout once, then one call of the
+fused op ffr_fast::flow_penalty for all of them (see ffr_fast.ops)."""
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -52,35 +53,95 @@ def check_options(grad_weight: float, curv_weight: float, norm: str, curvature: 
         raise ValueError(f"delta must be in (0, 1), got {delta}")
 
 
-def penalty_from_sums(sums: Tensor, n: int, grad_weight: float, curv_weight: float,
-                      norm: str, curvature: str, eps: float, delta: float) -> Tensor:
-    """The penalty (docs/math.md) from the (B, 3, K-1) flow sums of n-element features."""
-    squared_d = sums[:, 0, :]
-    squared_s, dots = sums[:, 1, :-1], sums[:, 2, :-1]  # K-2 curvature terms
-    if norm == "squared":
-        G = squared_d.sum(1) / n
-        C = squared_s.sum(1) / n
+# Layouts (each feature's shape, dtype and device, chain by chain) already validated, each
+# with its chains grouped by (dtype, device): one op call per group, one in the usual case.
+_VALIDATED_LAYOUTS: "OrderedDict[tuple, List[List[int]]]" = OrderedDict()
+_MAX_LAYOUTS = 64
+
+
+def _layout_key(chains) -> Optional[tuple]:
+    """What validation depends on, or None when the chains are not even lists of tensors
+    (then validation runs, and names the problem)."""
+    if not isinstance(chains, (list, tuple)):
+        return None
+    key = []
+    for chain in chains:
+        if not isinstance(chain, (list, tuple)):
+            return None
+        for x in chain:
+            if not isinstance(x, Tensor):
+                return None
+        key.append(tuple((x.shape, x.dtype, x.device) for x in chain))
+    return tuple(key)
+
+
+def _validated_groups(chains: Sequence[Sequence[Tensor]]) -> List[List[int]]:
+    """Validate the chains when their layout first appears; the chain indices of each
+    (dtype, device) group."""
+    key = _layout_key(chains)
+    groups = _VALIDATED_LAYOUTS.get(key) if key is not None else None
+    if groups is not None:
+        _VALIDATED_LAYOUTS.move_to_end(key)
+        return groups
+    if not isinstance(chains, (list, tuple)) or not chains:
+        raise ValueError("expected a non-empty list of chains (each a list of K >= 2 "
+                         f"tensors), got {chains!r:.80}")
+    by_kind: Dict[tuple, List[int]] = {}
+    for c, chain in enumerate(chains):
+        check_chain(chain, "chain" if len(chains) == 1 else f"chain {c}")
+        by_kind.setdefault((chain[0].dtype, chain[0].device), []).append(c)
+    groups = list(by_kind.values())
+    _VALIDATED_LAYOUTS[key] = groups
+    if len(_VALIDATED_LAYOUTS) > _MAX_LAYOUTS:
+        _VALIDATED_LAYOUTS.popitem(last=False)
+    return groups
+
+
+def flow_penalty_chains(chains: Sequence[Sequence[Tensor]], grad_weight: float = 1.0,
+                        curv_weight: float = 1.0, norm: str = "squared",
+                        curvature: str = "diff", eps: float = 1e-8, delta: float = 1e-6,
+                        chain_weights: Optional[Sequence[float]] = None) -> Tensor:
+    """sum_c chain_weights[c] * (the FFR penalty of chain c), for every chain of a forward
+    in one op call: chains may differ in shape and length (each one shape, dtype and device
+    inside). One autograd node covers them all.
+
+    The chains' structure is validated when their layout (shapes, dtypes, devices) first
+    appears, not on every call. Chains of different dtypes or devices go to one call each.
+    Returns a 0-dim tensor in float32 (float64 for float64 features).
+    """
+    check_options(grad_weight, curv_weight, norm, curvature, eps, delta)
+    groups = _validated_groups(chains)
+    if chain_weights is None:
+        weights = [1.0] * len(chains)
     else:
-        G = torch.sqrt(squared_d + eps**2).sum(1) / n**0.5
-        C = torch.sqrt(squared_s + eps**2).sum(1) / n**0.5
-    if curvature == "angle":
-        norm_d = torch.sqrt(squared_d + eps**2)
-        cosine = dots / (norm_d[:, :-1] * norm_d[:, 1:])
-        C = torch.arccos(torch.clamp(cosine, -1 + delta, 1 - delta)).sum(1)
-    return grad_weight * G.mean() + curv_weight * C.mean()
+        weights = [float(w) for w in chain_weights]
+        if len(weights) != len(chains):
+            raise ValueError(f"chain_weights has {len(weights)} entries for {len(chains)} "
+                             "chains")
+        if any(not w >= 0 for w in weights):
+            raise ValueError(f"chain_weights must be >= 0, got {weights}")
+    total = None
+    for group in groups:
+        penalty = ops.flow_penalty(
+            [x for c in group for x in chains[c]], [len(chains[c]) for c in group],
+            [weights[c] for c in group], float(grad_weight), float(curv_weight), norm,
+            curvature, float(eps), float(delta))
+        total = penalty if total is None else total + penalty
+    return total
 
 
 def flow_penalty(features: Sequence[Tensor], grad_weight: float = 1.0, curv_weight: float = 1.0,
                  norm: str = "squared", curvature: str = "diff", eps: float = 1e-8,
                  delta: float = 1e-6) -> Tensor:
-    """The FFR penalty of one chain of same-shape features x_0 .. x_{K-1} (docs/math.md).
+    """The FFR penalty of one chain of same-shape features x_0 .. x_{K-1}
+    (ffr_fast.reference states the math): flow_penalty_chains for a single chain.
 
     Returns a 0-dim tensor in float32 (float64 for float64 features), differentiable with
     respect to every feature. The features are read in place: no copy is made of a
     contiguous or channels_last feature.
     """
-    check_chain(features)
-    check_options(grad_weight, curv_weight, norm, curvature, eps, delta)
-    sums = ops.flow_sums(features)
-    n = features[0][0].numel()
-    return penalty_from_sums(sums, n, grad_weight, curv_weight, norm, curvature, eps, delta)
+    if isinstance(features, Tensor) or not isinstance(features, (list, tuple)):
+        raise TypeError(f"chain: expected a list of K >= 2 tensors, got "
+                        f"{type(features).__name__}")
+    return flow_penalty_chains([features], grad_weight, curv_weight, norm, curvature, eps,
+                               delta)

@@ -8,7 +8,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 
 from ffr_fast import ops, reference
-from ffr_fast.penalty import flow_penalty
+from ffr_fast.penalty import flow_penalty, flow_penalty_chains
 
 REFUSAL = "first-order reverse-mode gradients only"
 
@@ -63,3 +63,14 @@ def test_forward_ad_dual_tensors_raise():
             flow_penalty(duals)
         with pytest.raises(RuntimeError, match=REFUSAL):
             ops.flow_sums(duals)
+
+
+def test_second_backward_through_several_chains_raises():
+    generator = torch.Generator().manual_seed(1)
+    chains = [chain(), [torch.randn(3, 5, generator=generator, dtype=torch.float64)
+                        for _ in range(3)]]
+    leaves = [x.requires_grad_() for c in chains for x in c]
+    grads = torch.autograd.grad(flow_penalty_chains(chains, chain_weights=[1.0, 2.0]), leaves,
+                                create_graph=True)
+    with pytest.raises(RuntimeError, match=REFUSAL):
+        sum((g * g).sum() for g in grads).backward()

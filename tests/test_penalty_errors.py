@@ -7,8 +7,8 @@ import textwrap
 import pytest
 import torch
 
-from ffr_fast import ops
-from ffr_fast.penalty import flow_penalty
+from ffr_fast import ops, penalty, reference
+from ffr_fast.penalty import flow_penalty, flow_penalty_chains
 
 
 def chain(K=3, shape=(2, 3, 4, 4), dtype=torch.float32):
@@ -72,18 +72,72 @@ def test_unknown_norm_or_curvature(option, value):
     assert_rejected(chain(3), ValueError, rf"unknown {option} '{value}'", **{option: value})
 
 
-def test_op_called_directly_checks_its_chain():
-    """The C++ kernel validates too: the op is public through torch.ops."""
+def test_op_called_directly_checks_its_chains():
+    """The C++ kernels validate too: the ops are public through torch.ops."""
     ops.require_compiled_cpu_kernel()
     features = chain(3)
     features[1] = torch.randn(2, 3, 4, 5)
-    with pytest.raises(RuntimeError, match=r"feature 1 has shape \[2, 3, 4, 5\] but feature 0 "
-                                           r"has shape \[2, 3, 4, 4\]"):
-        torch.ops.ffr_fast.flow_sums(features)
-    with pytest.raises(RuntimeError, match=r"K >= 2 features, got 1"):
-        torch.ops.ffr_fast.flow_sums(features[:1])
-    with pytest.raises(RuntimeError, match=r"grad_sums has shape \[2, 3\]; expected \(2, 3, 2\)"):
-        torch.ops.ffr_fast.flow_sums_backward(chain(3), torch.ones(2, 3))
+    with pytest.raises(RuntimeError, match=r"chain 0 feature 1 has shape \[2, 3, 4, 5\] but "
+                                           r"feature 0 has shape \[2, 3, 4, 4\]"):
+        torch.ops.ffr_fast.flow_sums(features, [3])
+    with pytest.raises(RuntimeError, match=r"chain 1 has 1 features; a chain needs K >= 2"):
+        torch.ops.ffr_fast.flow_sums(chain(3), [2, 1])
+    with pytest.raises(RuntimeError, match=r"lengths add up to 4 features but 3 were given"):
+        torch.ops.ffr_fast.flow_sums(chain(3), [2, 2])
+    with pytest.raises(RuntimeError, match=r"chain 1 feature 0 has dtype Double but the first "
+                                           r"feature has Float; one call takes one dtype"):
+        torch.ops.ffr_fast.flow_sums(chain(2) + chain(2, dtype=torch.float64), [2, 2])
+    with pytest.raises(RuntimeError, match=r"grad_sums has shape \[2, 3\]; expected \(12\)"):
+        torch.ops.ffr_fast.flow_sums_backward(chain(3), [3], torch.ones(2, 3))
+    with pytest.raises(RuntimeError, match=r"2 chain weights for 1 chains"):
+        torch.ops.ffr_fast.flow_penalty(chain(3), [3], [1.0, 1.0], 1.0, 1.0, "squared",
+                                        "diff", 1e-8, 1e-6)
+    with pytest.raises(RuntimeError, match=r"unknown norm 'l1'"):
+        torch.ops.ffr_fast.flow_penalty(chain(3), [3], [1.0], 1.0, 1.0, "l1", "diff", 1e-8,
+                                        1e-6)
+
+
+def assert_chains_rejected(chains, error, match, **options):
+    saved = [[x.clone() for x in c] for c in chains if isinstance(c, list)]
+    with pytest.raises(error, match=match):
+        flow_penalty_chains(chains, **options)
+    for c, before in zip([c for c in chains if isinstance(c, list)], saved):
+        assert all(torch.equal(x, b) and x.grad is None for x, b in zip(c, before))
+
+
+def test_multi_chain_bad_inputs_name_the_chain():
+    bad = chain(3)
+    bad[2] = torch.randn(2, 3, 4, 5)
+    assert_chains_rejected([chain(2), bad], ValueError,
+                           r"chain 1: feature 2 has shape \(2, 3, 4, 5\)")
+    assert_chains_rejected([chain(2), chain(1)], ValueError, r"chain 1: a chain needs K >= 2")
+    assert_chains_rejected([chain(2), chain(2)[0]], TypeError,
+                           r"chain 1: expected a list of K >= 2 tensors, got Tensor")
+    assert_chains_rejected([], ValueError, r"expected a non-empty list of chains")
+    assert_chains_rejected([chain(2), chain(3)], ValueError,
+                           r"chain_weights has 1 entries for 2 chains", chain_weights=[1.0])
+    assert_chains_rejected([chain(2), chain(3)], ValueError,
+                           r"chain_weights must be >= 0, got \[1.0, -1.0\]",
+                           chain_weights=[1, -1])
+
+
+def test_validation_runs_once_per_layout_and_again_when_it_changes(monkeypatch):
+    checked = []
+    monkeypatch.setattr(penalty, "check_chain", lambda c, name: checked.append(name))
+    monkeypatch.setattr(penalty, "_VALIDATED_LAYOUTS", type(penalty._VALIDATED_LAYOUTS)())
+    chains = [chain(3), chain(2, shape=(2, 5))]
+    for _ in range(3):
+        flow_penalty_chains(chains)
+    assert checked == ["chain 0", "chain 1"]
+    flow_penalty_chains([chain(3), chain(2, shape=(3, 5))])  # a new batch size: a new layout
+    flow_penalty_chains([chain(3), chain(2, shape=(2, 5), dtype=torch.float64)])  # a new dtype
+    assert len(checked) == 6
+
+
+def test_chains_of_different_dtypes_go_to_one_call_each():
+    chains = [chain(3), chain(2, dtype=torch.float64)]
+    expected = sum(reference.flow_penalty([x.double() for x in c]) for c in chains)
+    torch.testing.assert_close(flow_penalty_chains(chains).double(), expected, rtol=1e-5, atol=0)
 
 
 def test_without_the_compiled_kernel_one_warning_and_the_reference_path():

@@ -10,8 +10,7 @@ import sys
 import pytest
 import torch
 
-from ffr_fast import reference
-from ffr_fast import testing
+from ffr_fast import ops, reference, testing
 from ffr_fast.kernels import flow_sums as triton_kernels
 from ffr_fast.testing import TOLERANCE, relative_error
 
@@ -26,11 +25,13 @@ def random_chain(K, shape=SHAPE, dtype=torch.float32, seed=0, step=None):
     return testing.random_chain(K, shape, dtype, DEVICE, seed, step)
 
 
-def check_against_reference(features, tolerance, block_size=BLOCK):
-    """Kernels vs the float64 reference of the (upcast) features; returns the gradients."""
+def check_against_reference(features, tolerance, block_size=BLOCK, lengths=None):
+    """Kernels vs the float64 reference of the (upcast) features; returns the gradients.
+    lengths: the chains' K (default: one chain of every feature)."""
+    lengths = [len(features)] if lengths is None else lengths
     upcast = [x.double() for x in features]
-    expected = reference.flow_sums(upcast)
-    sums = triton_kernels.flow_sums(features, block_size=block_size)
+    expected = ops._sums_reference(upcast, lengths)
+    sums = triton_kernels.flow_sums(features, lengths, block_size=block_size)
     assert sums.dtype == reference.accumulation_dtype(features[0].dtype)
     assert sums.shape == expected.shape
     assert relative_error(sums, expected) <= tolerance
@@ -38,8 +39,9 @@ def check_against_reference(features, tolerance, block_size=BLOCK):
     generator = torch.Generator().manual_seed(1)
     grad_sums = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
     grad_sums = grad_sums.to(DEVICE, sums.dtype)
-    grads = triton_kernels.flow_sums_backward(features, grad_sums, block_size=block_size)
-    expected_grads = reference.flow_sums_backward(upcast, grad_sums.double())
+    grads = triton_kernels.flow_sums_backward(features, lengths, grad_sums,
+                                              block_size=block_size)
+    expected_grads = ops._sums_backward_reference(upcast, lengths, grad_sums.double())
     assert len(grads) == len(features)
     for k, (grad, x, want) in enumerate(zip(grads, features, expected_grads)):
         assert grad.dtype == x.dtype and grad.shape == x.shape, k
@@ -47,6 +49,57 @@ def check_against_reference(features, tolerance, block_size=BLOCK):
         # bfloat16, at most 2**-7 relative; GPUs round to nearest).
         assert relative_error(grad, want) <= tolerance, k
     return grads
+
+
+# Chains of different shapes, lengths and batch sizes in one launch.
+MULTI = [(4, (2, 3, 5, 7)), (2, (3, 4, 8)), (6, (1, 9))]
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+def test_several_chains_in_one_launch(dtype):
+    chains = testing.random_chains(MULTI, dtype, DEVICE)
+    check_against_reference([x for c in chains for x in c], TOLERANCE[dtype],
+                            lengths=[K for K, _ in MULTI])
+
+
+def test_several_chains_with_mixed_layouts():
+    chains = testing.random_chains(MULTI, device=DEVICE)
+    chains[0] = [x.contiguous(memory_format=torch.channels_last) for x in chains[0]]
+    chains[1][1] = chains[1][1].transpose(1, 2).contiguous().transpose(1, 2)
+    grads = check_against_reference([x for c in chains for x in c], TOLERANCE[torch.float32],
+                                    lengths=[K for K, _ in MULTI])
+    assert all(g.stride() == x.stride() for g, x in zip(grads[:4], chains[0]))
+
+
+def test_tables_are_built_once_per_layout():
+    triton_kernels._cached_layout.cache_clear()
+    for seed in range(3):  # new tensors, same layout: the tables are reused
+        chains = testing.random_chains(MULTI, device=DEVICE, seed=seed)
+        triton_kernels.flow_sums([x for c in chains for x in c], [K for K, _ in MULTI],
+                                 block_size=BLOCK)
+    info = triton_kernels._cached_layout.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
+
+
+def test_offsets_table_is_reused_for_the_same_addresses():
+    """Same tensors (as in a CUDA graph, or a loop whose allocator repeats addresses): no
+    new host table; new addresses: a new one, with the right offsets."""
+    triton_kernels._offsets_table.cache_clear()
+    chains = testing.random_chains(MULTI, device=DEVICE)
+    features, lengths = [x for c in chains for x in c], [K for K, _ in MULTI]
+    first = triton_kernels.flow_sums(features, lengths, block_size=BLOCK)
+    second = triton_kernels.flow_sums(features, lengths, block_size=BLOCK)
+    assert torch.equal(first, second)
+    assert triton_kernels._offsets_table.cache_info().hits == 1
+    check_against_reference([x.clone() for x in features], TOLERANCE[torch.float32],
+                            lengths=lengths)
+
+
+def test_chains_of_different_dtypes_are_rejected():
+    chains = [random_chain(2), random_chain(2, dtype=torch.float64)]
+    with pytest.raises(ValueError, match=r"chain 1 is torch.float64 on .* but chain 0 is "
+                                         r"torch.float32"):
+        triton_kernels.flow_sums(chains[0] + chains[1], [2, 2])
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
@@ -101,53 +154,56 @@ def test_nearly_equal_neighbours_keep_float32_accuracy():
     check_against_reference(random_chain(5, seed=2, step=1e-4), TOLERANCE[torch.float32])
 
 
+LENGTHS = [4, 2]  # the chains _KernelFlowSums splits its features into
+
+
 class _KernelFlowSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *features):
         ctx.save_for_backward(*features)
-        return triton_kernels.flow_sums(features, block_size=4)
+        return triton_kernels.flow_sums(features, LENGTHS, block_size=4)
 
     @staticmethod
     def backward(ctx, grad_sums):
-        return tuple(triton_kernels.flow_sums_backward(ctx.saved_tensors, grad_sums,
+        return tuple(triton_kernels.flow_sums_backward(ctx.saved_tensors, LENGTHS, grad_sums,
                                                        block_size=4))
 
 
 def test_backward_kernel_is_the_gradient_of_the_forward_kernel():
-    features = [x.requires_grad_() for x in random_chain(4, shape=(2, 2, 3),
-                                                         dtype=torch.float64)]
+    chains = testing.random_chains([(4, (2, 2, 3)), (2, (1, 5))], torch.float64, DEVICE)
+    features = [x.requires_grad_() for chain in chains for x in chain]
     assert torch.autograd.gradcheck(_KernelFlowSums.apply, features, fast_mode=True)
 
 
 def test_bad_grad_sums_shape_is_named():
     features = random_chain(3)
-    with pytest.raises(ValueError, match=r"grad_sums has shape \(2, 3, 3\).*\(2, 3, 2\)"):
-        triton_kernels.flow_sums_backward(features, torch.ones(2, 3, 3, device=DEVICE))
+    with pytest.raises(ValueError, match=r"grad_sums has shape \(2, 3, 3\).*\(12,\)"):
+        triton_kernels.flow_sums_backward(features, [3], torch.ones(2, 3, 3, device=DEVICE))
 
 
 def test_chain_of_one_feature_is_rejected():
     with pytest.raises(ValueError, match="K >= 2"):
-        triton_kernels.flow_sums(random_chain(1))
+        triton_kernels.flow_sums(random_chain(3), [2, 1])
 
 
 def test_empty_batch():
     features = random_chain(3, shape=(0, 3, 5, 7))
-    assert triton_kernels.flow_sums(features).shape == (0, 3, 2)
-    grads = triton_kernels.flow_sums_backward(features, torch.ones(0, 3, 2, device=DEVICE))
+    assert triton_kernels.flow_sums(features, [3]).shape == (0,)
+    grads = triton_kernels.flow_sums_backward(features, [3], torch.ones(0, device=DEVICE))
     assert [grad.shape for grad in grads] == [(0, 3, 5, 7)] * 3
 
 
 def test_feature_unlike_feature_0_is_rejected():
     features = random_chain(3)
     features[2] = features[2][..., :6]
-    with pytest.raises(ValueError, match=r"feature 2 is \(2, 3, 5, 6\) .* feature 0 is "
-                                         r"\(2, 3, 5, 7\)"):
-        triton_kernels.flow_sums(features)
+    with pytest.raises(ValueError, match=r"chain 0 feature 2 is \(2, 3, 5, 6\) .* feature 0 "
+                                         r"is \(2, 3, 5, 7\)"):
+        triton_kernels.flow_sums(features, [3])
 
 
 def test_block_size_must_be_a_power_of_two():
     with pytest.raises(ValueError, match="block_size must be a power of two, got 48"):
-        triton_kernels.flow_sums(random_chain(2), block_size=48)
+        triton_kernels.flow_sums(random_chain(2), [2], block_size=48)
 
 
 def test_feature_not_aligned_with_feature_0_is_rejected():
@@ -156,7 +212,7 @@ def test_feature_not_aligned_with_feature_0_is_rejected():
     features = [torch.frombuffer(buffer, dtype=torch.float32, count=12, offset=offset)
                 .view(2, 6) for offset in (0, 2)]
     with pytest.raises(ValueError, match="feature 1 starts 2 bytes from feature 0"):
-        triton_kernels.flow_sums(features)
+        triton_kernels.flow_sums(features, [2])
 
 
 # Compiles the kernels for an H100/H200 (sm_90) without a GPU: the interpreter accepts code
@@ -171,12 +227,11 @@ from ffr_fast.kernels import flow_sums as k
 for x, acc in (("fp32", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")):
     for kernel in (k._flow_sums_kernel, k._flow_sums_backward_kernel):
         types = {"x_ptr": "*" + x, "grad_ptr": "*" + x, "partials_ptr": "*" + acc,
-                 "g_ptr": "*" + acc, "offsets_ptr": "*i64", "grad_offsets_ptr": "*i64",
-                 "BLOCK": "constexpr", "ALIGNED": "constexpr"}
-        signature = {name: types.get(name, "i32") for name in kernel.arg_names}
-        # As Triton specializes arguments at launch: aligned pointers, n % 16 == 0.
+                 "g_ptr": "*" + acc, "BLOCK": "constexpr", "ALIGNED": "constexpr"}
+        signature = {name: types.get(name, "*i64") for name in kernel.arg_names}
+        # As Triton specializes arguments at launch: aligned pointers.
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
-                 if signature[name] != "constexpr" and name != "K"}
+                 if signature[name] != "constexpr"}
         source = ASTSource(fn=kernel, signature=signature, attrs=attrs,
                            constexprs={"BLOCK": 1024, "ALIGNED": True})
         ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
@@ -203,8 +258,6 @@ def test_kernels_compile_for_hopper_with_vector_memory_access():
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a CUDA device: only CUDA tensors are routed to Triton")
 def test_op_runs_the_triton_kernels_on_cuda():
-    from ffr_fast import ops
-
     assert ops.has_compiled_kernel("cuda")
     features = [x.requires_grad_() for x in random_chain(3)]
     activities = [torch.profiler.ProfilerActivity.CUDA]
