@@ -14,18 +14,14 @@ Two starting points:
 import argparse
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
 from ffr_fast import models, prune
 from ffr_fast.metrics import count_flops, count_params, measure_latency
-from results_io import write_results  # noqa: E402  (bench/ is the script's folder)
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from nets import look_trained  # noqa: E402  (random BN statistics, shared with the tests)
+from ffr_fast.pruning.testing import look_trained
+from results_io import write_results  # bench/ is the script's folder
 
 INPUT = (3, 32, 32)
 

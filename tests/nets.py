@@ -1,9 +1,11 @@
-"""Test-only networks for the pruner, each exercising one dependency rule, and helpers that
-make a random model look trained (BN statistics) or give it exactly dead filters."""
+"""Test-only networks for the pruner, each exercising one dependency rule; the helpers that
+make a random model look trained or give it dead filters live in ffr_fast.pruning.testing."""
 import pytest
 import torch
 import torch.fx
 from torch import nn
+
+from ffr_fast.pruning.testing import kill_channels, look_trained  # noqa: F401 (re-exported)
 
 
 def conv_bn_relu(cin, cout, k=3, groups=1):
@@ -117,31 +119,6 @@ class GatedNet(nn.Module):
 
 TEST_NETS = {"densenet": (TinyDenseNet, ()), "resnext": (TinyResNeXt, ()),
              "shuffle": (ShuffleNet, ()), "gated": (GatedNet, ("gate",))}
-
-
-def look_trained(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BN affine parameters and running statistics, as after training."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                m.bias.copy_(0.1 * torch.randn(n, generator=g))
-                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-    return model.eval()
-
-
-def kill_channels(model: nn.Module, path: str, channels, bn_path: str = None) -> None:
-    """Make output `channels` of layer `path` (and of its BN) exactly zero."""
-    with torch.no_grad():
-        for p in (path, bn_path):
-            if p is not None:
-                m = model.get_submodule(p)
-                m.weight[channels] = 0
-                if m.bias is not None:
-                    m.bias[channels] = 0
 
 
 @pytest.fixture(autouse=True)

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..metrics import flops_of
 from .graph import is_zero_preserving_call, is_zero_preserving_module
 from .importance import Scorer, layer_scores
 
@@ -84,9 +85,12 @@ def _exclusive(add: fx.Node, start: fx.Node, order: Dict[fx.Node, int]) -> List[
     while pending:
         node = max(pending, key=order.get)
         pending.discard(node)
-        if node.op in ("placeholder", "output") or not set(node.users) <= inside:
+        # `out, _ = attention(...)` leaves an unread getitem: it does not keep a node alive.
+        unread = {u for u in node.users if u.target is operator.getitem and not u.users}
+        if node.op in ("placeholder", "output") or not set(node.users) - unread <= inside:
             continue
         inside.add(node)
+        inside.update(unread)
         pending.update(node.all_input_nodes)
     return sorted(inside, key=order.get)
 
@@ -136,19 +140,24 @@ def find_branches(gm: fx.GraphModule, ignored: Sequence[str] = ()) -> List[Resid
         inside = set(nodes)
         paths = [n.target for n in nodes if n.op == "call_module"]
         own = tuple(p for p in dict.fromkeys(paths) if called[p] <= inside)
-        found.append((add, 1 - side, own, paths, _tail(args[side], modules, ignored)))
-    names = _names([paths for *_, paths, _ in found], modules)
+        named = paths + [n.target for n in nodes if n.op == "get_attr"]  # e.g. a layer scale
+        found.append((add, 1 - side, own, named, _tail(args[side], modules, ignored)))
+    names = _names([named for *_, named, _ in found], modules)
     return [ResidualBranch(name, 0, 0.0, add.name, shortcut, own, tail)
             for name, (add, shortcut, own, _, tail) in zip(names, found)]
 
 
 def _names(branch_paths: List[List[str]], modules) -> List[str]:
-    names = [_common_prefix(paths) for paths in branch_paths]
-    for i, (name, paths) in enumerate(zip(list(names), branch_paths)):
-        if names.count(name) > 1 or not name:
-            biggest = max(paths, key=lambda p: sum(q.numel() for q in modules[p].parameters()))
-            rest = biggest[len(name):].lstrip(".").split(".")[0]
-            names[i] = f"{name}.{rest}" if name else rest
+    prefixes = [_common_prefix(paths) for paths in branch_paths]
+    names = []
+    for prefix, paths in zip(prefixes, branch_paths):
+        if prefixes.count(prefix) == 1 and prefix:
+            names.append(prefix)
+            continue
+        called = [p for p in paths if p in modules]
+        biggest = max(called, key=lambda p: sum(q.numel() for q in modules[p].parameters()))
+        rest = biggest[len(prefix):].lstrip(".").split(".")[0]
+        names.append(f"{prefix}.{rest}" if prefix else rest)
     for i, name in enumerate(list(names)):
         if names.count(name) > 1:  # still ambiguous: number them in forward order
             names[i] = f"{name}#{names[:i].count(name)}"
@@ -165,11 +174,7 @@ class _BranchMeter(fx.Interpreter):
         self.influence: Dict[str, float] = {}
 
     def run_node(self, node: fx.Node):
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as counter:
-            result = super().run_node(node)
-        self.flops[node.name] = counter.get_total_flops()
+        result, self.flops[node.name] = flops_of(super().run_node, node)
         if node.name in self.watch:  # now, before an in-place op overwrites the sum
             shortcut = self.env[node.args[self.watch[node.name]]]
             self.influence[node.name] = block_influence(shortcut, result)
@@ -241,9 +246,10 @@ def remove_branches(graph: fx.Graph, branches: Sequence[ResidualBranch], modules
         shortcut, start = add.args[branch.shortcut_arg], add.args[1 - branch.shortcut_arg]
         # The shortcut is the identity when the branch reads the very same tensor.
         identity = any(user is not add for user in shortcut.users)
+        branch_nodes = _exclusive(add, start, {n: i for i, n in enumerate(graph.nodes)})
         add.replace_all_uses_with(shortcut)
         graph.erase_node(add)
-        erased = _erase_unused(graph, start)
+        erased = _erase(graph, branch_nodes)
         _guard_in_place(graph, shortcut, modules)
         records.append({"add": branch.add, "block": branch.name, "removed_modules": erased,
                         "shortcut": (f"identity shortcut (node {shortcut.name})" if identity
@@ -252,21 +258,12 @@ def remove_branches(graph: fx.Graph, branches: Sequence[ResidualBranch], modules
     return records
 
 
-def _erase_unused(graph: fx.Graph, start: fx.Node) -> List[str]:
-    """Erase `start` and, transitively, the inputs nothing else reads. Returns module paths."""
-    erased, stack, seen = set(), [start], set()
-    while stack:
-        node = stack.pop()
-        if node in seen or node.users or node.op in ("placeholder", "output", "get_attr"):
-            continue
-        seen.add(node)
-        inputs = node.all_input_nodes
-        if node.op == "call_module":
-            erased.add(node.target)
+def _erase(graph: fx.Graph, nodes: List[fx.Node]) -> List[str]:
+    """Erase `nodes` (a branch, in graph order). Returns the module paths no longer called."""
+    for node in reversed(nodes):
         graph.erase_node(node)
-        stack.extend(inputs)
     still_called = {n.target for n in graph.nodes if n.op == "call_module"}
-    return sorted(erased - still_called)
+    return sorted({n.target for n in nodes if n.op == "call_module"} - still_called)
 
 
 def _guard_in_place(graph: fx.Graph, shortcut: fx.Node, modules) -> None:

@@ -27,7 +27,7 @@ from .surgery import apply_plan, set_submodule, zero_removed
 
 SCOPES = ("global", "layer")
 FLOPS_SEARCHES = ("threshold", "ratio")
-STRUCTURE_FORMAT = "ffr_fast.pruned/2"
+STRUCTURE_FORMAT = "ffr_fast.pruned/3"  # 3: per-module training flags
 STRUCTURE_KEY = "ffr_fast.structure"  # where the pruned GraphModule keeps it, in .meta
 
 
@@ -66,7 +66,8 @@ def residual_branches(model: nn.Module, example_inputs, ignored: Sequence[Any] =
 def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.Tensor]], *,
           threshold: Optional[float] = None, ratio: Optional[float] = None,
           flops_target: Optional[float] = None, flops_search: str = "threshold",
-          flops_tolerance: float = 0.02, importance: Union[str, Scorer] = "l2",
+          flops_tolerance: float = 0.02, flops_search_steps: int = 24,
+          importance: Union[str, Scorer] = "l2",
           scope: str = "global", min_channels: int = 1, round_to: Optional[int] = None,
           remove_blocks: bool = True, remove_branches: Sequence[str] = (),
           fold_bn: bool = False, ignored: Sequence[Any] = (), inplace: bool = False
@@ -82,8 +83,8 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
       "layer");
     - `flops_target=f`: the smallest pruning (a search on `flops_search`, "threshold" or
       "ratio") that keeps at most the fraction f of the FLOPs, accepted within
-      `flops_tolerance` below f; when the search cannot land there (a threshold removes
-      whole blocks at once) it warns (FlopsTargetWarning) and the report's `warnings` say
+      `flops_tolerance` below f, in at most `flops_search_steps` prunings; when the search
+      cannot land there (a threshold removes whole blocks at once) it warns (FlopsTargetWarning) and the report's `warnings` say
       what it kept;
     - none of them, with `remove_branches` only.
     `remove_branches` lists residual branches by name (see residual_branches()) to remove
@@ -101,8 +102,9 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
     start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"prune() needs an nn.Module, got {type(model).__name__}")
-    _check_settings(threshold, ratio, flops_target, flops_search, flops_tolerance, importance,
-                    scope, min_channels, round_to, remove_branches)
+    _check_settings(threshold, ratio, flops_target, flops_search, flops_tolerance,
+                    flops_search_steps, importance, scope, min_channels, round_to,
+                    remove_branches)
     inputs = as_inputs(example_inputs)
     options = dict(importance=importance, scope=scope, min_channels=min_channels,
                    round_to=round_to, remove_blocks=remove_blocks,
@@ -112,13 +114,14 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
         result = _prune_once(model, inputs, threshold, ratio, inplace, **options)
     else:
         result = _prune_to_flops(model, inputs, flops_target, flops_search, flops_tolerance,
-                                 inplace, options)
+                                 flops_search_steps, inplace, options)
     result.report.seconds = time.perf_counter() - start
     return result
 
 
 def _check_settings(threshold, ratio, flops_target, flops_search, flops_tolerance,
-                    importance, scope, min_channels, round_to, remove_branches) -> None:
+                    flops_search_steps, importance, scope, min_channels, round_to,
+                    remove_branches) -> None:
     given = [name for name, value in (("threshold", threshold), ("ratio", ratio),
                                       ("flops_target", flops_target)) if value is not None]
     if len(given) > 1 or (not given and not remove_branches):
@@ -136,6 +139,8 @@ def _check_settings(threshold, ratio, flops_target, flops_search, flops_toleranc
         raise ValueError(f"flops_search must be one of {FLOPS_SEARCHES}, got {flops_search!r}")
     if not 0 <= flops_tolerance < 1:
         raise ValueError(f"flops_tolerance must be in [0, 1), got {flops_tolerance!r}")
+    if not isinstance(flops_search_steps, int) or flops_search_steps < 1:
+        raise ValueError(f"flops_search_steps must be an int >= 1, got {flops_search_steps!r}")
     scorer_for(importance)  # raises for an unknown name
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
@@ -222,7 +227,7 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
 
 
 def _prune_to_flops(model, inputs, target: float, search: str, tolerance: float,
-                    inplace: bool, options: Dict) -> PruneResult:
+                    steps: int, inplace: bool, options: Dict) -> PruneResult:
     """Search `search` ("threshold" or "ratio") until the FLOPs kept fall in
     [target - tolerance, target]: the value is raised (a threshold doubled, since its scale
     is the model's) until the budget is met, then bisected (geometrically for a threshold).
@@ -230,7 +235,7 @@ def _prune_to_flops(model, inputs, target: float, search: str, tolerance: float,
     low, high = 0.0, None  # kept(low) > target >= kept(high)
     value = 1 - target ** 0.5 if search == "ratio" else 1.0
     tried: List[tuple] = []  # (kept, value)
-    for _ in range(24):
+    for _ in range(steps):
         result = _prune_once(model, inputs, **{search: value}, **_other(search),
                              inplace=False, **options)
         kept = result.report.flops_after / result.report.flops_before

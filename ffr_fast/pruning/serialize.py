@@ -8,7 +8,7 @@ modules of the saved sizes and loads the weights strictly. (Pickling the whole G
 with `torch.save(model)` works too; this format survives code changes to the pruner.)
 """
 import copy
-from typing import Callable, Union
+from typing import Callable, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -18,6 +18,7 @@ from .blocks import ResidualBranch, remove_branches
 from .fold import bypass_batchnorm
 from .graph import trace
 from .inplace import replay_adds_in_place
+from .inputs import restore_training_flags, training_flags
 from .pruner import STRUCTURE_FORMAT, STRUCTURE_KEY, PruneResult
 from .surgery import set_submodule
 
@@ -52,8 +53,39 @@ def save_pruned(result_or_model: Union[PruneResult, fx.GraphModule], path) -> No
                          f"got a {type(model).__name__} without pruning structure")
     modules = {name: module_spec(m) for name, m in model.named_modules()
                if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear))}
-    structure = dict(structure, modules=modules, training=model.training)
+    structure = dict(structure, modules=modules, training=training_flags(model))
     torch.save({"structure": structure, "state_dict": model.state_dict()}, path)
+
+
+STRUCTURE_FIELDS = ("format", "ignored", "removed_blocks", "folded_bn", "adds_in_place", "modules",
+                    "training")
+
+
+def _read(path) -> Tuple[dict, dict]:
+    """The structure and state dict of a save_pruned file; any other file is a ValueError
+    naming the file and what is wrong with it."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # truncated, empty, not a torch file, unsafe pickle
+        raise ValueError(f"{path} cannot be read as a file written by save_pruned "
+                         f"({type(error).__name__}: {error}); it may be truncated or "
+                         "corrupted") from error
+    if not isinstance(payload, dict) or not {"structure", "state_dict"} <= payload.keys():
+        what = (f"a dict with keys {sorted(payload)}" if isinstance(payload, dict)
+                else f"a {type(payload).__name__}")
+        raise ValueError(f"{path} is not a file written by save_pruned: it holds {what}, not "
+                         "{'structure': ..., 'state_dict': ...}")
+    structure = payload["structure"]
+    if not isinstance(structure, dict) or structure.get("format") != STRUCTURE_FORMAT:
+        found = structure.get("format") if isinstance(structure, dict) else structure
+        raise ValueError(f"{path} is not a file written by save_pruned (format {found!r}, "
+                         f"expected {STRUCTURE_FORMAT!r})")
+    missing = [key for key in STRUCTURE_FIELDS if key not in structure]
+    if missing:
+        raise ValueError(f"{path} is incomplete: its structure lacks {missing}")
+    return structure, payload["state_dict"]
 
 
 def load_pruned(path, original: Union[nn.Module, Callable[[], nn.Module]]) -> fx.GraphModule:
@@ -61,11 +93,7 @@ def load_pruned(path, original: Union[nn.Module, Callable[[], nn.Module]]) -> fx
 
     `original` is an instance of the unpruned model (it is copied, not modified) or a
     zero-argument factory that builds one."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    structure = payload.get("structure", {})
-    if structure.get("format") != STRUCTURE_FORMAT:
-        raise ValueError(f"{path} is not a file written by save_pruned (format "
-                         f"{structure.get('format')!r}, expected {STRUCTURE_FORMAT!r})")
+    structure, state_dict = _read(path)
     model = copy.deepcopy(original) if isinstance(original, nn.Module) else original()
     gm = fx.GraphModule(model, trace(model, structure["ignored"]))
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -87,10 +115,11 @@ def load_pruned(path, original: Union[nn.Module, Callable[[], nn.Module]]) -> fx
         set_submodule(gm, name, build_module(spec))
     gm.recompile()
     try:
-        gm.load_state_dict(payload["state_dict"])
+        gm.load_state_dict(state_dict)
     except RuntimeError as error:
         raise ValueError(f"{path} does not match the architecture of {type(model).__name__}: "
                          f"{error}") from error
     gm.meta[STRUCTURE_KEY] = {k: v for k, v in structure.items()
                               if k not in ("modules", "training")}
-    return gm.train(structure["training"])
+    restore_training_flags(gm, structure["training"])
+    return gm

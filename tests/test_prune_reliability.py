@@ -1,0 +1,205 @@
+"""The pruner's answers to the adversarial probes of issue 10: zero preservation decided per
+instance, training flags kept, bad files and bad inputs refused by name, a FLOPs budget that
+says when it misses, user importance functions and one unit for channels and branches."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from ffr_fast import models
+from ffr_fast.pruning import (ExampleInputError, FlopsTargetWarning, load_pruned, prune,
+                              save_pruned)
+from nets import kill_channels, look_trained, one_thread  # noqa: F401
+
+X = torch.randn(2, 3, 32, 32)
+
+
+class ActNet(nn.Module):
+    """conv1 -> act -> conv2: whether conv1's dead channels may go depends on act(0)."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.conv1, self.act, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), act, nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv2(self.act(self.conv1(x)))
+
+
+class FunctionalHardtanh(ActNet):
+    def __init__(self):
+        super().__init__(nn.Identity())
+
+    def forward(self, x):
+        return self.conv2(nn.functional.hardtanh(self.conv1(x), 0.5, 2.0))
+
+
+def dead_conv1(model):
+    with torch.no_grad():
+        model.conv1.weight[[1, 6]] = 0
+        model.conv1.bias[[1, 6]] = 0
+    return model
+
+
+@pytest.mark.parametrize("make,exact", [
+    (lambda: ActNet(nn.Hardtanh(0.5, 2.0)), False), (FunctionalHardtanh, False),
+    (lambda: ActNet(nn.Threshold(0.1, 20.0)), False), (lambda: ActNet(nn.Hardtanh()), True),
+    (lambda: ActNet(nn.ReLU6()), True), (lambda: ActNet(nn.LeakyReLU(0.3)), True),
+    (lambda: ActNet(nn.Threshold(-0.1, 20.0)), True)])
+def test_zero_preservation_is_decided_per_instance(make, exact):
+    torch.manual_seed(0)
+    model = dead_conv1(make())
+    x = torch.randn(2, 3, 8, 8)
+    result = prune(model, x, threshold=0.0)
+    assert result.report.channels["conv1"] == (8, 6 if exact else 8)
+    assert result.report.max_abs_diff_original <= 1e-6 * result.report.reference_max_abs
+    if not exact:
+        assert any("hardtanh" in o["op"].lower() or "Threshold" in o["op"]
+                   for o in result.report.opaque_ops)
+
+
+def frozen_bn_training_model():
+    model = look_trained(models.resnet20()).train()
+    model.layer1[0].bn1.eval()
+    model.layer2.eval()
+    return model
+
+
+def flags(model):
+    return {name: m.training for name, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_training_flags_are_kept_exactly(inplace):
+    model = frozen_bn_training_model()
+    before = flags(model)
+    result = prune(model, X, ratio=0.3, inplace=inplace)
+    assert flags(model) == before
+    got = flags(result.model)
+    assert all(got[name] == before[name] for name in got if name in before)
+    assert not got["layer1.0.bn1"] and got["layer1.0.bn2"] and not got["layer2.0.conv1"]
+
+
+def test_loaded_model_keeps_the_training_flags(tmp_path):
+    result = prune(frozen_bn_training_model(), X, ratio=0.3)
+    save_pruned(result, tmp_path / "p.pt")
+    assert flags(load_pruned(tmp_path / "p.pt", models.resnet20)) == flags(result.model)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pruned") / "p.pt"
+    save_pruned(prune(look_trained(models.resnet20()), X, ratio=0.3), path)
+    return path
+
+
+def test_bad_pruned_files_are_named_errors(saved, tmp_path):
+    data = saved.read_bytes()
+    cases = {
+        "truncated.pt": (data[:len(data) // 2], "cannot be read as a file written by save_pruned"),
+        "empty.pt": (b"", "cannot be read as a file written by save_pruned"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=f"{name}.*{message}"):
+            load_pruned(tmp_path / name, models.resnet20)
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(ValueError, match="tensor.pt is not a file written by save_pruned: it "
+                                         "holds a Tensor"):
+        load_pruned(tmp_path / "tensor.pt", models.resnet20)
+    payload = torch.load(saved, weights_only=True)
+    del payload["structure"]["ignored"]
+    torch.save(payload, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match=r"partial.pt is incomplete: its structure lacks "
+                                         r"\['ignored'\]"):
+        load_pruned(tmp_path / "partial.pt", models.resnet20)
+    torch.save({"state_dict": {}}, tmp_path / "dict.pt")
+    with pytest.raises(ValueError, match=r"dict.pt is not a file written by save_pruned: it "
+                                         r"holds a dict with keys \['state_dict'\]"):
+        load_pruned(tmp_path / "dict.pt", models.resnet20)
+    with pytest.raises(FileNotFoundError):
+        load_pruned(tmp_path / "missing.pt", models.resnet20)
+
+
+def test_bad_example_inputs_and_ignored():
+    model = look_trained(models.resnet20())
+    with pytest.raises(ValueError, match=r"example_inputs\[0\] has shape \(0, 3, 32, 32\).*at "
+                                         "least one sample"):
+        prune(model, torch.randn(0, 3, 32, 32), ratio=0.5)
+    with pytest.raises(ExampleInputError, match="RuntimeError: ") as caught:
+        prune(model, torch.randn(1, 5, 32, 32), ratio=0.5)
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    assert str(caught.value.__cause__) in str(caught.value)
+    with pytest.raises(TypeError, match=r"ignored must be a list.*ignored=\['layer1.0'\]"):
+        prune(model, X, ratio=0.5, ignored="layer1.0")
+    with pytest.raises(ValueError, match="'' names the whole model"):
+        prune(model, X, ratio=0.5, ignored=[""])
+    with pytest.raises(ValueError, match="is not a submodule name"):
+        prune(model, X, ratio=0.5, ignored=[model])
+
+
+def flops_kept(result):
+    return result.report.flops_after / result.report.flops_before
+
+
+@pytest.mark.parametrize("search", ["threshold", "ratio"])
+def test_flops_target_lands_within_tolerance(search):
+    model = look_trained(models.resnet20())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FlopsTargetWarning)
+        result = prune(model, X, flops_target=0.5, flops_search=search, flops_tolerance=0.03)
+    assert 0.47 <= flops_kept(result) <= 0.5
+    assert result.report.settings["flops_target"] == 0.5 and not result.report.warnings
+    assert result.report.relative_diff <= 1e-5
+
+
+class OneClass(nn.Module):
+    """All filters of conv1 have the same norm: a threshold keeps all or (min_channels) one."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        with torch.no_grad():
+            self.conv1.weight.copy_(torch.randn(1, 3, 3, 3).expand(16, 3, 3, 3))
+            self.conv1.bias.fill_(0.1)
+            self.conv2.weight.normal_()
+            self.conv2.bias.fill_(10.0)  # conv2 is never removed below threshold 1e3
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.conv1(x)))
+
+
+def test_flops_target_out_of_reach_says_so_and_returns_the_report():
+    model = OneClass()
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.warns(FlopsTargetWarning, match=r"flops_target=50.0% .* not reached"):
+        result = prune(model, x, flops_target=0.5)
+    [message] = result.report.warnings
+    assert "not reached" in message and "WARNING" in str(result.report)
+    assert flops_kept(result) < 0.45  # the one candidate under the budget
+
+
+def test_importance_callable_ranks_channels():
+    model = look_trained(models.resnet20())
+
+    def by_position(module, bn):  # later filters count more: the first ones go
+        return torch.arange(module.weight.shape[0], dtype=torch.float64)
+
+    result = prune(model, X, ratio=0.25, scope="layer", importance=by_position)
+    old, new = model.layer1[0].conv1.weight, result.model.get_submodule("layer1.0.conv1").weight
+    assert torch.equal(new, old[4:, :][:, 4:])  # its input (the stem's stream) lost 4 too
+    assert result.report.settings["importance"].endswith("by_position")
+    with pytest.raises(ValueError, match=r"returned .* for layer 'stem.0.0'.*16 finite scores"):
+        prune(model, X, ratio=0.25, importance=lambda module, bn: torch.ones(3))
+
+
+def test_threshold_compares_channels_and_branches_in_one_unit():
+    """Under importance='bn' a branch scores |gamma| of its last BatchNorm, like its channels:
+    gamma ~ 1e-3 (beta not small) is under threshold 1e-2 for both."""
+    model = look_trained(models.resnet20())
+    with torch.no_grad():
+        model.layer1[1].bn2.weight.fill_(1e-3)
+    by_gamma = prune(model, X, threshold=1e-2, importance="bn")
+    assert [b["block"] for b in by_gamma.report.removed_blocks] == ["layer1.1"]
+    by_norm = prune(model, X, threshold=1e-2, importance="l2")
+    assert by_norm.report.removed_blocks == []  # it emits its beta (~0.1): not removed
