@@ -149,6 +149,9 @@ def test_cuda_without_cuda_is_refused(tmp_path, capsys, monkeypatch):
     (["prune", "--checkpoint", "x.pt", "--flops-target", "1.5"], "must be a fraction in (0, 1)"),
     (["report", "x.pt", "--threshold", "nan"], "must be a finite number >= 0"),
     (["demo", "--epochs", "0"], "argument --epochs: must be at least 1"),
+    (["demo", "--seed", "0", "1", "0"], "--seed lists [0] more than once"),
+    (["sweep", "--model", "vit_tiny", "--seed", "2", "2"], "--seed lists [2] more than once"),
+    (["demo", "--model", "vgg16_bn"], "invalid choice: 'vgg16_bn'"),
 ])
 def test_bad_command_values_are_refused_by_the_parser(capsys, argv, message):
     _refused(capsys, argv, message)

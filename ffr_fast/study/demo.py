@@ -193,6 +193,14 @@ class Latency:
     batch64_ms: float
 
 
+def check_seeds(seeds: Sequence[int]) -> None:
+    if not seeds:
+        raise ValueError("--seed needs at least one seed")
+    repeated = sorted({seed for seed in seeds if list(seeds).count(seed) > 1})
+    if repeated:
+        raise ValueError(f"--seed lists {repeated} more than once")
+
+
 def run(model: str = "resnet20", out: Optional[str] = None, seeds: Sequence[int] = DEMO_SEEDS,
         split_seed: int = 0, epochs: Optional[int] = None,
         finetune_epochs: Optional[int] = None, max_batches: Optional[int] = None,
@@ -204,6 +212,7 @@ def run(model: str = "resnet20", out: Optional[str] = None, seeds: Sequence[int]
     recipe = replace(story.recipe, epochs=epochs or story.recipe.epochs,
                      max_batches=max_batches, split_seed=split_seed)
     train.check_config(recipe)
+    check_seeds(seeds)
     finetune_epochs = finetune_epochs or story.finetune_epochs
     out = Path(out or story.demo_out)
     splits = pipeline.load_splits(recipe)

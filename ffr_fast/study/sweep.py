@@ -92,6 +92,7 @@ def run(model: str = "resnet20", out: Optional[str] = None, seeds: Sequence[int]
     recipe = replace(story.recipe, epochs=epochs or story.recipe.epochs,
                      max_batches=max_batches, split_seed=split_seed)
     train.check_config(recipe)
+    demo.check_seeds(seeds)
     finetune_epochs = finetune_epochs or story.finetune_epochs
     keep = tuple(keep or story.sweep_keep)
     settings = {"recipe": train.config_dict(recipe), "seeds": list(seeds),
