@@ -246,7 +246,8 @@ def run(model: str = "resnet20", out: Optional[str] = None, seeds: Sequence[int]
     inputs = pipeline.example_inputs(splits)
     reference = {"params": metrics.count_params(unpruned),
                  "flops": metrics.count_flops(unpruned, inputs), "latency": asdict(baseline)}
-    table = markdown_table(_rows(story, summaries, latencies, baseline))
+    table = markdown_table(_rows(story, summaries, latencies, baseline, reference))
+    per_seed = markdown_table([_seed_row(story, r) for r in results])
     lines = comparisons(summaries)
     out.mkdir(parents=True, exist_ok=True)
     _figures(story, out, summaries, flows, histories, first_seed, recipe.epochs)
@@ -254,6 +255,7 @@ def run(model: str = "resnet20", out: Optional[str] = None, seeds: Sequence[int]
     (out / "table.md").write_text(
         f"{_describe(story, recipe, splits, seeds, finetune_epochs)}\n\n{table}\n\n"
         + "".join(f"- {line}\n" for line in lines)
+        + f"\nPer seed (test accuracy, %):\n\n{per_seed}\n"
         + f"\nThe demo took {seconds:.0f} s ({torch.get_num_threads()} threads).\n")
     summary = {
         "table": table, "comparisons": lines, "seconds": seconds,
@@ -306,11 +308,19 @@ def _count(value: float) -> str:
     return f"{value / 1e3:,.1f}k" if value < 1e6 else f"{value / 1e6:.2f}M"
 
 
-def _rows(story: Story, summaries, latencies, baseline: Latency) -> List[dict]:
-    """The table's rows (display text only; the numbers live in the summaries)."""
+def _rows(story: Story, summaries, latencies, baseline: Latency, unpruned: dict) -> List[dict]:
+    """The table's rows (display text only; the numbers live in the summaries): the
+    unpruned model, then each method at each budget."""
     methods = {m.name: m for m in story.methods}
     latency = {(t.method, t.keep): t for t in latencies}
-    rows = []
+    rows = [{"method": f"{story.title}, unpruned (no regularizer)", "weight": "-",
+             "budget": "-", "test acc. trained": _percent(next(
+                 s.trained for s in summaries if s.method == story.methods[0].name)),
+             "after removal": "-", "fine-tuned": "-",
+             "FLOPs kept": f"100 (= {_count(unpruned['flops'])})",
+             "branches removed": "0", "params": _count(unpruned["params"]),
+             "latency b1 / b64 (ms)": f"{baseline.batch1_ms:.2f} / {baseline.batch64_ms:.2f}",
+             "speedup b1 / b64": "1.00x / 1.00x"}]
     for s in summaries:
         method, timing = methods[s.method], latency[(s.method, s.keep)]
         rows.append({
@@ -325,6 +335,15 @@ def _rows(story: Story, summaries, latencies, baseline: Latency) -> List[dict]:
             "speedup b1 / b64": f"{baseline.batch1_ms / timing.batch1_ms:.2f}x / "
                                 f"{baseline.batch64_ms / timing.batch64_ms:.2f}x"})
     return rows
+
+
+def _seed_row(story: Story, result: SeedResult) -> dict:
+    label = next(m.label for m in story.methods if m.name == result.method)
+    return {"method": label, "seed": result.seed, "budget": f"{result.keep:.0%}",
+            "trained": f"{100 * result.trained:.1f}", "after removal": f"{100 * result.pruned:.1f}",
+            "fine-tuned": f"{100 * result.finetuned:.1f}",
+            "FLOPs kept": f"{100 * result.flops_kept:.1f}",
+            "branches removed": result.branches_removed}
 
 
 def _describe(story: Story, recipe, splits, seeds, finetune_epochs) -> str:
