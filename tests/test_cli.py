@@ -53,6 +53,8 @@ def test_train_prune_finetune_bench_report(workdir, capsys):
     report = _run(capsys, "report", str(trained / "checkpoint.pt"), str(tuned / "checkpoint.pt"),
                   "--split", "val", "--out", str(workdir), "--no-progress")
     assert len(report["rows"]) == 2 and report["table"].startswith("| checkpoint |")
+    assert {row["split"] for row in report["rows"]} == {"val"}
+    assert report["rows"][1]["flops"] < report["rows"][0]["flops"]
     assert "| checkpoint |" in (workdir / "report.md").read_text()
 
 

@@ -9,7 +9,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from ffr_fast import metrics, models
@@ -263,25 +263,42 @@ def cmd_bench(args):
     return {"results": rows}
 
 
+@dataclass
+class ReportRow:
+    """One checkpoint in `report`: accuracy on the split asked, sparsity below the
+    threshold, size."""
+    checkpoint: str
+    split: str
+    accuracy: float
+    filters_below: float
+    bn_scales_below: float
+    params: int
+    flops: int
+
+    def display(self) -> dict:
+        return {"checkpoint": self.checkpoint, f"{self.split} accuracy": self.accuracy,
+                "filters below": self.filters_below, "BN scales below": self.bn_scales_below,
+                "params": self.params, "FLOPs": self.flops}
+
+
 def cmd_report(args):
     rows = []
     for path in args.checkpoints:
         model, splits = _load_for_measuring(path)
-        inputs = pipeline.example_inputs(splits)
         sparsity = pipeline.structured_sparsity(model, args.threshold)
-        accuracy = train.evaluate(model, getattr(splits, args.split))["accuracy"]
-        rows.append({"checkpoint": path, f"{args.split} accuracy": accuracy,
-                     "filters below": sparsity["filters_below"],
-                     "BN scales below": sparsity["bn_scales_below"],
-                     "params": metrics.count_params(model),
-                     "FLOPs": metrics.count_flops(model, inputs)})
-    table = demo.markdown_table(rows)
+        rows.append(ReportRow(
+            path, args.split, train.evaluate(model, getattr(splits, args.split))["accuracy"],
+            sparsity["filters_below"], sparsity["bn_scales_below"],
+            metrics.count_params(model),
+            metrics.count_flops(model, pipeline.example_inputs(splits))))
+    table = demo.markdown_table([row.display() for row in rows])
+    records = [asdict(row) for row in rows]
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.md").write_text(f"Threshold for 'below': {args.threshold:g}\n\n{table}\n")
-        checkpoint.atomic_write_json(out / "report.json", rows)
-    return {"table": table, "rows": rows}
+        checkpoint.atomic_write_json(out / "report.json", records)
+    return {"table": table, "rows": records}
 
 
 def cmd_demo(args):
