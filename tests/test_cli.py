@@ -53,26 +53,45 @@ def test_train_prune_finetune_bench_report(workdir, capsys):
     report = _run(capsys, "report", str(trained / "checkpoint.pt"), str(tuned / "checkpoint.pt"),
                   "--split", "val", "--out", str(workdir), "--no-progress")
     assert len(report["rows"]) == 2 and report["table"].startswith("| checkpoint |")
+    assert {row["split"] for row in report["rows"]} == {"val"}
+    assert report["rows"][1]["flops"] < report["rows"][0]["flops"]
     assert "| checkpoint |" in (workdir / "report.md").read_text()
 
 
 def test_demo_writes_table_and_figures(tmp_path, capsys):
     summary = _run(capsys, "demo", "--out", str(tmp_path), "--finetune-epochs", "1",
-                   "--latency-repeats", "3", *FAST)
-    assert [row["method"] for row in summary["rows"]][1:] == ["none", "slimming", "ffr"]
-    for name in ("table.md", "table.json", "filter_norms.png", "bn_scales.png",
-                 "channels_kept.png", "training_curves.png"):
+                   "--latency-repeats", "2", "--seed", "0", "1", *FAST)
+    methods = ["none", "slimming", "ffr", "shortgpt", "layerdrop"]
+    assert [s["method"] for s in summary["summaries"]] == methods
+    assert len(summary["per_seed"]) == 2 * len(methods)
+    for s in summary["summaries"]:
+        assert s["seeds"] == [0, 1] and s["flops_kept"]["high"] <= 0.5
+    for name in ("table.md", "table.json", "flow.png", "frontier.png", "filter_norms.png",
+                 "bn_scales.png", "channels_kept.png", "training_curves.png"):
         assert (tmp_path / name).stat().st_size > 0, name
-    for row in summary["rows"][1:]:
-        assert row["FLOPs kept"] <= 0.5
-    assert "| ffr |" in (tmp_path / "table.md").read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert "| FFR | 1 | 50% |" in table and " ± " in table
+    assert "ffr - shortgpt" in table
+
+
+def test_vit_demo_writes_its_own_results(tmp_path, capsys):
+    summary = _run(capsys, "demo", "--model", "vit_tiny", "--out", str(tmp_path),
+                   "--finetune-epochs", "1", "--latency-repeats", "2", "--seed", "0", *FAST)
+    assert {(s["method"], s["keep"]) for s in summary["summaries"]} == {
+        (m, k) for m in ("shortgpt", "layerdrop", "ffr") for k in (0.5, 0.25)}
+    for s in summary["summaries"]:
+        assert s["flops_kept"]["high"] <= s["keep"] and s["branches_removed"]["low"] >= 1
+    assert len(summary["flow"]["ffr"][0]) == 8  # one step per encoder block
+    for name in ("table.md", "table.json", "flow.png", "frontier.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
 
 
 def test_sweep_writes_frontier(tmp_path, capsys):
     summary = _run(capsys, "sweep", "--out", str(tmp_path), "--quick", "--keep", "0.5",
                    "--finetune-epochs", "1", *FAST)
-    assert set(summary["chosen"]) == {"none", "slimming", "ffr"}
-    assert {p["method"] for p in summary["frontier"]} == {"none", "slimming", "ffr"}
+    methods = {"none", "slimming", "ffr", "shortgpt", "layerdrop"}
+    assert set(summary["chosen"]) == methods
+    assert {p["method"] for p in summary["frontier"]} == methods
     for name in ("sweep.json", "frontier.png", "weights.png", "frontier.md"):
         assert (tmp_path / name).stat().st_size > 0, name
 
@@ -132,6 +151,9 @@ def test_cuda_without_cuda_is_refused(tmp_path, capsys, monkeypatch):
     (["prune", "--checkpoint", "x.pt", "--flops-target", "1.5"], "must be a fraction in (0, 1)"),
     (["report", "x.pt", "--threshold", "nan"], "must be a finite number >= 0"),
     (["demo", "--epochs", "0"], "argument --epochs: must be at least 1"),
+    (["demo", "--seed", "0", "1", "0"], "--seed lists [0] more than once"),
+    (["sweep", "--model", "vit_tiny", "--seed", "2", "2"], "--seed lists [2] more than once"),
+    (["demo", "--model", "vgg16_bn"], "invalid choice: 'vgg16_bn'"),
 ])
 def test_bad_command_values_are_refused_by_the_parser(capsys, argv, message):
     _refused(capsys, argv, message)

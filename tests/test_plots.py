@@ -9,9 +9,10 @@ import matplotlib
 matplotlib.use("svg")
 from ffr_fast.study import plots
 assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
-points = [{{"method": "ffr", "keep": 0.5, "flops_kept": 0.45, "accuracy": 0.9,
-           "pruned_accuracy": 0.8}}]
-path = plots.frontier(points, points, r"{tmp_path / 'frontier.png'}", {{"accuracy": 0.95}})
+points = [{{"method": "ffr", "keep": 0.5, "flops_kept": 0.45, "finetuned": 0.9,
+           "pruned": 0.8}}]
+path = plots.frontier(points, points, r"{tmp_path / 'frontier.png'}", {{"ffr": "FFR"}},
+                      "ResNet-20", 0.95)
 assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
 import matplotlib.pyplot as plt
 assert plt.get_fignums() == [], plt.get_fignums()  # nothing left open in pyplot

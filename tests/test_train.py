@@ -41,7 +41,8 @@ def test_regularizer_errors():
         regularizers.build(nn.Sequential(nn.Conv2d(1, 2, 3)), "slimming", 1.0)
 
 
-@pytest.mark.parametrize("name, weight", [("none", 0.0), ("slimming", 1e-4), ("ffr", 1e-2)])
+@pytest.mark.parametrize("name, weight", [("none", 0.0), ("slimming", 1e-4), ("ffr", 1e-2),
+                                          ("layerdrop", 0.2)])
 def test_fit_records_history_and_releases_hooks(splits, name, weight):
     config = replace(TINY, regularizer=name, weight=weight)
     model = pipeline.seeded_model(config, splits)
@@ -50,7 +51,7 @@ def test_fit_records_history_and_releases_hooks(splits, name, weight):
     assert [r["epoch"] for r in result.history] == [1] and not result.interrupted
     for record in result.history:
         assert 0 <= record["val_accuracy"] <= 1 and record["train_loss"] > 0
-        assert (record["train_penalty"] > 0) == (name != "none")
+        assert (record["train_penalty"] > 0) == (name in ("slimming", "ffr"))
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     assert hooks == 0
@@ -76,10 +77,11 @@ def test_checkpoint_round_trip_keeps_weights_and_history(splits, tmp_path):
 
 
 def test_pruned_model_checkpoint_round_trip(splits, tmp_path):
+    from ffr_fast.pruning import prune
+
     model = pipeline.seeded_model(TINY, splits).eval()
-    result = pipeline.prune_to_flops(model, pipeline.example_inputs(splits), 0.5,
-                                     iterations=4)
-    assert pipeline.flops_kept(result.report) <= 0.5
+    result = prune(model, pipeline.example_inputs(splits), ratio=0.5)
+    assert result.report.flops_after < 0.5 * result.report.flops_before
     checkpoint.save(tmp_path / "pruned.pt", result.model, TINY)
     rebuilt = checkpoint.build_model(checkpoint.load(tmp_path / "pruned.pt")).eval()
     x = torch.randn(3, 1, 16, 16)

@@ -9,14 +9,14 @@ import json
 import math
 import os
 import sys
-from dataclasses import fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from ffr_fast import metrics, models
 from ffr_fast.pruning.importance import IMPORTANCES
 from ffr_fast.pruning.pruner import SCOPES
 from ffr_fast.reference import CURVATURES, NORMS
-from ffr_fast.study import checkpoint, data, pipeline, regularizers, train
+from ffr_fast.study import checkpoint, data, demo, pipeline, regularizers, sweep, train
 
 PRUNED_FILENAME = "pruned.pt"
 
@@ -91,23 +91,30 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name, **options):  # every subcommand takes the common options
         return subparsers.add_parser(name, parents=[common], **options)
 
-    demo = command("demo", help="train none/slimming/FFR on digits, prune, report")
-    demo.add_argument("--out", default="results/demo")
-    demo.add_argument("--epochs", type=positive_int, default=None)
-    demo.add_argument("--finetune-epochs", type=positive_int, default=None)
-    demo.add_argument("--max-batches", type=positive_int, default=None)
-    demo.add_argument("--latency-repeats", type=positive_int, default=30,
-                      help="timed forwards per model and batch size (the median is reported)")
-
-    sweep = command("sweep", help="regularizer weights vs accuracy and FLOPs kept")
-    sweep.add_argument("--out", default="results/sweep")
-    sweep.add_argument("--epochs", type=positive_int, default=None)
-    sweep.add_argument("--finetune-epochs", type=positive_int, default=None)
-    sweep.add_argument("--max-batches", type=positive_int, default=None)
-    sweep.add_argument("--quick", action="store_true",
-                       help="one weight of none, slimming and FFR (a smoke run)")
-    sweep.add_argument("--keep", type=open_fraction, nargs="+", default=None,
-                       help="FLOPs budgets, as fractions kept (default 0.7 0.5 0.3)")
+    demo_command = command("demo", help="train, cut and fine-tune every method of a story on "
+                           "digits over several seeds; report the table")
+    sweep_command = command("sweep", help="each method's weights vs accuracy and FLOPs kept")
+    for story_command, default_seeds in ((demo_command, demo.DEMO_SEEDS),
+                                         (sweep_command, sweep.SEEDS)):
+        story_command.add_argument("--model", default="resnet20", choices=tuple(demo.STORIES),
+                                   help="the story: the CIFAR ResNet-20 or the small ViT")
+        story_command.add_argument("--out", default=None, help="default: results/demo, "
+                                   "results/demo-vit, results/sweep or results/sweep-vit")
+        story_command.add_argument("--seed", type=int, nargs="+", default=list(default_seeds),
+                                   help="training seeds (weights and data order), each run "
+                                   f"(default {' '.join(map(str, default_seeds))})")
+        story_command.add_argument("--split-seed", type=int, default=0,
+                                   help="which images are train / val / test (default 0)")
+        story_command.add_argument("--epochs", type=positive_int, default=None)
+        story_command.add_argument("--finetune-epochs", type=positive_int, default=None)
+        story_command.add_argument("--max-batches", type=positive_int, default=None)
+    demo_command.add_argument("--latency-repeats", type=positive_int, default=30,
+                              help="timed forwards per model and batch size (the median is "
+                              "reported)")
+    sweep_command.add_argument("--quick", action="store_true",
+                               help="the first weight of each method only (a smoke run)")
+    sweep_command.add_argument("--keep", type=open_fraction, nargs="+", default=None,
+                       help="FLOPs budgets, as fractions kept (default: the story's)")
 
     _add_training_options(command("train", help="train a model"), train.TrainConfig())
 
@@ -218,12 +225,12 @@ def cmd_prune(args):
     model = checkpoint.build_model(state).eval()
     inputs = pipeline.example_inputs(splits)
     options = {"importance": args.importance, "scope": args.scope}
-    if args.ratio is not None or args.threshold is not None:
-        from ffr_fast.pruning import prune
+    from ffr_fast.pruning import prune
 
+    if args.ratio is not None or args.threshold is not None:
         result = prune(model, inputs, ratio=args.ratio, threshold=args.threshold, **options)
     else:
-        result = pipeline.prune_to_flops(model, inputs, args.flops_target, **options)
+        result = prune(model, inputs, flops_target=args.flops_target, **options)
     before = train.evaluate(model, splits.val)["accuracy"]
     after = train.evaluate(result.model, splits.val)["accuracy"]
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
@@ -256,43 +263,56 @@ def cmd_bench(args):
     return {"results": rows}
 
 
-def cmd_report(args):
-    from ffr_fast.study.demo import markdown_table
+@dataclass
+class ReportRow:
+    """One checkpoint in `report`: accuracy on the split asked, sparsity below the
+    threshold, size."""
+    checkpoint: str
+    split: str
+    accuracy: float
+    filters_below: float
+    bn_scales_below: float
+    params: int
+    flops: int
 
+    def display(self) -> dict:
+        return {"checkpoint": self.checkpoint, f"{self.split} accuracy": self.accuracy,
+                "filters below": self.filters_below, "BN scales below": self.bn_scales_below,
+                "params": self.params, "FLOPs": self.flops}
+
+
+def cmd_report(args):
     rows = []
     for path in args.checkpoints:
         model, splits = _load_for_measuring(path)
-        inputs = pipeline.example_inputs(splits)
         sparsity = pipeline.structured_sparsity(model, args.threshold)
-        accuracy = train.evaluate(model, getattr(splits, args.split))["accuracy"]
-        rows.append({"checkpoint": path, f"{args.split} accuracy": accuracy,
-                     "filters below": sparsity["filters_below"],
-                     "BN scales below": sparsity["bn_scales_below"],
-                     "params": metrics.count_params(model),
-                     "FLOPs": metrics.count_flops(model, inputs)})
-    table = markdown_table(rows)
+        rows.append(ReportRow(
+            path, args.split, train.evaluate(model, getattr(splits, args.split))["accuracy"],
+            sparsity["filters_below"], sparsity["bn_scales_below"],
+            metrics.count_params(model),
+            metrics.count_flops(model, pipeline.example_inputs(splits))))
+    table = demo.markdown_table([row.display() for row in rows])
+    records = [asdict(row) for row in rows]
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.md").write_text(f"Threshold for 'below': {args.threshold:g}\n\n{table}\n")
-        checkpoint.atomic_write_json(out / "report.json", rows)
-    return {"table": table, "rows": rows}
+        checkpoint.atomic_write_json(out / "report.json", records)
+    return {"table": table, "rows": records}
 
 
 def cmd_demo(args):
-    from ffr_fast.study import demo
-
-    return demo.run(args.out, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
+    return demo.run(args.model, args.out, seeds=args.seed, split_seed=args.split_seed,
+                    epochs=args.epochs, finetune_epochs=args.finetune_epochs,
                     max_batches=args.max_batches, latency_repeats=args.latency_repeats,
                     progress=not args.no_progress)
 
 
 def cmd_sweep(args):
-    from ffr_fast.study import sweep
-
-    return sweep.run(args.out, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
-                     max_batches=args.max_batches, quick=args.quick,
-                     keep=tuple(args.keep or sweep.KEEP), progress=not args.no_progress)
+    return sweep.run(args.model, args.out, seeds=args.seed, split_seed=args.split_seed,
+                     epochs=args.epochs, finetune_epochs=args.finetune_epochs,
+                     max_batches=args.max_batches, quick=args.quick, keep=args.keep,
+                     progress=not args.no_progress)
 
 
 COMMANDS = {"demo": cmd_demo, "train": cmd_train, "prune": cmd_prune, "finetune": cmd_finetune,

@@ -1,158 +1,193 @@
-"""`python -m ffr_fast sweep`: the accuracy / FLOPs frontier of each regularizer on digits.
+"""`python -m ffr_fast sweep`: each method's weight grid against accuracy and FLOPs kept, on
+the validation split, for the demo's ResNet-20 (results/sweep/) or its ViT
+(`--model vit_tiny`, results/sweep-vit/).
 
-Every method trains with the demo's recipe at each weight of its grid (FFR also in its
-norm / curvature variants); each trained model is pruned to every FLOPs budget in KEEP with
-the demo's rule and fine-tuned as in the demo. Everything is scored on the validation split
-only. Per method and budget the frontier keeps the best weight; the weight the demo uses is
-the best one at the demo's budget (demo.FLOPS_KEEP), written to sweep.json as "chosen".
+Every method of the story (demo.STORIES) trains with the demo's recipe at each weight of its
+grid (the same number of points for every weighted method), on each seed given; each trained
+model is cut to every budget of the story's sweep_keep by the method's removal rule, its
+BatchNorm statistics recomputed, and fine-tuned as in the demo. Everything is scored on the
+validation split only. The weight the demo uses is chosen by one rule for every method
+(choose_weights) at the story's first budget, written to sweep.json as "chosen".
 
-Points are saved to sweep.json as they finish and reused by a rerun with the same recipe,
+Points are saved to sweep.json as they finish and reused by a rerun with the same settings,
 so an interrupted sweep continues where it stopped.
 """
+import json
+import statistics
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Dict, List, Optional, Sequence
 
-from ffr_fast.study import checkpoint, data, demo, pipeline, plots, train
-
-KEEP = (0.5, 0.25, 0.1)  # must include demo.FLOPS_KEEP
-# (label, settings) per point. A short run (10 epochs, ~200 steps) needs large weights
-# before a penalty zeroes anything; the FFR grid reaches the cliff, where the penalty
-# drives the features of a stage to zero.
-GRID = [("none", dict(regularizer="none", weight=0.0))]
-GRID += [("slimming", dict(regularizer="slimming", weight=w))
-         for w in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)]
-GRID += [("ffr", dict(regularizer="ffr", weight=w)) for w in (1e-2, 1e-1, 1.0, 3.0, 10.0)]
-# The variants at two weights each (their penalties have the same scale as the default's).
-GRID += [("ffr l2", dict(regularizer="ffr", weight=w, ffr_norm="l2")) for w in (0.1, 1.0)]
-GRID += [("ffr angle", dict(regularizer="ffr", weight=w, ffr_curvature="angle"))
-         for w in (0.1, 1.0)]
+from ffr_fast.study import checkpoint, demo, pipeline, plots, train
 
 
-def _key(label: str, settings: dict) -> str:
-    return f"{label} weight={settings['weight']:g}"
+SEEDS = (0,)  # the sweep's default: weights are chosen on one seed (the demo runs three)
 
 
-def _point(label, settings, arm) -> dict:
-    return {"method": label, "settings": settings, "trained": arm["trained"]["val"],
-            "sparsity": arm["sparsity"], "history": arm["history"],
-            "budgets": {str(keep): {"accuracy": budget["finetuned"]["val"],
-                                    "pruned_accuracy": budget["pruned"]["val"],
-                                    "flops_kept": budget["report"]["flops_after"]
-                                    / budget["report"]["flops_before"],
-                                    "params": budget["report"]["params_after"],
-                                    "blocks_removed": len(budget["report"]["removed_blocks"])}
-                        for keep, budget in arm["budgets"].items()}}
+@dataclass
+class Point:
+    """One method at one weight, seed and budget: validation accuracies and the cut."""
+    method: str
+    weight: float
+    seed: int
+    keep: float
+    trained: float
+    pruned: float  # straight after removal, BatchNorm recalibrated
+    finetuned: float
+    flops_kept: float
+    branches_removed: int
+    seconds: float  # training and cut of this point's training, shared by its budgets
 
 
-def _point_row(point: dict) -> dict:
-    row = {"method": point["method"], "weight": point["settings"]["weight"],
-           "val acc. trained": f"{point['trained']:.1%}"}
-    for keep, b in point["budgets"].items():
-        row[f"at {float(keep):.0%} FLOPs"] = (
-            f"{b['accuracy']:.1%} ({b['pruned_accuracy']:.1%}), {b['flops_kept']:.0%}, "
-            f"{b['blocks_removed']} blocks")
-    return row
-
-
-def frontier(points: dict, score: str = "accuracy") -> list:
-    """Per method and budget, the weight with the best validation `score`: "accuracy" (after
-    fine-tuning) or "pruned_accuracy" (straight after pruning)."""
-    best = {}
-    for key, point in points.items():
-        for keep, budget in point["budgets"].items():
-            slot = (point["method"], keep)
-            if slot not in best or budget[score] > best[slot][score]:
-                best[slot] = {"method": point["method"], "keep": float(keep), "key": key,
-                              "weight": point["settings"]["weight"], **budget}
-    return list(best.values())
-
-
-def choose_weights(points: dict, keep: float, tie: float) -> dict:
-    """Per method, the weight to use at `keep` of the FLOPs: among the weights whose
-    validation accuracy after pruning and fine-tuning is within `tie` (one validation image)
-    of the method's best, the one with the best accuracy straight after pruning (the model
-    that pruning hurt least), then the larger weight (the sparser model)."""
-    by_method = {}
-    for point in points.values():
-        budget = point["budgets"].get(str(keep))
-        if budget is not None:
-            by_method.setdefault(point["method"], []).append(
-                (budget["accuracy"], budget["pruned_accuracy"], point["settings"]["weight"]))
+def choose_weights(points: Sequence[Point], keep: float, tie: float) -> Dict[str, dict]:
+    """Per method, the weight to use at `keep` of the FLOPs, by one rule for all methods:
+    the best validation accuracy after removal and fine-tuning (averaged over the seeds);
+    weights within `tie` (one validation image) of that best are tied, and the tie goes to
+    the best accuracy straight after removal, then to the larger weight."""
+    by_weight: Dict[str, Dict[float, List[Point]]] = {}
+    for point in points:
+        if point.keep == keep:
+            by_weight.setdefault(point.method, {}).setdefault(point.weight, []).append(point)
     chosen = {}
-    for method, candidates in by_method.items():
+    for method, weights in by_weight.items():
+        candidates = [(statistics.fmean(p.finetuned for p in group),
+                       statistics.fmean(p.pruned for p in group), weight)
+                      for weight, group in weights.items()]
         best = max(accuracy for accuracy, _, _ in candidates)
         tied = [c for c in candidates if c[0] >= best - tie - 1e-12]
-        accuracy, pruned_accuracy, weight = max(tied, key=lambda c: (c[1], c[2]))
-        chosen[method] = {"weight": weight, "accuracy": accuracy,
-                          "pruned_accuracy": pruned_accuracy}
+        accuracy, pruned, weight = max(tied, key=lambda c: (c[1], c[2]))
+        chosen[method] = {"weight": weight, "finetuned": accuracy, "pruned": pruned,
+                          "grid_points": len(candidates)}
     return chosen
 
 
-def run(out="results/sweep", epochs=None, finetune_epochs=None, max_batches=None,
-        quick=False, keep=KEEP, progress: bool = True) -> dict:
-    """Run (or continue) the sweep; `quick` trains one weight of none, slimming and FFR."""
+def frontier(points: Sequence[Point], measure: str = "finetuned") -> List[dict]:
+    """Per method and budget, the weight with the best mean validation `measure` over the
+    seeds ("finetuned" or "pruned"), with its mean FLOPs kept: one point of each curve."""
+    groups: Dict[tuple, List[Point]] = {}
+    for point in points:
+        groups.setdefault((point.method, point.keep, point.weight), []).append(point)
+    best: Dict[tuple, dict] = {}
+    for (method, keep, weight), group in groups.items():
+        value = statistics.fmean(getattr(p, measure) for p in group)
+        if (method, keep) not in best or value > best[(method, keep)][measure]:
+            best[(method, keep)] = {
+                "method": method, "keep": keep, "weight": weight, measure: value,
+                "flops_kept": statistics.fmean(p.flops_kept for p in group),
+                "branches_removed": statistics.fmean(p.branches_removed for p in group)}
+    return list(best.values())
+
+
+def run(model: str = "resnet20", out: Optional[str] = None, seeds: Sequence[int] = SEEDS,
+        split_seed: int = 0, epochs: Optional[int] = None,
+        finetune_epochs: Optional[int] = None, max_batches: Optional[int] = None,
+        quick: bool = False, keep: Optional[Sequence[float]] = None,
+        progress: bool = True) -> dict:
+    """Run (or continue) the sweep of `model`'s story; `quick` takes one weight per method
+    (a smoke run)."""
     started = time.perf_counter()
-    recipe = replace(demo.RECIPE, epochs=epochs or demo.RECIPE.epochs, max_batches=max_batches)
-    finetune_epochs = finetune_epochs or demo.FINETUNE_EPOCHS
-    settings = {"recipe": train.config_dict(recipe), "finetune_epochs": finetune_epochs,
-                "finetune_lr": demo.FINETUNE_LR, "keep": list(keep),
-                "importance": demo.IMPORTANCE}
-    out = Path(out)
+    story = demo.STORIES[model]
+    recipe = replace(story.recipe, epochs=epochs or story.recipe.epochs,
+                     max_batches=max_batches, split_seed=split_seed)
+    train.check_config(recipe)
+    demo.check_seeds(seeds)
+    finetune_epochs = finetune_epochs or story.finetune_epochs
+    keep = tuple(keep or story.sweep_keep)
+    settings = {"recipe": train.config_dict(recipe), "seeds": list(seeds),
+                "finetune_epochs": finetune_epochs, "finetune_lr": story.finetune_lr,
+                "keep": list(keep), "importance": demo.IMPORTANCE,
+                "recalibration_batches": pipeline.RECALIBRATION_BATCHES,
+                "influence_images": pipeline.INFLUENCE_IMAGES}
+    out = Path(out or story.sweep_out)
     path = out / "sweep.json"
-    points = {}
-    if path.is_file():  # continue a sweep of the same recipe
-        import json
-
-        previous = json.loads(path.read_text())
-        if previous.get("settings") == settings:
-            points = previous["points"]
-    grid = GRID if not quick else [next(g for g in GRID if g[0] == label)
-                                   for label in ("none", "slimming", "ffr")]
+    points = _previous_points(path, settings)
     splits = pipeline.load_splits(recipe)
-    for label, arm_settings in grid:
-        key = _key(label, arm_settings)
-        if key in points:
-            continue
-        print(f"[sweep] {key}", file=sys.stderr)
-        point_started = time.perf_counter()
-        arm = pipeline.run_arm(replace(recipe, **arm_settings), splits, keep, finetune_epochs,
-                               demo.FINETUNE_LR, demo.IMPORTANCE, splits_to_score=("val",),
-                               progress=progress)
-        points[key] = dict(_point(label, arm_settings, arm),
-                           seconds=time.perf_counter() - point_started)
-        checkpoint.atomic_write_json(path, {"settings": settings, "points": points})
+    for seed in seeds:
+        for regularizer, weight in _trainings(story, quick):
+            if any(p.seed == seed and p.weight == weight and p.method in methods_of(
+                    story, regularizer) for p in points):
+                continue
+            print(f"[sweep] seed {seed}: {regularizer} weight={weight:g}", file=sys.stderr)
+            points += _train_and_cut(story, replace(recipe, seed=seed), regularizer, weight,
+                                     splits, keep, finetune_epochs, progress)
+            checkpoint.atomic_write_json(path, {"settings": settings,
+                                                "points": [asdict(p) for p in points]})
 
-    best, best_pruned = frontier(points), frontier(points, "pruned_accuracy")
-    chosen = choose_weights(points, demo.FLOPS_KEEP, tie=1 / len(splits.val))
-    baseline = next(p for p in points.values() if p["method"] == "none")
-    plots.frontier(best, best_pruned, out / "frontier.png", {"accuracy": baseline["trained"]})
-    plots.weights([{"method": p["method"], "weight": p["settings"]["weight"],
-                    "trained": p["trained"],
-                    "finetuned": p["budgets"][str(demo.FLOPS_KEEP)]["accuracy"]}
-                   for p in points.values() if str(demo.FLOPS_KEEP) in p["budgets"]],
-                  out / "weights.png", demo.FLOPS_KEEP)
-    summary = {"settings": settings, "points": points, "frontier": best,
-               "frontier_before_finetuning": best_pruned, "chosen": chosen,
+    chosen = choose_weights(points, keep[0], tie=1 / len(splits.val))
+    best, best_pruned = frontier(points), frontier(points, "pruned")
+    labels = {m.name: m.label for m in story.methods}
+    baseline = statistics.fmean(p.trained for p in points if p.method == story.methods[0].name)
+    plots.frontier(best, best_pruned, out / "frontier.png", labels, story.title, baseline)
+    plots.weights([asdict(p) for p in points if p.keep == keep[0]], labels,
+                  out / "weights.png", keep[0])
+    summary = {"settings": settings, "points": [asdict(p) for p in points], "chosen": chosen,
+               "frontier": best, "frontier_before_finetuning": best_pruned,
                "seconds_this_run": time.perf_counter() - started}
     checkpoint.atomic_write_json(path, summary)
-    rows = [{"method": p["method"], "FLOPs budget": p["keep"], "best weight": p["weight"],
-             "val acc. pruned": p["pruned_accuracy"], "val acc. fine-tuned": p["accuracy"],
-             "FLOPs kept": p["flops_kept"], "blocks removed": p["blocks_removed"]}
-            for p in sorted(best, key=lambda p: (p["method"], -p["keep"]))]
-    table = demo.markdown_table(rows)
-    every_point = demo.markdown_table([_point_row(p) for p in points.values()])
-    seconds = sum(p.get("seconds", 0.0) for p in points.values())
-    chosen_text = ", ".join(f"{m} {c['weight']:g}" for m, c in chosen.items())
+    table = demo.markdown_table([
+        {"method": labels[p["method"]], "FLOPs budget": f"{p['keep']:.0%}",
+         "best weight": f"{p['weight']:g}", "val acc. fine-tuned": f"{p['finetuned']:.1%}",
+         "FLOPs kept": f"{p['flops_kept']:.1%}",
+         "branches removed": f"{p['branches_removed']:.1f}"}
+        for p in sorted(best, key=lambda p: (p["method"], -p["keep"]))])
+    every_point = demo.markdown_table([
+        {"method": labels[p.method], "weight": f"{p.weight:g}", "seed": p.seed,
+         "budget": f"{p.keep:.0%}", "trained": f"{p.trained:.1%}",
+         "after removal": f"{p.pruned:.1%}", "fine-tuned": f"{p.finetuned:.1%}",
+         "FLOPs kept": f"{p.flops_kept:.1%}", "branches removed": p.branches_removed}
+        for p in points])
+    chosen_text = ", ".join(f"{labels[m]} {c['weight']:g} (of {c['grid_points']})"
+                            for m, c in chosen.items())
+    minutes = sum({(p.method, p.weight, p.seed): p.seconds for p in points}.values()) / 60
     (out / "frontier.md").write_text(
-        f"Validation accuracy ({len(splits.val)} images) of ResNet-20 on digits, trained with "
-        f"the demo's recipe ({recipe.epochs} epochs), pruned to each FLOPs budget by "
-        f"the demo's rule ({demo.IMPORTANCE!r} importance, threshold) and fine-tuned "
-        f"{finetune_epochs} epochs; per method and budget the best of {len(points)} trained points. Weights chosen for the demo "
-        f"at {demo.FLOPS_KEEP:.0%} FLOPs (sweep.choose_weights: best fine-tuned accuracy, "
-        f"one validation image counted as a tie, then best accuracy straight after "
-        f"pruning): {chosen_text}. The {len(points)} points took "
-        f"{seconds / 60:.1f} min.\n\n{table}\n\nEvery point, per FLOPs budget: accuracy "
-        f"fine-tuned (straight after pruning), FLOPs kept, blocks removed.\n\n{every_point}\n")
+        f"Validation accuracy ({len(splits.val)} images) of {story.title} on digits, trained "
+        f"with the demo's recipe ({recipe.epochs} epochs, seeds {list(seeds)}), cut to each "
+        f"FLOPs budget by each method's removal rule, BatchNorm recalibrated, fine-tuned "
+        f"{finetune_epochs} epochs; per method and budget the best weight. Weights chosen "
+        f"for the demo at {keep[0]:.0%} FLOPs (sweep.choose_weights: best fine-tuned "
+        f"accuracy, one validation image counted as a tie, then best accuracy straight after "
+        f"removal, then the larger weight): {chosen_text}. The points took {minutes:.1f} "
+        f"min.\n\n{table}\n\nEvery point:\n\n{every_point}\n")
     return {**summary, "table": table}
+
+
+def methods_of(story, regularizer: str) -> List[str]:
+    return [m.name for m in story.methods if m.regularizer == regularizer]
+
+
+def _trainings(story, quick: bool):
+    """(regularizer, weight) of every distinct training the story's grids need."""
+    seen = {}
+    for method in story.methods:
+        for weight in method.grid[:1] if quick else method.grid:
+            seen.setdefault((method.regularizer, weight), None)
+    return list(seen)
+
+
+def _train_and_cut(story, config, regularizer, weight, splits, keep, finetune_epochs,
+                   progress) -> List[Point]:
+    """Train once; cut the model by the removal rule of every method that trains this way."""
+    started = time.perf_counter()
+    config = replace(config, regularizer=regularizer, weight=weight)
+    trained = pipeline.train_model(config, splits, ("val",), progress)
+    finetune = pipeline.finetune_config(config, finetune_epochs, story.finetune_lr)
+    cuts = [(method, pipeline.cut(trained, splits, method.removal, level, finetune,
+                                  demo.IMPORTANCE, ("val",), progress))
+            for method in story.methods if method.regularizer == regularizer
+            for level in keep]
+    seconds = time.perf_counter() - started
+    return [Point(method.name, weight, config.seed, cut.keep, trained.accuracy["val"],
+                  cut.pruned["val"], cut.finetuned["val"], cut.flops_kept,
+                  len(cut.branches_removed), seconds) for method, cut in cuts]
+
+
+def _previous_points(path: Path, settings: dict) -> List[Point]:
+    """The points of an earlier run with the same settings (none otherwise)."""
+    if not path.is_file():
+        return []
+    previous = json.loads(path.read_text())
+    if previous.get("settings") != settings:
+        return []
+    return [Point(**p) for p in previous["points"]]

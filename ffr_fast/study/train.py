@@ -23,6 +23,8 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from ffr_fast import models
+from ffr_fast.reference import CURVATURES, NORMS
 from ffr_fast.study import checkpoint, regularizers
 
 
@@ -57,9 +59,6 @@ DEVICES = ("cpu", "cuda")
 def check_config(config: TrainConfig) -> None:
     """Refuse a config that cannot train as asked, before any data is read or step taken.
     Messages name the command-line flag."""
-    from ffr_fast import models
-    from ffr_fast.reference import CURVATURES, NORMS
-
     def need(ok: bool, flag: str, value, what: str):
         if not ok:
             raise ValueError(f"{flag} must be {what}, got {value!r}")
@@ -280,8 +279,10 @@ def fit(model: nn.Module, splits, config: TrainConfig, out_dir=None, resume: boo
 
     ddp_model = model
     if dist_info.world_size > 1:
+        # A block LayerDrop skips gives its parameters no gradient in that step.
         ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=config.regularizer == "layerdrop")
     penalty = regularizers.build(model, config.regularizer, config.weight, config.ffr_norm,
                                  config.ffr_curvature, config.ffr_curv_ratio)
     if start_epoch == 0:
