@@ -11,7 +11,8 @@ A tool that fails on a model is reported with its error, not dropped.
 Writes bench/results/vs_torch_pruning.json and .md. Needs the bench extra
 (`pip install ".[bench]"`: torch-pruning). From the repository root:
     .venv/bin/python bench/vs_torch_pruning.py                       # the four latency models
-    .venv/bin/python bench/vs_torch_pruning.py --models resnet18 vit_b_16 --out vs_tp_zoo
+    .venv/bin/python bench/vs_torch_pruning.py --rounds 0 --models resnet18 vit_b_16 ... \
+        --out vs_torch_pruning_zoo                                   # FLOPs cut only
 """
 import argparse
 import copy
@@ -99,6 +100,8 @@ def compare(name: str, args) -> List[dict]:
         except Exception as error:  # the table reports a tool that fails, with its reason
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
         rows.append(row)
+    if not args.rounds:  # FLOPs and prune time only
+        return rows
     latency = interleaved_latency(pruned, (3, args.image_size, args.image_size),
                                   args.batch_sizes, args.rounds, args.repeats, args.threads)
     for row in rows:
@@ -125,8 +128,8 @@ def markdown(rows: List[dict], args, command: str) -> str:
         if r["error"]:
             lines.append(f"| {r['model']} | {r['tool']} | failed: {r['error']} | | | | |")
             continue
-        lat = " / ".join(f"{r['latency_ms'][b]:.1f}" for b in args.batch_sizes)
-        speed = " / ".join(f"{r['speedup'][b]:.2f}x" for b in args.batch_sizes)
+        lat = " / ".join(f"{r['latency_ms'][b]:.1f}" for b in args.batch_sizes) if args.rounds else "-"
+        speed = " / ".join(f"{r['speedup'][b]:.2f}x" for b in args.batch_sizes) if args.rounds else "-"
         lines.append(f"| {r['model']} | {r['tool']} | {r['flops_cut']:.2f}x | "
                      f"{100 * r['params_kept']:.0f}% | {r['prune_seconds']:.1f} s | {lat} | {speed} |")
     return "\n".join(lines) + "\n"
@@ -138,7 +141,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="0: no latency")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="vs_torch_pruning")
