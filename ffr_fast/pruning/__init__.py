@@ -14,8 +14,9 @@ from .inputs import ExampleInputError
 from .pruner import FlopsTargetWarning, PruneResult, prune, residual_branches
 from .recalibrate import recalibrate_bn
 from .report import PruneReport
+from .rules import Rule, register_rule
 from .serialize import load_pruned, save_pruned
 
 __all__ = ["prune", "PruneResult", "PruneReport", "residual_branches", "ResidualBranch",
            "save_pruned", "load_pruned", "recalibrate_bn", "UntraceableModelError",
-           "ExampleInputError", "FlopsTargetWarning"]
+           "ExampleInputError", "FlopsTargetWarning", "Rule", "register_rule"]

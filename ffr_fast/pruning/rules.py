@@ -178,7 +178,7 @@ register_rule(nn.LayerNorm, Rule("channelwise", -1, {"weight": ("out",), "bias":
                                  renormalizes=True))
 register_rule(nn.GroupNorm, Rule("channelwise", 1, {"weight": ("out",), "bias": ("out",)},
                                  _resize_group_norm, _never, emits_for_zero=_affine_bound,
-                                 renormalizes=True))
+                                 renormalizes=True, groups=lambda m: m.num_groups))
 register_rule(nn.PReLU, Rule("channelwise", 1, {"weight": ("out",)}, _resize_prelu,
                              zero_preserving=lambda m: True))
 
