@@ -9,7 +9,8 @@ projection shortcut), the branch is the side with more nodes and the shortcut th
 A branch's name is the longest module path common to the modules it calls ("layer2.1" for
 a ResNet block, "features.6.conv" for a MobileNetV2 block); branches that would share a name
 (the attention and MLP branches of one transformer block) get the next path component of
-their largest module appended ("encoder.layers.encoder_layer_3.self_attention").
+their largest module or parameter appended ("encoder.layers.encoder_layer_3.self_attention",
+"features.1.0.attn" for a Swin block whose attention reads its weights directly).
 
 A branch's *tail* is the producer (Conv / Linear, and the BatchNorm right after it; or an
 attention, through the output item of its tuple) reached from the add through
@@ -164,6 +165,14 @@ def find_branches(gm: fx.GraphModule, ignored: Sequence[str] = ()) -> List[Resid
             for name, (add, shortcut, own, _, tail) in zip(names, found)]
 
 
+def _size(path: str, modules) -> int:
+    """Parameters of a module path, or elements of a parameter path (read by get_attr)."""
+    if path in modules:
+        return sum(p.numel() for p in modules[path].parameters())
+    owner, _, name = path.rpartition(".")
+    return getattr(modules[owner], name).numel()
+
+
 def _names(branch_paths: List[List[str]], modules) -> List[str]:
     prefixes = [_common_prefix(paths) for paths in branch_paths]
     names = []
@@ -171,8 +180,7 @@ def _names(branch_paths: List[List[str]], modules) -> List[str]:
         if prefixes.count(prefix) == 1 and prefix:
             names.append(prefix)
             continue
-        called = [p for p in paths if p in modules]
-        biggest = max(called, key=lambda p: sum(q.numel() for q in modules[p].parameters()))
+        biggest = max(paths, key=lambda p: _size(p, modules))
         rest = biggest[len(prefix):].lstrip(".").split(".")[0]
         names.append(f"{prefix}.{rest}" if prefix else rest)
     for i, name in enumerate(list(names)):
