@@ -16,6 +16,7 @@ classifier kept, as a new user would call them:
 """
 import argparse
 import copy
+import json
 import platform
 import statistics
 import time
@@ -26,7 +27,7 @@ from torch import nn
 from ffr_fast.metrics import count_flops, count_params, measure_latency
 from ffr_fast.pruning import prune
 from ffr_fast.torchvision_loader import load_torchvision
-from results_io import write_results  # bench/ is the script's folder
+from results_io import RESULTS, write_results  # bench/ is the script's folder
 
 ZOO = ["resnet18", "resnext50_32x4d", "wide_resnet50_2", "mobilenet_v2", "mobilenet_v3_large",
        "efficientnet_b0", "efficientnet_v2_s", "regnet_x_400mf", "regnet_y_400mf",
@@ -79,9 +80,7 @@ def zoo_rows(x) -> list:
         pruned, row["ffr_fast_seconds"] = ours(model, x)
         row["ffr_fast_flop_cut"] = flops / count_flops(pruned, x)
         row["ffr_fast_param_cut"] = params / count_params(pruned)
-        if name in REFERENCE_SKIPPED:
-            row["reference_error"] = REFERENCE_SKIPPED[name]
-        else:
+        if name not in REFERENCE_SKIPPED:
             try:
                 pruned, row["reference_seconds"] = reference(model, x)
                 row["reference_flop_cut"] = flops / count_flops(pruned, x)
@@ -128,12 +127,17 @@ def markdown(table: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in table["zoo"]:
-        ref = ("" if "reference_error" not in r else f" ({r['reference_error']})")
+        if r["model"] in REFERENCE_SKIPPED:
+            ref = [f"not run: {REFERENCE_SKIPPED[r['model']]}", "-", "-"]
+        elif "reference_error" in r:
+            ref = [f"failed: {r['reference_error']}", "-", "-"]
+        else:
+            ref = [f"{r['reference_flop_cut']:.2f}x", f"{r['reference_param_cut']:.2f}x",
+                   f"{r['reference_seconds']:.2f}"]
         lines.append(
-            f"| {r['model']} | {r['ffr_fast_flop_cut']:.2f}x | "
-            f"{r.get('reference_flop_cut', float('nan')):.2f}x{ref} | "
-            f"{r['ffr_fast_param_cut']:.2f}x | {r.get('reference_param_cut', float('nan')):.2f}x | "
-            f"{r['ffr_fast_seconds']:.2f} | {r.get('reference_seconds', float('nan')):.2f} |")
+            f"| {r['model']} | {r['ffr_fast_flop_cut']:.2f}x | {ref[0]} | "
+            f"{r['ffr_fast_param_cut']:.2f}x | {ref[1]} | {r['ffr_fast_seconds']:.2f} | "
+            f"{ref[2]} |")
     lines += ["", f"CPU latency, batch 1, one thread, median over {table['rounds']} interleaved "
               "rounds (each the median of 3 runs after 1 warm-up):", "",
               "| model | variant | GFLOPs | latency ms |", "|---|---|---:|---:|"]
@@ -144,11 +148,17 @@ def markdown(table: dict) -> str:
 
 
 def main(argv=None):
-    import torch_pruning
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--table-only", action="store_true",
+                        help="rewrite the markdown from the last run's JSON, measuring nothing")
     args = parser.parse_args(argv)
+    if args.table_only:
+        table = json.loads((RESULTS / "prune_vs_torch_pruning.json").read_text())
+        write_results("prune_vs_torch_pruning", table, markdown(table))
+        return
+    import torch_pruning
+
     torch.set_num_threads(1)
     x = torch.randn(1, 3, SIZE, SIZE)
     table = {"torch": torch.__version__, "reference_version": torch_pruning.__version__,
