@@ -8,9 +8,9 @@ from torch import nn
 
 from ffr_fast.pruning import Rule, load_pruned, prune, register_rule, save_pruned
 from ffr_fast.pruning.rules import RULES
-from nets import (ChannelsLastMLP, ChannelScale, Conv1dNet, GroupNormNet, LayerScaleNet,
-                  ScaleNet, SENet, SoftmaxNet, TracedShuffle, TransposedNet, look_trained,
-                  one_thread)  # noqa: F401
+from nets import (ChannelsLastMLP, ChannelScale, Conv1dNet, GroupNormNet,  # noqa: F401
+                  LayerScaleNet, ScaleNet, SENet, SoftmaxNet, TracedShuffle, TransposedNet,
+                  look_trained, one_thread)
 
 X = torch.randn(2, 3, 8, 8)
 
