@@ -92,3 +92,13 @@ def test_convnext_hidden_units_and_branches():
     changed = {k: v for k, v in result.report.channels.items() if v[0] != v[1]}
     assert changed == {"features.1.0.block.3": (64, 32), "features.3.0.block.3": (128, 28)}
     assert_same_output(original, result, x)
+
+
+def test_round_to_counts_channels_so_heads_still_go():
+    """round_to=8 asks for multiples of 8 channels: a head of 8 channels is one such step."""
+    model = small_vit()
+    result = prune(model, torch.randn(1, 3, 32, 32), ratio=0.5, scope="layer", round_to=8)
+    heads = result.report.channels[f"{LAYERS}0.self_attention (heads)"]
+    assert heads == (32, 16)
+    assert all(after % 8 == 0 for before, after in result.report.channels.values()
+               if after < before)
