@@ -128,3 +128,12 @@ def test_register_rule_rejects_bad_arguments():
         register_rule(ChannelScale, {"kind": "channelwise"})
     with pytest.raises(ValueError, match="Rule.kind must be one of"):
         Rule("mixer")
+
+
+def test_prelu_with_one_slope_is_not_sliced():
+    model = Conv1dNet()
+    model.act = nn.PReLU()  # one slope for every channel: it broadcasts, nothing to slice
+    x = torch.randn(2, 3, 16)
+    result = prune(model, x, ratio=0.5, scope="layer")
+    assert result.model.act.weight.shape == (1,) and result.report.relative_diff <= 1e-5
+    assert result.model.conv1.out_channels == 4

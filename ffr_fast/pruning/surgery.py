@@ -42,12 +42,15 @@ def _gone(cg: ChannelGraph, ids, removed: np.ndarray) -> torch.Tensor:
 
 
 def _tensor_roles(mc: ModuleChannels):
-    """(name, dimension, role) for every parameter and buffer dimension with a role."""
+    """(name, dimension, role) for every parameter and buffer dimension with a role, except
+    a dimension of size 1 that broadcasts over the channels (PReLU's single slope)."""
     for name, roles in mc.rule.params.items():
-        if tensor_of(mc.module, name)[2] is None:
+        tensor = tensor_of(mc.module, name)[2]
+        if tensor is None:
             continue
         for dim, role in enumerate(roles):
-            if role is not None:
+            ids = {"out": mc.out_ids, "in": mc.in_ids, "inner": mc.inner_ids}.get(role)
+            if role is not None and not (tensor.shape[dim] == 1 and len(ids) > 1):
                 yield name, dim, role
 
 
