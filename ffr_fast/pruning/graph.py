@@ -357,6 +357,7 @@ class _Analyzer:
         ids = self.take(node.args[0], rule.dim, _describe(node, self.modules))
         if _shape(node)[rule.dim] != len(ids):
             return None
+        self.tie_groups(ids, rule.groups(module))
         if rule.params:
             self.record(node, module, rule, None, ids)
         if rule.renormalizes:
@@ -376,9 +377,8 @@ class _Analyzer:
             if g == len(in_ids) and weight.shape[1] == 1:  # depthwise: out c*m+j reads c
                 self.cg.union(np.repeat(in_ids, len(out_ids) // g), out_ids)
             else:  # grouped: the same position leaves every group
-                for ids in (in_ids, out_ids):
-                    per_group = ids.reshape(g, -1)
-                    self.cg.union(np.repeat(per_group[:1], g - 1, axis=0), per_group[1:])
+                self.tie_groups(in_ids, g)
+                self.tie_groups(out_ids, g)
         self.record(node, module, rule, in_ids, out_ids)
         return Chan((dim,), out_ids)
 
@@ -409,6 +409,12 @@ class _Analyzer:
         out_ids = self.cg.fresh(out_channels(module))
         self.record(node, module, rule, in_ids, out_ids, inner)
         return [Chan((len(_shape(query)) - 1,), out_ids), None]
+
+    def tie_groups(self, ids: np.ndarray, groups: int) -> None:
+        """Position p of every group is removed together, so the groups stay equal."""
+        if groups > 1:
+            per_group = ids.reshape(groups, -1)
+            self.cg.union(np.repeat(per_group[:1], groups - 1, axis=0), per_group[1:])
 
     def record(self, node, module, rule, in_ids, out_ids, inner_ids=None) -> None:
         seen = self.cg.modules.get(node.target)

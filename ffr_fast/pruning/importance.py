@@ -56,8 +56,8 @@ def emitted_norms(producer: nn.Module, bn: Optional[nn.Module], order: int) -> t
 def _norm_scorer(order: int) -> Scorer:
     def score(module: nn.Module, bn: Optional[nn.Module]) -> Optional[torch.Tensor]:
         rule = rule_for(module)
-        if rule.kind == "producer":
-            return emitted_norms(module, bn, order)
+        if rule.kind in ("producer", "attention"):
+            return emitted_norms(rule.emitter(module), bn, order)
         if rule.emits_for_zero is None:
             return None  # zero-preserving (PReLU): the producers before it decide
         emitted = torch.as_tensor(rule.emits_for_zero(module)).double().abs()
@@ -125,7 +125,7 @@ def class_scores(cg: ChannelGraph, importance: Union[str, Scorer]) -> Dict[int, 
 
     folded = set()
     for mc in cg.modules.values():
-        if mc.rule.kind != "producer":
+        if mc.rule.kind not in ("producer", "attention"):
             continue
         bn = following_bn(cg, mc)
         if bn is not None:

@@ -8,7 +8,8 @@ their channel classes. Selection:
 - `ratio=r`, `scope="global"`: the round(r * n) lowest-scored of all n prunable classes.
 - `ratio=r`, `scope="layer"`: in every group, the floor(r * size) lowest-scored classes.
 Then, per producer layer, classes are given back (highest score first) until the layer keeps
-at least `min_channels` channel classes and, with `round_to=k`, a multiple of k (or all).
+at least `min_channels` channel classes and, with `round_to=k`, a multiple of k channels
+(or all).
 """
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set, Tuple
@@ -98,19 +99,24 @@ def make_plan(cg: ChannelGraph, scores: Dict[int, float], *, threshold=None, rat
 
 
 def _give_back(cg, removed: Set[int], scores, min_channels: int, round_to) -> None:
-    """Return removed classes to layers below their floor until every layer is satisfied."""
-    layers = [sorted(set(cg.roots(ids).tolist())) for _, ids in written_layers(cg)]
+    """Return removed classes (highest score first) to layers below their floor until every
+    layer keeps at least `min_channels` classes and, with `round_to`, a number of channels
+    that is a multiple of it (or all): a head of 64 channels counts 64."""
+    layers = []
+    for _, ids in written_layers(cg):
+        roots, sizes = np.unique(cg.roots(ids), return_counts=True)
+        layers.append(dict(zip(roots.tolist(), sizes.tolist())))
     changed = True
     while changed:  # giving back to one layer can unround another that shares classes
         changed = False
-        for roots in layers:
-            kept = sum(r not in removed for r in roots)
-            want = max(kept, min(min_channels, len(roots)))
-            if round_to:
-                want = min(len(roots), -(-want // round_to) * round_to)
-            back = sorted((r for r in roots if r in removed), key=scores.get, reverse=True)
-            for root in back[:want - kept]:
+        for size in layers:
+            back = sorted((r for r in size if r in removed), key=scores.get, reverse=True)
+            kept = [r for r in size if r not in removed]
+            while back and (len(kept) < min_channels or round_to and sum(
+                    size[r] for r in kept) % round_to):
+                root = back.pop(0)
                 removed.discard(root)
+                kept.append(root)
                 changed = True
 
 

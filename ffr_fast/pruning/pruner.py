@@ -186,7 +186,7 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
             # The reference: the graph without the removed branches, every removed channel
             # zeroed in the very modules it runs (the surgery below replaces them).
             zero_removed(cg, plan.removed, gm)
-            reference, _ = run_checked(gm, inputs)
+            reference, _ = run_checked(gm, inputs, count_flops=False)
             approximate = renormalized_layers(cg, plan.removed)
             channels = apply_plan(gm, cg, plan.removed)
             folded_pairs = foldable_pairs(gm) if fold_bn else []

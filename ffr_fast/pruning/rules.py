@@ -67,6 +67,9 @@ class Rule:
     heads: Optional[Callable[[nn.Module], Optional[Tuple[int, int]]]] = None
     blocks: Dict[str, int] = field(default_factory=dict)
     inner_rows: Optional[Callable[[nn.Module], torch.Tensor]] = None
+    # The layer whose rows and bias make this layer's output channels (a producer itself;
+    # attention: its output projection): what importance scores and branch tails read.
+    emitter: Callable[[nn.Module], nn.Module] = lambda module: module
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -175,7 +178,7 @@ register_rule(nn.LayerNorm, Rule("channelwise", -1, {"weight": ("out",), "bias":
                                  renormalizes=True))
 register_rule(nn.GroupNorm, Rule("channelwise", 1, {"weight": ("out",), "bias": ("out",)},
                                  _resize_group_norm, _never, emits_for_zero=_affine_bound,
-                                 renormalizes=True))
+                                 renormalizes=True, groups=lambda m: m.num_groups))
 register_rule(nn.PReLU, Rule("channelwise", 1, {"weight": ("out",)}, _resize_prelu,
                              zero_preserving=lambda m: True))
 
@@ -204,7 +207,7 @@ for _mha in (nn.MultiheadAttention, HeadPrunedMultiheadAttention):
         {"in_proj_weight": ("inner", "in"), "in_proj_bias": ("inner",),
          "out_proj.weight": ("out", "inner"), "out_proj.bias": ("out",)},
         resize_attention, heads=attention_heads, blocks={"in_proj_weight": 3, "in_proj_bias": 3},
-        inner_rows=inner_rows))
+        inner_rows=inner_rows, emitter=lambda mha: mha.out_proj))
 for _view in (nn.Flatten, nn.Unflatten):
     register_rule(_view, Rule("reshape"))
 # A gate: f(0) = 1/2, so a channel that is removed must be multiplied by a zero channel

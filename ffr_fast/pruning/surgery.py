@@ -25,24 +25,37 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
-def _keep(cg: ChannelGraph, ids: np.ndarray, removed: Set[int]) -> torch.Tensor:
-    roots = cg.roots(np.asarray(ids).ravel())
-    gone = np.isin(roots, np.fromiter(removed, dtype=np.int64, count=len(removed)))
-    return torch.from_numpy(np.flatnonzero(~gone))
+def _mask(cg: ChannelGraph, removed: Set[int]) -> np.ndarray:
+    """removed[root] for every id: the plan's set of removed class roots, looked up fast."""
+    mask = np.zeros(cg.size, dtype=bool)
+    mask[np.fromiter(removed, dtype=np.int64, count=len(removed))] = True
+    return mask
+
+
+def _keep(cg: ChannelGraph, ids: np.ndarray, removed: np.ndarray) -> torch.Tensor:
+    """Positions of `ids` whose class stays (`removed`: a _mask)."""
+    return torch.from_numpy(np.flatnonzero(~removed[cg.roots(np.asarray(ids).ravel())]))
+
+
+def _gone(cg: ChannelGraph, ids, removed: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.flatnonzero(removed[cg.roots(np.asarray(ids).ravel())]))
 
 
 def _tensor_roles(mc: ModuleChannels):
-    """(name, dimension, role) for every parameter and buffer dimension with a role."""
+    """(name, dimension, role) for every parameter and buffer dimension with a role, except
+    a dimension of size 1 that broadcasts over the channels (PReLU's single slope)."""
     for name, roles in mc.rule.params.items():
-        if tensor_of(mc.module, name)[2] is None:
+        tensor = tensor_of(mc.module, name)[2]
+        if tensor is None:
             continue
         for dim, role in enumerate(roles):
-            if role is not None:
+            ids = {"out": mc.out_ids, "in": mc.in_ids, "inner": mc.inner_ids}.get(role)
+            if role is not None and not (tensor.shape[dim] == 1 and len(ids) > 1):
                 yield name, dim, role
 
 
-def _positions(cg: ChannelGraph, mc: ModuleChannels, name: str, role: str, removed: Set[int],
-               size: int) -> torch.Tensor:
+def _positions(cg: ChannelGraph, mc: ModuleChannels, name: str, role: str,
+               removed: np.ndarray, size: int) -> torch.Tensor:
     """The kept positions along a tensor dimension of `size` that holds `role` channels
     (stacked `blocks` times for attention's q, k, v)."""
     if role == "in":
@@ -74,6 +87,7 @@ def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
 def zero_removed(cg: ChannelGraph, removed: Set[int], root: nn.Module) -> None:
     """Zero, in the modules and parameters the graph points at, every tensor slice that
     holds a removed channel as an output (or, in attention, a removed head's q, k, v)."""
+    removed = _mask(cg, removed)
     with torch.no_grad():
         for mc in cg.modules.values():
             for name, dim, role in _tensor_roles(mc):
@@ -90,15 +104,11 @@ def zero_removed(cg: ChannelGraph, removed: Set[int], root: nn.Module) -> None:
                 root.get_parameter(pc.path).index_fill_(pc.dim, gone, 0)
 
 
-def _gone(cg: ChannelGraph, ids, removed: Set[int]) -> torch.Tensor:
-    kept = set(_keep(cg, ids, removed).tolist())
-    return torch.tensor([i for i in range(len(ids)) if i not in kept], dtype=torch.long)
-
-
 def apply_plan(root: nn.Module, cg: ChannelGraph, removed: Set[int]
                ) -> Dict[str, Tuple[int, int]]:
     """Slice every affected module and parameter under `root`; returns
     {layer name: (channels before, after)} for the channels each layer creates."""
+    removed = _mask(cg, removed)
     channels = {}
     with torch.no_grad():
         for path, mc in cg.modules.items():
@@ -128,4 +138,5 @@ def renormalized_layers(cg: ChannelGraph, removed: Set[int]) -> List[str]:
     """The renormalising layers (LayerNorm, GroupNorm) that lose channels: the statistics
     of their other channels change, so the pruned model is close to, not equal to, the
     zeroed original there."""
+    removed = _mask(cg, removed)
     return sorted({name for ids, name in cg.renormalized if len(_gone(cg, ids, removed))})
