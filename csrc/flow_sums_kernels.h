@@ -165,21 +165,28 @@ FFR_FAST_INLINE V next_difference(const scalar_t* const* x, int64_t K, int64_t l
   return d;
 }
 
-// Writes the gradients of the n elements at `start` (the first `left` of them, when fewer are
-// left) of every feature, walking k with the window d_{k-2}, d_{k-1}, d_k, d_{k+1} in
-// registers: each x_k is loaded once (at step k - 2) and each gradient stored once.
+// Writes the gradients of the 2 * n elements at `start` (the first `left` of them, when fewer
+// are left) of every feature, walking k with the window d_{k-2}, d_{k-1}, d_k, d_{k+1} in
+// registers: each x_k is loaded once (at step k - 2) and each gradient stored once. Like the
+// forward, two halves (a, b) per chunk: a whole 64-byte cache line of every stream per step.
 template <typename acc_t, typename scalar_t, typename V = typename Vec<acc_t>::type>
 FFR_FAST_INLINE void gradient_chunk(const scalar_t* const* x, scalar_t* const* grad,
                                     int64_t K, const acc_t* q, int64_t start, int64_t left) {
-  V last = load<acc_t>(x[0] + start, left);
-  V w0{}, w1{};
-  V w2 = next_difference<acc_t>(x, K, 0, start, left, last);
-  V w3 = next_difference<acc_t>(x, K, 1, start, left, last);
+  constexpr int64_t n = Vec<acc_t>::size;
+  V last_a = load<acc_t>(x[0] + start, left), last_b = load<acc_t>(x[0] + start + n, left - n);
+  V a0{}, a1{}, b0{}, b1{};
+  V a2 = next_difference<acc_t>(x, K, 0, start, left, last_a);
+  V b2 = next_difference<acc_t>(x, K, 0, start + n, left - n, last_b);
+  V a3 = next_difference<acc_t>(x, K, 1, start, left, last_a);
+  V b3 = next_difference<acc_t>(x, K, 1, start + n, left - n, last_b);
   for (int64_t k = 0; k < K; ++k) {
     const acc_t* qk = q + 4 * k;
-    store<acc_t>(grad[k] + start, qk[0] * w0 + qk[1] * w1 + qk[2] * w2 + qk[3] * w3, left);
-    w0 = w1, w1 = w2, w2 = w3;
-    w3 = next_difference<acc_t>(x, K, k + 2, start, left, last);
+    store<acc_t>(grad[k] + start, qk[0] * a0 + qk[1] * a1 + qk[2] * a2 + qk[3] * a3, left);
+    store<acc_t>(grad[k] + start + n, qk[0] * b0 + qk[1] * b1 + qk[2] * b2 + qk[3] * b3,
+                 left - n);
+    a0 = a1, a1 = a2, a2 = a3, b0 = b1, b1 = b2, b2 = b3;
+    a3 = next_difference<acc_t>(x, K, k + 2, start, left, last_a);
+    b3 = next_difference<acc_t>(x, K, k + 2, start + n, left - n, last_b);
   }
 }
 
@@ -188,7 +195,7 @@ template <typename scalar_t, typename acc_t>
 FFR_FAST_VECTOR_CLONES void block_gradients(const scalar_t* const* x, scalar_t* const* grad,
                                             int64_t K, const acc_t* q, int64_t offset,
                                             int64_t count) {
-  constexpr int64_t chunk = Vec<acc_t>::size;
+  constexpr int64_t chunk = 2 * Vec<acc_t>::size;
   const int64_t end = offset + count;
   int64_t start = offset;
   for (; start + chunk <= end; start += chunk) {  // a constant `left`: no per-lane checks
