@@ -285,6 +285,14 @@ def check_multi_chain(p, device, results):
             want_grads = torch.autograd.grad(want, [x for chain in up for x in chain])
             errors.append(relative_error(value, want))
             errors += [relative_error(g, e) for g, e in zip(op_grads, want_grads)]
+            # The Triton penalty itself (on CUDA the op above runs it; a dry run the C++ one).
+            options = (weights, variant["grad_weight"], variant["curv_weight"], variant["norm"],
+                       variant["curvature"], 1e-8, 1e-6)
+            kernel_value, kernel_sums = kernels.flow_penalty(features, lengths, *options)
+            kernel_grads = kernels.flow_penalty_backward(
+                features, lengths, kernel_sums, torch.ones((), device=device), *options)
+            errors.append(relative_error(kernel_value, want))
+            errors += [relative_error(g, e) for g, e in zip(kernel_grads, want_grads)]
         ok = max(errors) <= TOLERANCE[dtype] and deterministic
         row = dict(dtype=str(dtype).split(".")[1], multi_chain=p["multi_chain"],
                    max_rel_err=max(errors), tolerance=TOLERANCE[dtype],

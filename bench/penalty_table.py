@@ -1,6 +1,7 @@
 """The FFR penalty, forward + backward, over the three chains of a CIFAR ResNet-56 at batch 128
 ((128,16,32,32), (128,32,16,16), (128,64,8,8); K = 9 block outputs each): the fused op
-(ffr_fast.flow_penalty, C++ kernels) vs the eager reference vs torch.compile(reference), timed
+(ffr_fast.penalty.flow_penalty_chains: all three chains in one call of the C++ kernels) vs
+the eager reference vs torch.compile(reference), timed
 in interleaved rounds of one run, against this machine's memory traffic floor.
 
 - copy bandwidth: a torch copy_ of a 256 MiB float32 tensor into a preallocated one, counted
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 from ffr_fast import ops, reference
-from ffr_fast.penalty import flow_penalty
+from ffr_fast.penalty import flow_penalty_chains
 from results_io import write_results  # noqa: E402  (bench/ is the script's folder)
 
 CHAIN_SHAPES = [(16, 32, 32), (32, 16, 16), (64, 8, 8)]  # ResNet-56 stages, per sample
@@ -45,7 +46,7 @@ def _total(penalty_fn):
 
 # name -> a function from the list of chains to the summed penalty
 METHODS = {
-    "fused op": _total(flow_penalty),
+    "fused op": flow_penalty_chains,
     "eager reference": _total(reference.flow_penalty),
     "torch.compile(reference)": torch.compile(_total(reference.flow_penalty), dynamic=False),
 }

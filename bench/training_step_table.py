@@ -1,11 +1,12 @@
-"""What FFRLoss adds to a training step: one CIFAR ResNet-56 step at batch 128 (32x32 inputs;
-forward, cross-entropy, backward, SGD step) without a regularizer, with FFRLoss on the fused
-op, and with FFRLoss on the eager plain-PyTorch reference. Target: FFRLoss (op) adds <= 5%.
+"""What FFRLoss adds to a training step: one CIFAR ResNet-56 step (32x32 inputs; forward,
+cross-entropy, backward, SGD step) without a regularizer, with FFRLoss on the fused op (all
+chains in one call), and with FFRLoss on the eager plain-PyTorch reference. Targets
+(issue 9): FFRLoss (op) adds <= 2% at batch 128 and <= 5% at batch 8.
 
 The three steps are timed in interleaved rounds, so slow drift of a shared machine hits them
 alike; the table gives each median and, per round, the ratio to the unregularized step.
 
-    .venv/bin/python bench/training_step_table.py [--rounds 7] [--batch 128]
+    .venv/bin/python bench/training_step_table.py [--rounds 7] [--batch 128] [--threads N]
 
 writes bench/results/training_step.json and bench/results/training_step.md.
 """
@@ -19,15 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from ffr_fast import FFRLoss, models, ops, reference
-from ffr_fast.penalty import flow_penalty
 from results_io import write_results  # noqa: E402  (bench/ is the script's folder)
 
-# name -> the per-chain penalty function FFRLoss applies (None: no regularizer)
+# name -> (whether FFRLoss is on, its penalty_fn: None is the shipped one-call op)
 VARIANTS = {
-    "no regularizer": None,
-    "FFRLoss (fused op)": flow_penalty,
-    "FFRLoss (eager reference)": reference.flow_penalty,
+    "no regularizer": (False, None),
+    "FFRLoss (fused op)": (True, None),
+    "FFRLoss (eager reference)": (True, reference.flow_penalty),
 }
+TARGET_OVERHEAD = {128: 0.02, 8: 0.05}  # issue 9, by batch size
 
 
 def make_training_step(variant: str, batch: int = 128, seed: int = 0):
@@ -36,8 +37,8 @@ def make_training_step(variant: str, batch: int = 128, seed: int = 0):
     model = models.resnet56().train()
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    penalty_fn = VARIANTS[variant]
-    ffr = None if penalty_fn is None else FFRLoss(model, penalty_fn=penalty_fn)
+    regularized, penalty_fn = VARIANTS[variant]
+    ffr = FFRLoss(model, penalty_fn=penalty_fn) if regularized else None
 
     def step() -> None:
         loss = F.cross_entropy(model(x), y)
@@ -91,8 +92,10 @@ def markdown(report: dict) -> str:
     for name, row in report["variants"].items():
         lines.append(f"| {name} | {row['median_s']:.3f} | {row['min_s']:.3f} | "
                      f"{row['median_ratio_to_no_regularizer']:.3f} |")
-    lines += ["", f"Target: FFRLoss (fused op) adds <= 5% to the step: "
-                  f"{'met' if report['target_met'] else 'NOT met'}."]
+    target = report["target_overhead"]
+    if target is not None:
+        lines += ["", f"Target: FFRLoss (fused op) adds <= {target:.0%} to the step at batch "
+                      f"{report['batch']}: {'met' if report['target_met'] else 'NOT met'}."]
     return "\n".join(lines) + "\n"
 
 
@@ -100,12 +103,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     load_before = [round(x, 2) for x in os.getloadavg()]
     variants = measure(args.rounds, args.batch)
     report = {
         "command": f".venv/bin/python bench/training_step_table.py --rounds {args.rounds} "
-                   f"--batch {args.batch}",
+                   f"--batch {args.batch} --threads {args.threads}",
         "batch": args.batch,
         "rounds": args.rounds,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -115,10 +121,14 @@ def main() -> None:
         "load_before": load_before,
         "load_after": [round(x, 2) for x in os.getloadavg()],
         "variants": variants,
-        "target_met": variants["FFRLoss (fused op)"]["median_ratio_to_no_regularizer"] <= 1.05,
+        "target_overhead": TARGET_OVERHEAD.get(args.batch),
     }
+    overhead = variants["FFRLoss (fused op)"]["median_ratio_to_no_regularizer"] - 1
+    report["target_met"] = (None if report["target_overhead"] is None
+                            else overhead <= report["target_overhead"])
     table = markdown(report)
-    write_results("training_step", report, table)
+    write_results("training_step" if args.batch == 128 else f"training_step_b{args.batch}",
+                  report, table)
     print(table)
 
 

@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -175,10 +176,13 @@ at::Tensor flow_sums_kernel(const FlatChains<scalar_t>& flat, const at::TensorOp
   for (const auto& chain : flat.chains) max_L = std::max(max_L, chain.L());
   std::vector<acc_t> partial(flat.partial_size);
   at::parallel_for(0, flat.items, grain_size(flat), [&](int64_t begin, int64_t end) {
-    // Lane-wise accumulators, 3 * L vectors; torch's allocator gives the vector alignment
-    // (std::vector<V> would not: a template argument drops V's alignment attribute).
-    at::Tensor scratch = at::empty({3 * max_L * ffr_fast::Vec<acc_t>::size}, options);
-    V* acc = reinterpret_cast<V*>(scratch.mutable_data_ptr<acc_t>());
+    // Lane-wise accumulators, 3 * L vectors, aligned by hand: std::vector<V> would not
+    // align them (a template argument drops V's alignment attribute), and a scratch tensor
+    // would be one more allocation through torch per call.
+    std::vector<acc_t> scratch((3 * max_L + 1) * ffr_fast::Vec<acc_t>::size);
+    void* start = scratch.data();
+    size_t space = scratch.size() * sizeof(acc_t);
+    V* acc = static_cast<V*>(std::align(sizeof(V), 3 * max_L * sizeof(V), start, space));
     for (int64_t item = begin; item < end; ++item) {
       const FlatChain<scalar_t>& chain = flat.of_item(item);
       const int64_t local = item - chain.first_item, L = chain.L();

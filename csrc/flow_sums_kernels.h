@@ -15,6 +15,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 namespace ffr_fast {
 
 // GCC/Clang vector extensions: portable C++ that compiles to SSE2 by default; on x86-64 each
@@ -68,6 +72,45 @@ FFR_FAST_INLINE void store(scalar_t* p, typename Vec<acc_t>::type v, int64_t cou
   for (int64_t i = 0; i < std::min(count, Vec<acc_t>::size); ++i) {
     p[i] = static_cast<scalar_t>(v[i]);
   }
+}
+
+// Like store, but a whole float or double vector at a 16-byte aligned address bypasses the
+// cache (non-temporal stores, SSE2: part of every x86-64): gradients are written once and
+// not read back by this pass, so fetching their lines first (a normal store's
+// read-for-ownership) would add a third of the backward's memory traffic. The caller ends
+// its writes with fence_streaming_stores().
+template <typename acc_t, typename scalar_t>
+FFR_FAST_INLINE void store_streaming(scalar_t* p, typename Vec<acc_t>::type v, int64_t count) {
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<scalar_t, acc_t> &&
+                (std::is_same_v<acc_t, float> || std::is_same_v<acc_t, double>)) {
+    if (count >= Vec<acc_t>::size && reinterpret_cast<std::uintptr_t>(p) % 16 == 0) {
+      constexpr int64_t half = Vec<acc_t>::size / 2;
+      if constexpr (std::is_same_v<acc_t, float>) {
+        __m128 lo, hi;
+        std::memcpy(&lo, &v, 16);
+        std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 16, 16);
+        _mm_stream_ps(p, lo);
+        _mm_stream_ps(p + half, hi);
+      } else {
+        __m128d lo, hi;
+        std::memcpy(&lo, &v, 16);
+        std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 16, 16);
+        _mm_stream_pd(p, lo);
+        _mm_stream_pd(p + half, hi);
+      }
+      return;
+    }
+  }
+#endif
+  store<acc_t>(p, v, count);
+}
+
+// Orders this thread's streaming stores before whatever follows (another thread's reads).
+FFR_FAST_INLINE void fence_streaming_stores() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
 }
 
 // Adds the flow sums of the 2 * n elements at `start` (the first `left` of them, when fewer
@@ -165,21 +208,29 @@ FFR_FAST_INLINE V next_difference(const scalar_t* const* x, int64_t K, int64_t l
   return d;
 }
 
-// Writes the gradients of the n elements at `start` (the first `left` of them, when fewer are
-// left) of every feature, walking k with the window d_{k-2}, d_{k-1}, d_k, d_{k+1} in
-// registers: each x_k is loaded once (at step k - 2) and each gradient stored once.
+// Writes the gradients of the 2 * n elements at `start` (the first `left` of them, when fewer
+// are left) of every feature, walking k with the window d_{k-2}, d_{k-1}, d_k, d_{k+1} in
+// registers: each x_k is loaded once (at step k - 2) and each gradient stored once. Like the
+// forward, two halves (a, b) per chunk: a whole 64-byte cache line of every stream per step.
 template <typename acc_t, typename scalar_t, typename V = typename Vec<acc_t>::type>
 FFR_FAST_INLINE void gradient_chunk(const scalar_t* const* x, scalar_t* const* grad,
                                     int64_t K, const acc_t* q, int64_t start, int64_t left) {
-  V last = load<acc_t>(x[0] + start, left);
-  V w0{}, w1{};
-  V w2 = next_difference<acc_t>(x, K, 0, start, left, last);
-  V w3 = next_difference<acc_t>(x, K, 1, start, left, last);
+  constexpr int64_t n = Vec<acc_t>::size;
+  V last_a = load<acc_t>(x[0] + start, left), last_b = load<acc_t>(x[0] + start + n, left - n);
+  V a0{}, a1{}, b0{}, b1{};
+  V a2 = next_difference<acc_t>(x, K, 0, start, left, last_a);
+  V b2 = next_difference<acc_t>(x, K, 0, start + n, left - n, last_b);
+  V a3 = next_difference<acc_t>(x, K, 1, start, left, last_a);
+  V b3 = next_difference<acc_t>(x, K, 1, start + n, left - n, last_b);
   for (int64_t k = 0; k < K; ++k) {
     const acc_t* qk = q + 4 * k;
-    store<acc_t>(grad[k] + start, qk[0] * w0 + qk[1] * w1 + qk[2] * w2 + qk[3] * w3, left);
-    w0 = w1, w1 = w2, w2 = w3;
-    w3 = next_difference<acc_t>(x, K, k + 2, start, left, last);
+    store_streaming<acc_t>(grad[k] + start, qk[0] * a0 + qk[1] * a1 + qk[2] * a2 + qk[3] * a3,
+                           left);
+    store_streaming<acc_t>(grad[k] + start + n,
+                           qk[0] * b0 + qk[1] * b1 + qk[2] * b2 + qk[3] * b3, left - n);
+    a0 = a1, a1 = a2, a2 = a3, b0 = b1, b1 = b2, b2 = b3;
+    a3 = next_difference<acc_t>(x, K, k + 2, start, left, last_a);
+    b3 = next_difference<acc_t>(x, K, k + 2, start + n, left - n, last_b);
   }
 }
 
@@ -188,13 +239,14 @@ template <typename scalar_t, typename acc_t>
 FFR_FAST_VECTOR_CLONES void block_gradients(const scalar_t* const* x, scalar_t* const* grad,
                                             int64_t K, const acc_t* q, int64_t offset,
                                             int64_t count) {
-  constexpr int64_t chunk = Vec<acc_t>::size;
+  constexpr int64_t chunk = 2 * Vec<acc_t>::size;
   const int64_t end = offset + count;
   int64_t start = offset;
   for (; start + chunk <= end; start += chunk) {  // a constant `left`: no per-lane checks
     gradient_chunk<acc_t>(x, grad, K, q, start, chunk);
   }
   if (start < end) gradient_chunk<acc_t>(x, grad, K, q, start, end - start);
+  fence_streaming_stores();
 }
 
 }  // namespace ffr_fast

@@ -45,7 +45,7 @@ class FFRLoss(nn.Module):
         chain_weights: optional per-chain factors, in forward order, one per chain that the
             forward forms (checked at every call).
         penalty_fn: None (the default): every chain of a forward goes to one call of the
-            fused op (ffr_fast.flow_penalty_chains). Or a function applied to each chain
+            fused op (ffr_fast.penalty.flow_penalty_chains). Or a function applied to each chain
             separately, with flow_penalty's signature: ffr_fast.reference.flow_penalty is the
             plain-PyTorch oracle (benchmarks compare the two).
 

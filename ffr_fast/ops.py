@@ -19,8 +19,9 @@ length; one call has one dtype and device). A single chain is the case lengths =
 
 Implementations, most specific first:
     CPU   the C++ kernels in csrc/ (extension ffr_fast._C, TORCH_LIBRARY_IMPL), all four ops
-    CUDA  the Triton kernels in kernels/ (ffr_fast.kernels.flow_sums) for the flow sums and
-          their backward; the penalty ops compose them with the epilogue below
+    CUDA  the Triton kernels in kernels/ (ffr_fast.kernels.flow_sums), all four ops: one
+          launch over every chain per pass, and a per-sample epilogue launch for the
+          penalty's math
     any   the plain-PyTorch reference (CompositeExplicitAutograd), the fallback
 
 Derivatives: first-order reverse mode. A second backward and forward-mode AD raise
@@ -66,7 +67,8 @@ def chain_blocks(packed: Tensor, chains: Sequence[Sequence[Tensor]]) -> List[Ten
     return blocks
 
 
-# -- the penalty from the flow sums: the Python twin of csrc/penalty_math.h -----------------
+# -- the penalty from the flow sums: the Python twin of csrc/penalty_math.h (and of the
+# Triton epilogue in kernels/flow_sums.py) ------------------------------------------------
 def _term_size(v: Tensor, n: int, norm: str, eps: float) -> Tensor:
     """A term's size from its squared norm v, for n-element features."""
     return torch.sqrt(v + eps**2) / n**0.5 if norm == "l2" else v / n
@@ -287,6 +289,16 @@ def _register_cuda_kernels() -> None:
         "ffr_fast::flow_sums_backward", "cuda",
         lambda features, lengths, grad_sums: _triton_kernels().flow_sums_backward(
             features, lengths, grad_sums),
+        lib=_LIB)
+    torch.library.register_kernel(
+        "ffr_fast::flow_penalty", "cuda",
+        lambda features, lengths, *options: _triton_kernels().flow_penalty(
+            features, lengths, *options),
+        lib=_LIB)
+    torch.library.register_kernel(
+        "ffr_fast::flow_penalty_backward", "cuda",
+        lambda features, lengths, sums, grad, *options: _triton_kernels().flow_penalty_backward(
+            features, lengths, sums, grad, *options),
         lib=_LIB)
     _COMPILED_KERNELS.add("cuda")
 

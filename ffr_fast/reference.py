@@ -1,7 +1,34 @@
-"""Plain-PyTorch Feature Flow Regularization, written straight from docs/math.md.
+"""Plain-PyTorch Feature Flow Regularization: the math ffr_fast implements (docs/math.md
+tells it in words), stated here and executed term by term.
 
-This is the executable spec: the oracle for the tests and the fallback of the op on devices
-without a compiled kernel. It favours clarity over speed and forms every difference tensor.
+This is the executable statement of the math: the oracle for the tests and the fallback of
+the ops on devices without a compiled kernel. It favours clarity over speed and forms every
+difference tensor.
+
+FFR (Wu, Lan, Zhang, Xiang, "Feature Flow Regularization: Improving Structured Sparsity in
+Deep Neural Networks", arXiv 2106.02914) penalises the gradient and the curvature of the
+*feature flow*, the path a sample's features take through the network.
+
+Chains. A chain is K >= 2 features x_0 .. x_{K-1} in forward order, one shape (B, *S), dtype
+and device; n = prod(S) elements per sample. A network gives several chains (one per ResNet
+stage, say); a change of shape ends a chain.
+
+Differences, per sample b:
+    d_l = x_{l+1} - x_l                        l = 0 .. K-2   (the flow's gradient)
+    s_l = x_{l+2} - 2 x_{l+1} + x_l = d_{l+1} - d_l,  l = 0 .. K-3   (its curvature)
+A chain of K = 2 has no curvature term (not an error).
+
+Terms, per sample (||v||_eps = sqrt(||v||^2 + eps^2), eps = 1e-8 by default):
+    norm="squared" (the default, smooth):  G_b = sum_l ||d_l||^2 / n,  C_b = sum_l ||s_l||^2 / n
+    norm="l2" (the path's length):  G_b = sum_l ||d_l||_eps / sqrt(n),  C_b likewise with s_l
+    curvature="angle" replaces C_b by the total turning angle of the polygonal path:
+        C_b = sum_{l=0}^{K-3} arccos(clip(<d_l, d_{l+1}> / (||d_l||_eps ||d_{l+1}||_eps),
+                                         -1 + delta, 1 - delta))   (delta = 1e-6 by default:
+        arccos' slope is infinite at +-1; the clip passes no gradient outside the interval)
+
+Penalty: P = sum over chains c of  w_c (grad_weight mean_b G_b + curv_weight mean_b C_b),
+with chain weights w_c (1 unless given). It is accumulated in float32 (float64 for float64
+features) whatever the input dtype, and returned as a 0-dim tensor of that dtype.
 
 Notation (per chain x_0 .. x_{K-1}, each (B, *S), n = prod(S)):
     d_l = x_{l+1} - x_l            first differences, l = 0 .. K-2
@@ -11,7 +38,12 @@ The fused kernels reduce a chain to its *flow sums*, a (B, 3, K-1) tensor:
     sums[:, 0, l] = ||d_l||^2
     sums[:, 1, l] = ||s_l||^2        (l <= K-3; zero in the last column)
     sums[:, 2, l] = <d_l, d_{l+1}>   (l <= K-3; zero in the last column)
-Every variant of the penalty is a function of these sums (see ffr_fast.penalty).
+Every variant of the penalty is a function of these sums (ffr_fast.ops.chain_terms, and
+csrc/penalty_math.h), and so is its gradient: the backward is one more pass over the
+features with O(B K) per-sample coefficients (flow_sums_backward below).
+
+Numerics: differences are formed element by element from upcast values, never as
+|a|^2 + |b|^2 - 2<a, b>, which cancels catastrophically for nearly equal neighbours.
 """
 from typing import List, Sequence
 
@@ -84,7 +116,7 @@ def flow_sums_backward(features: Sequence[Tensor], grad_sums: Tensor) -> List[Te
 def flow_penalty(features: Sequence[Tensor], grad_weight: float = 1.0, curv_weight: float = 1.0,
                  norm: str = "squared", curvature: str = "diff", eps: float = 1e-8,
                  delta: float = 1e-6) -> Tensor:
-    """The penalty of one chain, computed term by term as docs/math.md writes it.
+    """The penalty of one chain, computed term by term as the module docstring states it.
 
     Differentiable by autograd; independent of the flow-sums path the op takes.
     """

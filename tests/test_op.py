@@ -290,3 +290,29 @@ def test_ffrloss_hands_every_chain_to_one_op_call():
     assert len(received) == 3
     assert "flowpenalty" in type(value.grad_fn).__name__.lower()  # one node: the op's
     torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=0)
+
+
+def test_steady_state_allocates_only_the_outputs():
+    """After the first step, a step allocates through torch only what the ops return: the
+    penalty and the packed sums forward, the gradient of the sums and the K gradients
+    backward; no scratch or table tensor per call."""
+    chains = [[x.requires_grad_() for x in chain]
+              for chain in random_chains([(4, (2, 3, 64, 64)), (3, (2, 5, 9))])]
+    leaves = flatten(chains)[0]
+
+    def step():
+        return torch.autograd.grad(flow_penalty_chains(chains), leaves)
+
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        step()
+
+    def inside(event):
+        while event is not None and not event.name.startswith("ffr_fast::"):
+            event = event.cpu_parent
+        return event.name if event is not None else None
+
+    allocations = [inside(e) for e in profile.events()
+                   if e.name in ("aten::empty", "aten::empty_strided", "aten::scalar_tensor")]
+    assert allocations.count("ffr_fast::flow_penalty") == 2
+    assert allocations.count("ffr_fast::flow_penalty_backward") == 1 + len(leaves)

@@ -215,6 +215,33 @@ def test_feature_not_aligned_with_feature_0_is_rejected():
         triton_kernels.flow_sums(features, [2])
 
 
+VARIANTS = [(norm, curvature) for norm in reference.NORMS for curvature in reference.CURVATURES]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("norm, curvature", VARIANTS)
+def test_penalty_epilogue_matches_the_op_on_cpu(dtype, norm, curvature):
+    """The Triton penalty and its backward (main kernels plus epilogue) against the C++ op,
+    itself tested against the float64 reference, for every variant."""
+    chains = testing.random_chains(MULTI, dtype, DEVICE, step=0.5)
+    features, lengths = [x for c in chains for x in c], [K for K, _ in MULTI]
+    options = ([0.5, 1.0, 2.0], 0.7, 1.3, norm, curvature, 1e-3, 1e-6)
+    penalty, sums = triton_kernels.flow_penalty(features, lengths, *options, block_size=BLOCK)
+    on_cpu = [x.cpu() for x in features]
+    expected, expected_sums = torch.ops.ffr_fast.flow_penalty(on_cpu, lengths, *options)
+    tolerance = TOLERANCE[dtype if dtype == torch.float64 else torch.float32]
+    assert relative_error(penalty.cpu(), expected) <= tolerance
+    assert relative_error(sums.cpu(), expected_sums) <= tolerance
+    grad = torch.tensor(1.7, dtype=sums.dtype)
+    grads = triton_kernels.flow_penalty_backward(features, lengths, sums, grad.to(DEVICE),
+                                                 *options, block_size=BLOCK)
+    expected_grads = torch.ops.ffr_fast.flow_penalty_backward(on_cpu, lengths, expected_sums,
+                                                              grad, *options)
+    for got, want in zip(grads, expected_grads):
+        assert got.dtype == dtype
+        assert relative_error(got.cpu(), want) <= TOLERANCE[dtype]
+
+
 # Compiles the kernels for an H100/H200 (sm_90) without a GPU: the interpreter accepts code
 # the compiler rejects. Prints the PTX global loads and stores of each kernel per dtype.
 COMPILE_FOR_HOPPER = """
@@ -236,6 +263,21 @@ for x, acc in (("fp32", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")):
                            constexprs={"BLOCK": 1024, "ALIGNED": True})
         ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
         print(kernel.__name__, x, sorted(set(re.findall(r"(?:ld|st)\\.global[.\\w]*", ptx))))
+
+# The epilogue kernels: per-sample scalar math, compiled for every option combination.
+pointers = {"chains_ptr": "*i64", "samples_ptr": "*i64", "weights_ptr": "*fp64"}
+for acc in ("fp32", "fp64"):
+    for kernel in (k._penalty_epilogue_kernel, k._penalty_epilogue_backward_kernel):
+        for l2 in (False, True):
+            for angle in (False, True):
+                signature = {name: pointers.get(name, "*" + acc) if name.endswith("_ptr")
+                             else "fp32" for name in kernel.arg_names}
+                for name in ("L_BLOCK", "L2", "ANGLE"):
+                    signature[name] = "constexpr"
+                source = ASTSource(fn=kernel, signature=signature, constexprs={
+                    "L_BLOCK": 8, "L2": l2, "ANGLE": angle})
+                triton.compile(source, target=GPUTarget("cuda", 90, 32))
+        print("epilogue", kernel.__name__, acc, "compiled")
 """
 
 
@@ -246,8 +288,9 @@ def test_kernels_compile_for_hopper_with_vector_memory_access():
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()
-    assert len(lines) == 6, run.stdout
-    for line in lines:
+    assert len(lines) == 10, run.stdout
+    assert sum(line.endswith("compiled") for line in lines) == 4, run.stdout
+    for line in lines[:6]:
         # 16-byte accesses: what the ALIGNED hint buys over per-element loads.
         vector = "v2.b64" if " fp64 " in line else "v4.b32"
         assert f"ld.global.{vector}" in line, line
