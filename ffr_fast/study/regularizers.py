@@ -58,11 +58,7 @@ class LayerDrop:
     """LayerDrop: during training, each residual block (ffr_fast.chains.find_residual_blocks:
     a ResNet's blocks, a ViT's encoder blocks) is skipped, its output replaced by its input,
     with probability `rate`, drawn per block and per batch from torch's generator (so a
-    seeded run drops the same blocks). A block that runs has its residual (output minus
-    input) scaled by 1 / (1 - rate), as torchvision's StochasticDepth does, so that the
-    whole network used in eval mode sees each residual at its expected training size
-    (without it the unpruned model's accuracy collapses at large rates).
-    A block whose output shape differs from its input's
+    seeded run drops the same blocks). A block whose output shape differs from its input's
     (a ResNet's downsampling block) cannot be skipped and always runs; describe() says how
     many blocks that left droppable. Nothing is dropped in eval mode: the trained network is
     used whole, and then pruned. The blocks still compute when dropped (a hook replaces
@@ -82,14 +78,11 @@ class LayerDrop:
 
     def _hook(self, name):
         def maybe_skip(block, inputs, output):
-            x = inputs[0]
-            same_shape = x.shape == output.shape
+            same_shape = inputs[0].shape == output.shape
             self.shape_keeping[name] = same_shape
-            if not (block.training and same_shape and self.rate > 0):
-                return None
-            if float(torch.rand(())) < self.rate:
-                return x
-            return x + (output - x) / (1 - self.rate)
+            if block.training and same_shape and float(torch.rand(())) < self.rate:
+                return inputs[0]
+            return None
         return maybe_skip
 
     def __call__(self) -> torch.Tensor:
