@@ -28,3 +28,18 @@ def test_seeds_are_averaged_before_choosing():
               point("layerdrop", 0.3, 0.96, 0.9, seed=0), point("layerdrop", 0.3, 0.96, 0.9, seed=1)]
     chosen = choose_weights(points, 0.5, tie=0.001)["layerdrop"]
     assert chosen["weight"] == 0.3 and abs(chosen["finetuned"] - 0.96) < 1e-12
+
+
+def test_a_rerun_keeps_the_points_at_the_budgets_asked_again(tmp_path):
+    import json
+    from dataclasses import asdict
+
+    from ffr_fast.study.sweep import _previous_points
+
+    settings = {"recipe": {"epochs": 10}, "keep": [0.5, 0.25]}
+    points = [point("ffr", 1.0, 0.99, 0.9), point("ffr", 1.0, 0.9, 0.5, keep=0.25)]
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps({"settings": settings, "points": [asdict(p) for p in points]}))
+    assert _previous_points(path, dict(settings, keep=[0.5])) == points[:1]
+    assert _previous_points(path, settings) == points
+    assert _previous_points(path, {"recipe": {"epochs": 5}, "keep": [0.5]}) == []

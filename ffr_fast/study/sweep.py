@@ -9,8 +9,9 @@ BatchNorm statistics recomputed, and fine-tuned as in the demo. Everything is sc
 validation split only. The weight the demo uses is chosen by one rule for every method
 (choose_weights) at the story's first budget, written to sweep.json as "chosen".
 
-Points are saved to sweep.json as they finish and reused by a rerun with the same settings,
-so an interrupted sweep continues where it stopped.
+Points are saved to sweep.json as they finish and reused by a rerun with the same settings
+(budgets aside: the points at the budgets asked again are kept), so an interrupted sweep
+continues where it stopped.
 """
 import json
 import statistics
@@ -106,9 +107,12 @@ def run(model: str = "resnet20", out: Optional[str] = None, seeds: Sequence[int]
     splits = pipeline.load_splits(recipe)
     for seed in seeds:
         for regularizer, weight in _trainings(story, quick):
-            if any(p.seed == seed and p.weight == weight and p.method in methods_of(
-                    story, regularizer) for p in points):
+            done = {(p.method, p.keep) for p in points if p.seed == seed and p.weight == weight}
+            if all((method, level) in done for method in methods_of(story, regularizer)
+                   for level in keep):
                 continue
+            points = [p for p in points if not (p.seed == seed and p.weight == weight
+                                                 and p.method in methods_of(story, regularizer))]
             print(f"[sweep] seed {seed}: {regularizer} weight={weight:g}", file=sys.stderr)
             points += _train_and_cut(story, replace(recipe, seed=seed), regularizer, weight,
                                      splits, keep, finetune_epochs, progress)
@@ -184,10 +188,12 @@ def _train_and_cut(story, config, regularizer, weight, splits, keep, finetune_ep
 
 
 def _previous_points(path: Path, settings: dict) -> List[Point]:
-    """The points of an earlier run with the same settings (none otherwise)."""
+    """The points of an earlier run whose settings differ at most in the budgets, at the
+    budgets asked now (none otherwise)."""
     if not path.is_file():
         return []
     previous = json.loads(path.read_text())
-    if previous.get("settings") != settings:
+    same = lambda a: {k: v for k, v in a.items() if k != "keep"}  # noqa: E731
+    if same(previous.get("settings", {})) != same(settings):
         return []
-    return [Point(**p) for p in previous["points"]]
+    return [Point(**p) for p in previous["points"] if p["keep"] in settings["keep"]]
