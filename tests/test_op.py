@@ -316,3 +316,19 @@ def test_steady_state_allocates_only_the_outputs():
                    if e.name in ("aten::empty", "aten::empty_strided", "aten::scalar_tensor")]
     assert allocations.count("ffr_fast::flow_penalty") == 2
     assert allocations.count("ffr_fast::flow_penalty_backward") == 1 + len(leaves)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 512, 512), (2, 3, 511, 1367)],
+                         ids=["aligned", "odd_n"])
+def test_gradients_past_the_cache_size_match_reference(shape):
+    """Above 16 MiB of gradients the CPU backward writes them with streaming stores (and
+    with plain ones where a sample starts off a 16-byte boundary, as for odd n)."""
+    chains = random_chains([(3, shape)])
+    assert sum(x.numel() * x.element_size() for x in chains[0]) >= 16 << 20
+    features, lengths = flatten(chains)
+    grad_sums = torch.randn(2 * 3 * 2, generator=torch.Generator().manual_seed(7),
+                            dtype=torch.float64)
+    grads = torch.ops.ffr_fast.flow_sums_backward(features, lengths, grad_sums.float())
+    expected = ops._sums_backward_reference(upcast(features), lengths, grad_sums)
+    for grad, want in zip(grads, expected):
+        assert relative_error(grad, want) <= 1e-5
