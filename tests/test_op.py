@@ -101,10 +101,16 @@ def test_penalty_variants_and_gradients_match_reference(dtype, variant, layout):
         assert relative_error(grad, expected_grad) <= TOLERANCE[dtype]
 
 
-def test_single_chain_flow_penalty_is_the_thin_case():
-    chain = random_chain(4, (2, 3, 5, 5), torch.float64)
-    torch.testing.assert_close(flow_penalty(chain, 0.5, 2.0),
-                               flow_penalty_chains([chain], 0.5, 2.0), rtol=0, atol=0)
+def test_single_chain_flow_penalty_matches_reference():
+    """flow_penalty, the thin single-chain case, with its options given by position."""
+    chain = random_chain(4, (2, 3, 5, 5), torch.float64, step=0.5)
+    value, grads = penalty_and_grads(lambda cs, **o: flow_penalty(cs[0], 0.5, 2.0, "l2", "angle"),
+                                     [chain])
+    expected, expected_grads = penalty_and_grads(
+        lambda cs, **o: reference.flow_penalty(cs[0], 0.5, 2.0, "l2", "angle"), [chain])
+    assert relative_error(value, expected) <= TOLERANCE[torch.float64]
+    for grad, want in zip(grads, expected_grads):
+        assert relative_error(grad, want) <= TOLERANCE[torch.float64]
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v['norm']}-{v['curvature']}-"
