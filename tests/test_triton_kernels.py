@@ -328,11 +328,11 @@ def test_whole_flow_penalty_runs_two_launches_per_pass_on_cuda():
         value = flow_penalty_chains(chains, norm="l2")
         grads = torch.autograd.grad(value, leaves)
         torch.cuda.synchronize()
-    launches = [event.name for event in profile.events()
-                if "_kernel" in event.name and "flow" in event.name or "epilogue" in event.name]
-    assert sorted(set(launches)) == sorted({"_flow_sums_kernel", "_penalty_epilogue_kernel",
-                                            "_penalty_epilogue_backward_kernel",
-                                            "_flow_sums_backward_kernel"}), launches
+    names = [event.name for event in profile.events()]
+    for kernel in ("_flow_sums_kernel", "_penalty_epilogue_kernel",
+                   "_penalty_epilogue_backward_kernel", "_flow_sums_backward_kernel"):
+        # One launch each for the whole flow (the profiler may decorate the name).
+        assert sum(name.startswith(kernel + "_") or name == kernel for name in names) == 1, names
     expected = sum(reference.flow_penalty([x.detach().double() for x in chain], norm="l2")
                    for chain in chains)
     assert relative_error(value.detach(), expected) <= TOLERANCE[torch.float32]
