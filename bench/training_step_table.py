@@ -4,7 +4,8 @@ chains in one call), and with FFRLoss on the eager plain-PyTorch reference. Targ
 (issue 9): FFRLoss (op) adds <= 2% at batch 128 and <= 5% at batch 8.
 
 The three steps are timed in interleaved rounds, so slow drift of a shared machine hits them
-alike; the table gives each median and, per round, the ratio to the unregularized step.
+alike (each round's time is the median of 5 steps below batch 64); the table gives each
+median and, per round, the ratio to the unregularized step.
 
     .venv/bin/python bench/training_step_table.py [--rounds 7] [--batch 128] [--threads N]
 
@@ -51,16 +52,24 @@ def make_training_step(variant: str, batch: int = 128, seed: int = 0):
     return step
 
 
+def steps_per_round(batch: int) -> int:
+    return 1 if batch >= 64 else 5  # a short step is noisier
+
+
 def measure(rounds: int, batch: int) -> dict:
     steps = {name: make_training_step(name, batch) for name in VARIANTS}
     for step in steps.values():  # warm-up: allocator, kernels, lazy imports
         step()
     seconds = {name: [] for name in VARIANTS}
+    repeats = steps_per_round(batch)
     for _ in range(rounds):
         for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            seconds[name].append(time.perf_counter() - start)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - start)
+            seconds[name].append(statistics.median(times))
     baseline = seconds["no regularizer"]
     return {
         name: {
@@ -84,7 +93,8 @@ def markdown(report: dict) -> str:
         f"compiled CPU kernel: {report['compiled_cpu_kernel']}; load average before/after "
         f"{report['load_before']} / {report['load_after']} (a shared machine: read ratios "
         f"within a few percent as noise). {report['rounds']} interleaved rounds after one "
-        "warm-up step each.",
+        f"warm-up step each; a round's time is the median of {report['steps_per_round']} "
+        "step(s).",
         "",
         "| step | median (s) | min (s) | median ratio to no regularizer |",
         "|---|---|---|---|",
@@ -114,6 +124,7 @@ def main() -> None:
                    f"--batch {args.batch} --threads {args.threads}",
         "batch": args.batch,
         "rounds": args.rounds,
+        "steps_per_round": steps_per_round(args.batch),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -135,6 +135,11 @@ struct FlatChains {
 // for waking the others (which, on a loaded machine, costs a scheduler time slice).
 constexpr int64_t kTaskElements = int64_t(1) << 18;
 
+// Gradients of a call above this size are written with streaming stores: they would not
+// stay in a last-level cache (tens of MB) until autograd reads them, and streaming saves the
+// read-for-ownership of every line. Below it, the cache keeps them for that read.
+constexpr int64_t kStreamingBytes = int64_t(16) << 20;
+
 template <typename scalar_t>
 int64_t grain_size(const FlatChains<scalar_t>& flat) {
   int64_t elements = 0;
@@ -232,15 +237,26 @@ void flow_sums_backward_kernel(const FlatChains<scalar_t>& flat,
     chain_grads.push_back(grad.data() + first_feature);
     first_feature += K;
   }
+  int64_t gradient_bytes = 0;
+  for (const auto& chain : flat.chains) {
+    gradient_bytes += chain.K() * chain.batch * chain.n * int64_t(sizeof(scalar_t));
+  }
+  const bool stream = gradient_bytes >= kStreamingBytes;
   at::parallel_for(0, flat.items, grain_size(flat), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const FlatChain<scalar_t>& chain = flat.of_item(item);
       const size_t c = &chain - flat.chains.data();
       const int64_t local = item - chain.first_item;
       const int64_t b = local / chain.blocks, start = (local % chain.blocks) * kBlock;
-      ffr_fast::block_gradients<scalar_t, acc_t>(
-          chain.x.data(), chain_grads[c], chain.K(), q.data() + chain.q_offset + b * chain.K() * 4,
-          b * chain.n + start, std::min(kBlock, chain.n - start));
+      const acc_t* qb = q.data() + chain.q_offset + b * chain.K() * 4;
+      const int64_t offset = b * chain.n + start, count = std::min(kBlock, chain.n - start);
+      if (stream) {
+        ffr_fast::block_gradients<true>(chain.x.data(), chain_grads[c], chain.K(), qb, offset,
+                                        count);
+      } else {
+        ffr_fast::block_gradients<false>(chain.x.data(), chain_grads[c], chain.K(), qb, offset,
+                                         count);
+      }
     }
   });
 }

@@ -208,11 +208,22 @@ FFR_FAST_INLINE V next_difference(const scalar_t* const* x, int64_t K, int64_t l
   return d;
 }
 
+// Stores a gradient vector: streaming (past the cache) or not, as the caller chose.
+template <bool kStream, typename acc_t, typename scalar_t>
+FFR_FAST_INLINE void store_gradient(scalar_t* p, typename Vec<acc_t>::type v, int64_t count) {
+  if constexpr (kStream) {
+    store_streaming<acc_t>(p, v, count);
+  } else {
+    store<acc_t>(p, v, count);
+  }
+}
+
 // Writes the gradients of the 2 * n elements at `start` (the first `left` of them, when fewer
 // are left) of every feature, walking k with the window d_{k-2}, d_{k-1}, d_k, d_{k+1} in
 // registers: each x_k is loaded once (at step k - 2) and each gradient stored once. Like the
 // forward, two halves (a, b) per chunk: a whole 64-byte cache line of every stream per step.
-template <typename acc_t, typename scalar_t, typename V = typename Vec<acc_t>::type>
+template <bool kStream, typename acc_t, typename scalar_t,
+          typename V = typename Vec<acc_t>::type>
 FFR_FAST_INLINE void gradient_chunk(const scalar_t* const* x, scalar_t* const* grad,
                                     int64_t K, const acc_t* q, int64_t start, int64_t left) {
   constexpr int64_t n = Vec<acc_t>::size;
@@ -224,10 +235,10 @@ FFR_FAST_INLINE void gradient_chunk(const scalar_t* const* x, scalar_t* const* g
   V b3 = next_difference<acc_t>(x, K, 1, start + n, left - n, last_b);
   for (int64_t k = 0; k < K; ++k) {
     const acc_t* qk = q + 4 * k;
-    store_streaming<acc_t>(grad[k] + start, qk[0] * a0 + qk[1] * a1 + qk[2] * a2 + qk[3] * a3,
-                           left);
-    store_streaming<acc_t>(grad[k] + start + n,
-                           qk[0] * b0 + qk[1] * b1 + qk[2] * b2 + qk[3] * b3, left - n);
+    store_gradient<kStream, acc_t>(grad[k] + start,
+                                   qk[0] * a0 + qk[1] * a1 + qk[2] * a2 + qk[3] * a3, left);
+    store_gradient<kStream, acc_t>(grad[k] + start + n,
+                                   qk[0] * b0 + qk[1] * b1 + qk[2] * b2 + qk[3] * b3, left - n);
     a0 = a1, a1 = a2, a2 = a3, b0 = b1, b1 = b2, b2 = b3;
     a3 = next_difference<acc_t>(x, K, k + 2, start, left, last_a);
     b3 = next_difference<acc_t>(x, K, k + 2, start + n, left - n, last_b);
@@ -235,7 +246,9 @@ FFR_FAST_INLINE void gradient_chunk(const scalar_t* const* x, scalar_t* const* g
 }
 
 // Writes grad[k][offset .. offset + count) for every k, from one sample's coefficients q.
-template <typename scalar_t, typename acc_t>
+// kStream: with streaming stores, for gradients too large to stay in cache until autograd
+// reads them; smaller ones are better written through the cache.
+template <bool kStream, typename scalar_t, typename acc_t>
 FFR_FAST_VECTOR_CLONES void block_gradients(const scalar_t* const* x, scalar_t* const* grad,
                                             int64_t K, const acc_t* q, int64_t offset,
                                             int64_t count) {
@@ -243,10 +256,10 @@ FFR_FAST_VECTOR_CLONES void block_gradients(const scalar_t* const* x, scalar_t* 
   const int64_t end = offset + count;
   int64_t start = offset;
   for (; start + chunk <= end; start += chunk) {  // a constant `left`: no per-lane checks
-    gradient_chunk<acc_t>(x, grad, K, q, start, chunk);
+    gradient_chunk<kStream, acc_t>(x, grad, K, q, start, chunk);
   }
-  if (start < end) gradient_chunk<acc_t>(x, grad, K, q, start, end - start);
-  fence_streaming_stores();
+  if (start < end) gradient_chunk<kStream, acc_t>(x, grad, K, q, start, end - start);
+  if constexpr (kStream) fence_streaming_stores();
 }
 
 }  // namespace ffr_fast

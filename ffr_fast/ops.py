@@ -22,7 +22,8 @@ Implementations, most specific first:
     CUDA  the Triton kernels in kernels/ (ffr_fast.kernels.flow_sums), all four ops: one
           launch over every chain per pass, and a per-sample epilogue launch for the
           penalty's math
-    any   the plain-PyTorch reference (CompositeExplicitAutograd), the fallback
+    any   the fallback (CompositeExplicitAutograd): the plain-PyTorch reference's flow sums,
+          and the penalty's math from them in chain_terms below
 
 Derivatives: first-order reverse mode. A second backward and forward-mode AD raise
 HIGHER_ORDER_MESSAGE rather than return wrong numbers.
@@ -189,6 +190,8 @@ torch.library.register_fake("ffr_fast::flow_penalty_backward", _gradients_fake)
 
 
 # -- autograd -------------------------------------------------------------------------------
+# The ops' own derivatives, for callers of torch.ops.ffr_fast.*; ffr_fast.penalty goes
+# through _FlowPenalty (below), the same derivative with less work per call.
 def _save_features(ctx, inputs, output):
     features, lengths = inputs[0], inputs[1]
     ctx.save_for_backward(*features)

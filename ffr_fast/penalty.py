@@ -3,7 +3,6 @@ fused op ffr_fast::flow_penalty for all of them (see ffr_fast.ops)."""
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
-import torch
 from torch import Tensor
 
 from ffr_fast import ops

@@ -211,9 +211,10 @@ def _layout_key(features: Sequence[Tensor], lengths: Sequence[int], block_size: 
             tuple((x.shape, x.stride(), x.dtype, x.device) for x in features))
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=None)
 def _cached_layout(key) -> _Layout:
-    """The tables of one layout, built once: the key holds everything they depend on."""
+    """The tables of one layout, built once: the key holds everything they depend on. Never
+    evicted (a process sees few layouts), so a CUDA graph that reads them stays valid."""
     lengths, block_size, described = key
     if block_size < 1 or block_size & (block_size - 1):
         raise ValueError(f"flow_sums: block_size must be a power of two, got {block_size}")
@@ -299,7 +300,15 @@ def _offsets_table(pointers: Tuple[int, ...], size: int, device: torch.device,
         offsets.append(distance // size)
     # From pinned memory the copy does not wait for the GPU to finish its queued work.
     table = torch.tensor(offsets, dtype=torch.int64, pin_memory=device.type == "cuda")
-    return table.to(device, non_blocking=True), all(offset % 16 == 0 for offset in offsets)
+    on_device = table.to(device, non_blocking=True)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # A CUDA graph replays this copy from `table` and reads `on_device`: both must
+        # outlive the graph, whatever the cache evicts.
+        _KEPT_FOR_CUDA_GRAPHS.append((table, on_device))
+    return on_device, all(offset % 16 == 0 for offset in offsets)
+
+
+_KEPT_FOR_CUDA_GRAPHS: List[Tuple[Tensor, Tensor]] = []
 
 
 def _partial_sums(features: Sequence[Tensor], layout: _Layout, block_size: int) -> Tensor:
@@ -475,10 +484,11 @@ def _penalty_epilogue_backward_kernel(sums_ptr, grad_ptr, chains_ptr, samples_pt
     tl.store(out + 2 * L + j, g_dp.to(acc_dtype), mask=j < L)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=None)
 def _chain_weights_table(weights: Tuple[float, ...], device: torch.device) -> Tensor:
     """The chain weights on the device, cached by value (FFRLoss passes the same ones every
-    step): no host table per call."""
+    step): no host table per call; never evicted, so a CUDA graph that reads them stays
+    valid."""
     return torch.tensor(weights, dtype=torch.float64, device=device)
 
 

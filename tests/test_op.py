@@ -101,10 +101,16 @@ def test_penalty_variants_and_gradients_match_reference(dtype, variant, layout):
         assert relative_error(grad, expected_grad) <= TOLERANCE[dtype]
 
 
-def test_single_chain_flow_penalty_is_the_thin_case():
-    chain = random_chain(4, (2, 3, 5, 5), torch.float64)
-    torch.testing.assert_close(flow_penalty(chain, 0.5, 2.0),
-                               flow_penalty_chains([chain], 0.5, 2.0), rtol=0, atol=0)
+def test_single_chain_flow_penalty_matches_reference():
+    """flow_penalty, the thin single-chain case, with its options given by position."""
+    chain = random_chain(4, (2, 3, 5, 5), torch.float64, step=0.5)
+    value, grads = penalty_and_grads(lambda cs, **o: flow_penalty(cs[0], 0.5, 2.0, "l2", "angle"),
+                                     [chain])
+    expected, expected_grads = penalty_and_grads(
+        lambda cs, **o: reference.flow_penalty(cs[0], 0.5, 2.0, "l2", "angle"), [chain])
+    assert relative_error(value, expected) <= TOLERANCE[torch.float64]
+    for grad, want in zip(grads, expected_grads):
+        assert relative_error(grad, want) <= TOLERANCE[torch.float64]
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v['norm']}-{v['curvature']}-"
@@ -316,3 +322,19 @@ def test_steady_state_allocates_only_the_outputs():
                    if e.name in ("aten::empty", "aten::empty_strided", "aten::scalar_tensor")]
     assert allocations.count("ffr_fast::flow_penalty") == 2
     assert allocations.count("ffr_fast::flow_penalty_backward") == 1 + len(leaves)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 512, 512), (2, 3, 511, 1367)],
+                         ids=["aligned", "odd_n"])
+def test_gradients_past_the_cache_size_match_reference(shape):
+    """Above 16 MiB of gradients the CPU backward writes them with streaming stores (and
+    with plain ones where a sample starts off a 16-byte boundary, as for odd n)."""
+    chains = random_chains([(3, shape)])
+    assert sum(x.numel() * x.element_size() for x in chains[0]) >= 16 << 20
+    features, lengths = flatten(chains)
+    grad_sums = torch.randn(2 * 3 * 2, generator=torch.Generator().manual_seed(7),
+                            dtype=torch.float64)
+    grads = torch.ops.ffr_fast.flow_sums_backward(features, lengths, grad_sums.float())
+    expected = ops._sums_backward_reference(upcast(features), lengths, grad_sums)
+    for grad, want in zip(grads, expected):
+        assert relative_error(grad, want) <= 1e-5

@@ -313,3 +313,27 @@ def test_op_runs_the_triton_kernels_on_cuda():
     assert any("_flow_sums_backward_kernel" in name for name in names), names
     expected = reference.flow_sums([x.detach().double() for x in features])
     assert relative_error(sums.detach(), expected) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device: only CUDA tensors are routed to Triton")
+def test_whole_flow_penalty_runs_two_launches_per_pass_on_cuda():
+    from ffr_fast.penalty import flow_penalty_chains
+
+    chains = [[x.requires_grad_() for x in chain]
+              for chain in testing.random_chains(MULTI, device=DEVICE)]
+    leaves = [x for chain in chains for x in chain]
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        value = flow_penalty_chains(chains, norm="l2")
+        grads = torch.autograd.grad(value, leaves)
+        torch.cuda.synchronize()
+    names = [event.name for event in profile.events()]
+    for kernel in ("_flow_sums_kernel", "_penalty_epilogue_kernel",
+                   "_penalty_epilogue_backward_kernel", "_flow_sums_backward_kernel"):
+        # One launch each for the whole flow (the profiler may decorate the name).
+        assert sum(name.startswith(kernel + "_") or name == kernel for name in names) == 1, names
+    expected = sum(reference.flow_penalty([x.detach().double() for x in chain], norm="l2")
+                   for chain in chains)
+    assert relative_error(value.detach(), expected) <= TOLERANCE[torch.float32]
+    assert all(g.shape == x.shape for g, x in zip(grads, leaves))
