@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 # `import ffr_fast` stays cheap (no plotting or tracing machinery at import time).
 _EXPORTS = {
     "flow_penalty": "ffr_fast.penalty",
+    "flow_penalty_chains": "ffr_fast.penalty",
     "FFRLoss": "ffr_fast.loss",
     "prune": "ffr_fast.pruning",
     "PruneResult": "ffr_fast.pruning",

@@ -110,13 +110,16 @@ class FFRLoss(nn.Module):
             points_of.setdefault(point.module, []).append(point)
         self._handles = [model.register_forward_pre_hook(self._start_forward)]
         for name, module_points in points_of.items():
+            # One hook a module counts its calls: the input reader where there is one (it
+            # runs first), else the output reader. Hooks cost time in every forward.
             inputs = [p for p in module_points if p.input]
             outputs = [p for p in module_points if not p.input]
-            self._handles.append(modules[name].register_forward_pre_hook(
-                functools.partial(self._count_call, name, inputs)))
+            if inputs:
+                self._handles.append(modules[name].register_forward_pre_hook(
+                    functools.partial(self._read_input, name, inputs)))
             if outputs:
                 self._handles.append(modules[name].register_forward_hook(
-                    functools.partial(self._read_output, name, outputs)))
+                    functools.partial(self._read_output, name, outputs, not inputs)))
         self._handles.append(model.register_forward_hook(self._end_forward))
 
     # -- hooks --------------------------------------------------------------------------
@@ -127,7 +130,7 @@ class FFRLoss(nn.Module):
         self._no_grad_layers = []
         self._phase = _CAPTURING if model.training and torch.is_grad_enabled() else _INFERENCE
 
-    def _count_call(self, name: str, inputs: List[CapturePoint], module: nn.Module,
+    def _read_input(self, name: str, inputs: List[CapturePoint], module: nn.Module,
                     args) -> None:
         if self._phase != _CAPTURING:
             return
@@ -137,9 +140,13 @@ class FFRLoss(nn.Module):
             if point.call in (None, call) and args and isinstance(args[0], Tensor):
                 self._keep(point.label(call), args[0])
 
-    def _read_output(self, name: str, outputs: List[CapturePoint], module: nn.Module, args,
-                     output) -> None:
-        if self._phase != _CAPTURING or not isinstance(output, Tensor):
+    def _read_output(self, name: str, outputs: List[CapturePoint], counts_calls: bool,
+                     module: nn.Module, args, output) -> None:
+        if self._phase != _CAPTURING:
+            return
+        if counts_calls:
+            self._calls[name] += 1
+        if not isinstance(output, Tensor):
             return
         call = self._calls[name] - 1
         for point in outputs:
