@@ -257,7 +257,7 @@ def run(model: str = "resnet20", out: Optional[str] = None, seeds: Sequence[int]
         f"{_describe(story, recipe, splits, seeds, finetune_epochs)}\n\n{table}\n\n"
         + "".join(f"- {line}\n" for line in lines)
         + f"\nPer seed (test accuracy, %):\n\n{per_seed}\n"
-        + f"\nThe demo took {seconds:.0f} s ({torch.get_num_threads()} threads).\n")
+        + f"\nThe demo took {seconds:.0f} s ({_threads()}).\n")
     summary = {
         "table": table, "comparisons": lines, "seconds": seconds,
         "settings": {"recipe": train.config_dict(recipe), "seeds": list(seeds),
@@ -347,6 +347,11 @@ def _seed_row(story: Story, result: SeedResult) -> dict:
             "branches removed": result.branches_removed}
 
 
+def _threads() -> str:
+    count = torch.get_num_threads()
+    return f"{count} torch thread{'s' if count > 1 else ''}"
+
+
 def _describe(story: Story, recipe, splits, seeds, finetune_epochs) -> str:
     return (
         f"{story.title} on digits ({splits.input_shape[-1]}x{splits.input_shape[-1]}, "
@@ -362,7 +367,7 @@ def _describe(story: Story, recipe, splits, seeds, finetune_epochs) -> str:
         f"recomputed on {pipeline.RECALIBRATION_BATCHES} training batches (every method "
         f"alike; 'after removal'), and the model is fine-tuned {finetune_epochs} epochs at "
         f"lr {story.finetune_lr}. Latency: median CPU forward time of the first seed's "
-        f"model ({torch.get_num_threads()} threads), speedup against the unpruned model in "
+        f"model ({_threads()}), speedup against the unpruned model in "
         f"the same run. Weights: chosen by `python -m ffr_fast sweep` on the validation "
         f"split, {GRID_SIZE} grid points per weighted method.")
 
