@@ -61,7 +61,8 @@ class Story:
 
 
 # Every weighted method gets the same number of grid points (four); "none" has no weight to
-# tune. FFR runs with the default squared norm and difference curvature (curv_weight =
+# tune. Each `weight` is the one `python -m ffr_fast sweep` chose (results/sweep/ and
+# results/sweep-vit/, "chosen"; the rule is sweep.choose_weights). FFR runs with the default squared norm and difference curvature (curv_weight =
 # weight): the smooth variant, whose gradient term pulls each block's output toward its
 # input, which is what makes a whole branch removable.
 GRID_SIZE = 4
@@ -75,7 +76,7 @@ CNN = Story(
         Method("slimming", "slimming", "slimming", "threshold", 1e-2, (1e-4, 1e-3, 1e-2, 1e-1)),
         Method("ffr", "FFR", "ffr", "threshold", 1.0, (0.1, 0.3, 1.0, 3.0)),
         SHORTGPT,
-        Method("layerdrop", "LayerDrop + Block Influence", "layerdrop", "influence", 0.2,
+        Method("layerdrop", "LayerDrop + Block Influence", "layerdrop", "influence", 0.5,
                (0.1, 0.2, 0.3, 0.5)),
     ),
     keep=(0.5,), sweep_keep=(0.5,), finetune_epochs=3, finetune_lr=0.01,
@@ -88,7 +89,7 @@ VIT = Story(
         SHORTGPT,
         Method("layerdrop", "LayerDrop + Block Influence", "layerdrop", "influence", 0.2,
                (0.1, 0.2, 0.3, 0.5)),
-        Method("ffr", "FFR + Block Influence", "ffr", "influence", 0.1, (0.01, 0.03, 0.1, 0.3)),
+        Method("ffr", "FFR + Block Influence", "ffr", "influence", 0.01, (0.01, 0.03, 0.1, 0.3)),
     ),
     keep=(0.5, 0.25), sweep_keep=(0.5,), finetune_epochs=3, finetune_lr=0.01,
     demo_out="results/demo-vit", sweep_out="results/sweep-vit")
