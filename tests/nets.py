@@ -129,3 +129,137 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---- one net per rule of today's layers (test_prune_rules.py) ----------------------------
+
+class ChannelsLastMLP(nn.Module):
+    """conv -> (B, H, W, C) -> LayerNorm -> Linear -> GELU -> Linear -> back -> conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.LayerNorm(8)
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv1(x).permute(0, 2, 3, 1)
+        y = self.fc2(nn.functional.gelu(self.fc1(self.norm(y))))
+        return self.conv2(y.permute(0, 3, 1, 2))
+
+
+class TracedShuffle(nn.Module):
+    """ShuffleNet's channel shuffle written out (view, transpose, view): traced, not opaque."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = conv_bn_relu(3, 8)
+        self.conv2 = conv_bn_relu(8, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        b, c, h, w = x.size()
+        x = x.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+        return self.fc(self.conv2(x).mean((2, 3)))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels, squeeze):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.fc2 = nn.Conv2d(channels, squeeze, 1), nn.Conv2d(squeeze, channels, 1)
+        self.act, self.gate = nn.SiLU(), nn.Sigmoid()
+
+    def forward(self, x):
+        return x * self.gate(self.fc2(self.act(self.fc1(self.pool(x)))))
+
+
+class SENet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = conv_bn_relu(3, 8)
+        self.se = SqueezeExcite(8, 4)
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(self.se(self.conv1(x)))
+
+
+class LayerScaleNet(nn.Module):
+    """conv -> gamma * x (a (C, 1, 1) parameter) -> conv: the parameter is sliced."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+        self.gamma = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+
+    def forward(self, x):
+        return self.conv2(self.gamma * torch.relu(self.conv1(x)))
+
+
+class GroupNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.norm = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8)
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.norm(self.conv1(x))))
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn = nn.Conv1d(3, 8, 3, padding=1), nn.BatchNorm1d(8)
+        self.act = nn.PReLU(8)
+        self.conv2 = nn.Conv1d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(self.act(self.bn(self.conv1(x))))
+
+
+class TransposedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 6, 2, stride=2)
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.up(torch.relu(self.conv1(x)))))
+
+
+class SoftmaxNet(nn.Module):
+    """nn.Softmax2d mixes channels and has no rule: it pins them, the rest is pruned."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.mix, self.conv3 = nn.Softmax2d(), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv3(self.mix(self.conv2(torch.relu(self.conv1(x)))))
+
+
+class ChannelScale(nn.Module):
+    """A user's layer: y = x * weight per channel (through a view of the parameter)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.channels = channels
+        self.weight = nn.Parameter(torch.rand(channels) + 0.5)
+
+    def forward(self, x):
+        return x * self.weight.view(1, -1, 1, 1)
+
+
+class ScaleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.scale = nn.Conv2d(3, 8, 3, padding=1), ChannelScale(8)
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(self.scale(torch.relu(self.conv1(x))))

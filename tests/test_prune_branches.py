@@ -152,3 +152,15 @@ def test_removed_branches_save_and_load(tmp_path):
     save_pruned(result, tmp_path / "vit.pt")
     loaded = load_pruned(tmp_path / "vit.pt", small_vit)
     assert torch.equal(outputs(loaded, x), outputs(result.model, x))
+
+
+def test_swin_and_convnext_branch_names():
+    """Swin's attention reads its weights directly (no module call): named by the parameter;
+    ConvNeXt's block branch is named by its block (its layer scale belongs to it)."""
+    x = torch.randn(1, 3, 32, 32)
+    swin = [b.name for b in residual_branches(tv.models.swin_t().eval(), x)]
+    assert swin[:4] == ["features.1.0.attn", "features.1.0.mlp", "features.1.1.attn",
+                        "features.1.1.mlp"] and len(swin) == 24
+    convnext = [b.name for b in residual_branches(tv.models.convnext_tiny().eval(), x)]
+    assert convnext[:3] == ["features.1.0", "features.1.1", "features.1.2"]
+    assert len(convnext) == 18

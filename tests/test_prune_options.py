@@ -136,7 +136,7 @@ def test_untraceable_model_names_module_and_fix():
 
 
 class SplitNet(nn.Module):
-    """torch.chunk on channels: the halves' sizes are baked into the graph."""
+    """torch.chunk on channels, then the halves multiplied: they shrink alike."""
 
     def __init__(self):
         super().__init__()
@@ -150,12 +150,17 @@ class SplitNet(nn.Module):
         return self.fc(y.view(y.size(0), y.size(1), -1).mean(2))
 
 
-def test_tuple_returning_op_pins_its_input():
+def test_chunk_on_channels_ties_the_pieces():
+    """Both halves keep the same positions, so chunk(2) still splits where it should."""
     model = SplitNet()
     x = torch.randn(2, 3, 16, 16)
     result = prune(model, x, ratio=0.5)
-    assert result.report.channels["conv1"] == (16, 16)
-    assert any("chunk" in o["op"] for o in result.report.opaque_ops)
+    assert result.report.opaque_ops == []
+    kept = result.model.conv1.out_channels
+    assert kept % 2 == 0 and kept < 16
+    weight, old = result.model.conv1.weight, model.conv1.weight
+    rows = [i for i in range(16) if any(torch.equal(old[i], w) for w in weight)]
+    assert [r + 8 for r in rows[:kept // 2]] == rows[kept // 2:]
     assert result.report.relative_diff <= 1e-5
 
 

@@ -1,12 +1,19 @@
-"""Dependency-aware structured pruning: filters and dead residual blocks leave the model.
+"""Dependency-aware structured pruning: channels, attention heads and whole residual
+branches leave the model, which comes back compact and verified.
 
     result = ffr_fast.prune(model, torch.randn(1, 3, 32, 32), threshold=0.0)
-    result.model      # a compact torch.fx.GraphModule of plain Conv2d / BatchNorm2d / Linear
+    result.model      # a compact torch.fx.GraphModule
     print(result.report)
+    residual_branches(model, x)              # names, FLOPs, Block Influence of each branch
+    prune(model, x, remove_branches=["layer2.1"])   # depth pruning by name
+    prune(model, x, flops_target=0.5)        # a FLOPs budget
 
-Modules: graph (channel dependencies from torch.fx), importance (scores), plan (what goes),
-blocks (residual branches: found, measured, removed), surgery (slicing), fold (BN folding), inplace (residual
-adds written in place, as the eager model did), report, serialize.
+Modules: rules (the one table of layer types; register_rule), graph (channel dependencies
+from torch.fx), importance (scores), plan (what goes), blocks (residual branches: found,
+measured, removed), surgery (slicing), attention (head-pruned MultiheadAttention), fold
+(BN folding), inplace (residual adds written in place, as the eager model did), inputs
+(checks of what the caller passes), report, serialize, testing (helpers that make a random
+model look trained or sparse).
 """
 from .blocks import ResidualBranch
 from .graph import UntraceableModelError
@@ -14,8 +21,9 @@ from .inputs import ExampleInputError
 from .pruner import FlopsTargetWarning, PruneResult, prune, residual_branches
 from .recalibrate import recalibrate_bn
 from .report import PruneReport
+from .rules import Rule, register_rule
 from .serialize import load_pruned, save_pruned
 
 __all__ = ["prune", "PruneResult", "PruneReport", "residual_branches", "ResidualBranch",
            "save_pruned", "load_pruned", "recalibrate_bn", "UntraceableModelError",
-           "ExampleInputError", "FlopsTargetWarning"]
+           "ExampleInputError", "FlopsTargetWarning", "Rule", "register_rule"]

@@ -9,10 +9,12 @@ projection shortcut), the branch is the side with more nodes and the shortcut th
 A branch's name is the longest module path common to the modules it calls ("layer2.1" for
 a ResNet block, "features.6.conv" for a MobileNetV2 block); branches that would share a name
 (the attention and MLP branches of one transformer block) get the next path component of
-their largest module appended ("encoder.layers.encoder_layer_3.self_attention").
+their largest module or parameter appended ("encoder.layers.encoder_layer_3.self_attention",
+"features.1.0.attn" for a Swin block whose attention reads its weights directly).
 
-A branch's *tail* is the producer (Conv2d / Linear, and the BatchNorm right after it) reached
-from the add through zero-preserving channel-wise ops: what the branch emits is what the
+A branch's *tail* is the producer (Conv / Linear, and the BatchNorm right after it; or an
+attention, through the output item of its tuple) reached from the add through
+zero-preserving ops, data movement and layer scales: what the branch emits is what the
 tail emits, so the branch scores like the tail's channels (importance.py: one unit for
 channels and branches) and a branch whose tail emits exactly zero is exactly dead. Note that
 a BN with gamma = 0 but beta != 0 still emits beta, and such a branch is kept.
@@ -23,10 +25,10 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx as fx
-from torch import nn
 
 from ..metrics import flops_of
-from .graph import is_zero_preserving_call, is_zero_preserving_module
+from .graph import MULTIPLYING, PERMUTES, VIEWS, is_zero_preserving_call
+from .rules import is_zero_preserving_module, rule_for
 from .importance import Scorer, layer_scores
 
 ADD_TARGETS = {operator.add, operator.iadd, torch.add, "add", "add_"}
@@ -50,21 +52,37 @@ class ResidualBranch:
     tail: Optional[Tuple[str, ...]]  # (producer path, [its BatchNorm path]), if found
 
 
-def _is_passthrough(node: fx.Node, modules) -> bool:
+def _zero_source(node: fx.Node, modules) -> Optional[fx.Node]:
+    """The input whose zero makes `node`'s output zero, when there is one: the input of a
+    zero-preserving op or of data movement, the tensor a parameter or constant multiplies
+    (a layer scale)."""
     if node.op == "call_module":
-        return is_zero_preserving_module(modules[node.target])
-    return node.op in ("call_function", "call_method") and is_zero_preserving_call(node)
+        zero = is_zero_preserving_module(modules[node.target])
+    elif node.op not in ("call_function", "call_method"):
+        return None
+    elif node.target in MULTIPLYING:
+        tensors = [a for a in node.args if isinstance(a, fx.Node) and a.op != "get_attr"]
+        return tensors[0] if len(tensors) == 1 else None
+    else:
+        zero = is_zero_preserving_call(node) or node.target in VIEWS or node.target in PERMUTES
+    source = node.args[0] if node.args else None
+    return source if zero and isinstance(source, fx.Node) else None
 
 
 def _tail(node: fx.Node, modules, ignored) -> Optional[Tuple[str, ...]]:
-    while _is_passthrough(node, modules) and node.args and isinstance(node.args[0], fx.Node):
+    while _zero_source(node, modules) is not None:
+        node = _zero_source(node, modules)
+    if node.target is operator.getitem and node.args[1] == 0:  # (out, weights) of attention
         node = node.args[0]
     tail = ()
-    if node.op == "call_module" and isinstance(modules[node.target], nn.BatchNorm2d):
-        tail, node = (node.target,), node.args[0]
+    if node.op == "call_module" and node.target not in ignored:
+        rule = rule_for(modules[node.target])
+        if rule is not None and rule.affine is not None:  # a BatchNorm after the producer
+            tail, node = (node.target,), node.args[0]
     if not isinstance(node, fx.Node) or node.op != "call_module" or node.target in ignored:
         return None
-    if not isinstance(modules[node.target], (nn.Conv2d, nn.Linear)) or set(tail) & ignored:
+    rule = rule_for(modules[node.target])
+    if rule is None or rule.kind not in ("producer", "attention"):
         return None
     return (node.target,) + tail
 
@@ -147,6 +165,14 @@ def find_branches(gm: fx.GraphModule, ignored: Sequence[str] = ()) -> List[Resid
             for name, (add, shortcut, own, _, tail) in zip(names, found)]
 
 
+def _size(path: str, modules) -> int:
+    """Parameters of a module path, or elements of a parameter path (read by get_attr)."""
+    if path in modules:
+        return sum(p.numel() for p in modules[path].parameters())
+    owner, _, name = path.rpartition(".")
+    return getattr(modules[owner], name).numel()
+
+
 def _names(branch_paths: List[List[str]], modules) -> List[str]:
     prefixes = [_common_prefix(paths) for paths in branch_paths]
     names = []
@@ -154,8 +180,7 @@ def _names(branch_paths: List[List[str]], modules) -> List[str]:
         if prefixes.count(prefix) == 1 and prefix:
             names.append(prefix)
             continue
-        called = [p for p in paths if p in modules]
-        biggest = max(called, key=lambda p: sum(q.numel() for q in modules[p].parameters()))
+        biggest = max(paths, key=lambda p: _size(p, modules))
         rest = biggest[len(prefix):].lstrip(".").split(".")[0]
         names.append(f"{prefix}.{rest}" if prefix else rest)
     for i, name in enumerate(list(names)):

@@ -1,5 +1,7 @@
 """BatchNorm folding for deployment: conv -> bn becomes one conv with a bias (eval mode).
 
+Which layers are convolutions and which are BatchNorms is read from the rule table.
+
 Only pairs where the BN is the conv's single reader and each module is called once are
 folded, so no other reader ever sees the folded values. The arithmetic is torch's own
 `torch.nn.utils.fusion.fuse_conv_bn_eval`.
@@ -11,6 +13,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .rules import rule_for
 from .surgery import set_submodule
 
 
@@ -20,14 +23,27 @@ def foldable_pairs(gm: fx.GraphModule) -> List[Tuple[str, str]]:
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     pairs = []
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
+        if node.op != "call_module" or not _is_affine(modules[node.target]):
             continue
         conv = node.args[0]
         if (isinstance(conv, fx.Node) and conv.op == "call_module"
-                and isinstance(modules[conv.target], nn.Conv2d) and len(conv.users) == 1
+                and _is_conv(modules[conv.target]) and len(conv.users) == 1
                 and calls[conv.target] == 1 and calls[node.target] == 1):
             pairs.append((conv.name, node.name))
     return pairs
+
+
+def _is_affine(module: nn.Module) -> bool:
+    rule = rule_for(module)
+    return rule is not None and rule.affine is not None
+
+
+def _is_conv(module: nn.Module) -> bool:
+    """A producer on the channel dimension whose weight has its outputs first (a conv,
+    not a transposed one): what fuse_conv_bn_eval folds."""
+    rule = rule_for(module)
+    return (rule is not None and rule.kind == "producer" and rule.dim == 1
+            and rule.params["weight"][0] == "out")
 
 
 def fold_batchnorms(gm: fx.GraphModule, pairs=None) -> List[Tuple[str, str]]:

@@ -1,28 +1,31 @@
 """The channel-dependency graph: which channels of which layers must be removed together.
 
-The model is traced with torch.fx and shapes are propagated on the example inputs. Every
-tensor that flows through the graph gets one *channel id* per channel (dim 1; per feature for
-a flattened tensor). Ids that must be removed together are merged in a union-find; each
-merged set is a *channel class*, the atom of pruning. The rules (one per op family):
+The model is traced with torch.fx and shapes are propagated on the example inputs. A tensor's
+*channel ids* belong to one of its dimensions (or, after a head split, to a few adjacent
+ones) and follow that dimension through permute / transpose / view / reshape / flatten /
+unflatten / squeeze / chunk / getitem. Ids that must be removed together are merged in a
+union-find (numpy, vectorised); each merged set is a *channel class*, the atom of pruning.
 
-- Conv2d / Linear produce fresh ids for their outputs and consume their input's ids.
-  Depthwise conv (groups == in_channels): output channel c*m+j is tied to input channel c,
-  so a depthwise conv is pruned together with its producer. Grouped conv: position p of
-  every group is tied across groups, so all groups shrink alike and `groups` is kept.
-- BatchNorm2d, zero-preserving channel-wise ops (ReLU, pools, dropout, ...): output ids =
-  input ids.
-- add / sub / mul of same-shaped tensors (residual adds, identity and 1x1 downsample
-  shortcuts alike): all inputs' ids are merged.
-- cat along dim 1 concatenates the inputs' ids (channel offsets); along another dim merges.
-- flatten / view to (B, C*H*W): channel c becomes features c*H*W ... (c+1)*H*W-1, so a
-  Linear after avgpool/flatten loses the matching input features.
-- Anything else, and every module listed in `ignored`, could mix channels: all channels it
-  reads or writes are *pinned* (never pruned) and the op is named with the reason.
-Model inputs and outputs are pinned too.
+How ids flow is read from the rule table (rules.py) for modules, and here for functions:
+- a producer (Conv, Linear on the last dimension of any rank) reads its input's ids and
+  writes fresh ones. Depthwise conv: output channel c*m+j is tied to input channel c.
+  Grouped conv: position p of every group is tied across groups.
+- channel-wise layers (BatchNorm, LayerNorm, activations, pools, ...) write the ids they read;
+  a gate (sigmoid) only when all its readers multiply it with a tensor of the same channels;
+- add / sub / mul of tensors that broadcast to one shape merge the ids of their operands
+  (residual streams, squeeze-excitation `x * gate`); a parameter broadcast against a tensor
+  (layer scale `gamma * x`) is sliced with the tensor's channels;
+- cat along the channel dimension concatenates ids, along another dimension merges them;
+- chunk along the channel dimension ties position p of every chunk (they shrink alike);
+- a view that splits the channel dimension in two (channel shuffle, heads) ties the
+  positions across the leading part, which keeps its size.
+Anything else, and every module listed in `ignored`, could mix channels: all channels it
+reads or writes are *pinned* (never pruned) and the op is named with the reason. Model
+inputs and outputs are pinned too.
 """
 import operator
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -30,13 +33,25 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .rules import Rule, out_channels, rule_for
+
 
 class UntraceableModelError(RuntimeError):
     """torch.fx could not trace the model; the message names the failing module."""
 
 
+def layer_norm_last_dim(x, weight, bias, eps: float):
+    """F.layer_norm over the last dimension, its size read from the weight: a traced
+    `F.layer_norm(x, (C,), weight, bias)` has C baked in, so trace() rewrites it to this."""
+    return F.layer_norm(x, weight.shape, weight, bias, eps)
+
+
+torch.fx.wrap("layer_norm_last_dim")
+
+
 class _PathTracer(fx.Tracer):
-    """A tracer that treats `leaves` as opaque and remembers which module it was inside."""
+    """A tracer that treats `leaves` and types with a rule as opaque, and remembers which
+    module it was inside."""
 
     def __init__(self, leaves=()):  # no-argument form: GraphModule unpickling re-traces
         super().__init__()
@@ -44,7 +59,8 @@ class _PathTracer(fx.Tracer):
         self.stack: List[str] = []
 
     def is_leaf_module(self, m, qualified_name):
-        return qualified_name in self.leaves or super().is_leaf_module(m, qualified_name)
+        return (qualified_name in self.leaves or rule_for(m) is not None
+                or super().is_leaf_module(m, qualified_name))
 
     def call_module(self, m, forward, args, kwargs):
         self.stack.append(self.path_of_module(m))
@@ -57,7 +73,7 @@ def trace(model: nn.Module, leaves: Sequence[str] = ()) -> fx.Graph:
     """Trace `model`; a failure names the innermost module being traced and how to skip it."""
     tracer = _PathTracer(leaves)
     try:
-        return tracer.trace(model)
+        graph = tracer.trace(model)
     except Exception as error:
         if not tracer.stack:
             raise UntraceableModelError(
@@ -70,95 +86,171 @@ def trace(model: nn.Module, leaves: Sequence[str] = ()) -> fx.Graph:
             f"torch.fx cannot trace module '{path}' ({kind}): {error}. Mark it as a leaf by "
             f"passing ignored=['{path}'] to prune(); its input and output channels are then "
             "kept.") from error
+    _layer_norm_sizes_from_weights(graph)
+    return graph
 
 
-# Channel-wise ops that map a zero channel to a zero channel: pruning through them is exact.
-# Types whose every instance does; a Hardtanh or Threshold does only for some settings
-# (Hardtanh(0.5, 2) maps 0 to 0.5), so is_zero_preserving_module checks the instance.
-ZERO_PRESERVING_MODULES = (
-    nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh, nn.ELU, nn.CELU, nn.Mish,
-    nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool2d, nn.Upsample)
-ZERO_PRESERVING_FUNCTIONS = {
-    F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.hardswish, F.elu, F.mish,
-    F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
-    F.interpolate, torch.relu, torch.tanh}
-ZERO_PRESERVING_METHODS = {"relu", "relu_", "tanh", "contiguous", "clone", "detach", "to"}
+def reads_training_flag(model: nn.Module, leaves: Sequence[str] = ()) -> bool:
+    """Whether the traced code differs between train and eval mode: a traced forward that
+    reads `self.training` (torch.fx bakes its value into the graph), whose pruned model
+    then runs the mode it was traced in, whatever its flags say. Leaves every flag as it
+    was."""
+    flags = {name: m.training for name, m in model.named_modules()}
+    try:
+        codes = []
+        for mode in (False, True):
+            model.train(mode)
+            codes.append(trace(model, leaves).python_code("self").src)
+    finally:
+        for name, module in model.named_modules():
+            module.training = flags[name]
+    return codes[0] != codes[1]
 
 
-def is_zero_preserving_module(module: nn.Module) -> bool:
-    """Whether this instance maps a zero channel to a zero channel."""
-    if isinstance(module, nn.Hardtanh):  # ReLU6 included
-        return module.min_val <= 0 <= module.max_val
-    if isinstance(module, nn.Threshold):  # y = x if x > threshold else value
-        return module.threshold < 0 or module.value == 0
-    return isinstance(module, ZERO_PRESERVING_MODULES)
+def _layer_norm_sizes_from_weights(graph: fx.Graph) -> None:
+    for node in list(graph.nodes):
+        if node.target is not F.layer_norm:
+            continue
+        shape, weight = _arg(node, 1, "normalized_shape"), _arg(node, 2, "weight")
+        bias, eps = _arg(node, 3, "bias"), _arg(node, 4, "eps", 1e-5)
+        if isinstance(weight, fx.Node) and isinstance(shape, (tuple, list)) and len(shape) == 1:
+            with graph.inserting_before(node):
+                new = graph.call_function(layer_norm_last_dim, (node.args[0], weight, bias, eps))
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+
+
+# ---- functions and methods ----------------------------------------------------------------
+# Element-wise ops that map a zero to a zero: ids pass through on any dimension.
+ELEMENTWISE = {F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.hardswish, F.elu, F.mish,
+               F.dropout, torch.relu, torch.tanh, "relu", "relu_", "tanh", "contiguous",
+               "clone", "detach", "to", "float", "type_as"}
+# Ops on the dimensions after the channel (dim 1): pools and resizing.
+SPATIAL = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
+           F.interpolate, F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d}
+GATES = {torch.sigmoid, F.sigmoid, F.hardsigmoid, "sigmoid"}  # f(0) = 1/2
+MERGING = {operator.add, operator.sub, operator.mul, operator.iadd, operator.isub,
+           operator.imul, torch.add, torch.sub, torch.mul, "add", "add_", "sub", "sub_", "mul",
+           "mul_"}
+MULTIPLYING = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}  # x * s keeps zeros
+VIEWS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten,
+         "flatten", "view", "reshape", "squeeze", "unsqueeze", "unflatten"}
+PERMUTES = {torch.permute, "permute", torch.transpose, "transpose", torch.movedim, "movedim"}
+REDUCTIONS = {torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"}
+SHAPE_QUERIES = {"size", "dim", "numel", getattr, len}  # read a shape, not the values
+SPLITS = {torch.chunk, "chunk", torch.unbind, "unbind", torch.split, "split"}
+# torchvision's stochastic depth is an fx-wrapped function: identity in eval, and in
+# training a per-sample multiplier, which keeps zeros.
+ELEMENTWISE_BY_NAME = {("torchvision.ops.stochastic_depth", "stochastic_depth")}
 
 
 def is_zero_preserving_call(node: fx.Node) -> bool:
-    """Whether a call_function / call_method node maps a zero channel to a zero channel."""
+    """Whether a call_function / call_method node maps a zero element to zero."""
     if node.target is F.hardtanh:
         low = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
         high = node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0)
         return isinstance(low, (int, float)) and isinstance(high, (int, float)) and low <= 0 <= high
-    return node.target in ZERO_PRESERVING_FUNCTIONS or node.target in ZERO_PRESERVING_METHODS
+    named = (getattr(node.target, "__module__", None), getattr(node.target, "__name__", None))
+    return node.target in ELEMENTWISE or node.target in SPATIAL or named in ELEMENTWISE_BY_NAME
 
 
-MERGING_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.iadd, operator.isub,
-                     operator.imul, torch.add, torch.sub, torch.mul}
-MERGING_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_"}
-SCALAR_SAFE = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}  # x * s keeps zeros
-REDUCTIONS = {torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"}
-SHAPE_QUERIES = {"size", "dim", "numel", getattr, len}  # read a shape, not the values
+@dataclass
+class Chan:
+    """The channel ids of one tensor: `ids` spans the tensor's dimensions `dims` (adjacent,
+    ascending; one dimension but after a head split), its shape their sizes."""
+    dims: Tuple[int, ...]
+    ids: np.ndarray
 
 
 @dataclass
 class ModuleChannels:
-    """The channel ids one parametrised module reads (`in_ids`) and writes (`out_ids`)."""
+    """The channel ids one module with a rule reads (`in_ids`) and writes (`out_ids`)."""
     path: str
     module: nn.Module
+    rule: Rule
     in_ids: Optional[np.ndarray]
     out_ids: np.ndarray
     node: fx.Node
+    inner_ids: Optional[np.ndarray] = None  # attention: the heads' channels
+
+    def written(self) -> List[Tuple[str, np.ndarray]]:
+        """(layer name, ids) of every set of channels this layer creates."""
+        out = [(self.path, self.out_ids)]
+        if self.inner_ids is not None:
+            out.append((f"{self.path} (heads)", self.inner_ids))
+        return out
+
+
+@dataclass
+class ParamChannels:
+    """A parameter the graph reads directly (get_attr), e.g. a layer scale: its dimension
+    `dim` holds the channels `ids`."""
+    path: str
+    dim: int
+    ids: np.ndarray
 
 
 @dataclass
 class ChannelGraph:
-    parent: List[int] = field(default_factory=list)
+    size: int = 0
+    edges: List[Tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     modules: Dict[str, ModuleChannels] = field(default_factory=dict)
+    params: List[ParamChannels] = field(default_factory=list)
     pins: Dict[int, str] = field(default_factory=dict)  # channel id -> why it is kept
     unknown_ops: List[dict] = field(default_factory=list)
+    renormalized: List[Tuple[np.ndarray, str]] = field(default_factory=list)
+    _labels: Optional[np.ndarray] = None
 
     def fresh(self, n: int) -> np.ndarray:
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
-        return np.arange(start, start + n)
-
-    def find(self, i: int) -> int:
-        root = i
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[i] != root:  # path compression
-            self.parent[i], i = root, self.parent[i]
-        return root
+        start, self.size = self.size, self.size + n
+        self._labels = None
+        return np.arange(start, start + n, dtype=np.int64)
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
-        for x, y in zip(a.tolist(), b.tolist()):
-            rx, ry = self.find(x), self.find(y)
-            if rx != ry:
-                self.parent[ry] = rx
+        a, b = np.asarray(a, dtype=np.int64).ravel(), np.asarray(b, dtype=np.int64).ravel()
+        if a.shape != b.shape:
+            raise RuntimeError(f"internal: union of {a.shape} and {b.shape} ids")
+        self.edges.append((a, b))
+        self._labels = None
+
+    def labels(self) -> np.ndarray:
+        """Every id's class root (the smallest id of its class), computed once for all the
+        unions: min-label propagation with pointer jumping, vectorised in numpy."""
+        if self._labels is not None:
+            return self._labels
+        labels = np.arange(self.size, dtype=np.int64)
+        if self.edges:
+            a = np.concatenate([e[0] for e in self.edges])
+            b = np.concatenate([e[1] for e in self.edges])
+            while True:
+                la, lb = labels[a], labels[b]
+                low = np.minimum(la, lb)
+                if np.array_equal(la, lb):
+                    break
+                for ends in (a, b, la, lb):  # hook both ids and their roots to the lower root
+                    np.minimum.at(labels, ends, low)
+                while True:  # pointer jumping until every id points at a root
+                    jumped = labels[labels]
+                    if np.array_equal(jumped, labels):
+                        break
+                    labels = jumped
+        self._labels = labels
+        return labels
 
     def roots(self, ids: np.ndarray) -> np.ndarray:
-        return np.array([self.find(i) for i in ids.tolist()], dtype=np.int64)
+        return self.labels()[np.asarray(ids, dtype=np.int64)]
 
     def pin(self, ids: np.ndarray, reason: str) -> None:
-        for i in ids.tolist():
+        for i in np.asarray(ids).ravel().tolist():
             self.pins.setdefault(i, reason)
 
     def pinned_roots(self) -> Dict[int, str]:
         out: Dict[int, str] = {}
-        for i, reason in self.pins.items():
-            out.setdefault(self.find(i), reason)
+        if not self.pins:
+            return out
+        ids = np.fromiter(self.pins.keys(), dtype=np.int64)
+        for root, reason in zip(self.roots(ids).tolist(), self.pins.values()):
+            out.setdefault(root, reason)
         return out
 
 
@@ -174,190 +266,419 @@ def _describe(node: fx.Node, modules) -> str:
     return f"{node.op} '{name}' (node {node.name})"
 
 
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
 class _Analyzer:
     def __init__(self, gm: fx.GraphModule, ignored):
         self.gm, self.ignored = gm, set(ignored)
         self.modules = dict(gm.named_modules())
         self.cg = ChannelGraph()
-        self.ids: Dict[fx.Node, Optional[np.ndarray]] = {}
+        self.chan: Dict[fx.Node, object] = {}  # Chan, a list of them (tuples), or None
 
     def run(self) -> ChannelGraph:
         for node in self.gm.graph.nodes:
             if node.op == "output":
                 for arg in node.all_input_nodes:
-                    if self.ids.get(arg) is not None:
-                        self.cg.pin(self.ids[arg], "feeds the model output")
+                    self.pin_all(arg, "feeds the model output")
                 continue
-            self.ids[node] = self.visit(node)
+            self.chan[node] = self.visit(node)
         return self.cg
 
-    def fresh_for(self, node) -> Optional[np.ndarray]:
+    # -- helpers --------------------------------------------------------------------------
+    def pin_all(self, node, reason: str) -> None:
+        value = self.chan.get(node)
+        for chan in value if isinstance(value, list) else [value]:
+            if isinstance(chan, Chan):
+                self.cg.pin(chan.ids, reason)
+
+    def fresh_pinned(self, node, dim: int, reason: str) -> Optional[Chan]:
         shape = _shape(node)
         if shape is None or len(shape) < 2:
             return None
-        return self.cg.fresh(shape[1])
+        dim %= len(shape)
+        ids = self.cg.fresh(shape[dim])
+        self.cg.pin(ids, reason)
+        return Chan((dim,), ids)
 
-    def visit(self, node: fx.Node) -> Optional[np.ndarray]:
-        if node.op == "placeholder":
-            ids = self.fresh_for(node)
-            if ids is not None:
-                self.cg.pin(ids, "model input")
-            return ids
-        if node.op == "get_attr":
-            return None  # parameters are read by the ops that use them
-        if _shape(node) is None:  # sizes, tuples of tensors, other Python values
-            reads_channels = any(self.ids.get(a) is not None for a in node.all_input_nodes)
-            if not reads_channels or node.target in SHAPE_QUERIES:
-                return None
-            return self.unknown(node, "returns a value the analysis does not follow (e.g. a "
-                                "tuple of tensors)")
-        if node.op == "call_module" and node.target not in self.ignored:
-            rule = self.module_rule(node, self.modules[node.target])
-        elif node.op in ("call_function", "call_method"):
-            rule = self.function_rule(node)
-        else:
-            rule = None
-        if rule is not None:
-            return rule
-        reason = ("listed in `ignored`" if node.op == "call_module" and node.target in self.ignored
-                  else "op not understood by the dependency analysis; it could mix channels")
-        return self.unknown(node, reason)
+    def take(self, arg, dim: int, user: str) -> np.ndarray:
+        """The ids on dimension `dim` of `arg`; channels tracked elsewhere are pinned and
+        the dimension gets fresh pinned ids."""
+        shape = _shape(arg)
+        dim %= len(shape)
+        chan = self.chan.get(arg)
+        if isinstance(chan, Chan) and chan.dims == (dim,):
+            return chan.ids
+        reason = f"{user} reads dimension {dim}, its channels are elsewhere"
+        if isinstance(chan, Chan):
+            self.cg.pin(chan.ids, reason)
+        ids = self.cg.fresh(shape[dim])
+        self.cg.pin(ids, reason if isinstance(chan, Chan) else "model input or opaque op")
+        return ids
 
-    def unknown(self, node: fx.Node, reason: str) -> Optional[np.ndarray]:
+    def unknown(self, node: fx.Node, reason: str):
         what = _describe(node, self.modules)
         self.cg.unknown_ops.append({"op": what, "reason": reason})
         for arg in node.all_input_nodes:
-            if self.ids.get(arg) is not None:
-                self.cg.pin(self.ids[arg], f"{what}: {reason}")
-        out = self.fresh_for(node)
-        if out is not None:
-            self.cg.pin(out, f"{what}: {reason}")
+            self.pin_all(arg, f"{what}: {reason}")
+        return self.fresh_pinned(node, 1, f"{what}: {reason}")
+
+    def visit(self, node: fx.Node):
+        if node.op == "placeholder":
+            return self.fresh_pinned(node, 1, "model input")
+        if node.op == "get_attr":
+            return None  # parameters are read by the ops that use them
+        if node.op == "call_function" and node.target is operator.getitem:
+            return self.getitem(node)
+        meta = node.meta.get("tensor_meta")
+        if meta is None:  # sizes and other Python values
+            reads = any(isinstance(self.chan.get(a), (Chan, list)) for a in node.all_input_nodes)
+            if not reads or node.target in SHAPE_QUERIES:
+                return None
+            return self.unknown(node, "returns a value the analysis does not follow")
+        if node.op == "call_module":
+            module = self.modules[node.target]
+            rule = None if node.target in self.ignored else rule_for(module)
+            if rule is None:
+                reason = ("listed in `ignored`" if node.target in self.ignored
+                          else "module type without a pruning rule (see register_rule)")
+                return self.unknown(node, reason)
+            out = self.module_rule(node, module, rule)
+        else:
+            out = self.function_rule(node)
+        if out is None:
+            return self.unknown(node, "op not understood by the dependency analysis; it "
+                                "could mix channels")
         return out
 
-    def first_input(self, node) -> Optional[np.ndarray]:
-        arg = node.args[0] if node.args else None
-        return self.ids.get(arg) if isinstance(arg, fx.Node) else None
-
-    def passthrough(self, node) -> Optional[np.ndarray]:
-        ids, shape = self.first_input(node), _shape(node)
-        if ids is None or len(shape) < 2 or shape[1] != len(ids):
+    # -- modules --------------------------------------------------------------------------
+    def module_rule(self, node, module, rule: Rule):
+        if rule.kind == "attention":
+            return self.attention(node, module, rule)
+        if not node.args or not isinstance(node.args[0], fx.Node) or _shape(node) is None:
             return None
-        return ids
+        if rule.kind == "producer":
+            return self.producer(node, module, rule)
+        if rule.kind == "reshape":
+            return self.view(node)
+        if not rule.zero_preserving(module):
+            if rule.gate:
+                return self.elementwise(node) if self.gated(node) else None
+            if not rule.params:
+                return None  # e.g. Hardtanh(0.5, 2): a removed channel would emit 0.5
+        if rule.dim is None:
+            return self.elementwise(node)
+        ids = self.take(node.args[0], rule.dim, _describe(node, self.modules))
+        if _shape(node)[rule.dim] != len(ids):
+            return None
+        self.tie_groups(ids, rule.groups(module))
+        if rule.params:
+            self.record(node, module, rule, None, ids)
+        if rule.renormalizes:
+            self.cg.renormalized.append((ids, node.target))
+        return Chan((rule.dim % len(_shape(node)),), ids)
 
-    def module_rule(self, node, module) -> Optional[np.ndarray]:
-        if isinstance(module, nn.Conv2d):
-            return self.conv(node, module)
-        if isinstance(module, nn.Linear):
-            return self.linear(node, module)
-        if isinstance(module, nn.BatchNorm2d):
-            ids = self.passthrough(node)
-            if ids is not None:
-                self.record(node, module, None, ids)
-            return ids
-        if is_zero_preserving_module(module):
-            return self.passthrough(node)
-        if isinstance(module, nn.Flatten):
-            return self.reshape(node)
-        return None
+    def producer(self, node, module, rule: Rule):
+        dim = rule.dim % len(_shape(node))
+        in_ids = self.take(node.args[0], dim, _describe(node, self.modules))
+        weight = module.weight
+        roles = rule.params["weight"]
+        out_ids = self.cg.fresh(weight.shape[roles.index("out")])
+        g = rule.groups(module)
+        if g > 1:
+            if roles[:2] != ("out", "in"):
+                return None  # grouped transposed conv: not supported, pinned
+            if g == len(in_ids) and weight.shape[1] == 1:  # depthwise: out c*m+j reads c
+                self.cg.union(np.repeat(in_ids, len(out_ids) // g), out_ids)
+            else:  # grouped: the same position leaves every group
+                self.tie_groups(in_ids, g)
+                self.tie_groups(out_ids, g)
+        self.record(node, module, rule, in_ids, out_ids)
+        return Chan((dim,), out_ids)
 
-    def function_rule(self, node) -> Optional[np.ndarray]:
+    def add_param(self, path: str, dim: int, ids: np.ndarray) -> None:
+        for seen in self.cg.params:
+            if seen.path == path:  # read twice: one slicing for both readers
+                if seen.dim != dim or len(seen.ids) != len(ids):
+                    self.cg.pin(ids, f"parameter '{path}' read along different dimensions")
+                    self.cg.pin(seen.ids, f"parameter '{path}' read along different dimensions")
+                else:
+                    self.cg.union(seen.ids, ids)
+                return
+        self.cg.params.append(ParamChannels(path, dim, ids))
+
+    def attention(self, node, module, rule: Rule):
+        """Self-attention (query is key is value) without masks: a list (output, weights)."""
+        heads = rule.heads(module)
+        query, key, value = (_arg(node, i, name) for i, name in
+                             enumerate(("query", "key", "value")))
+        extra = list(node.args[3:]) + [v for k, v in node.kwargs.items()
+                                       if k not in ("query", "key", "value")]
+        if (heads is None or not isinstance(query, fx.Node) or not query is key is value
+                or any(isinstance(v, fx.Node) for v in extra) or _shape(query) is None):
+            return None
+        in_ids = self.take(query, -1, _describe(node, self.modules))
+        num_heads, head_dim = heads
+        inner = np.repeat(self.cg.fresh(num_heads), head_dim)
+        out_ids = self.cg.fresh(out_channels(module))
+        self.record(node, module, rule, in_ids, out_ids, inner)
+        return [Chan((len(_shape(query)) - 1,), out_ids), None]
+
+    def tie_groups(self, ids: np.ndarray, groups: int) -> None:
+        """Position p of every group is removed together, so the groups stay equal."""
+        if groups > 1:
+            per_group = ids.reshape(groups, -1)
+            self.cg.union(np.repeat(per_group[:1], groups - 1, axis=0), per_group[1:])
+
+    def record(self, node, module, rule, in_ids, out_ids, inner_ids=None) -> None:
+        seen = self.cg.modules.get(node.target)
+        if seen is None:
+            self.cg.modules[node.target] = ModuleChannels(node.target, module, rule, in_ids,
+                                                          out_ids, node, inner_ids)
+            return
+        # A module called twice shares its filters between both calls.
+        for old, new in ((seen.out_ids, out_ids), (seen.in_ids, in_ids),
+                         (seen.inner_ids, inner_ids)):
+            if new is not None:
+                self.cg.union(old, new)
+
+    def gated(self, node) -> bool:
+        """Every reader multiplies this gate with another tensor (x * sigmoid(...)): the
+        gate's 1/2 for a removed channel then meets a zero channel."""
+        return bool(node.users) and all(
+            u.target in MULTIPLYING and len(u.args) == 2
+            and all(isinstance(a, fx.Node) for a in u.args) for u in node.users)
+
+    def elementwise(self, node):
+        chan = self.chan.get(node.args[0])
+        if not isinstance(chan, Chan) or _shape(node) != _shape(node.args[0]):
+            return None if isinstance(chan, Chan) else self.fresh_pinned(node, 1, "untracked")
+        return chan
+
+    # -- functions ------------------------------------------------------------------------
+    def function_rule(self, node):
         target = node.target
+        if not node.args or not isinstance(node.args[0], (fx.Node, list, tuple)):
+            return None
+        if target in GATES:
+            return self.elementwise(node) if self.gated(node) else None
+        if target in SPATIAL:
+            chan = self.chan.get(node.args[0])
+            if isinstance(chan, Chan) and chan.dims == (1,) and _shape(node)[1] == len(chan.ids):
+                return chan
+            return None
         if is_zero_preserving_call(node):
-            return self.passthrough(node)
-        if target in MERGING_FUNCTIONS or target in MERGING_METHODS:
+            return self.elementwise(node)
+        if target is layer_norm_last_dim:
+            return self.layer_norm(node)
+        if target in MERGING:
             return self.merge(node)
         if target is torch.cat:
             return self.cat(node)
-        if target in (torch.flatten, torch.reshape, "flatten", "view", "reshape"):
-            return self.reshape(node)
+        if target in VIEWS:
+            return self.view(node)
+        if target in PERMUTES:
+            return self.permute(node)
         if target in REDUCTIONS:
             return self.reduction(node)
+        if target in SPLITS:
+            return self.split(node)
         return None
 
-    def record(self, node, module, in_ids, out_ids) -> None:
-        seen = self.cg.modules.get(node.target)
-        if seen is None:
-            self.cg.modules[node.target] = ModuleChannels(node.target, module, in_ids, out_ids,
-                                                          node)
-            return
-        # A module called twice shares its filters between both calls.
-        self.cg.union(seen.out_ids, out_ids)
-        if in_ids is not None:
-            self.cg.union(seen.in_ids, in_ids)
+    def layer_norm(self, node):
+        x, weight, bias = node.args[0], node.args[1], node.args[2]
+        ids = self.take(x, -1, _describe(node, self.modules))
+        for param in (weight, bias):
+            if isinstance(param, fx.Node):
+                if param.op != "get_attr":
+                    return None
+                self.add_param(param.target, 0, ids)
+        self.cg.renormalized.append((ids, f"layer_norm (node {node.name})"))
+        return Chan((len(_shape(node)) - 1,), ids)
 
-    def conv(self, node, conv: nn.Conv2d) -> Optional[np.ndarray]:
-        in_ids = self.first_input(node)
-        if in_ids is None or len(in_ids) != conv.in_channels:
-            return None
-        out_ids = self.cg.fresh(conv.out_channels)
-        g = conv.groups
-        if g == conv.in_channels and g > 1:  # depthwise: out c*m+j belongs to input c
-            m = conv.out_channels // g
-            self.cg.union(np.repeat(in_ids, m), out_ids)
-        elif g > 1:  # grouped: the same position leaves every group
-            for ids in (in_ids, out_ids):
-                per_group = ids.reshape(g, -1)
-                for k in range(1, g):
-                    self.cg.union(per_group[0], per_group[k])
-        self.record(node, conv, in_ids, out_ids)
-        return out_ids
-
-    def linear(self, node, linear: nn.Linear) -> Optional[np.ndarray]:
-        in_ids, shape = self.first_input(node), _shape(node)
-        if in_ids is None or len(shape) != 2 or len(in_ids) != linear.in_features:
-            return None
-        out_ids = self.cg.fresh(linear.out_features)
-        self.record(node, linear, in_ids, out_ids)
-        return out_ids
-
-    def merge(self, node) -> Optional[np.ndarray]:
+    def merge(self, node):
         shape = _shape(node)
-        tensors = [a for a in node.args if isinstance(a, fx.Node)]
-        scalars = [a for a in node.args if not isinstance(a, fx.Node)]
         if any(isinstance(v, fx.Node) for v in node.kwargs.values()):
             return None  # torch.add(x, other=y): not worth a rule of its own
-        if any(self.ids.get(t) is None or _shape(t) != shape for t in tensors):
-            return None  # broadcasting against a parameter or another shape: could mix
-        if scalars and node.target not in SCALAR_SAFE:
+        tensors = [a for a in node.args if isinstance(a, fx.Node)]
+        if len(tensors) < len(node.args) and node.target not in MULTIPLYING:
             return None  # x + c turns a zero channel into c: removing it would not be exact
-        for t in tensors[1:]:
-            self.cg.union(self.ids[tensors[0]], self.ids[t])
-        return self.ids[tensors[0]]
-
-    def cat(self, node) -> Optional[np.ndarray]:
-        inputs = node.args[0] if node.args else node.kwargs.get("tensors")
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-        parts = [self.ids.get(t) for t in inputs]
-        shape = _shape(node)
-        if any(p is None for p in parts):
+        tracked = [t for t in tensors if isinstance(self.chan.get(t), Chan)]
+        if not tracked:
             return None
-        if dim % len(shape) == 1:
-            return np.concatenate(parts)
+        first = self.chan[tracked[0]]
+        dims = tuple(d + len(shape) - len(_shape(tracked[0])) for d in first.dims)
+        for t in tensors:
+            t_shape = _shape(t)
+            if t_shape is None:
+                return None
+            offset = len(shape) - len(t_shape)
+            chan = self.chan.get(t)
+            if isinstance(chan, Chan):
+                if tuple(d + offset for d in chan.dims) != dims or chan.ids.shape != first.ids.shape:
+                    return None
+                self.cg.union(first.ids, chan.ids)
+                continue
+            own = [d - offset for d in dims]
+            sizes = [t_shape[d] if d >= 0 else 1 for d in own]
+            if all(s == 1 for s in sizes):
+                continue  # broadcast along the channels: the same value for every channel
+            if t.op != "get_attr" or node.target not in MULTIPLYING or len(own) != 1:
+                return None  # an untracked tensor, or a parameter added: not exact
+            self.add_param(t.target, own[0], first.ids)
+        return Chan(dims, first.ids)
+
+    def cat(self, node):
+        inputs = _arg(node, 0, "tensors")
+        dim = _arg(node, 1, "dim", 0) % len(_shape(node))
+        parts = [self.chan.get(t) for t in inputs]
+        if any(not isinstance(p, Chan) for p in parts) or any(
+                p.dims != parts[0].dims for p in parts) or len(parts[0].dims) != 1:
+            return None
+        if parts[0].dims == (dim,):
+            return Chan((dim,), np.concatenate([p.ids for p in parts]))
         for p in parts[1:]:
-            self.cg.union(parts[0], p)
+            if p.ids.shape != parts[0].ids.shape:
+                return None
+            self.cg.union(parts[0].ids, p.ids)
         return parts[0]
 
-    def reduction(self, node) -> Optional[np.ndarray]:
-        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    def reduction(self, node):
+        dims = _arg(node, 1, "dim")
+        keepdim = _arg(node, 2, "keepdim", False)
+        chan = self.chan.get(node.args[0])
         ndim = len(_shape(node.args[0]))
-        dims = [dims] if isinstance(dims, int) else dims
-        if dims is None or any(d % ndim < 2 for d in dims):
-            return None  # reducing over the batch or the channels mixes them
-        return self.passthrough(node)
-
-    def reshape(self, node) -> Optional[np.ndarray]:
-        """flatten / view / reshape, understood from the shapes before and after."""
-        ids, shape = self.first_input(node), _shape(node)
-        in_shape = _shape(node.args[0])
-        if ids is None:
+        if dims is None or not isinstance(chan, Chan):
             return None
-        if len(shape) == 2 and len(in_shape) >= 2 and shape[0] == in_shape[0]:
-            spatial = int(np.prod(in_shape[2:], dtype=np.int64))
-            if shape[1] == len(ids) * spatial:  # (B, C, H, W) -> (B, C*H*W), channel-major
-                return np.repeat(ids, spatial)
-        if len(shape) >= 2 and shape[:2] == in_shape[:2]:
-            return ids  # row-major: every (sample, channel) block stays in place
+        dims = {d % ndim for d in ([dims] if isinstance(dims, int) else dims)}
+        if 0 in dims or dims & set(chan.dims):
+            return None  # reducing over the batch or the channels mixes them
+        if keepdim:
+            return chan
+        return Chan(tuple(d - sum(r < d for r in dims) for d in chan.dims), chan.ids)
+
+    def permute(self, node):
+        chan = self.chan.get(node.args[0])
+        ndim = len(_shape(node.args[0]))
+        if not isinstance(chan, Chan):
+            return None
+        if node.target in (torch.permute, "permute"):
+            order = node.args[1:] if len(node.args) > 2 else _arg(node, 1, "dims")
+            order = [d % ndim for d in order]
+        elif node.target in (torch.transpose, "transpose"):
+            a, b = _arg(node, 1, "dim0") % ndim, _arg(node, 2, "dim1") % ndim
+            order = list(range(ndim))
+            order[a], order[b] = b, a
+        else:  # movedim(source, destination) with single dims
+            src, dst = _arg(node, 1, "source"), _arg(node, 2, "destination")
+            if not isinstance(src, int):
+                return None
+            order = list(range(ndim))
+            order.insert(dst % ndim, order.pop(src % ndim))
+        new_dims = [order.index(d) for d in chan.dims]
+        axes = np.argsort(new_dims)
+        return Chan(tuple(sorted(new_dims)), chan.ids.transpose(axes))
+
+    def view(self, node):
+        """A reshape understood from the shapes before and after (row-major)."""
+        chan = self.chan.get(node.args[0])
+        before, after = list(_shape(node.args[0])), list(_shape(node))
+        if not isinstance(chan, Chan):
+            return None
+        d0, d1 = chan.dims[0], chan.dims[-1]
+        if chan.dims != tuple(range(d0, d1 + 1)):
+            return None
+        lead = int(np.prod(before[:d0], dtype=np.int64))
+        block = int(np.prod(before[d0:d1 + 1], dtype=np.int64))
+        prefix = [int(np.prod(after[:k], dtype=np.int64)) for k in range(len(after) + 1)]
+        starts = [k for k in range(len(after)) if prefix[k] == lead and after[k] != 1]
+        if not starts:
+            return None
+        k = starts[0]
+        for j in range(k, len(after)):  # the channels land on after[k..j]
+            span = int(np.prod(after[k:j + 1], dtype=np.int64))
+            if span == block:
+                return self.split_view(node, Chan(tuple(range(k, j + 1)),
+                                                  chan.ids.reshape(after[k:j + 1])))
+            if span > block:
+                break
+        # (B, C, H, W) -> (B, C*H*W): channel c becomes features c*H*W ... (c+1)*H*W-1.
+        inner = 1
+        for size in before[d1 + 1:]:
+            inner *= size
+            if after[k] == block * inner:
+                return Chan((k,), np.repeat(chan.ids.ravel(), inner))
         return None
+
+    def split_view(self, node, chan: Chan):
+        """Channels viewed as (a, b): every slice along the leading part keeps its size (a
+        constant of the graph, like channel shuffle's groups), so positions are tied
+        across it and b shrinks alike in every slice."""
+        if len(chan.dims) > 1:
+            rows = chan.ids.reshape(-1, chan.ids.shape[-1])
+            self.cg.union(np.repeat(rows[:1], len(rows) - 1, axis=0), rows[1:])
+        return chan
+
+    def split(self, node):
+        """chunk / split / unbind: a list with the channels of each piece."""
+        chan = self.chan.get(node.args[0])
+        ndim = len(_shape(node.args[0]))
+        if not isinstance(chan, Chan) or len(chan.dims) != 1:
+            return None
+        if node.target in (torch.unbind, "unbind"):
+            dim = _arg(node, 1, "dim", 0) % ndim
+            if dim in chan.dims:
+                return None
+            pieces = len(node.meta["tensor_meta"])
+            return [Chan(tuple(d - (d > dim) for d in chan.dims), chan.ids)] * pieces
+        dim = _arg(node, 2, "dim", 0) % ndim
+        pieces = len(node.meta["tensor_meta"])
+        if dim != chan.dims[0]:
+            return [chan] * pieces
+        if node.target not in (torch.chunk, "chunk") or len(chan.ids) % pieces:
+            return None  # split sizes are constants of the graph: they cannot shrink
+        parts = chan.ids.reshape(pieces, -1)
+        self.cg.union(np.repeat(parts[:1], pieces - 1, axis=0), parts[1:])
+        return [Chan(chan.dims, p) for p in parts]
+
+    def getitem(self, node):
+        source, index = node.args
+        value = self.chan.get(source)
+        if isinstance(value, list):  # an item of a tuple (chunk, MultiheadAttention, ...)
+            return value[index] if isinstance(index, int) else None
+        if _shape(node) is None:
+            return None
+        if not isinstance(value, Chan):
+            return self.fresh_pinned(node, 1, "item of an opaque op's output")
+        return self.index(node, value, index) or self.unknown(node, "indexing across the "
+                                                                    "channels")
+
+    def index(self, node, chan: Chan, index):
+        """x[:, 0], x[..., :n]: basic indexing that leaves the channel dimensions whole."""
+        items = index if isinstance(index, tuple) else (index,)
+        if any(i is Ellipsis or i is None or isinstance(i, fx.Node) for i in items):
+            return None
+        kept, dim = 0, 0
+        dims = []
+        mapping = {}
+        for i in items:
+            if isinstance(i, int):
+                if dim in chan.dims:
+                    return None
+            elif isinstance(i, slice):
+                if dim in chan.dims and i != slice(None):
+                    return None
+                mapping[dim] = kept
+                kept += 1
+            else:
+                return None
+            dim += 1
+        for d in chan.dims:
+            dims.append(mapping[d] if d in mapping else d - dim + kept)
+        return Chan(tuple(dims), chan.ids)
 
 
 def analyze(gm: fx.GraphModule, ignored=()) -> ChannelGraph:

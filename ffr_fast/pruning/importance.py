@@ -3,74 +3,73 @@ channels and residual branches alike.
 
 A *scorer* maps a layer to one non-negative score per output channel:
     scorer(module, bn) -> Tensor of shape (out_channels,), or None (no opinion)
-It is called for every producer (Conv2d / Linear), with `bn` the BatchNorm that directly
-follows it (or None), and as scorer(bn, None) for a BatchNorm that follows no producer
-(e.g. after a concat or an add). The score of a channel class (channels tied by the
-dependency graph) is the MAX over all its members, and the score of a residual branch is
-the max over the channels its last layer emits, so `threshold=t` compares channels and
-branches in the same unit and removes something only when everything it emits scores <= t.
+It is called for every producer (Conv, Linear), with `bn` the BatchNorm that directly
+follows it (or None), and as scorer(layer, None) for a channel-wise layer with parameters
+that follows no producer (a BatchNorm after a concat or an add, a LayerNorm). The score of a
+channel class (channels tied by the dependency graph) is the MAX over all its members, and
+the score of a residual branch is the max over the channels its last layer emits, so
+`threshold=t` compares channels and branches in the same unit and removes something only
+when everything it emits scores <= t.
 
 Built-in scorers (`importance=` "l2", "l1", "bn"), and any callable of the form above:
 - "l2" / "l1": the norm of what a channel emits. For a producer that is its filter and
   bias with the following BatchNorm folded in (eval-mode affine map):
       row_c = [ s_c * W_c , s_c * b_c + t_c ]     s = gamma / sqrt(var + eps), t = beta - mean * s
-  and for a lone BatchNorm its shift t_c (what it emits for a zero input). A channel's
-  output is identically zero exactly when all its rows are zero, so threshold 0 removes
-  exactly the dead channels. Consumers' input weights are deliberately not counted: a dead
-  filter is dead whatever reads it.
+  and for a channel-wise layer what it emits for a zero channel (a BatchNorm's shift t_c,
+  a LayerNorm's max(|weight_c|, |bias_c|): rules.py). A channel's output is identically zero
+  exactly when all its rows are zero, so threshold 0 removes exactly the dead channels.
+  Consumers' input weights are deliberately not counted: a dead filter is dead whatever
+  reads it.
 - "bn": |gamma_c| of the channel's BatchNorms (network slimming); layers without a
   BatchNorm have no opinion, and a class nothing scores is not pruned.
+Attention heads are scored by the L2 (L1 under "l1") norm of their q, k and v rows,
+whatever `importance` says: a head whose rows are all zero is dead.
 """
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Union
 
 import torch
 from torch import nn
 
 from .graph import ChannelGraph, ModuleChannels
+from .rules import out_channels, producer_weight, rule_for
 
 Scorer = Callable[[nn.Module, Optional[nn.Module]], Optional[torch.Tensor]]
 IMPORTANCES = ("l2", "l1", "bn")
 
 
-def bn_affine(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The eval-mode per-channel map y = scale * x + shift of a BatchNorm."""
-    ones = torch.ones(bn.num_features, device=_device(bn))
-    mean = bn.running_mean if bn.running_mean is not None else torch.zeros_like(ones)
-    var = bn.running_var if bn.running_var is not None else ones
-    gamma = bn.weight if bn.affine else ones
-    beta = bn.bias if bn.affine else torch.zeros_like(ones)
-    scale = gamma / torch.sqrt(var + bn.eps)
-    return scale.detach().double(), (beta - mean * scale).detach().double()
-
-
-def _device(module: nn.Module) -> torch.device:
-    return next(iter(module.buffers()), torch.empty(0)).device
-
-
-def emitted_rows(producer: nn.Module, bn: Optional[nn.BatchNorm2d]) -> torch.Tensor:
-    """(out_channels, D) float64: each output channel's filter and bias, BN folded in."""
-    weight = producer.weight.detach().double().flatten(1)
-    bias = (producer.bias.detach().double() if producer.bias is not None
+def emitted_norms(producer: nn.Module, bn: Optional[nn.Module], order: int) -> torch.Tensor:
+    """(out_channels,) float64: the L1 or L2 norm of each output channel's row
+    [s_c * W_c, s_c * b_c + t_c] (the BN's map folded in), computed per part so that a
+    wide layer is never copied whole to float64."""
+    weight = producer_weight(producer)
+    norms = torch.linalg.vector_norm(weight, ord=order, dim=1, dtype=torch.float64)
+    bias = (producer.bias.detach().double() if getattr(producer, "bias", None) is not None
             else torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device))
     if bn is not None:
-        scale, shift = bn_affine(bn)
-        weight, bias = weight * scale[:, None], bias * scale + shift
-    return torch.cat([weight, bias[:, None]], dim=1)
+        scale, shift = rule_for(bn).affine(bn)
+        norms, bias = norms * scale.abs(), bias * scale + shift
+    if order == 1:
+        return norms + bias.abs()
+    return torch.sqrt(norms ** 2 + bias ** 2)
 
 
 def _norm_scorer(order: int) -> Scorer:
-    def score(module: nn.Module, bn: Optional[nn.Module]) -> torch.Tensor:
-        if isinstance(module, nn.BatchNorm2d):  # a lone BatchNorm emits its shift
-            return bn_affine(module)[1].abs()
-        return emitted_rows(module, bn).norm(p=order, dim=1)
+    def score(module: nn.Module, bn: Optional[nn.Module]) -> Optional[torch.Tensor]:
+        rule = rule_for(module)
+        if rule.kind in ("producer", "attention"):
+            return emitted_norms(rule.emitter(module), bn, order)
+        if rule.emits_for_zero is None:
+            return None  # zero-preserving (PReLU): the producers before it decide
+        emitted = torch.as_tensor(rule.emits_for_zero(module)).double().abs()
+        return emitted.expand(out_channels(module)).clone()
     return score
 
 
 def gamma_scores(module: nn.Module, bn: Optional[nn.Module]) -> Optional[torch.Tensor]:
-    norm = module if isinstance(module, nn.BatchNorm2d) else bn
+    norm = module if rule_for(module).affine is not None else bn
     if norm is None:
         return None
-    gamma = norm.weight if norm.affine else torch.ones(norm.num_features)
+    gamma = norm.weight if norm.weight is not None else torch.ones(out_channels(norm))
     return gamma.detach().abs().double()
 
 
@@ -92,7 +91,7 @@ def layer_scores(scorer: Scorer, module: nn.Module, bn: Optional[nn.Module], pat
     scores = scorer(module, bn)
     if scores is None:
         return None
-    channels = module.num_features if isinstance(module, nn.BatchNorm2d) else module.weight.shape[0]
+    channels = out_channels(module)
     if (not isinstance(scores, torch.Tensor) or scores.shape != (channels,)
             or not bool(torch.isfinite(scores).all()) or bool((scores < 0).any())):
         raise ValueError(f"the importance function returned {scores!r} for layer '{path}'; "
@@ -102,12 +101,13 @@ def layer_scores(scorer: Scorer, module: nn.Module, bn: Optional[nn.Module], pat
 
 
 def following_bn(cg: ChannelGraph, producer: ModuleChannels) -> Optional[ModuleChannels]:
-    """The BatchNorm that is the only reader of `producer`'s output, if any."""
+    """The affine channel-wise layer (BatchNorm) that is the only reader of `producer`'s
+    output, if any."""
     users = list(producer.node.users)
     if len(users) != 1 or users[0].op != "call_module":
         return None
     bn = cg.modules.get(users[0].target)
-    if bn is None or not isinstance(bn.module, nn.BatchNorm2d) or bn.node is not users[0]:
+    if bn is None or bn.rule.affine is None or bn.node is not users[0]:
         return None
     return bn
 
@@ -125,13 +125,17 @@ def class_scores(cg: ChannelGraph, importance: Union[str, Scorer]) -> Dict[int, 
 
     folded = set()
     for mc in cg.modules.values():
-        if isinstance(mc.module, nn.BatchNorm2d):
+        if mc.rule.kind not in ("producer", "attention"):
             continue
         bn = following_bn(cg, mc)
         if bn is not None:
             folded.add(bn.path)
         add(mc.out_ids, layer_scores(scorer, mc.module, bn and bn.module, mc.path))
     for mc in cg.modules.values():
-        if isinstance(mc.module, nn.BatchNorm2d) and mc.path not in folded:
+        if mc.rule.kind == "channelwise" and mc.path not in folded:
             add(mc.out_ids, layer_scores(scorer, mc.module, None, mc.path))
+        if mc.inner_ids is not None:  # attention heads: what their q, k, v rows read
+            order = 1 if importance == "l1" else 2
+            add(mc.inner_ids, torch.linalg.vector_norm(mc.rule.inner_rows(mc.module), ord=order,
+                                                       dim=1, dtype=torch.float64))
     return scores

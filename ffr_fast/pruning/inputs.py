@@ -54,10 +54,10 @@ def resolve_ignored(model: nn.Module, ignored) -> Tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def run_checked(model: nn.Module, inputs, run=None):
-    """`run(*inputs)` (default: the model) and its FLOPs; a failure is re-raised naming the
-    input shapes and the innermost module of `model` that was running, with the original
-    exception chained."""
+def run_checked(model: nn.Module, inputs, run=None, count_flops: bool = True):
+    """`run(*inputs)` (default: the model) and its FLOPs (None unless `count_flops`); a
+    failure is re-raised naming the input shapes and the innermost module of `model` that
+    was running, with the original exception chained."""
     stack, handles = [], []
 
     def enter(name):
@@ -70,7 +70,9 @@ def run_checked(model: nn.Module, inputs, run=None):
         handles.append(module.register_forward_pre_hook(enter(name)))
         handles.append(module.register_forward_hook(leave))
     try:
-        return flops_of(run or model, *inputs)
+        if count_flops:
+            return flops_of(run or model, *inputs)
+        return (run or model)(*inputs), None
     except Exception as error:
         path = stack[-1] if stack else ""
         kind = type(model.get_submodule(path)).__name__

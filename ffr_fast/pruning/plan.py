@@ -1,6 +1,6 @@
 """The pruning plan: which channel classes go, under threshold or ratio, with per-layer floors.
 
-A *group* is the set of producer layers (Conv2d / Linear) whose output channels are tied by
+A *group* is the set of producer layers (Conv / Linear) whose output channels are tied by
 the dependency graph (e.g. every conv that writes into one residual stream) together with
 their channel classes. Selection:
 - `threshold=t`: every prunable class whose score (importance.py) is <= t is removed.
@@ -8,12 +8,14 @@ their channel classes. Selection:
 - `ratio=r`, `scope="global"`: the round(r * n) lowest-scored of all n prunable classes.
 - `ratio=r`, `scope="layer"`: in every group, the floor(r * size) lowest-scored classes.
 Then, per producer layer, classes are given back (highest score first) until the layer keeps
-at least `min_channels` channel classes and, with `round_to=k`, a multiple of k (or all).
+at least `min_channels` channel classes and, with `round_to=k`, a multiple of k channels
+(or all).
 """
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple
 
-from torch import nn
+import numpy as np
+
 
 from .graph import ChannelGraph
 
@@ -33,10 +35,17 @@ class Plan:
     cutoff: Optional[float]  # the largest score removed (None when nothing was removed)
 
 
+def written_layers(cg: ChannelGraph) -> List[Tuple[str, np.ndarray]]:
+    """(layer name, ids) of every set of channels a layer creates: a producer's outputs,
+    an attention's outputs and its heads."""
+    return [entry for mc in cg.modules.values() if mc.rule.kind in ("producer", "attention")
+            for entry in mc.written()]
+
+
 def find_groups(cg: ChannelGraph) -> List[Group]:
-    producers = [mc for mc in cg.modules.values() if not isinstance(mc.module, nn.BatchNorm2d)]
-    owner: Dict[int, int] = {}  # class root -> index of a producer, merged by union-find
-    parent = list(range(len(producers)))
+    layers = written_layers(cg)
+    owner: Dict[int, int] = {}  # class root -> index of a layer, merged by union-find
+    parent = list(range(len(layers)))
 
     def find(i):
         while parent[i] != i:
@@ -44,16 +53,16 @@ def find_groups(cg: ChannelGraph) -> List[Group]:
             i = parent[i]
         return i
 
-    for index, mc in enumerate(producers):
-        for root in set(cg.roots(mc.out_ids).tolist()):
+    for index, (_, ids) in enumerate(layers):
+        for root in set(cg.roots(ids).tolist()):
             if root in owner:
                 parent[find(index)] = find(owner[root])
             else:
                 owner[root] = index
     members: Dict[int, Group] = {}
-    for index, mc in enumerate(producers):
+    for index, (name, _) in enumerate(layers):
         group = members.setdefault(find(index), Group([], []))
-        group.producers.append(mc.path)
+        group.producers.append(name)
     for root, index in owner.items():
         members[find(index)].roots.append(root)
     pinned = cg.pinned_roots()
@@ -70,7 +79,8 @@ def make_plan(cg: ChannelGraph, scores: Dict[int, float], *, threshold=None, rat
     for group in groups:  # a class nothing scores (importance "bn" without a BN) stays
         for root in group.roots:
             if root not in scores:
-                group.pinned.setdefault(root, "no BatchNorm to score it (importance='bn')")
+                group.pinned.setdefault(root, "nothing scores it under this importance "
+                                              "(importance='bn' without a BatchNorm)")
     prunable = [r for g in groups for r in g.roots if r not in g.pinned]
     if threshold is not None:
         removed = {r for r in prunable if scores[r] <= threshold}
@@ -89,20 +99,24 @@ def make_plan(cg: ChannelGraph, scores: Dict[int, float], *, threshold=None, rat
 
 
 def _give_back(cg, removed: Set[int], scores, min_channels: int, round_to) -> None:
-    """Return removed classes to layers below their floor until every layer is satisfied."""
-    layers = [sorted(set(cg.roots(mc.out_ids).tolist())) for mc in cg.modules.values()
-              if not isinstance(mc.module, nn.BatchNorm2d)]
+    """Return removed classes (highest score first) to layers below their floor until every
+    layer keeps at least `min_channels` classes and, with `round_to`, a number of channels
+    that is a multiple of it (or all): a head of 64 channels counts 64."""
+    layers = []
+    for _, ids in written_layers(cg):
+        roots, sizes = np.unique(cg.roots(ids), return_counts=True)
+        layers.append(dict(zip(roots.tolist(), sizes.tolist())))
     changed = True
     while changed:  # giving back to one layer can unround another that shares classes
         changed = False
-        for roots in layers:
-            kept = sum(r not in removed for r in roots)
-            want = max(kept, min(min_channels, len(roots)))
-            if round_to:
-                want = min(len(roots), -(-want // round_to) * round_to)
-            back = sorted((r for r in roots if r in removed), key=scores.get, reverse=True)
-            for root in back[:want - kept]:
+        for size in layers:
+            back = sorted((r for r in size if r in removed), key=scores.get, reverse=True)
+            kept = [r for r in size if r not in removed]
+            while back and (len(kept) < min_channels or round_to and sum(
+                    size[r] for r in kept) % round_to):
+                root = back.pop(0)
                 removed.discard(root)
+                kept.append(root)
                 changed = True
 
 

@@ -16,19 +16,25 @@ from ..metrics import count_params
 from .blocks import (ResidualBranch, branch_score, find_branches, measure_branches,
                      remove_branches as remove_from_graph, select_branches)
 from .fold import fold_batchnorms, foldable_pairs
-from .graph import analyze, trace
+from .graph import analyze, reads_training_flag, trace
 from .importance import Scorer, class_scores, scorer_for
 from .inplace import adds_in_place
 from .inputs import (as_inputs, evaluating, resolve_ignored, restore_training_flags,
                      run_checked, training_flags)
 from .plan import make_plan
 from .report import PruneReport
-from .surgery import apply_plan, set_submodule, zero_removed
+from .surgery import apply_plan, renormalized_layers, set_submodule, zero_removed
 
 SCOPES = ("global", "layer")
 FLOPS_SEARCHES = ("threshold", "ratio")
-STRUCTURE_FORMAT = "ffr_fast.pruned/3"  # 3: per-module training flags
+STRUCTURE_FORMAT = "ffr_fast.pruned/3"  # 3: per-module training flags, shapes from the state dict
 STRUCTURE_KEY = "ffr_fast.structure"  # where the pruned GraphModule keeps it, in .meta
+
+
+TRAINING_FLAG_NOTE = (
+    "the model's traced forward reads self.training (torch.fx keeps the value it had when "
+    "traced, eval): the pruned model runs eval-mode code there even in training mode; make "
+    "such a module a leaf (ignored=[...] or register_rule) to keep its training behaviour")
 
 
 class FlopsTargetWarning(UserWarning):
@@ -185,8 +191,9 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
                              round_to=round_to)
             # The reference: the graph without the removed branches, every removed channel
             # zeroed in the very modules it runs (the surgery below replaces them).
-            zero_removed(cg, plan.removed)
-            reference, _ = run_checked(gm, inputs)
+            zero_removed(cg, plan.removed, gm)
+            reference, _ = run_checked(gm, inputs, count_flops=False)
+            approximate = renormalized_layers(cg, plan.removed)
             channels = apply_plan(gm, cg, plan.removed)
             folded_pairs = foldable_pairs(gm) if fold_bn else []
             folded = fold_batchnorms(gm, folded_pairs) if fold_bn else []
@@ -209,6 +216,7 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
                  "folded_bn": [list(p) for p in folded_pairs],
                  "adds_in_place": [list(a) for a in in_place]}
     gm.meta[STRUCTURE_KEY] = structure
+    notes = [TRAINING_FLAG_NOTE] if reads_training_flag(model, ignored) else []
     report = PruneReport(
         settings=dict(threshold=threshold, ratio=ratio, importance=_label(importance),
                       scope=scope, min_channels=min_channels, round_to=round_to,
@@ -219,10 +227,11 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
         channels=channels, removed_classes=len(plan.removed),
         prunable_classes=sum(len(g.roots) - len(g.pinned) for g in plan.groups),
         removed_blocks=blocks, unpruned=plan.unpruned, opaque_ops=cg.unknown_ops,
+        approximate=approximate,
         folded_bn=folded,
         score_cutoff=plan.cutoff, max_abs_diff=_max_diff(pruned, reference),
         reference_max_abs=max(float(t.abs().max()) for t in _tensors(reference)),
-        max_abs_diff_original=_max_diff(pruned, original))
+        max_abs_diff_original=_max_diff(pruned, original), warnings=notes)
     return PruneResult(gm, report, structure)
 
 

@@ -17,6 +17,9 @@ class PruneReport:
     removed_blocks: List[dict] = field(default_factory=list)
     unpruned: List[dict] = field(default_factory=list)  # groups kept (partly) and why
     opaque_ops: List[dict] = field(default_factory=list)  # ops the analysis did not understand
+    # Renormalising layers (LayerNorm, GroupNorm) that lost channels: the rest of their
+    # channels are normalised over fewer, so max_abs_diff measures an approximation there.
+    approximate: List[str] = field(default_factory=list)
     folded_bn: List[Tuple[str, str]] = field(default_factory=list)
     score_cutoff: Optional[float] = None  # largest importance score removed
     # Max |new - reference| where the reference is the original (eval mode) with every
@@ -66,6 +69,9 @@ class PruneReport:
             lines += ["", "### Removed blocks"]
             lines += [f"- {b['block']} (add `{b['add']}`): replaced by its {b['shortcut']}"
                       for b in self.removed_blocks]
+        if self.approximate:
+            lines += ["", "Renormalising layers that lost channels (the output is close to, "
+                      f"not equal to, the zeroed original's): {', '.join(self.approximate)}"]
         if self.folded_bn:
             lines += ["", f"BatchNorms folded into their convs: {len(self.folded_bn)}"]
         if self.unpruned:

@@ -2,9 +2,10 @@
 
 The file holds plain data only (loadable with `torch.load(weights_only=True)`): the trace
 settings (`ignored`), the residual adds that were replaced by their shortcut, the folded
-conv/BN node pairs, the adds rewritten in place and the constructor arguments of every Conv2d / BatchNorm2d / Linear.
-`load_pruned` re-traces the original architecture, replays those edits, builds empty
-modules of the saved sizes and loads the weights strictly. (Pickling the whole GraphModule
+conv/BN node pairs, the adds rewritten in place, every module's training flag and the state
+dict. `load_pruned` re-traces the original architecture, replays those edits, gives every
+tensor the saved shape (each layer's rule then sets its size attributes: rules.py) and
+loads the weights strictly. (Pickling the whole GraphModule
 with `torch.save(model)` works too; this format survives code changes to the pruner.)
 """
 import copy
@@ -20,29 +21,32 @@ from .graph import trace
 from .inplace import replay_adds_in_place
 from .inputs import restore_training_flags, training_flags
 from .pruner import STRUCTURE_FORMAT, STRUCTURE_KEY, PruneResult
-from .surgery import set_submodule
+from .rules import rule_for
 
 
-def module_spec(module: nn.Module) -> dict:
-    dtype = str(next(module.parameters(), torch.empty(0)).dtype).removeprefix("torch.")
-    if isinstance(module, nn.Conv2d):
-        return dict(type="Conv2d", in_channels=module.in_channels,
-                    out_channels=module.out_channels, kernel_size=module.kernel_size,
-                    stride=module.stride, padding=module.padding, dilation=module.dilation,
-                    groups=module.groups, bias=module.bias is not None,
-                    padding_mode=module.padding_mode, dtype=dtype)
-    if isinstance(module, nn.BatchNorm2d):
-        return dict(type="BatchNorm2d", num_features=module.num_features, eps=module.eps,
-                    momentum=module.momentum, affine=module.affine,
-                    track_running_stats=module.track_running_stats, dtype=dtype)
-    return dict(type="Linear", in_features=module.in_features,
-                out_features=module.out_features, bias=module.bias is not None, dtype=dtype)
-
-
-def build_module(spec: dict) -> nn.Module:
-    spec = dict(spec)
-    kind, dtype = spec.pop("type"), getattr(torch, spec.pop("dtype"))
-    return getattr(nn, kind)(**spec).to(dtype)
+def _resize_to(gm: nn.Module, state_dict: dict) -> None:
+    """Give every tensor of `gm` the shape it has in `state_dict` (new tensors where the
+    pruned model gained one, e.g. the bias a folded BatchNorm left in its conv), then let
+    each layer's rule set its size attributes from them."""
+    resized = set()
+    for key, value in state_dict.items():
+        owner_path, _, name = key.rpartition(".")
+        owner = gm.get_submodule(owner_path)
+        old = getattr(owner, name, None)
+        if old is not None and old.shape == value.shape:
+            continue
+        empty = torch.empty(value.shape, dtype=value.dtype)
+        if name in owner._buffers:
+            owner._buffers[name] = empty
+        else:
+            grad = old.requires_grad if old is not None else True
+            setattr(owner, name, nn.Parameter(empty, requires_grad=grad))
+        resized.add(owner_path)
+    for path in resized:
+        module = gm.get_submodule(path)
+        rule = rule_for(module)
+        if rule is not None:
+            rule.resize(module)
 
 
 def save_pruned(result_or_model: Union[PruneResult, fx.GraphModule], path) -> None:
@@ -51,13 +55,11 @@ def save_pruned(result_or_model: Union[PruneResult, fx.GraphModule], path) -> No
     if structure is None:
         raise ValueError("save_pruned needs a PruneResult or the model prune() returned; "
                          f"got a {type(model).__name__} without pruning structure")
-    modules = {name: module_spec(m) for name, m in model.named_modules()
-               if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear))}
-    structure = dict(structure, modules=modules, training=training_flags(model))
+    structure = dict(structure, training=training_flags(model))
     torch.save({"structure": structure, "state_dict": model.state_dict()}, path)
 
 
-STRUCTURE_FIELDS = ("format", "ignored", "removed_blocks", "folded_bn", "adds_in_place", "modules",
+STRUCTURE_FIELDS = ("format", "ignored", "removed_blocks", "folded_bn", "adds_in_place",
                     "training")
 
 
@@ -111,15 +113,13 @@ def load_pruned(path, original: Union[nn.Module, Callable[[], nn.Module]]) -> fx
         bypass_batchnorm(gm, nodes[conv], nodes[bn])
     replay_adds_in_place(gm, structure["adds_in_place"])
     gm.delete_all_unused_submodules()
-    for name, spec in structure["modules"].items():
-        set_submodule(gm, name, build_module(spec))
+    _resize_to(gm, state_dict)
     gm.recompile()
     try:
         gm.load_state_dict(state_dict)
     except RuntimeError as error:
         raise ValueError(f"{path} does not match the architecture of {type(model).__name__}: "
                          f"{error}") from error
-    gm.meta[STRUCTURE_KEY] = {k: v for k, v in structure.items()
-                              if k not in ("modules", "training")}
+    gm.meta[STRUCTURE_KEY] = {k: v for k, v in structure.items() if k != "training"}
     restore_training_flags(gm, structure["training"])
     return gm

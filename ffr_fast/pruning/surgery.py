@@ -1,70 +1,23 @@
-"""Surgery: new plain Conv2d / BatchNorm2d / Linear modules holding the kept channels only.
+"""Surgery: every layer and parameter that carries a removed channel is sliced to the kept ones.
+
+What to slice is read from the rule table (rules.py): for each parameter or buffer, which of
+its dimensions hold the output ("out") or input ("in") channels; the rule's `resize` then
+sets the module's size attributes. Modules are sliced in place (prune() works on a copy).
 
 Also the one definition of what removing a channel means for the *original* model
-(`zero_channels`): its producer rows, bias and BatchNorm gamma/beta/mean set to zero, so the
-channel emits exactly zero. The pruned model must match the original zeroed this way.
+(`zero_removed`): every tensor that holds the channel as an output (producer rows, bias,
+BatchNorm / LayerNorm affine, layer scales) is set to zero there, so the channel emits
+exactly zero. The pruned model must match the original zeroed this way (exactly, unless a
+renormalising layer such as LayerNorm lost channels: report.approximate says so).
 """
-from typing import Dict, Sequence, Set, Tuple
+from typing import Dict, List, Set, Tuple
 
+import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import skip_init
 
-from .graph import ChannelGraph
-
-Index = Sequence[int]
-
-
-def _like(new: nn.Module, old: nn.Module) -> nn.Module:
-    param = next(old.parameters(), None)
-    if param is not None:
-        new = new.to(device=param.device, dtype=param.dtype)
-        new.requires_grad_(param.requires_grad)
-    return new.train(old.training)
-
-
-def slice_conv(conv: nn.Conv2d, in_keep: Index, out_keep: Index) -> nn.Conv2d:
-    """A Conv2d with the kept output channels and input channels (for every group)."""
-    groups = conv.groups
-    in_keep, out_keep = torch.as_tensor(in_keep), torch.as_tensor(out_keep)
-    if groups == conv.in_channels and groups > 1:  # depthwise: one group per kept channel
-        new_groups, weight_in = len(in_keep), torch.tensor([0])
-    else:  # grouped: the kept positions are the same in every group (graph.py ties them)
-        per_group = conv.in_channels // groups
-        new_groups, weight_in = groups, in_keep[in_keep < per_group]
-        if len(weight_in) * groups != len(in_keep):
-            raise RuntimeError(f"internal: uneven input channels kept in grouped conv {conv}")
-    new = skip_init(nn.Conv2d, len(in_keep), len(out_keep), conv.kernel_size, conv.stride,
-                    conv.padding, conv.dilation, new_groups, conv.bias is not None,
-                    conv.padding_mode)
-    with torch.no_grad():
-        new.weight.copy_(conv.weight[out_keep][:, weight_in])
-        if conv.bias is not None:
-            new.bias.copy_(conv.bias[out_keep])
-    return _like(new, conv)
-
-
-def slice_bn(bn: nn.BatchNorm2d, keep: Index) -> nn.BatchNorm2d:
-    keep = torch.as_tensor(keep)
-    new = skip_init(nn.BatchNorm2d, len(keep), bn.eps, bn.momentum, bn.affine,
-                    bn.track_running_stats)
-    with torch.no_grad():
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            if getattr(bn, name) is not None:
-                getattr(new, name).copy_(getattr(bn, name)[keep])
-        if bn.num_batches_tracked is not None:
-            new.num_batches_tracked.copy_(bn.num_batches_tracked)
-    return _like(new, bn)
-
-
-def slice_linear(linear: nn.Linear, in_keep: Index, out_keep: Index) -> nn.Linear:
-    in_keep, out_keep = torch.as_tensor(in_keep), torch.as_tensor(out_keep)
-    new = skip_init(nn.Linear, len(in_keep), len(out_keep), linear.bias is not None)
-    with torch.no_grad():
-        new.weight.copy_(linear.weight[out_keep][:, in_keep])
-        if linear.bias is not None:
-            new.bias.copy_(linear.bias[out_keep])
-    return _like(new, linear)
+from .graph import ChannelGraph, ModuleChannels
+from .rules import tensor_of
 
 
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -72,43 +25,118 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
-def _keep(cg: ChannelGraph, ids, removed: Set[int]):
-    return [i for i, r in enumerate(cg.roots(ids).tolist()) if r not in removed]
+def _mask(cg: ChannelGraph, removed: Set[int]) -> np.ndarray:
+    """removed[root] for every id: the plan's set of removed class roots, looked up fast."""
+    mask = np.zeros(cg.size, dtype=bool)
+    mask[np.fromiter(removed, dtype=np.int64, count=len(removed))] = True
+    return mask
 
 
-def zero_channels(module: nn.Module, positions: Index) -> None:
-    """Make output channels `positions` of a Conv2d / Linear / BatchNorm2d emit zero."""
+def _keep(cg: ChannelGraph, ids: np.ndarray, removed: np.ndarray) -> torch.Tensor:
+    """Positions of `ids` whose class stays (`removed`: a _mask)."""
+    return torch.from_numpy(np.flatnonzero(~removed[cg.roots(np.asarray(ids).ravel())]))
+
+
+def _gone(cg: ChannelGraph, ids, removed: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.flatnonzero(removed[cg.roots(np.asarray(ids).ravel())]))
+
+
+def _tensor_roles(mc: ModuleChannels):
+    """(name, dimension, role) for every parameter and buffer dimension with a role, except
+    a dimension of size 1 that broadcasts over the channels (PReLU's single slope)."""
+    for name, roles in mc.rule.params.items():
+        tensor = tensor_of(mc.module, name)[2]
+        if tensor is None:
+            continue
+        for dim, role in enumerate(roles):
+            ids = {"out": mc.out_ids, "in": mc.in_ids, "inner": mc.inner_ids}.get(role)
+            if role is not None and not (tensor.shape[dim] == 1 and len(ids) > 1):
+                yield name, dim, role
+
+
+def _positions(cg: ChannelGraph, mc: ModuleChannels, name: str, role: str,
+               removed: np.ndarray, size: int) -> torch.Tensor:
+    """The kept positions along a tensor dimension of `size` that holds `role` channels
+    (stacked `blocks` times for attention's q, k, v)."""
+    if role == "in":
+        return _in_positions(mc, _keep(cg, mc.in_ids, removed), size)
+    ids = mc.out_ids if role == "out" else mc.inner_ids
+    keep = _keep(cg, ids, removed)
+    blocks = mc.rule.blocks.get(name, 1) if role == "inner" else 1
+    return torch.cat([keep + k * len(ids) for k in range(blocks)])
+
+
+def _in_positions(mc: ModuleChannels, keep_in: torch.Tensor, size: int) -> torch.Tensor:
+    """Kept input positions along a weight dimension of `size`: all of them for a depthwise
+    conv (size 1), the kept positions of the first group for a grouped one."""
+    if size == len(mc.in_ids):
+        return keep_in
+    if size == 1:
+        return torch.tensor([0])
+    return keep_in[keep_in < size]  # graph.py ties every group to the first one
+
+
+def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, attr, old = tensor_of(module, name)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        owner._buffers[attr] = value  # a registered buffer keeps its registration
+
+
+def zero_removed(cg: ChannelGraph, removed: Set[int], root: nn.Module) -> None:
+    """Zero, in the modules and parameters the graph points at, every tensor slice that
+    holds a removed channel as an output (or, in attention, a removed head's q, k, v)."""
+    removed = _mask(cg, removed)
     with torch.no_grad():
-        index = torch.as_tensor(positions, dtype=torch.long)
-        for name in ("weight", "bias", "running_mean"):
-            tensor = getattr(module, name, None)
-            if tensor is not None:
-                tensor[index] = 0
-
-
-def zero_removed(cg: ChannelGraph, removed: Set[int]) -> None:
-    """Zero, in the modules the graph points at, every channel of the removed classes."""
-    for mc in cg.modules.values():
-        gone = sorted(set(range(len(mc.out_ids))) - set(_keep(cg, mc.out_ids, removed)))
-        if gone:
-            zero_channels(mc.module, gone)
+        for mc in cg.modules.values():
+            for name, dim, role in _tensor_roles(mc):
+                if role == "in":
+                    continue
+                tensor = tensor_of(mc.module, name)[2]
+                kept = _positions(cg, mc, name, role, removed, tensor.shape[dim])
+                gone = torch.from_numpy(np.setdiff1d(np.arange(tensor.shape[dim]), kept.numpy()))
+                if len(gone):
+                    tensor.index_fill_(dim, gone, 0)
+        for pc in cg.params:
+            gone = _gone(cg, pc.ids, removed)
+            if len(gone):
+                root.get_parameter(pc.path).index_fill_(pc.dim, gone, 0)
 
 
 def apply_plan(root: nn.Module, cg: ChannelGraph, removed: Set[int]
                ) -> Dict[str, Tuple[int, int]]:
-    """Replace every affected module under `root`; returns {path: (channels before, after)}."""
+    """Slice every affected module and parameter under `root`; returns
+    {layer name: (channels before, after)} for the channels each layer creates."""
+    removed = _mask(cg, removed)
     channels = {}
-    for path, mc in cg.modules.items():
-        out_keep = _keep(cg, mc.out_ids, removed)
-        in_keep = _keep(cg, mc.in_ids, removed) if mc.in_ids is not None else None
-        channels[path] = (len(mc.out_ids), len(out_keep))
-        if len(out_keep) == len(mc.out_ids) and (in_keep is None or len(in_keep) == len(mc.in_ids)):
-            continue
-        if isinstance(mc.module, nn.Conv2d):
-            new = slice_conv(mc.module, in_keep, out_keep)
-        elif isinstance(mc.module, nn.Linear):
-            new = slice_linear(mc.module, in_keep, out_keep)
-        else:
-            new = slice_bn(mc.module, out_keep)
-        set_submodule(root, path, new)
+    with torch.no_grad():
+        for path, mc in cg.modules.items():
+            sizes = {}
+            for name, ids in mc.written():
+                channels[name] = sizes[name] = (len(ids), len(_keep(cg, ids, removed)))
+            shrinks = any(after < before for before, after in sizes.values()) or (
+                mc.in_ids is not None and len(_keep(cg, mc.in_ids, removed)) < len(mc.in_ids))
+            if not shrinks:
+                continue
+            for name, dim, role in _tensor_roles(mc):
+                tensor = tensor_of(mc.module, name)[2]
+                index = _positions(cg, mc, name, role, removed, tensor.shape[dim])
+                _replace(mc.module, name, tensor.index_select(dim, index))
+            mc.rule.resize(mc.module)
+        for pc in cg.params:
+            keep = _keep(cg, pc.ids, removed)
+            if len(keep) == len(pc.ids):
+                continue
+            owner_path, _, name = pc.path.rpartition(".")
+            owner = root.get_submodule(owner_path)
+            _replace(owner, name, getattr(owner, name).index_select(pc.dim, keep))
     return channels
+
+
+def renormalized_layers(cg: ChannelGraph, removed: Set[int]) -> List[str]:
+    """The renormalising layers (LayerNorm, GroupNorm) that lose channels: the statistics
+    of their other channels change, so the pruned model is close to, not equal to, the
+    zeroed original there."""
+    removed = _mask(cg, removed)
+    return sorted({name for ids, name in cg.renormalized if len(_gone(cg, ids, removed))})

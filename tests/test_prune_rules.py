@@ -1,0 +1,139 @@
+"""One small net per rule of the table (rules.py, graph.py): channels followed through
+permute, a channels-last MLP, channel shuffle written out, squeeze-excitation gates, layer
+scales, GroupNorm, Conv1d, PReLU, ConvTranspose2d; an op without a rule pins its channels
+and is named; register_rule teaches the pruner a user's layer."""
+import pytest
+import torch
+from torch import nn
+
+from ffr_fast.pruning import Rule, load_pruned, prune, register_rule, save_pruned
+from ffr_fast.pruning.rules import RULES
+from nets import (ChannelsLastMLP, ChannelScale, Conv1dNet, GroupNormNet,  # noqa: F401
+                  LayerScaleNet, ScaleNet, SENet, SoftmaxNet, TracedShuffle, TransposedNet,
+                  look_trained, one_thread)
+
+X = torch.randn(2, 3, 8, 8)
+
+# net, input, {layer: dead output channels}, {layer: channels left by threshold=0}
+CASES = {
+    "channels-last MLP": (ChannelsLastMLP, X, {"fc1": [3, 7]}, {"fc1": 14}),
+    "channel shuffle": (TracedShuffle, X, {"conv1.0": [1, 5]}, {"conv1.0": 6}),
+    "squeeze-excitation": (SENet, X, {"conv1.0": [2], "se.fc2": [2]}, {"conv1.0": 7,
+                                                                        "se.fc2": 7}),
+    "layer scale": (LayerScaleNet, X, {"conv1": [0, 4]}, {"conv1": 6}),
+    "conv1d, BatchNorm1d, PReLU": (Conv1dNet, torch.randn(2, 3, 16), {"conv1": [1]},
+                                   {"conv1": 7}),  # its BatchNorm1d is fresh: shift 0
+    "transposed conv": (TransposedNet, X, {"up": [2]}, {"up": 5}),
+}
+
+
+def kill(model, dead):
+    with torch.no_grad():
+        for path, channels in dead.items():
+            layer = model.get_submodule(path)
+            out_dim = 1 if isinstance(layer, nn.ConvTranspose2d) else 0
+            layer.weight.index_fill_(out_dim, torch.tensor(channels), 0)
+            if layer.bias is not None:
+                layer.bias[channels] = 0
+            bn = path.replace(".0", ".1") if path.endswith(".0") else None
+            if bn is not None:
+                model.get_submodule(bn).bias[channels] = 0
+                model.get_submodule(bn).weight[channels] = 0
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_rule_prunes_exactly(case):
+    make, x, dead, left = CASES[case]
+    torch.manual_seed(0)
+    model = look_trained(make())
+    kill(model, dead)
+    with torch.no_grad():
+        expected = model(x)
+    result = prune(model, x, threshold=0.0)
+    assert result.report.opaque_ops == []
+    assert {p: result.report.channels[p][1] for p in left} == left
+    assert result.report.max_abs_diff_original <= 1e-5 * expected.abs().max()
+    ratio = prune(model, x, ratio=0.5, scope="layer")
+    assert ratio.report.removed_classes > 0
+    if not ratio.report.approximate:  # the channels-last MLP's LayerNorm lost channels
+        assert ratio.report.relative_diff <= 1e-5
+    with torch.no_grad():
+        assert ratio.model(torch.cat([x, x])).shape[1:] == expected.shape[1:]
+
+
+def test_channel_shuffle_ties_positions_across_groups():
+    """Channel 1 alone is not removed: after the shuffle it shares a slot with channel 5."""
+    model = look_trained(TracedShuffle())
+    kill(model, {"conv1.0": [1]})
+    assert prune(model, X, threshold=0.0).report.channels["conv1.0"] == (8, 8)
+
+
+def test_squeeze_excitation_gate_is_tied_to_its_channels():
+    model = look_trained(SENet())
+    result = prune(model, X, ratio=0.5, scope="layer")
+    se = result.model.se
+    kept = result.model.get_submodule("conv1.0").out_channels
+    assert se.fc1.in_channels == se.fc2.out_channels == kept < 8
+
+
+def test_group_norm_keeps_its_groups_and_says_it_is_approximate():
+    model = GroupNormNet()
+    result = prune(model, X, ratio=0.5, scope="layer")
+    norm = result.model.norm
+    assert norm.num_channels == 4 and norm.num_groups == 2
+    assert result.report.approximate == ["norm"]
+    assert "Renormalising layers that lost channels" in str(result.report)
+
+
+def test_op_without_a_rule_pins_its_channels_and_is_named():
+    model = SoftmaxNet()
+    result = prune(model, X, ratio=0.5, scope="layer")
+    assert [o["op"] for o in result.report.opaque_ops] == ["module 'mix' (Softmax2d)"]
+    assert "register_rule" in result.report.opaque_ops[0]["reason"]
+    assert result.report.channels["conv2"] == (8, 8)  # read by the softmax: kept
+    assert result.report.channels["conv1"] == (8, 4)  # elsewhere: pruned
+    assert result.report.relative_diff <= 1e-5
+
+
+@pytest.fixture
+def scale_rule():
+    register_rule(ChannelScale, Rule(
+        "channelwise", dim=1, params={"weight": ("out",)},
+        resize=lambda m: setattr(m, "channels", m.weight.shape[0])))
+    yield
+    del RULES[ChannelScale]
+
+
+def test_without_a_rule_a_user_layer_is_traced_and_its_view_pins():
+    result = prune(ScaleNet(), X, ratio=0.5, scope="layer")
+    assert result.report.channels["conv1"] == (8, 8) and result.report.opaque_ops
+
+
+def test_register_rule_teaches_a_user_layer(scale_rule, tmp_path):
+    model = ScaleNet()
+    result = prune(model, X, ratio=0.5, scope="layer")
+    assert result.report.opaque_ops == [] and result.report.channels["conv1"] == (8, 4)
+    assert result.model.scale.channels == 4 and result.model.scale.weight.shape == (4,)
+    assert result.report.relative_diff <= 1e-5
+    save_pruned(result, tmp_path / "p.pt")
+    loaded = load_pruned(tmp_path / "p.pt", ScaleNet)
+    assert loaded.scale.channels == 4
+    torch.testing.assert_close(loaded(X), result.model(X))
+
+
+def test_register_rule_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        register_rule(int, Rule("channelwise"))
+    with pytest.raises(TypeError, match="needs a Rule"):
+        register_rule(ChannelScale, {"kind": "channelwise"})
+    with pytest.raises(ValueError, match="Rule.kind must be one of"):
+        Rule("mixer")
+
+
+def test_prelu_with_one_slope_is_not_sliced():
+    model = Conv1dNet()
+    model.act = nn.PReLU()  # one slope for every channel: it broadcasts, nothing to slice
+    x = torch.randn(2, 3, 16)
+    result = prune(model, x, ratio=0.5, scope="layer")
+    assert result.model.act.weight.shape == (1,) and result.report.relative_diff <= 1e-5
+    assert result.model.conv1.out_channels == 4
