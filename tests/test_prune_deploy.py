@@ -108,3 +108,23 @@ def test_an_add_whose_operand_is_read_elsewhere_stays_out_of_place():
     targets = [str(n.target) for n in result.model.graph.nodes if "add" in str(n.target)]
     assert targets == ["<built-in function add>"]
     torch.testing.assert_close(run(result.model), run(model))
+
+
+def test_residual_adds_in_place_through_layer_scale_and_stochastic_depth():
+    """ConvNeXt's `layer_scale * block(x)` and EfficientNet's BN output reach their adds
+    through StochasticDepth: written in place too, with the original's gradients."""
+    from ffr_fast.torchvision_loader import load_torchvision
+
+    tv = load_torchvision()
+    x = torch.randn(2, 3, 32, 32)
+    for model in (tv.models.efficientnet_b0().eval(),
+                  tv.models.ConvNeXt([tv.models.convnext.CNBlockConfig(16, None, 2)]).eval()):
+        pruned = prune(model, x, ratio=0.0).model
+        adds = [n.target for n in pruned.graph.nodes if "add" in str(n.target)]
+        assert adds and set(adds) == {"add_"}
+        for net in (model, pruned):
+            net.zero_grad()
+            net(x).square().sum().backward()
+        grads = dict(model.named_parameters())
+        for name, param in pruned.named_parameters():
+            torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-4, atol=1e-6)

@@ -102,3 +102,20 @@ def test_round_to_counts_channels_so_heads_still_go():
     assert heads == (32, 16)
     assert all(after % 8 == 0 for before, after in result.report.channels.values()
                if after < before)
+
+
+def test_stochastic_depth_still_drops_paths_after_pruning():
+    """StochasticDepth reads self.training: it is a leaf of the trace, so the pruned model
+    still drops paths when fine-tuned (traced into, eval's 'never' would be baked in)."""
+    torch.manual_seed(0)
+    setting = [tv.models.convnext.CNBlockConfig(16, None, 3)]
+    model = tv.models.ConvNeXt(setting, stochastic_depth_prob=0.9, num_classes=10).eval()
+    x = torch.randn(2, 3, 16, 16)
+    pruned = prune(model, x, ratio=0.5, scope="layer").model
+    targets = [n.target for n in pruned.graph.nodes if n.op == "call_module"]
+    assert "features.1.2.stochastic_depth" in targets
+    pruned.train()
+    runs = [pruned(x) for _ in range(4)]
+    assert any(not torch.equal(runs[0], r) for r in runs[1:])
+    pruned.eval()
+    assert torch.equal(pruned(x), pruned(x))

@@ -203,3 +203,25 @@ def test_threshold_compares_channels_and_branches_in_one_unit():
     assert [b["block"] for b in by_gamma.report.removed_blocks] == ["layer1.1"]
     by_norm = prune(model, X, threshold=1e-2, importance="l2")
     assert by_norm.report.removed_blocks == []  # it emits its beta (~0.1): not removed
+
+
+class TrainOnlyNoise(nn.Module):
+    """A traced forward that reads self.training: fx bakes in the value it had (eval)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.training:
+            x = x + 0.1 * torch.randn_like(x)
+        return x
+
+
+def test_a_forward_that_reads_the_training_flag_is_reported():
+    model = nn.Sequential(TrainOnlyNoise(), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    result = prune(model, torch.randn(1, 3, 8, 8), ratio=0.5)
+    [note] = result.report.warnings
+    assert "reads self.training" in note and "WARNING" in str(result.report)
+    assert prune(look_trained(models.resnet20()), X, ratio=0.5).report.warnings == []

@@ -90,6 +90,23 @@ def trace(model: nn.Module, leaves: Sequence[str] = ()) -> fx.Graph:
     return graph
 
 
+def reads_training_flag(model: nn.Module, leaves: Sequence[str] = ()) -> bool:
+    """Whether the traced code differs between train and eval mode: a traced forward that
+    reads `self.training` (torch.fx bakes its value into the graph), whose pruned model
+    then runs the mode it was traced in, whatever its flags say. Leaves every flag as it
+    was."""
+    flags = {name: m.training for name, m in model.named_modules()}
+    try:
+        codes = []
+        for mode in (False, True):
+            model.train(mode)
+            codes.append(trace(model, leaves).python_code("self").src)
+    finally:
+        for name, module in model.named_modules():
+            module.training = flags[name]
+    return codes[0] != codes[1]
+
+
 def _layer_norm_sizes_from_weights(graph: fx.Graph) -> None:
     for node in list(graph.nodes):
         if node.target is not F.layer_norm:

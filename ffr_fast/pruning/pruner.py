@@ -16,7 +16,7 @@ from ..metrics import count_params
 from .blocks import (ResidualBranch, branch_score, find_branches, measure_branches,
                      remove_branches as remove_from_graph, select_branches)
 from .fold import fold_batchnorms, foldable_pairs
-from .graph import analyze, trace
+from .graph import analyze, reads_training_flag, trace
 from .importance import Scorer, class_scores, scorer_for
 from .inplace import adds_in_place
 from .inputs import (as_inputs, evaluating, resolve_ignored, restore_training_flags,
@@ -29,6 +29,12 @@ SCOPES = ("global", "layer")
 FLOPS_SEARCHES = ("threshold", "ratio")
 STRUCTURE_FORMAT = "ffr_fast.pruned/3"  # 3: per-module training flags, shapes from the state dict
 STRUCTURE_KEY = "ffr_fast.structure"  # where the pruned GraphModule keeps it, in .meta
+
+
+TRAINING_FLAG_NOTE = (
+    "the model's traced forward reads self.training (torch.fx keeps the value it had when "
+    "traced, eval): the pruned model runs eval-mode code there even in training mode; make "
+    "such a module a leaf (ignored=[...] or register_rule) to keep its training behaviour")
 
 
 class FlopsTargetWarning(UserWarning):
@@ -210,6 +216,7 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
                  "folded_bn": [list(p) for p in folded_pairs],
                  "adds_in_place": [list(a) for a in in_place]}
     gm.meta[STRUCTURE_KEY] = structure
+    notes = [TRAINING_FLAG_NOTE] if reads_training_flag(model, ignored) else []
     report = PruneReport(
         settings=dict(threshold=threshold, ratio=ratio, importance=_label(importance),
                       scope=scope, min_channels=min_channels, round_to=round_to,
@@ -224,7 +231,7 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
         folded_bn=folded,
         score_cutoff=plan.cutoff, max_abs_diff=_max_diff(pruned, reference),
         reference_max_abs=max(float(t.abs().max()) for t in _tensors(reference)),
-        max_abs_diff_original=_max_diff(pruned, original))
+        max_abs_diff_original=_max_diff(pruned, original), warnings=notes)
     return PruneResult(gm, report, structure)
 
 

@@ -94,13 +94,22 @@ def register_rule(module_type: Type[nn.Module], rule: Rule) -> None:
     RULES[module_type] = rule
 
 
+# Rules for other libraries' types, by qualified name, so that the library imports none of
+# them. torchvision's StochasticDepth reads `self.training`: traced into, that flag would be
+# baked into the graph (a fine-tuned pruned model would never drop a path), so it is a leaf,
+# element-wise (identity in eval, a per-sample scale in training: zeros stay zeros).
+RULES_BY_NAME: Dict[str, Rule] = {
+    "torchvision.ops.stochastic_depth.StochasticDepth": Rule("channelwise")}
+
+
 def rule_for(module: nn.Module) -> Optional[Rule]:
     """The rule of the module's type, or of the nearest base class whose forward it keeps
     (torchvision's LayerNorm2d overrides LayerNorm.forward: it has no rule, and is traced)."""
     forward = type(module).forward
     for cls in type(module).__mro__:
-        if cls in RULES:
-            return RULES[cls] if cls.forward is forward else None
+        rule = RULES.get(cls) or RULES_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+        if rule is not None:
+            return rule if cls.forward is forward else None
     return None
 
 

@@ -61,7 +61,8 @@ class Story:
 
 
 # Every weighted method gets the same number of grid points (four); "none" has no weight to
-# tune. FFR runs with the default squared norm and difference curvature (curv_weight =
+# tune. Each `weight` is the one `python -m ffr_fast sweep` chose (results/sweep/ and
+# results/sweep-vit/, "chosen"; the rule is sweep.choose_weights). FFR runs with the default squared norm and difference curvature (curv_weight =
 # weight): the smooth variant, whose gradient term pulls each block's output toward its
 # input, which is what makes a whole branch removable.
 GRID_SIZE = 4
@@ -75,7 +76,7 @@ CNN = Story(
         Method("slimming", "slimming", "slimming", "threshold", 1e-2, (1e-4, 1e-3, 1e-2, 1e-1)),
         Method("ffr", "FFR", "ffr", "threshold", 1.0, (0.1, 0.3, 1.0, 3.0)),
         SHORTGPT,
-        Method("layerdrop", "LayerDrop + Block Influence", "layerdrop", "influence", 0.2,
+        Method("layerdrop", "LayerDrop + Block Influence", "layerdrop", "influence", 0.5,
                (0.1, 0.2, 0.3, 0.5)),
     ),
     keep=(0.5,), sweep_keep=(0.5,), finetune_epochs=3, finetune_lr=0.01,
@@ -88,7 +89,7 @@ VIT = Story(
         SHORTGPT,
         Method("layerdrop", "LayerDrop + Block Influence", "layerdrop", "influence", 0.2,
                (0.1, 0.2, 0.3, 0.5)),
-        Method("ffr", "FFR + Block Influence", "ffr", "influence", 0.1, (0.01, 0.03, 0.1, 0.3)),
+        Method("ffr", "FFR + Block Influence", "ffr", "influence", 0.01, (0.01, 0.03, 0.1, 0.3)),
     ),
     keep=(0.5, 0.25), sweep_keep=(0.5,), finetune_epochs=3, finetune_lr=0.01,
     demo_out="results/demo-vit", sweep_out="results/sweep-vit")
@@ -257,7 +258,7 @@ def run(model: str = "resnet20", out: Optional[str] = None, seeds: Sequence[int]
         f"{_describe(story, recipe, splits, seeds, finetune_epochs)}\n\n{table}\n\n"
         + "".join(f"- {line}\n" for line in lines)
         + f"\nPer seed (test accuracy, %):\n\n{per_seed}\n"
-        + f"\nThe demo took {seconds:.0f} s ({torch.get_num_threads()} threads).\n")
+        + f"\nThe demo took {seconds:.0f} s ({_threads()}).\n")
     summary = {
         "table": table, "comparisons": lines, "seconds": seconds,
         "settings": {"recipe": train.config_dict(recipe), "seeds": list(seeds),
@@ -347,6 +348,11 @@ def _seed_row(story: Story, result: SeedResult) -> dict:
             "branches removed": result.branches_removed}
 
 
+def _threads() -> str:
+    count = torch.get_num_threads()
+    return f"{count} torch thread{'s' if count > 1 else ''}"
+
+
 def _describe(story: Story, recipe, splits, seeds, finetune_epochs) -> str:
     return (
         f"{story.title} on digits ({splits.input_shape[-1]}x{splits.input_shape[-1]}, "
@@ -362,7 +368,7 @@ def _describe(story: Story, recipe, splits, seeds, finetune_epochs) -> str:
         f"recomputed on {pipeline.RECALIBRATION_BATCHES} training batches (every method "
         f"alike; 'after removal'), and the model is fine-tuned {finetune_epochs} epochs at "
         f"lr {story.finetune_lr}. Latency: median CPU forward time of the first seed's "
-        f"model ({torch.get_num_threads()} threads), speedup against the unpruned model in "
+        f"model ({_threads()}), speedup against the unpruned model in "
         f"the same run. Weights: chosen by `python -m ffr_fast sweep` on the validation "
         f"split, {GRID_SIZE} grid points per weighted method.")
 
