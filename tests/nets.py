@@ -263,3 +263,34 @@ class ScaleNet(nn.Module):
 
     def forward(self, x):
         return self.conv2(self.scale(torch.relu(self.conv1(x))))
+
+
+class TokenNet(nn.Module):
+    """A ViT's input: patches -> tokens, a class token concatenated, a position embedding
+    added; the class token's output feeds a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, 8))
+        self.pos = nn.Parameter(torch.randn(1, 5, 8))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        return self.fc(torch.relu(x)[:, 0])
+
+
+class FixedView(nn.Module):
+    """x.view(n, 8, -1): the 8 is a constant of the graph, so conv1 cannot shrink."""
+
+    def __init__(self, literal: bool):
+        super().__init__()
+        self.literal = literal
+        self.conv1, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.conv1(x))
+        y = y.view(y.shape[0], 8, -1) if self.literal else y.view(y.shape[0], y.shape[1], -1)
+        return self.fc(y.mean(2))

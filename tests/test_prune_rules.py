@@ -8,9 +8,9 @@ from torch import nn
 
 from ffr_fast.pruning import Rule, load_pruned, prune, register_rule, save_pruned
 from ffr_fast.pruning.rules import RULES
-from nets import (ChannelsLastMLP, ChannelScale, Conv1dNet, GroupNormNet,  # noqa: F401
+from nets import (ChannelsLastMLP, ChannelScale, Conv1dNet, FixedView, GroupNormNet,  # noqa: F401
                   LayerScaleNet, ScaleNet, SENet, SoftmaxNet, TracedShuffle, TransposedNet,
-                  look_trained, one_thread)
+                  TokenNet, look_trained, one_thread)
 
 X = torch.randn(2, 3, 8, 8)
 
@@ -137,3 +137,29 @@ def test_prelu_with_one_slope_is_not_sliced():
     result = prune(model, x, ratio=0.5, scope="layer")
     assert result.model.act.weight.shape == (1,) and result.report.relative_diff <= 1e-5
     assert result.model.conv1.out_channels == 4
+
+
+def test_class_token_and_position_embedding_are_sliced_with_the_channels():
+    torch.manual_seed(0)
+    model = TokenNet()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        for t in (model.patch.weight, model.patch.bias, model.cls, model.pos):
+            t.index_fill_(0 if t is model.patch.weight or t is model.patch.bias else 2,
+                          torch.tensor([3, 6]), 0)
+        model.pos[0, :, 6] = 0.5  # channel 6 still gets its position embedding: it stays
+    result = prune(model, x, threshold=0.0)
+    assert result.report.opaque_ops == [] and result.report.channels["patch"] == (8, 7)
+    assert result.model.cls.shape == (1, 1, 7) and result.model.pos.shape == (1, 5, 7)
+    assert result.report.max_abs_diff_original <= 1e-6
+    ratio = prune(model, x, ratio=0.5, scope="layer")
+    assert ratio.model.pos.shape == (1, 5, 4) and ratio.report.relative_diff <= 1e-5
+
+
+@pytest.mark.parametrize("literal", [True, False])
+def test_a_view_to_a_constant_channel_count_pins_it(literal):
+    model = FixedView(literal)
+    result = prune(model, X, ratio=0.5, scope="layer")
+    assert result.report.channels["conv1"] == (8, 8 if literal else 4)
+    assert bool(result.report.opaque_ops) == literal
+    assert result.report.relative_diff <= 1e-5

@@ -163,6 +163,13 @@ class Chan:
 
 
 @dataclass
+class ParamView:
+    """A parameter expanded to a tensor of the same rank (ViT's class token): its channels
+    are the tensor's, once an op tells which dimension they are on."""
+    path: str
+
+
+@dataclass
 class ModuleChannels:
     """The channel ids one module with a rule reads (`in_ids`) and writes (`out_ids`)."""
     path: str
@@ -199,6 +206,9 @@ class ChannelGraph:
     pins: Dict[int, str] = field(default_factory=dict)  # channel id -> why it is kept
     unknown_ops: List[dict] = field(default_factory=list)
     renormalized: List[Tuple[np.ndarray, str]] = field(default_factory=list)
+    # Parameters added to channels (a position embedding): a removed channel loses its
+    # share of them, so they count in its score (the largest |value| per channel).
+    shifts: List[Tuple[np.ndarray, torch.Tensor]] = field(default_factory=list)
     _labels: Optional[np.ndarray] = None
 
     def fresh(self, n: int) -> np.ndarray:
@@ -264,6 +274,17 @@ def _describe(node: fx.Node, modules) -> str:
         return f"module '{node.target}' ({type(modules[node.target]).__name__})"
     name = getattr(node.target, "__name__", str(node.target))
     return f"{node.op} '{name}' (node {node.name})"
+
+
+def _size_args(node: fx.Node) -> Optional[list]:
+    """The sizes a view / reshape is given (ints are constants of the graph), or None for
+    ops that take none (flatten, squeeze, a reshape module)."""
+    if node.op == "call_module" or node.target not in ("view", "reshape", torch.reshape):
+        return None
+    sizes = node.args[1:] if node.target != torch.reshape else node.args[1]
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = sizes[0]
+    return list(sizes)
 
 
 def _arg(node: fx.Node, index: int, name: str, default=None):
@@ -486,6 +507,8 @@ class _Analyzer:
             return self.reduction(node)
         if target in SPLITS:
             return self.split(node)
+        if target == "expand" and node.args[0].op == "get_attr":
+            return ParamView(node.args[0].target)  # same rank, size-1 dims broadcast
         return None
 
     def layer_norm(self, node):
@@ -504,7 +527,8 @@ class _Analyzer:
         if any(isinstance(v, fx.Node) for v in node.kwargs.values()):
             return None  # torch.add(x, other=y): not worth a rule of its own
         tensors = [a for a in node.args if isinstance(a, fx.Node)]
-        if len(tensors) < len(node.args) and node.target not in MULTIPLYING:
+        multiplying = node.target in MULTIPLYING
+        if len(tensors) < len(node.args) and not multiplying:
             return None  # x + c turns a zero channel into c: removing it would not be exact
         tracked = [t for t in tensors if isinstance(self.chan.get(t), Chan)]
         if not tracked:
@@ -526,25 +550,37 @@ class _Analyzer:
             sizes = [t_shape[d] if d >= 0 else 1 for d in own]
             if all(s == 1 for s in sizes):
                 continue  # broadcast along the channels: the same value for every channel
-            if t.op != "get_attr" or node.target not in MULTIPLYING or len(own) != 1:
-                return None  # an untracked tensor, or a parameter added: not exact
+            if t.op != "get_attr" or len(own) != 1 or own[0] < 0:
+                return None  # an untracked tensor: it could hold anything per channel
             self.add_param(t.target, own[0], first.ids)
+            if not multiplying:  # x + p: a removed channel drops p's share, so p scores
+                param = self.gm.get_parameter(t.target).detach()
+                self.cg.shifts.append((first.ids, param.abs().double().movedim(
+                    own[0], 0).flatten(1).amax(1)))
         return Chan(dims, first.ids)
 
     def cat(self, node):
         inputs = _arg(node, 0, "tensors")
         dim = _arg(node, 1, "dim", 0) % len(_shape(node))
         parts = [self.chan.get(t) for t in inputs]
-        if any(not isinstance(p, Chan) for p in parts) or any(
-                p.dims != parts[0].dims for p in parts) or len(parts[0].dims) != 1:
+        chans = [p for p in parts if isinstance(p, Chan)]
+        if (not chans or any(not isinstance(p, (Chan, ParamView)) for p in parts)
+                or any(p.dims != chans[0].dims for p in chans) or len(chans[0].dims) != 1):
             return None
-        if parts[0].dims == (dim,):
+        if chans[0].dims == (dim,):
+            if len(chans) < len(parts):
+                return None  # a parameter's own channels joined along the channels
             return Chan((dim,), np.concatenate([p.ids for p in parts]))
-        for p in parts[1:]:
-            if p.ids.shape != parts[0].ids.shape:
+        for p in chans[1:]:
+            if p.ids.shape != chans[0].ids.shape:
                 return None
-            self.cg.union(parts[0].ids, p.ids)
-        return parts[0]
+            self.cg.union(chans[0].ids, p.ids)
+        for t, p in zip(inputs, parts):  # a class token: sliced with the channels
+            if isinstance(p, ParamView) and _shape(t)[chans[0].dims[0]] == len(chans[0].ids):
+                self.add_param(p.path, chans[0].dims[0], chans[0].ids)
+            elif isinstance(p, ParamView):
+                return None
+        return chans[0]
 
     def reduction(self, node):
         dims = _arg(node, 1, "dim")
@@ -583,7 +619,18 @@ class _Analyzer:
         return Chan(tuple(sorted(new_dims)), chan.ids.transpose(axes))
 
     def view(self, node):
-        """A reshape understood from the shapes before and after (row-major)."""
+        """A reshape understood from the shapes before and after (row-major), when the
+        channels land on a size the graph computes (x.size(1), -1), not on a constant."""
+        chan = self.view_shapes(node)
+        sizes = _size_args(node)
+        if isinstance(chan, Chan) and sizes is not None:
+            fixed = chan.dims[-1] < len(sizes) and isinstance(sizes[chan.dims[-1]], int) \
+                and sizes[chan.dims[-1]] != -1
+            if fixed:  # x.reshape(n, 768, -1): 768 cannot shrink with the channels
+                return None
+        return chan
+
+    def view_shapes(self, node):
         chan = self.chan.get(node.args[0])
         before, after = list(_shape(node.args[0])), list(_shape(node))
         if not isinstance(chan, Chan):

@@ -138,4 +138,7 @@ def class_scores(cg: ChannelGraph, importance: Union[str, Scorer]) -> Dict[int, 
             order = 1 if importance == "l1" else 2
             add(mc.inner_ids, torch.linalg.vector_norm(mc.rule.inner_rows(mc.module), ord=order,
                                                        dim=1, dtype=torch.float64))
+    if importance in ("l1", "l2"):  # what an added parameter contributes to a channel
+        for ids, magnitude in cg.shifts:
+            add(ids, magnitude)
     return scores
