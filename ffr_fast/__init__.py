@@ -15,6 +15,8 @@ _EXPORTS = {
     "save_pruned": "ffr_fast.pruning",
     "load_pruned": "ffr_fast.pruning",
     "recalibrate_bn": "ffr_fast.pruning",
+    "residual_branches": "ffr_fast.pruning",
+    "register_rule": "ffr_fast.pruning",
     "measure_latency": "ffr_fast.metrics",
     "models": "ffr_fast.models",
 }

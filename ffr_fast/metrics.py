@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ffr_fast.modes import evaluating
+
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -15,13 +17,8 @@ def count_params(model: nn.Module) -> int:
 def count_flops(model: nn.Module, inputs: Union[torch.Tensor, Sequence[torch.Tensor]]) -> int:
     """FLOPs of one forward pass on `inputs` (a multiply-add counts as 2), in eval mode."""
     inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return flops_of(model, *inputs)[1]
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad():
+        return flops_of(model, *inputs)[1]
 
 
 def flops_of(fn: Callable[..., Any], *args) -> Tuple[Any, int]:
@@ -79,17 +76,16 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int],
     from CUDA events; on CPU from perf_counter. `threads` sets torch's intra-op threads for
     the measurement and is restored afterwards. The model's mode is restored too."""
     device = torch.device(device)
-    old_threads, was_training = torch.get_num_threads(), model.training
+    old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    model.eval()
     try:
-        return {b: _median_latency(model, torch.randn(b, *input_shape, device=device,
-                                                      dtype=dtype), warmup, repeats)
-                for b in batch_sizes}
+        with evaluating(model):
+            return {b: _median_latency(model, torch.randn(b, *input_shape, device=device,
+                                                          dtype=dtype), warmup, repeats)
+                    for b in batch_sizes}
     finally:
         torch.set_num_threads(old_threads)
-        model.train(was_training)
 
 
 def _median_latency(model, x, warmup, repeats) -> float:

@@ -42,3 +42,11 @@ def test_measure_latency_bookkeeping():
     assert set(times) == {1, 4} and all(t > 0 for t in times.values())
     assert torch.get_num_threads() == threads and net.training
 
+
+
+def test_flops_and_latency_keep_every_submodule_s_own_flag():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    model[1].eval()  # a frozen BatchNorm inside a training model
+    count_flops(model, torch.randn(1, 3, 8, 8))
+    measure_latency(model, (3, 8, 8), batch_sizes=(1,), warmup=0, repeats=1)
+    assert model.training and model[0].training and not model[1].training

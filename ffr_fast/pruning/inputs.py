@@ -1,7 +1,6 @@
 """What every entry point of the pruner checks first: the example inputs, the `ignored`
-modules, a run of the model that names what failed, and the caller's training flags."""
-import contextlib
-from typing import Dict, Iterator, Tuple
+modules, and a run of the model that names what failed."""
+from typing import Tuple
 
 import torch
 from torch import nn
@@ -83,26 +82,3 @@ def run_checked(model: nn.Module, inputs, run=None, count_flops: bool = True):
     finally:
         for handle in handles:
             handle.remove()
-
-
-def training_flags(model: nn.Module) -> Dict[str, bool]:
-    return {name: m.training for name, m in model.named_modules()}
-
-
-def restore_training_flags(model: nn.Module, flags: Dict[str, bool]) -> None:
-    """Give every submodule that has a saved flag exactly that flag back (a frozen BatchNorm
-    inside a training model stays frozen)."""
-    for name, module in model.named_modules():
-        if name in flags:
-            module.training = flags[name]
-
-
-@contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """`model` in eval mode inside the block; every submodule's own flag restored after."""
-    flags = training_flags(model)
-    model.eval()
-    try:
-        yield model
-    finally:
-        restore_training_flags(model, flags)

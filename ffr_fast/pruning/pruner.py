@@ -19,8 +19,8 @@ from .fold import fold_batchnorms, foldable_pairs
 from .graph import analyze, reads_training_flag, trace
 from .importance import Scorer, class_scores, scorer_for
 from .inplace import adds_in_place
-from .inputs import (as_inputs, evaluating, resolve_ignored, restore_training_flags,
-                     run_checked, training_flags)
+from ..modes import evaluating, restore_training_flags, training_flags
+from .inputs import as_inputs, resolve_ignored, run_checked
 from .plan import make_plan
 from .report import PruneReport
 from .surgery import apply_plan, renormalized_layers, set_submodule, zero_removed

@@ -12,6 +12,8 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from ..modes import restore_training_flags, training_flags
+
 
 def recalibrate_bn(model: nn.Module, batches: Iterable, max_batches: Optional[int] = None) -> int:
     """Recompute the running mean and variance of every BatchNorm layer of `model` from
@@ -26,7 +28,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, max_batches: Optional[in
         return 0
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1, got {max_batches}")
-    modes = {m: m.training for m in model.modules()}
+    flags = training_flags(model)
     momenta = {m: m.momentum for m in norms}
     saved = {m: {k: v.clone() for k, v in m.state_dict().items()} for m in norms}
     used = 0
@@ -51,8 +53,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, max_batches: Optional[in
             norm.load_state_dict(state)
         raise
     finally:
-        for module, training in modes.items():
-            module.train(training)
+        restore_training_flags(model, flags)
         for norm, momentum in momenta.items():
             norm.momentum = momentum
     return used

@@ -19,7 +19,7 @@ from .blocks import ResidualBranch, remove_branches
 from .fold import bypass_batchnorm
 from .graph import trace
 from .inplace import replay_adds_in_place
-from .inputs import restore_training_flags, training_flags
+from ..modes import restore_training_flags, training_flags
 from .pruner import STRUCTURE_FORMAT, STRUCTURE_KEY, PruneResult
 from .rules import rule_for
 

@@ -1,0 +1,32 @@
+"""Every submodule's own training flag, saved and given back exactly.
+
+`model.train(was_training)` sets one flag on every submodule, so a BatchNorm the user froze
+inside a training model would come back training. Whatever runs a user's model in eval mode
+for a moment (FLOP counting, latency, pruning, BatchNorm recalibration) goes through here.
+"""
+import contextlib
+from typing import Dict, Iterator
+
+from torch import nn
+
+
+def training_flags(model: nn.Module) -> Dict[str, bool]:
+    return {name: m.training for name, m in model.named_modules()}
+
+
+def restore_training_flags(model: nn.Module, flags: Dict[str, bool]) -> None:
+    """Give every submodule that has a saved flag exactly that flag back."""
+    for name, module in model.named_modules():
+        if name in flags:
+            module.training = flags[name]
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode inside the block; every submodule's own flag restored after."""
+    flags = training_flags(model)
+    model.eval()
+    try:
+        yield model
+    finally:
+        restore_training_flags(model, flags)
