@@ -1,5 +1,6 @@
 """Helpers shared by ffr_fast's tests and benchmarks: one home for the tolerances of the op
-against the float64 reference and for random chains.
+against the float64 reference, for random chains, and for random models that look trained
+(and FFR-sparsified) for the pruner.
 
 Tolerances are relative to the largest reference value (relative_error): float64 1e-10,
 float32 1e-5, float16/bfloat16 1e-2 against the float64 reference of the upcast inputs.
@@ -7,7 +8,7 @@ float32 1e-5, float16/bfloat16 1e-2 against the float64 reference of the upcast 
 from typing import List, Optional, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2,
              torch.bfloat16: 1e-2}
@@ -46,3 +47,30 @@ def relative_error(actual: Tensor, expected: Tensor) -> float:
     """max |actual - expected| / max |expected|, in float64."""
     expected = expected.double()
     return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+# -- models for the pruner's tests and benchmarks: random, but looking trained ----------
+def look_trained(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BN affine parameters and running statistics, as after training; eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+    return model.eval()
+
+
+def kill_channels(model: nn.Module, path: str, channels: Sequence[int],
+                  bn_path: Optional[str] = None) -> None:
+    """Make output `channels` of layer `path` (and of its BN) exactly zero."""
+    with torch.no_grad():
+        for p in (path, bn_path):
+            if p is not None:
+                m = model.get_submodule(p)
+                m.weight[channels] = 0
+                if m.bias is not None:
+                    m.bias[channels] = 0

@@ -1,11 +1,11 @@
 """Test-only networks for the pruner, each exercising one dependency rule; the helpers that
-make a random model look trained or give it dead filters live in ffr_fast.pruning.testing."""
+make a random model look trained or give it dead filters live in ffr_fast.testing."""
 import pytest
 import torch
 import torch.fx
 from torch import nn
 
-from ffr_fast.pruning.testing import kill_channels, look_trained  # noqa: F401 (re-exported)
+from ffr_fast.testing import kill_channels, look_trained  # noqa: F401 (re-exported)
 
 
 def conv_bn_relu(cin, cout, k=3, groups=1):
