@@ -27,7 +27,6 @@ import argparse
 import os
 import platform
 import statistics
-import time
 
 import torch
 from torch import nn
@@ -36,6 +35,7 @@ from ffr_fast import FFRLoss, ops, reference
 from ffr_fast.penalty import flow_penalty_chains
 from penalty_table import CHAIN_LENGTH, CHAIN_SHAPES, copy_bandwidth
 from results_io import write_results  # noqa: E402  (bench/ is the script's folder)
+from timing import interleaved_medians
 
 BATCHES = (1, 2, 8, 128)
 OPTIONS = dict(grad_weight=1e-3, curv_weight=1e-3)
@@ -109,15 +109,7 @@ def measure(rounds: int, threads: int) -> dict:
         for step in steps.values():  # warm-up: compilation, allocator, layout caches
             for _ in range(2):
                 step()
-        medians = {name: [] for name in steps}
-        for _ in range(rounds):
-            for name, step in steps.items():
-                times = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    step()
-                    times.append(time.perf_counter() - start)
-                medians[name].append(statistics.median(times))
+        medians = interleaved_medians(steps, rounds, repeats)
         seconds = {name: statistics.median(m) for name, m in medians.items()}
         row = {"batch": batch, "seconds": seconds, "op_over": {
             f"{way} ({name})": seconds[f"{way} ({OP})"] / seconds[f"{way} ({name})"]

@@ -15,12 +15,12 @@ import argparse
 import os
 import platform
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from ffr_fast import FFRLoss, models, ops, reference
+from timing import interleaved_medians
 from results_io import write_results  # noqa: E402  (bench/ is the script's folder)
 
 # name -> (whether FFRLoss is on, its penalty_fn: None is the shipped one-call op)
@@ -60,16 +60,7 @@ def measure(rounds: int, batch: int) -> dict:
     steps = {name: make_training_step(name, batch) for name in VARIANTS}
     for step in steps.values():  # warm-up: allocator, kernels, lazy imports
         step()
-    seconds = {name: [] for name in VARIANTS}
-    repeats = steps_per_round(batch)
-    for _ in range(rounds):
-        for name, step in steps.items():
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - start)
-            seconds[name].append(statistics.median(times))
+    seconds = interleaved_medians(steps, rounds, steps_per_round(batch))
     baseline = seconds["no regularizer"]
     return {
         name: {

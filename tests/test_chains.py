@@ -253,9 +253,9 @@ def test_explicit_blocks_of_a_graph_module_that_never_run_are_named():
     torch.manual_seed(0)
     pruned = ffr_fast.prune(models.resnet20().eval(), torch.randn(1, 3, 32, 32),
                             ratio=0.2).model.train()
-    ffr = FFRLoss(pruned, layers=["layer1.0", "layer1.1"])
-    with pytest.raises(RuntimeError, match=r"never called the hooked layers \['layer1.0', "
-                                           r"'layer1.1'\].*GraphModule"):
+    with FFRLoss(pruned, layers=["layer1.0", "layer1.1"]), pytest.raises(
+            RuntimeError, match=r"never called the hooked layers \['layer1.0', 'layer1.1'\]"
+                                r".*GraphModule"):
         pruned(torch.randn(2, 3, 32, 32))
 
 
