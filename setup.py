@@ -74,7 +74,7 @@ setup(
         "study": STUDY_REQUIRES,
         "test": STUDY_REQUIRES + ["triton>=3.2", "pytest>=8", "pytest-benchmark>=4"],
         # the reference tool that bench/vs_torch_pruning.py compares against
-        "bench": STUDY_REQUIRES + ["pytest-benchmark>=4", "torch-pruning==1.6.1"],
+        "bench": STUDY_REQUIRES + ["pytest-benchmark>=4", "torch-pruning>=1.6,<1.7"],
     },
     entry_points={"console_scripts": ["ffr-fast=ffr_fast.study.cli:main"]},
     ext_modules=ext_modules,

@@ -82,13 +82,15 @@ def make_steps(batch: int, seed: int = 0):
     chains = [[torch.randn((batch, *shape), generator=generator).requires_grad_()
                for _ in range(CHAIN_LENGTH)] for shape in CHAIN_SHAPES]
     features = [x for chain in chains for x in chain]
-    model = FeatureSource(features).train()
     layers = [f"layers.{i}" for i in range(len(features))]
     steps = {}
     for name, (penalty_fn, whole_flow) in penalty_functions().items():
+        # A model of its own for each method: hooks of the other methods' losses on a shared
+        # model would run in every method's forward and blur the comparison.
+        model = FeatureSource(features).train()
         ffr = FFRLoss(model, layers=layers, penalty_fn=penalty_fn, **OPTIONS)
 
-        def through_ffrloss(ffr=ffr):
+        def through_ffrloss(model=model, ffr=ffr):
             model()
             return torch.autograd.grad(ffr(), features)
 

@@ -40,8 +40,11 @@ def build(name: str, image_size: int, seed: int = 0) -> nn.Module:
 
 
 def classifier(model: nn.Module) -> nn.Module:
-    """The last Linear layer: the model's output, which neither tool may narrow."""
-    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    """The layer that writes the model's output (neither tool may narrow it): the last
+    Linear, or the last convolution of a net without one (squeezenet)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else [m for m in model.modules()
+                                        if isinstance(m, nn.Conv2d)][-1]
 
 
 def torch_pruning(model: nn.Module, example: torch.Tensor, ratio: float) -> nn.Module:

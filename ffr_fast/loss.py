@@ -7,7 +7,6 @@
 """
 import functools
 import warnings
-from collections import Counter
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -98,7 +97,8 @@ class FFRLoss(nn.Module):
         self._phase = _NO_FORWARD
         self._captured: List[Tuple[str, Tensor, Optional[int]]] = []
         self._chains: List[Chain] = []
-        self._calls: Counter = Counter()  # calls of each hooked layer in this forward
+        self._calls: Dict[str, int] = {}  # calls of each hooked layer in this forward
+        self._compiling = False  # whether the forward being captured is being compiled
         self._no_grad_layers: List[str] = []  # captured with gradients off (see _capture)
         self._warned_no_curvature = False
         # What describe() reports about the last training forward (names and shapes only).
@@ -108,6 +108,7 @@ class FFRLoss(nn.Module):
         points_of: Dict[str, List[CapturePoint]] = {}
         for point in points:
             points_of.setdefault(point.module, []).append(point)
+        self._hooked_modules = tuple(points_of)
         self._handles = [model.register_forward_pre_hook(self._start_forward)]
         for name, module_points in points_of.items():
             # One hook a module counts its calls: the input reader where there is one (it
@@ -123,19 +124,34 @@ class FFRLoss(nn.Module):
         self._handles.append(model.register_forward_hook(self._end_forward))
 
     # -- hooks --------------------------------------------------------------------------
+    # The hooks run in every training forward, so their state is plain attributes: written
+    # through nn.Module.__setattr__ (which looks for parameters, buffers and submodules)
+    # they would cost a measurable part of a small step.
+    _PER_FORWARD_STATE = frozenset({"_phase", "_captured", "_chains", "_calls",
+                                    "_no_grad_layers", "_compiling", "_last_shapes",
+                                    "_last_chains"})
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self._PER_FORWARD_STATE:
+            self.__dict__[name] = value
+        else:
+            super().__setattr__(name, value)
+
     def _start_forward(self, model: nn.Module, args) -> None:
         if self._phase == _REMOVED:
             return
-        self._captured, self._chains, self._calls = [], [], Counter()
-        self._no_grad_layers = []
+        self._captured, self._chains, self._calls, self._no_grad_layers = [], [], {}, []
+        # Under torch.compile the version seen while tracing is not the real tensor's, so
+        # a compiled forward cannot be checked for later in-place writes (see _keep).
+        self._compiling = torch.compiler.is_compiling()
         self._phase = _CAPTURING if model.training and torch.is_grad_enabled() else _INFERENCE
 
     def _read_input(self, name: str, inputs: List[CapturePoint], module: nn.Module,
                     args) -> None:
         if self._phase != _CAPTURING:
             return
-        call = self._calls[name]
-        self._calls[name] += 1
+        call = self._calls.get(name, 0)
+        self._calls[name] = call + 1
         for point in inputs:
             if point.call in (None, call) and args and isinstance(args[0], Tensor):
                 self._keep(point.label(call), args[0])
@@ -144,14 +160,15 @@ class FFRLoss(nn.Module):
                      module: nn.Module, args, output) -> None:
         if self._phase != _CAPTURING:
             return
+        calls = self._calls
+        call = calls.get(name, 0) if counts_calls else calls[name] - 1
         if counts_calls:
-            self._calls[name] += 1
+            calls[name] = call + 1
         if not isinstance(output, Tensor):
             return
-        call = self._calls[name] - 1
         for point in outputs:
-            if point.call in (None, call):
-                self._keep(point.label(call), output)
+            if point.call is None or point.call == call:
+                self._keep(name if call == 0 else point.label(call), output)
 
     def _keep(self, label: str, feature: Tensor) -> None:
         if not torch.is_grad_enabled():
@@ -159,10 +176,7 @@ class FFRLoss(nn.Module):
             # sits in a region such as checkpoint(..., use_reentrant=True): its output
             # carries no graph, so the penalty could not train anything before it.
             self._no_grad_layers.append(label)
-        # Under torch.compile the version seen while tracing is not the real tensor's, so
-        # a compiled forward cannot be checked for later in-place writes (None: unchecked).
-        version = None if torch.compiler.is_compiling() else feature._version
-        self._captured.append((label, feature, version))
+        self._captured.append((label, feature, None if self._compiling else feature._version))
 
     def _end_forward(self, model: nn.Module, args, output) -> None:
         if self._phase != _CAPTURING:
@@ -176,9 +190,8 @@ class FFRLoss(nn.Module):
 
     def _check_forward(self) -> None:
         """What only a whole forward shows; raised from the model's call, before any loss."""
-        never_called = [name for name in dict.fromkeys(p.module for p in self.capture_points)
-                        if self._calls[name] == 0]
-        if never_called:
+        if len(self._calls) < len(self._hooked_modules):
+            never_called = [name for name in self._hooked_modules if name not in self._calls]
             self._chains, self._phase = [], _NO_FORWARD
             graph_note = (" The model is a torch.fx.GraphModule (a pruned model, say): its "
                           "forward calls leaf modules only; layers='auto' reads its residual "
@@ -256,7 +269,7 @@ class FFRLoss(nn.Module):
         starts as if no forward had run."""
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         state = dict(state)
-        state.update(_captured=[], _chains=[], _calls=Counter(), _no_grad_layers=[])
+        state.update(_captured=[], _chains=[], _calls={}, _no_grad_layers=[])
         if state["_phase"] != _REMOVED:
             state["_phase"] = _NO_FORWARD
         return state
