@@ -5,24 +5,20 @@ allocates a fresh tensor at every residual add where the eager model reused one;
 doubles the adds' time (ResNet-56, batch 64: 12 ms against 6 ms of a 130 ms forward). An add
 becomes `a.add_(b)` when `a` has the add's own shape (no broadcasting into it) and is
 *owned* by the add: nothing else reads it and autograd does not need it. That is the output
-of a Conv, BatchNorm or Linear call or of a product with a parameter (a layer scale), also
-when it reaches the add through ops that return their input or a fresh product (Identity,
-Dropout, torchvision's StochasticDepth), each read by the next alone. Autograd saves none
-of those outputs, so the rewrite is safe in training too.
+of a layer whose rule says `output_writable` (Conv, BatchNorm, Linear) or of a product with
+a parameter (a layer scale), also when it reaches the add through layers whose rule says
+`passes_input` (Identity, Dropout, torchvision's StochasticDepth), each read by the next
+alone. Autograd saves none of those outputs, so the rewrite is safe in training too.
 """
 import operator
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
-from torch import nn
+
+from .rules import rule_for
 
 OUT_OF_PLACE_ADDS = (operator.add, torch.add)
-PRODUCERS_NOT_SAVED_BY_AUTOGRAD = (nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d,
-                                   nn.Linear)
-# Return their input (eval) or a fresh product of it (training), saving no output.
-PASS_THROUGH = (nn.Identity, nn.Dropout)
-PASS_THROUGH_NAMES = {"torchvision.ops.stochastic_depth.StochasticDepth"}
 
 
 def _shape(node) -> Optional[torch.Size]:
@@ -48,11 +44,10 @@ def _owned(node: fx.Node, modules) -> bool:
     """Whether `node`'s tensor is read by its one user alone and not needed by autograd."""
     while len(node.users) == 1:
         if node.op == "call_module":
-            module = modules[node.target]
-            if isinstance(module, PRODUCERS_NOT_SAVED_BY_AUTOGRAD):
+            rule = rule_for(modules[node.target])
+            if rule is not None and rule.output_writable:
                 return True
-            name = f"{type(module).__module__}.{type(module).__qualname__}"
-            if not (isinstance(module, PASS_THROUGH) or name in PASS_THROUGH_NAMES):
+            if rule is None or not rule.passes_input:
                 return False
             node = node.args[0]
             if not isinstance(node, fx.Node):

@@ -70,6 +70,12 @@ class Rule:
     # The layer whose rows and bias make this layer's output channels (a producer itself;
     # attention: its output projection): what importance scores and branch tails read.
     emitter: Callable[[nn.Module], nn.Module] = lambda module: module
+    # For residual adds written back in place (inplace.py): the layer's output is a fresh
+    # tensor that autograd does not save, so an add may write into it (`output_writable`),
+    # or the layer returns its input or a fresh product of it and saves nothing, so the
+    # question passes to its input (`passes_input`).
+    output_writable: bool = False
+    passes_input: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -99,7 +105,7 @@ def register_rule(module_type: Type[nn.Module], rule: Rule) -> None:
 # baked into the graph (a fine-tuned pruned model would never drop a path), so it is a leaf,
 # element-wise (identity in eval, a per-sample scale in training: zeros stay zeros).
 RULES_BY_NAME: Dict[str, Rule] = {
-    "torchvision.ops.stochastic_depth.StochasticDepth": Rule("channelwise")}
+    "torchvision.ops.stochastic_depth.StochasticDepth": Rule("channelwise", passes_input=True)}
 
 
 def rule_for(module: nn.Module) -> Optional[Rule]:
@@ -155,10 +161,13 @@ NORM_PARAMS = {"weight": ("out",), "bias": ("out",), "running_mean": ("out",),
 
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_rule(_conv, Rule("producer", 1, CONV_PARAMS, _resize_conv,
-                              groups=lambda m: m.groups))
+                              groups=lambda m: m.groups, output_writable=True))
 register_rule(nn.ConvTranspose2d, Rule("producer", 1, {"weight": ("in", "out"), "bias": ("out",)},
                                        _resize_conv_transpose, groups=lambda m: m.groups))
-register_rule(nn.Linear, Rule("producer", -1, CONV_PARAMS, _resize_linear))
+register_rule(nn.Linear, Rule("producer", -1, CONV_PARAMS, _resize_linear,
+                              output_writable=True))
+
+
 def bn_affine(bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
     """The eval-mode per-channel map y = scale * x + shift of a BatchNorm, in float64."""
     ones = torch.ones(bn.num_features, device=bn.running_var.device
@@ -181,7 +190,8 @@ def _affine_bound(norm: nn.Module) -> torch.Tensor:
 
 for _bn in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
     register_rule(_bn, Rule("channelwise", 1, NORM_PARAMS, _resize_norm, _never,
-                            emits_for_zero=lambda m: bn_affine(m)[1], affine=bn_affine))
+                            emits_for_zero=lambda m: bn_affine(m)[1], affine=bn_affine,
+                            output_writable=True))
 register_rule(nn.LayerNorm, Rule("channelwise", -1, {"weight": ("out",), "bias": ("out",)},
                                  _resize_layer_norm, _never, emits_for_zero=_affine_bound,
                                  renormalizes=True))
@@ -202,8 +212,10 @@ def _threshold_keeps_zero(m: nn.Threshold) -> bool:  # y = x if x > threshold el
 
 # Element-wise ops whose every instance maps a zero to a zero.
 for _op in (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh, nn.ELU, nn.CELU,
-            nn.Mish, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity):
+            nn.Mish, nn.Dropout1d, nn.Dropout2d):
     register_rule(_op, Rule("channelwise"))
+for _op in (nn.Identity, nn.Dropout):  # their input itself (eval), or a fresh product
+    register_rule(_op, Rule("channelwise", passes_input=True))
 # Ops on the dimensions after the channel: pools and resizing.
 for _op in (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
             nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample):
