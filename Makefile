@@ -8,6 +8,7 @@ BIN := $(VENV)/bin
 BUILD_INPUTS := setup.py $(wildcard csrc/*.cpp csrc/*.h)
 STUDY_INSTALLED := $(VENV)/.ffr_fast-study
 TEST_INSTALLED := $(VENV)/.ffr_fast-test
+BENCH_INSTALLED := $(VENV)/.ffr_fast-bench
 
 .PHONY: demo demo-vit test bench sweep sweep-vit clean
 
@@ -39,8 +40,12 @@ demo-vit: $(STUDY_INSTALLED)
 test: $(TEST_INSTALLED)
 	$(BIN)/python -m pytest -q tests
 
-bench: $(TEST_INSTALLED)
+# The bench extra adds the reference pruning tool (Torch-Pruning) for bench/vs_torch_pruning.py.
+$(BENCH_INSTALLED): $(TEST_INSTALLED)
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,bench]" $(PINS)
+	touch $@
+
+bench: $(BENCH_INSTALLED)
 	$(BIN)/python -m pytest -q --benchmark-only bench
 
 sweep: $(STUDY_INSTALLED)
