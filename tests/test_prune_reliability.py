@@ -9,7 +9,7 @@ from torch import nn
 
 from ffr_fast import models
 from ffr_fast.pruning import (ExampleInputError, FlopsTargetWarning, load_pruned, prune,
-                              save_pruned)
+                              residual_branches, save_pruned)
 from nets import kill_channels, look_trained, one_thread  # noqa: F401
 
 X = torch.randn(2, 3, 32, 32)
@@ -225,3 +225,29 @@ def test_a_forward_that_reads_the_training_flag_is_reported():
     [note] = result.report.warnings
     assert "reads self.training" in note and "WARNING" in str(result.report)
     assert prune(look_trained(models.resnet20()), X, ratio=0.5).report.warnings == []
+
+
+class ConstantIndexNet(nn.Module):
+    """A forward that makes a tensor from constants: torch.fx stores it as a new attribute
+    (_tensor_constant0) of the module it traces."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.conv1(x)))[:, torch.tensor([3, 2, 1, 0])]
+
+
+def test_tracing_leaves_no_attribute_on_the_user_model(tmp_path):
+    torch.manual_seed(0)
+    model = ConstantIndexNet().eval()
+    before = set(vars(model))
+    x = torch.randn(1, 3, 10, 10)
+    first = prune(model, x, ratio=0.5)
+    residual_branches(model, x)
+    assert set(vars(model)) == before
+    save_pruned(first, tmp_path / "p.pt")  # a second prune and a reload see the same model
+    loaded = load_pruned(tmp_path / "p.pt", model)
+    torch.testing.assert_close(loaded(x), first.model(x))
+    torch.testing.assert_close(prune(model, x, ratio=0.5).model(x), first.model(x))

@@ -8,15 +8,15 @@ branches leave the model, which comes back compact and verified.
     prune(model, x, remove_branches=["layer2.1"])   # depth pruning by name
     prune(model, x, flops_target=0.5)        # a FLOPs budget
 
-Modules: rules (the one table of layer types; register_rule), graph (channel dependencies
-from torch.fx), importance (scores), plan (what goes), blocks (residual branches: found,
-measured, removed), surgery (slicing), attention (head-pruned MultiheadAttention), fold
-(BN folding), inplace (residual adds written in place, as the eager model did), inputs
-(checks of what the caller passes), report, serialize, testing (helpers that make a random
-model look trained or sparse).
+Modules: rules (the one table of layer types and functions; register_rule), tracing
+(torch.fx), graph (channel dependencies) and channels (what it produces), importance
+(scores), plan (what goes), blocks (residual branches: found, measured, removed), surgery
+(slicing), attention (head-pruned MultiheadAttention), fold (BN folding), inplace (residual
+adds written in place, as the eager model did), inputs (checks of what the caller passes),
+report, serialize, recalibrate (BatchNorm statistics after pruning).
 """
 from .blocks import ResidualBranch
-from .graph import UntraceableModelError
+from .tracing import UntraceableModelError
 from .inputs import ExampleInputError
 from .pruner import FlopsTargetWarning, PruneResult, prune, residual_branches
 from .recalibrate import recalibrate_bn

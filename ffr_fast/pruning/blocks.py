@@ -27,8 +27,8 @@ import torch
 import torch.fx as fx
 
 from ..metrics import flops_of
-from .graph import MULTIPLYING, PERMUTES, VIEWS, is_zero_preserving_call
-from .rules import is_zero_preserving_module, rule_for
+from .rules import (MULTIPLYING, PERMUTES, VIEWS, is_zero_preserving_call,
+                    is_zero_preserving_module, rule_for)
 from .importance import Scorer, layer_scores
 
 ADD_TARGETS = {operator.add, operator.iadd, torch.add, "add", "add_"}

@@ -1,12 +1,13 @@
 """The channel-dependency graph: which channels of which layers must be removed together.
 
-The model is traced with torch.fx and shapes are propagated on the example inputs. A tensor's
+The model is traced with torch.fx (tracing.py) and shapes are propagated on the example inputs. A tensor's
 *channel ids* belong to one of its dimensions (or, after a head split, to a few adjacent
 ones) and follow that dimension through permute / transpose / view / reshape / flatten /
 unflatten / squeeze / chunk / getitem. Ids that must be removed together are merged in a
 union-find (numpy, vectorised); each merged set is a *channel class*, the atom of pruning.
 
-How ids flow is read from the rule table (rules.py) for modules, and here for functions:
+How ids flow is read from the rule table (rules.py), for modules and for functions; the
+result is a ChannelGraph (channels.py):
 - a producer (Conv, Linear on the last dimension of any rank) reads its input's ids and
   writes fresh ones. Depthwise conv: output channel c*m+j is tied to input channel c.
   Grouped conv: position p of every group is tied across groups.
@@ -24,244 +25,16 @@ reads or writes are *pinned* (never pruned) and the op is named with the reason.
 inputs and outputs are pinned too.
 """
 import operator
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional
 
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch import nn
 
-from .rules import Rule, out_channels, rule_for
-
-
-class UntraceableModelError(RuntimeError):
-    """torch.fx could not trace the model; the message names the failing module."""
-
-
-def layer_norm_last_dim(x, weight, bias, eps: float):
-    """F.layer_norm over the last dimension, its size read from the weight: a traced
-    `F.layer_norm(x, (C,), weight, bias)` has C baked in, so trace() rewrites it to this."""
-    return F.layer_norm(x, weight.shape, weight, bias, eps)
-
-
-torch.fx.wrap("layer_norm_last_dim")
-
-
-class _PathTracer(fx.Tracer):
-    """A tracer that treats `leaves` and types with a rule as opaque, and remembers which
-    module it was inside."""
-
-    def __init__(self, leaves=()):  # no-argument form: GraphModule unpickling re-traces
-        super().__init__()
-        self.leaves = set(leaves)
-        self.stack: List[str] = []
-
-    def is_leaf_module(self, m, qualified_name):
-        return (qualified_name in self.leaves or rule_for(m) is not None
-                or super().is_leaf_module(m, qualified_name))
-
-    def call_module(self, m, forward, args, kwargs):
-        self.stack.append(self.path_of_module(m))
-        out = super().call_module(m, forward, args, kwargs)
-        self.stack.pop()
-        return out
-
-
-def trace(model: nn.Module, leaves: Sequence[str] = ()) -> fx.Graph:
-    """Trace `model`; a failure names the innermost module being traced and how to skip it."""
-    tracer = _PathTracer(leaves)
-    try:
-        graph = tracer.trace(model)
-    except Exception as error:
-        if not tracer.stack:
-            raise UntraceableModelError(
-                f"torch.fx cannot trace the top-level forward of {type(model).__name__}: "
-                f"{error}. Move the untraceable code into a submodule and pass its name in "
-                "`ignored`.") from error
-        path = tracer.stack[-1]
-        kind = type(model.get_submodule(path)).__name__
-        raise UntraceableModelError(
-            f"torch.fx cannot trace module '{path}' ({kind}): {error}. Mark it as a leaf by "
-            f"passing ignored=['{path}'] to prune(); its input and output channels are then "
-            "kept.") from error
-    _layer_norm_sizes_from_weights(graph)
-    return graph
-
-
-def reads_training_flag(model: nn.Module, leaves: Sequence[str] = ()) -> bool:
-    """Whether the traced code differs between train and eval mode: a traced forward that
-    reads `self.training` (torch.fx bakes its value into the graph), whose pruned model
-    then runs the mode it was traced in, whatever its flags say. Leaves every flag as it
-    was."""
-    flags = {name: m.training for name, m in model.named_modules()}
-    try:
-        codes = []
-        for mode in (False, True):
-            model.train(mode)
-            codes.append(trace(model, leaves).python_code("self").src)
-    finally:
-        for name, module in model.named_modules():
-            module.training = flags[name]
-    return codes[0] != codes[1]
-
-
-def _layer_norm_sizes_from_weights(graph: fx.Graph) -> None:
-    for node in list(graph.nodes):
-        if node.target is not F.layer_norm:
-            continue
-        shape, weight = _arg(node, 1, "normalized_shape"), _arg(node, 2, "weight")
-        bias, eps = _arg(node, 3, "bias"), _arg(node, 4, "eps", 1e-5)
-        if isinstance(weight, fx.Node) and isinstance(shape, (tuple, list)) and len(shape) == 1:
-            with graph.inserting_before(node):
-                new = graph.call_function(layer_norm_last_dim, (node.args[0], weight, bias, eps))
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
-
-
-# ---- functions and methods ----------------------------------------------------------------
-# Element-wise ops that map a zero to a zero: ids pass through on any dimension.
-ELEMENTWISE = {F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.hardswish, F.elu, F.mish,
-               F.dropout, torch.relu, torch.tanh, "relu", "relu_", "tanh", "contiguous",
-               "clone", "detach", "to", "float", "type_as"}
-# Ops on the dimensions after the channel (dim 1): pools and resizing.
-SPATIAL = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
-           F.interpolate, F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d}
-GATES = {torch.sigmoid, F.sigmoid, F.hardsigmoid, "sigmoid"}  # f(0) = 1/2
-MERGING = {operator.add, operator.sub, operator.mul, operator.iadd, operator.isub,
-           operator.imul, torch.add, torch.sub, torch.mul, "add", "add_", "sub", "sub_", "mul",
-           "mul_"}
-MULTIPLYING = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}  # x * s keeps zeros
-VIEWS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten,
-         "flatten", "view", "reshape", "squeeze", "unsqueeze", "unflatten"}
-PERMUTES = {torch.permute, "permute", torch.transpose, "transpose", torch.movedim, "movedim"}
-REDUCTIONS = {torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"}
-SHAPE_QUERIES = {"size", "dim", "numel", getattr, len}  # read a shape, not the values
-SPLITS = {torch.chunk, "chunk", torch.unbind, "unbind", torch.split, "split"}
-# torchvision's stochastic depth is an fx-wrapped function: identity in eval, and in
-# training a per-sample multiplier, which keeps zeros.
-ELEMENTWISE_BY_NAME = {("torchvision.ops.stochastic_depth", "stochastic_depth")}
-
-
-def is_zero_preserving_call(node: fx.Node) -> bool:
-    """Whether a call_function / call_method node maps a zero element to zero."""
-    if node.target is F.hardtanh:
-        low = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
-        high = node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0)
-        return isinstance(low, (int, float)) and isinstance(high, (int, float)) and low <= 0 <= high
-    named = (getattr(node.target, "__module__", None), getattr(node.target, "__name__", None))
-    return node.target in ELEMENTWISE or node.target in SPATIAL or named in ELEMENTWISE_BY_NAME
-
-
-@dataclass
-class Chan:
-    """The channel ids of one tensor: `ids` spans the tensor's dimensions `dims` (adjacent,
-    ascending; one dimension but after a head split), its shape their sizes."""
-    dims: Tuple[int, ...]
-    ids: np.ndarray
-
-
-@dataclass
-class ParamView:
-    """A parameter expanded to a tensor of the same rank (ViT's class token): its channels
-    are the tensor's, once an op tells which dimension they are on."""
-    path: str
-
-
-@dataclass
-class ModuleChannels:
-    """The channel ids one module with a rule reads (`in_ids`) and writes (`out_ids`)."""
-    path: str
-    module: nn.Module
-    rule: Rule
-    in_ids: Optional[np.ndarray]
-    out_ids: np.ndarray
-    node: fx.Node
-    inner_ids: Optional[np.ndarray] = None  # attention: the heads' channels
-
-    def written(self) -> List[Tuple[str, np.ndarray]]:
-        """(layer name, ids) of every set of channels this layer creates."""
-        out = [(self.path, self.out_ids)]
-        if self.inner_ids is not None:
-            out.append((f"{self.path} (heads)", self.inner_ids))
-        return out
-
-
-@dataclass
-class ParamChannels:
-    """A parameter the graph reads directly (get_attr), e.g. a layer scale: its dimension
-    `dim` holds the channels `ids`."""
-    path: str
-    dim: int
-    ids: np.ndarray
-
-
-@dataclass
-class ChannelGraph:
-    size: int = 0
-    edges: List[Tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
-    modules: Dict[str, ModuleChannels] = field(default_factory=dict)
-    params: List[ParamChannels] = field(default_factory=list)
-    pins: Dict[int, str] = field(default_factory=dict)  # channel id -> why it is kept
-    unknown_ops: List[dict] = field(default_factory=list)
-    renormalized: List[Tuple[np.ndarray, str]] = field(default_factory=list)
-    # Parameters added to channels (a position embedding): a removed channel loses its
-    # share of them, so they count in its score (the largest |value| per channel).
-    shifts: List[Tuple[np.ndarray, torch.Tensor]] = field(default_factory=list)
-    _labels: Optional[np.ndarray] = None
-
-    def fresh(self, n: int) -> np.ndarray:
-        start, self.size = self.size, self.size + n
-        self._labels = None
-        return np.arange(start, start + n, dtype=np.int64)
-
-    def union(self, a: np.ndarray, b: np.ndarray) -> None:
-        a, b = np.asarray(a, dtype=np.int64).ravel(), np.asarray(b, dtype=np.int64).ravel()
-        if a.shape != b.shape:
-            raise RuntimeError(f"internal: union of {a.shape} and {b.shape} ids")
-        self.edges.append((a, b))
-        self._labels = None
-
-    def labels(self) -> np.ndarray:
-        """Every id's class root (the smallest id of its class), computed once for all the
-        unions: min-label propagation with pointer jumping, vectorised in numpy."""
-        if self._labels is not None:
-            return self._labels
-        labels = np.arange(self.size, dtype=np.int64)
-        if self.edges:
-            a = np.concatenate([e[0] for e in self.edges])
-            b = np.concatenate([e[1] for e in self.edges])
-            while True:
-                la, lb = labels[a], labels[b]
-                low = np.minimum(la, lb)
-                if np.array_equal(la, lb):
-                    break
-                for ends in (a, b, la, lb):  # hook both ids and their roots to the lower root
-                    np.minimum.at(labels, ends, low)
-                while True:  # pointer jumping until every id points at a root
-                    jumped = labels[labels]
-                    if np.array_equal(jumped, labels):
-                        break
-                    labels = jumped
-        self._labels = labels
-        return labels
-
-    def roots(self, ids: np.ndarray) -> np.ndarray:
-        return self.labels()[np.asarray(ids, dtype=np.int64)]
-
-    def pin(self, ids: np.ndarray, reason: str) -> None:
-        for i in np.asarray(ids).ravel().tolist():
-            self.pins.setdefault(i, reason)
-
-    def pinned_roots(self) -> Dict[int, str]:
-        out: Dict[int, str] = {}
-        if not self.pins:
-            return out
-        ids = np.fromiter(self.pins.keys(), dtype=np.int64)
-        for root, reason in zip(self.roots(ids).tolist(), self.pins.values()):
-            out.setdefault(root, reason)
-        return out
+from .channels import Chan, ChannelGraph, ModuleChannels, ParamChannels, ParamView
+from .rules import (GATES, MERGING, MULTIPLYING, PERMUTES, REDUCTIONS, SHAPE_QUERIES, SPATIAL,
+                    SPLITS, VIEWS, Rule, is_zero_preserving_call, out_channels, rule_for)
+from .tracing import layer_norm_last_dim, node_arg
 
 
 def _shape(node) -> Optional[torch.Size]:
@@ -285,12 +58,6 @@ def _size_args(node: fx.Node) -> Optional[list]:
     if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
         sizes = sizes[0]
     return list(sizes)
-
-
-def _arg(node: fx.Node, index: int, name: str, default=None):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
 
 
 class _Analyzer:
@@ -434,7 +201,7 @@ class _Analyzer:
     def attention(self, node, module, rule: Rule):
         """Self-attention (query is key is value) without masks: a list (output, weights)."""
         heads = rule.heads(module)
-        query, key, value = (_arg(node, i, name) for i, name in
+        query, key, value = (node_arg(node, i, name) for i, name in
                              enumerate(("query", "key", "value")))
         extra = list(node.args[3:]) + [v for k, v in node.kwargs.items()
                                        if k not in ("query", "key", "value")]
@@ -560,8 +327,8 @@ class _Analyzer:
         return Chan(dims, first.ids)
 
     def cat(self, node):
-        inputs = _arg(node, 0, "tensors")
-        dim = _arg(node, 1, "dim", 0) % len(_shape(node))
+        inputs = node_arg(node, 0, "tensors")
+        dim = node_arg(node, 1, "dim", 0) % len(_shape(node))
         parts = [self.chan.get(t) for t in inputs]
         chans = [p for p in parts if isinstance(p, Chan)]
         if (not chans or any(not isinstance(p, (Chan, ParamView)) for p in parts)
@@ -583,8 +350,8 @@ class _Analyzer:
         return chans[0]
 
     def reduction(self, node):
-        dims = _arg(node, 1, "dim")
-        keepdim = _arg(node, 2, "keepdim", False)
+        dims = node_arg(node, 1, "dim")
+        keepdim = node_arg(node, 2, "keepdim", False)
         chan = self.chan.get(node.args[0])
         ndim = len(_shape(node.args[0]))
         if dims is None or not isinstance(chan, Chan):
@@ -602,14 +369,14 @@ class _Analyzer:
         if not isinstance(chan, Chan):
             return None
         if node.target in (torch.permute, "permute"):
-            order = node.args[1:] if len(node.args) > 2 else _arg(node, 1, "dims")
+            order = node.args[1:] if len(node.args) > 2 else node_arg(node, 1, "dims")
             order = [d % ndim for d in order]
         elif node.target in (torch.transpose, "transpose"):
-            a, b = _arg(node, 1, "dim0") % ndim, _arg(node, 2, "dim1") % ndim
+            a, b = node_arg(node, 1, "dim0") % ndim, node_arg(node, 2, "dim1") % ndim
             order = list(range(ndim))
             order[a], order[b] = b, a
         else:  # movedim(source, destination) with single dims
-            src, dst = _arg(node, 1, "source"), _arg(node, 2, "destination")
+            src, dst = node_arg(node, 1, "source"), node_arg(node, 2, "destination")
             if not isinstance(src, int):
                 return None
             order = list(range(ndim))
@@ -676,12 +443,12 @@ class _Analyzer:
         if not isinstance(chan, Chan) or len(chan.dims) != 1:
             return None
         if node.target in (torch.unbind, "unbind"):
-            dim = _arg(node, 1, "dim", 0) % ndim
+            dim = node_arg(node, 1, "dim", 0) % ndim
             if dim in chan.dims:
                 return None
             pieces = len(node.meta["tensor_meta"])
             return [Chan(tuple(d - (d > dim) for d in chan.dims), chan.ids)] * pieces
-        dim = _arg(node, 2, "dim", 0) % ndim
+        dim = node_arg(node, 2, "dim", 0) % ndim
         pieces = len(node.meta["tensor_meta"])
         if dim != chan.dims[0]:
             return [chan] * pieces

@@ -30,7 +30,7 @@ from typing import Callable, Dict, Optional, Union
 import torch
 from torch import nn
 
-from .graph import ChannelGraph, ModuleChannels
+from .channels import ChannelGraph, ModuleChannels
 from .rules import out_channels, producer_weight, rule_for
 
 Scorer = Callable[[nn.Module, Optional[nn.Module]], Optional[torch.Tensor]]

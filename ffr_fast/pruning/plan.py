@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Set, Tuple
 import numpy as np
 
 
-from .graph import ChannelGraph
+from .channels import ChannelGraph
 
 
 @dataclass

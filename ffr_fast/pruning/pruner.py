@@ -16,7 +16,8 @@ from ..metrics import count_params
 from .blocks import (ResidualBranch, branch_score, find_branches, measure_branches,
                      remove_branches as remove_from_graph, select_branches)
 from .fold import fold_batchnorms, foldable_pairs
-from .graph import analyze, reads_training_flag, trace
+from .graph import analyze
+from .tracing import reads_training_flag, trace
 from .importance import Scorer, class_scores, scorer_for
 from .inplace import adds_in_place
 from ..modes import evaluating, restore_training_flags, training_flags
@@ -62,7 +63,7 @@ def residual_branches(model: nn.Module, example_inputs, ignored: Sequence[Any] =
     inputs = as_inputs(example_inputs)
     ignored = resolve_ignored(model, ignored)
     with evaluating(model), torch.no_grad():
-        gm = fx.GraphModule(model, trace(model, ignored))
+        gm = trace(model, ignored)
         run_checked(gm, inputs, ShapeProp(gm).propagate)
         branches = find_branches(gm, ignored)
         measure_branches(gm, inputs, branches)
@@ -116,11 +117,16 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
                    round_to=round_to, remove_blocks=remove_blocks,
                    remove_branches=list(remove_branches), fold_bn=fold_bn,
                    ignored=resolve_ignored(model, ignored))
+    # Traced twice more (train and eval code): once per call, not per step of a FLOPs search,
+    # and before an in-place prune changes the model.
+    reads_flag = reads_training_flag(model, options["ignored"])
     if flops_target is None:
         result = _prune_once(model, inputs, threshold, ratio, inplace, **options)
     else:
         result = _prune_to_flops(model, inputs, flops_target, flops_search, flops_tolerance,
                                  flops_search_steps, inplace, options)
+    if reads_flag:
+        result.report.warnings.insert(0, TRAINING_FLAG_NOTE)
     result.report.seconds = time.perf_counter() - start
     return result
 
@@ -168,7 +174,7 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
     work.eval()
     try:
         with torch.no_grad():
-            gm = fx.GraphModule(work, trace(work, ignored))
+            gm = trace(work, ignored)
             params_before = count_params(gm)
             # One pass records shapes for the analysis, the original output and its FLOPs.
             original, flops_before = run_checked(gm, inputs, ShapeProp(gm).propagate)
@@ -216,7 +222,6 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
                  "folded_bn": [list(p) for p in folded_pairs],
                  "adds_in_place": [list(a) for a in in_place]}
     gm.meta[STRUCTURE_KEY] = structure
-    notes = [TRAINING_FLAG_NOTE] if reads_training_flag(model, ignored) else []
     report = PruneReport(
         settings=dict(threshold=threshold, ratio=ratio, importance=_label(importance),
                       scope=scope, min_channels=min_channels, round_to=round_to,
@@ -231,7 +236,7 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
         folded_bn=folded,
         score_cutoff=plan.cutoff, max_abs_diff=_max_diff(pruned, reference),
         reference_max_abs=max(float(t.abs().max()) for t in _tensors(reference)),
-        max_abs_diff_original=_max_diff(pruned, original), warnings=notes)
+        max_abs_diff_original=_max_diff(pruned, original))
     return PruneResult(gm, report, structure)
 
 

@@ -24,10 +24,13 @@ other module of the pruner tests layer types. A module type with no rule is trac
 it is not a torch.nn leaf) or, as a leaf, pins every channel it reads or writes and is named
 in the report.
 """
+import operator
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple, Type
 
 import torch
+import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import (HeadPrunedMultiheadAttention, attention_heads, inner_rows,
@@ -267,3 +270,37 @@ def producer_weight(module: nn.Module) -> torch.Tensor:
     weight = module.weight.detach()
     out_axis = rule.params["weight"].index("out")
     return weight.movedim(out_axis, 0).flatten(1)
+
+
+# ---- functions and methods: how the traced graph's own calls pass channel ids (graph.py) --
+# Element-wise ops that map a zero to a zero: ids pass through on any dimension.
+ELEMENTWISE = {F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.hardswish, F.elu, F.mish,
+               F.dropout, torch.relu, torch.tanh, "relu", "relu_", "tanh", "contiguous",
+               "clone", "detach", "to", "float", "type_as"}
+# Ops on the dimensions after the channel (dim 1): pools and resizing.
+SPATIAL = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
+           F.interpolate, F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d}
+GATES = {torch.sigmoid, F.sigmoid, F.hardsigmoid, "sigmoid"}  # f(0) = 1/2
+MERGING = {operator.add, operator.sub, operator.mul, operator.iadd, operator.isub,
+           operator.imul, torch.add, torch.sub, torch.mul, "add", "add_", "sub", "sub_", "mul",
+           "mul_"}
+MULTIPLYING = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}  # x * s keeps zeros
+VIEWS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten,
+         "flatten", "view", "reshape", "squeeze", "unsqueeze", "unflatten"}
+PERMUTES = {torch.permute, "permute", torch.transpose, "transpose", torch.movedim, "movedim"}
+REDUCTIONS = {torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"}
+SHAPE_QUERIES = {"size", "dim", "numel", getattr, len}  # read a shape, not the values
+SPLITS = {torch.chunk, "chunk", torch.unbind, "unbind", torch.split, "split"}
+# torchvision's stochastic depth is an fx-wrapped function: identity in eval, and in
+# training a per-sample multiplier, which keeps zeros.
+ELEMENTWISE_BY_NAME = {("torchvision.ops.stochastic_depth", "stochastic_depth")}
+
+
+def is_zero_preserving_call(node: fx.Node) -> bool:
+    """Whether a call_function / call_method node maps a zero element to zero."""
+    if node.target is F.hardtanh:
+        low = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
+        high = node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0)
+        return isinstance(low, (int, float)) and isinstance(high, (int, float)) and low <= 0 <= high
+    named = (getattr(node.target, "__module__", None), getattr(node.target, "__name__", None))
+    return node.target in ELEMENTWISE or node.target in SPATIAL or named in ELEMENTWISE_BY_NAME

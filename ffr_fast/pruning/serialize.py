@@ -17,7 +17,7 @@ from torch import nn
 
 from .blocks import ResidualBranch, remove_branches
 from .fold import bypass_batchnorm
-from .graph import trace
+from .tracing import trace
 from .inplace import replay_adds_in_place
 from ..modes import restore_training_flags, training_flags
 from .pruner import STRUCTURE_FORMAT, STRUCTURE_KEY, PruneResult
@@ -97,7 +97,7 @@ def load_pruned(path, original: Union[nn.Module, Callable[[], nn.Module]]) -> fx
     zero-argument factory that builds one."""
     structure, state_dict = _read(path)
     model = copy.deepcopy(original) if isinstance(original, nn.Module) else original()
-    gm = fx.GraphModule(model, trace(model, structure["ignored"]))
+    gm = trace(model, structure["ignored"])
     nodes = {n.name: n for n in gm.graph.nodes}
     needed = [name for name, _ in structure["removed_blocks"]]
     needed += [name for pair in structure["folded_bn"] for name in pair]

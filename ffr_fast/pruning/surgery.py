@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .graph import ChannelGraph, ModuleChannels
+from .channels import ChannelGraph, ModuleChannels
 from .rules import tensor_of
 
 
