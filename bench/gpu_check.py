@@ -40,6 +40,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from ffr_fast import ops, reference, testing  # noqa: E402
+from ffr_fast.kernels import flow_penalty as penalty_kernels  # noqa: E402
 from ffr_fast.kernels import flow_sums as kernels  # noqa: E402
 from ffr_fast.penalty import flow_penalty, flow_penalty_chains  # noqa: E402
 from ffr_fast.testing import TOLERANCE, relative_error  # noqa: E402
@@ -288,8 +289,8 @@ def check_multi_chain(p, device, results):
             # The Triton penalty itself (on CUDA the op above runs it; a dry run the C++ one).
             options = (weights, variant["grad_weight"], variant["curv_weight"], variant["norm"],
                        variant["curvature"], 1e-8, 1e-6)
-            kernel_value, kernel_sums = kernels.flow_penalty(features, lengths, *options)
-            kernel_grads = kernels.flow_penalty_backward(
+            kernel_value, kernel_sums = penalty_kernels.flow_penalty(features, lengths, *options)
+            kernel_grads = penalty_kernels.flow_penalty_backward(
                 features, lengths, kernel_sums, torch.ones((), device=device), *options)
             errors.append(relative_error(kernel_value, want))
             errors += [relative_error(g, e) for g, e in zip(kernel_grads, want_grads)]

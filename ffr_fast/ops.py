@@ -19,7 +19,7 @@ length; one call has one dtype and device). A single chain is the case lengths =
 
 Implementations, most specific first:
     CPU   the C++ kernels in csrc/ (extension ffr_fast._C, TORCH_LIBRARY_IMPL), all four ops
-    CUDA  the Triton kernels in kernels/ (ffr_fast.kernels.flow_sums), all four ops: one
+    CUDA  the Triton kernels in kernels/ (flow_sums.py, flow_penalty.py), all four ops: one
           launch over every chain per pass, and a per-sample epilogue launch for the
           penalty's math
     any   the fallback (CompositeExplicitAutograd): the plain-PyTorch reference's flow sums,
@@ -28,6 +28,7 @@ Implementations, most specific first:
 Derivatives: first-order reverse mode. A second backward and forward-mode AD raise
 HIGHER_ORDER_MESSAGE rather than return wrong numbers.
 """
+import importlib
 import importlib.util
 import warnings
 from typing import List, Sequence, Tuple
@@ -267,10 +268,10 @@ def _load_cpu_kernel() -> None:
         )
 
 
-def _triton_kernels():
-    from ffr_fast.kernels import flow_sums as kernels  # imports triton: on first CUDA call
-
-    return kernels
+def _triton(module: str):
+    """kernels/<module>.py (installed as ffr_fast.kernels): imports triton, on the first CUDA
+    call."""
+    return importlib.import_module(f"ffr_fast.kernels.{module}")
 
 
 def _register_cuda_kernels() -> None:
@@ -287,21 +288,21 @@ def _register_cuda_kernels() -> None:
         return  # CUDA tensors then run the reference
     torch.library.register_kernel(
         "ffr_fast::flow_sums", "cuda",
-        lambda features, lengths: _triton_kernels().flow_sums(features, lengths), lib=_LIB)
+        lambda features, lengths: _triton("flow_sums").flow_sums(features, lengths), lib=_LIB)
     torch.library.register_kernel(
         "ffr_fast::flow_sums_backward", "cuda",
-        lambda features, lengths, grad_sums: _triton_kernels().flow_sums_backward(
+        lambda features, lengths, grad_sums: _triton("flow_sums").flow_sums_backward(
             features, lengths, grad_sums),
         lib=_LIB)
     torch.library.register_kernel(
         "ffr_fast::flow_penalty", "cuda",
-        lambda features, lengths, *options: _triton_kernels().flow_penalty(
+        lambda features, lengths, *options: _triton("flow_penalty").flow_penalty(
             features, lengths, *options),
         lib=_LIB)
     torch.library.register_kernel(
         "ffr_fast::flow_penalty_backward", "cuda",
-        lambda features, lengths, sums, grad, *options: _triton_kernels().flow_penalty_backward(
-            features, lengths, sums, grad, *options),
+        lambda features, lengths, sums, grad, *options: _triton(
+            "flow_penalty").flow_penalty_backward(features, lengths, sums, grad, *options),
         lib=_LIB)
     _COMPILED_KERNELS.add("cuda")
 

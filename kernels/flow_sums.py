@@ -57,7 +57,7 @@ def _offset(offsets_ptr, k, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _chain_entry(chains_ptr, chain, column):
+def chain_entry(chains_ptr, chain, column):
     return tl.load(chains_ptr + chain * 8 + column)  # 8: _CHAIN_COLUMNS
 
 
@@ -69,9 +69,9 @@ def _work_item(work_ptr, chains_ptr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr)
     chain = tl.load(work_ptr + 3 * p)
     sample = tl.load(work_ptr + 3 * p + 1)
     block = tl.load(work_ptr + 3 * p + 2)
-    K = _chain_entry(chains_ptr, chain, 0)
-    n = _chain_entry(chains_ptr, chain, 1)
-    sample_stride = _chain_entry(chains_ptr, chain, 2)
+    K = chain_entry(chains_ptr, chain, 0)
+    n = chain_entry(chains_ptr, chain, 1)
+    sample_stride = chain_entry(chains_ptr, chain, 2)
     if ALIGNED:  # also makes the mask idx < n constant over 16 lanes: vector accesses
         sample_stride = tl.multiple_of(sample_stride, 16)
         n = tl.multiple_of(n, 16)
@@ -86,9 +86,9 @@ def _flow_sums_kernel(x_ptr, offsets_ptr, chains_ptr, work_ptr, partials_ptr,
     # the accumulation dtype.
     acc_dtype = partials_ptr.dtype.element_ty
     chain, sample, block, K, n, position, idx = _work_item(work_ptr, chains_ptr, BLOCK, ALIGNED)
-    first = _chain_entry(chains_ptr, chain, 3)
-    n_blocks = _chain_entry(chains_ptr, chain, 5)
-    out = (partials_ptr + _chain_entry(chains_ptr, chain, 4)
+    first = chain_entry(chains_ptr, chain, 3)
+    n_blocks = chain_entry(chains_ptr, chain, 5)
+    out = (partials_ptr + chain_entry(chains_ptr, chain, 4)
            + (sample * n_blocks + block) * 3 * (K - 1))
     mask = idx < n
     x_base = x_ptr + position
@@ -126,11 +126,11 @@ def _flow_sums_backward_kernel(x_ptr, offsets_ptr, chains_ptr, work_ptr, g_ptr, 
     # the chain holding d_{k-1}, d_k and the D and S terms still needed.
     acc_dtype = g_ptr.dtype.element_ty
     chain, sample, block, K, n, position, idx = _work_item(work_ptr, chains_ptr, BLOCK, ALIGNED)
-    first = _chain_entry(chains_ptr, chain, 3)
+    first = chain_entry(chains_ptr, chain, 3)
     mask = idx < n
     x_base = x_ptr + position
     grad_base = grad_ptr + sample * n + idx
-    g_ptr += _chain_entry(chains_ptr, chain, 6) + sample * 3 * (K - 1)
+    g_ptr += chain_entry(chains_ptr, chain, 6) + sample * 3 * (K - 1)
 
     x0 = tl.load(x_base + _offset(offsets_ptr, first, ALIGNED), mask=mask,
                  other=0.0).to(acc_dtype)
@@ -265,8 +265,8 @@ def _cached_layout(key) -> _Layout:
                    triton.next_power_of_2(max(lengths) - 1), sums, aligned)
 
 
-def _layout(features: Sequence[Tensor], lengths: Sequence[int],
-            block_size: int) -> Tuple[_Layout, List[Tensor]]:
+def chain_layout(features: Sequence[Tensor], lengths: Sequence[int],
+                 block_size: int) -> Tuple[_Layout, List[Tensor]]:
     """The layout's cached tables, and the features as the kernels read them."""
     layout = _cached_layout(_layout_key(features, lengths, block_size))
     readable, start = [], 0
@@ -311,7 +311,7 @@ def _offsets_table(pointers: Tuple[int, ...], size: int, device: torch.device,
 _KEPT_FOR_CUDA_GRAPHS: List[Tuple[Tensor, Tensor]] = []
 
 
-def _partial_sums(features: Sequence[Tensor], layout: _Layout, block_size: int) -> Tensor:
+def partial_sums(features: Sequence[Tensor], layout: _Layout, block_size: int) -> Tensor:
     """The forward kernel's per-block partial sums: chain c's (B, n_blocks, 3, K-1) block
     after the previous chains'."""
     x = features[0]
@@ -329,8 +329,8 @@ def flow_sums(features: Sequence[Tensor], lengths: Sequence[int],
               block_size: int = 1024) -> Tensor:
     """The packed flow sums of the chains (see ffr_fast.ops), in float32 (float64 for
     float64 features). block_size: elements of one sample per program."""
-    layout, features = _layout(features, lengths, block_size)
-    partials = _partial_sums(features, layout, block_size)
+    layout, features = chain_layout(features, lengths, block_size)
+    partials = partial_sums(features, layout, block_size)
     # Each chain's (B, n_blocks, 3, K-1) partials summed over blocks in a fixed order.
     sizes = [c.shape[0] * c.blocks * 3 * (c.K - 1) for c in layout.chains]
     sums = [block.view(c.shape[0], c.blocks, 3 * (c.K - 1)).sum(1).reshape(-1)
@@ -343,7 +343,7 @@ def flow_sums_backward(features: Sequence[Tensor], lengths: Sequence[int], grad_
     """The gradients of <grad_sums, flow_sums(features, lengths)> (see
     ffr_fast.reference.flow_sums_backward), each with its feature's dtype and shape, and its
     strides too when the chain's samples are dense (contiguous, channels_last)."""
-    layout, features = _layout(features, lengths, block_size)
+    layout, features = chain_layout(features, lengths, block_size)
     x = features[0]
     if tuple(grad_sums.shape) != (layout.sums_size,):
         raise ValueError(f"flow_sums_backward: grad_sums has shape {tuple(grad_sums.shape)}; "
@@ -359,182 +359,3 @@ def flow_sums_backward(features: Sequence[Tensor], lengths: Sequence[int], grad_
             BLOCK=block_size,
             ALIGNED=features_aligned and grads_aligned and layout.aligned_strides)
     return grads
-
-
-# -- the penalty from the flow sums: the epilogue (ffr_fast.ops.chain_terms, in Triton) -----
-@triton.jit
-def _sample_sums(sums_ptr, L, j):
-    """One sample's (3, L) flow sums as vectors over l = j, plus ||d_{l+1}||^2 and, at l,
-    the terms of the pair (l-1, l): ||d_{l-1}||^2 and <d_{l-1}, d_l>. Zero out of range."""
-    inside = j < L
-    dd = tl.load(sums_ptr + j, mask=inside, other=0.0)
-    ss = tl.load(sums_ptr + L + j, mask=inside, other=0.0)
-    dp = tl.load(sums_ptr + 2 * L + j, mask=inside, other=0.0)
-    dd_next = tl.load(sums_ptr + j + 1, mask=j + 1 < L, other=0.0)
-    dd_prev = tl.load(sums_ptr + j - 1, mask=(j >= 1) & inside, other=0.0)
-    dp_prev = tl.load(sums_ptr + 2 * L + j - 1, mask=(j >= 1) & inside, other=0.0)
-    return dd, ss, dp, dd_next, dd_prev, dp_prev
-
-
-@triton.jit
-def _epilogue_sample(chains_ptr, samples_ptr, weights_ptr):
-    """This program's chain and sample, its chain's K, n (as a float), offset of its packed
-    sums and the sample's share w_c / B_c of the batch mean."""
-    p = tl.program_id(0).to(tl.int64)
-    chain = tl.load(samples_ptr + 2 * p)
-    sample = tl.load(samples_ptr + 2 * p + 1)
-    K = _chain_entry(chains_ptr, chain, 0)
-    n = _chain_entry(chains_ptr, chain, 1)
-    sums_offset = _chain_entry(chains_ptr, chain, 6) + sample * 3 * (K - 1)
-    share = tl.load(weights_ptr + chain) / _chain_entry(chains_ptr, chain, 7).to(tl.float64)
-    return p, chain, sample, K, n.to(tl.float64), sums_offset, share
-
-
-@triton.jit
-def _penalty_epilogue_kernel(partials_ptr, chains_ptr, samples_ptr, weights_ptr, sums_ptr,
-                             terms_ptr, cosines_ptr, grad_weight, curv_weight, eps, delta,
-                             L_BLOCK: tl.constexpr, L2: tl.constexpr, ANGLE: tl.constexpr):
-    # One program per sample of every chain: sums its blocks' partials (in block order) into
-    # the packed sums, and writes its weighted share of the penalty to terms; with ANGLE, the
-    # clipped cosines (padded with 1, whose arccos is 0) go to cosines, for the caller's
-    # arccos (Triton's interpreter has none).
-    acc_dtype = sums_ptr.dtype.element_ty
-    p, chain, sample, K, n, sums_offset, share = _epilogue_sample(chains_ptr, samples_ptr,
-                                                                 weights_ptr)
-    L = K - 1
-    n_blocks = _chain_entry(chains_ptr, chain, 5)
-    j = tl.arange(0, L_BLOCK)
-    dd = tl.zeros([L_BLOCK], dtype=acc_dtype)
-    ss = tl.zeros([L_BLOCK], dtype=acc_dtype)
-    dp = tl.zeros([L_BLOCK], dtype=acc_dtype)
-    partial = partials_ptr + _chain_entry(chains_ptr, chain, 4) + sample * n_blocks * 3 * L
-    for block in range(0, n_blocks):
-        row = partial + block * 3 * L
-        dd += tl.load(row + j, mask=j < L, other=0.0)
-        ss += tl.load(row + L + j, mask=j < L, other=0.0)
-        dp += tl.load(row + 2 * L + j, mask=j < L, other=0.0)
-    out = sums_ptr + sums_offset
-    tl.store(out + j, dd, mask=j < L)
-    tl.store(out + L + j, ss, mask=j < L)
-    tl.store(out + 2 * L + j, dp, mask=j < L)
-    tl.debug_barrier()  # the sums are read back below, by other threads of the program
-    dd, ss, dp, dd_next, _, _ = _sample_sums(out, L, j)
-    curvature = j < L - 1
-    if L2:
-        G = tl.sum(tl.where(j < L, tl.sqrt(dd + eps * eps), 0.0), axis=0) / tl.sqrt(n)
-        C = tl.sum(tl.where(curvature, tl.sqrt(ss + eps * eps), 0.0), axis=0) / tl.sqrt(n)
-    else:
-        G = tl.sum(dd, axis=0) / n
-        C = tl.sum(tl.where(curvature, ss, 0.0), axis=0) / n
-    if ANGLE:
-        cosine = dp / (tl.sqrt(dd + eps * eps) * tl.sqrt(dd_next + eps * eps))
-        cosine = tl.minimum(tl.maximum(cosine, -1 + delta), 1 - delta)
-        tl.store(cosines_ptr + p * L_BLOCK + j, tl.where(curvature, cosine, 1.0))
-        C = 0.0
-    tl.store(terms_ptr + p, share * (grad_weight * G + curv_weight * C))
-
-
-@triton.jit
-def _penalty_epilogue_backward_kernel(sums_ptr, grad_ptr, chains_ptr, samples_ptr, weights_ptr,
-                                      grad_sums_ptr, grad_weight, curv_weight, eps, delta,
-                                      L_BLOCK: tl.constexpr, L2: tl.constexpr,
-                                      ANGLE: tl.constexpr):
-    # One program per sample: the gradient of the penalty with respect to its flow sums
-    # (the derivative of ffr_fast.ops.chain_terms, as ops.chain_terms_gradient writes it).
-    p, chain, sample, K, n, sums_offset, share = _epilogue_sample(chains_ptr, samples_ptr,
-                                                                 weights_ptr)
-    L = K - 1
-    j = tl.arange(0, L_BLOCK)
-    dd, ss, dp, dd_next, dd_prev, dp_prev = _sample_sums(sums_ptr + sums_offset, L, j)
-    scale = tl.load(grad_ptr) * share
-    grad_scale, curv_scale = scale * grad_weight, scale * curv_weight
-    curvature = j < L - 1
-    norm_d = tl.sqrt(dd + eps * eps)
-    if L2:
-        g_dd = grad_scale * 0.5 / (norm_d * tl.sqrt(n))
-        g_ss = tl.where(curvature, curv_scale * 0.5 / (tl.sqrt(ss + eps * eps) * tl.sqrt(n)),
-                        0.0)
-    else:
-        g_dd = grad_scale / n + 0.0 * dd
-        g_ss = tl.where(curvature, curv_scale / n, 0.0)
-    g_dp = 0.0 * dp
-    if ANGLE:
-        g_ss = 0.0 * ss
-        # The pair (l, l+1) at l: d cos / d<d_l, d_{l+1}>, d cos / d||d_l||^2.
-        norm_next = tl.sqrt(dd_next + eps * eps)
-        cosine = dp / (norm_d * norm_next)
-        inside = curvature & (cosine >= -1 + delta) & (cosine <= 1 - delta)
-        dtheta = tl.where(inside, -curv_scale / tl.sqrt(tl.maximum(1 - cosine * cosine, 1e-30)),
-                          0.0)
-        g_dp = dtheta / (norm_d * norm_next)
-        g_dd -= dtheta * cosine / (2 * (dd + eps * eps))
-        # The pair (l-1, l) at l: d cos / d||d_l||^2 from the other side.
-        norm_prev = tl.sqrt(dd_prev + eps * eps)
-        cosine_prev = dp_prev / (norm_prev * norm_d)
-        inside_prev = ((j >= 1) & (j < L) & (cosine_prev >= -1 + delta)
-                       & (cosine_prev <= 1 - delta))
-        dtheta_prev = tl.where(
-            inside_prev, -curv_scale / tl.sqrt(tl.maximum(1 - cosine_prev * cosine_prev, 1e-30)),
-            0.0)
-        g_dd -= dtheta_prev * cosine_prev / (2 * (dd + eps * eps))
-    out = grad_sums_ptr + sums_offset
-    acc_dtype = grad_sums_ptr.dtype.element_ty
-    tl.store(out + j, g_dd.to(acc_dtype), mask=j < L)
-    tl.store(out + L + j, g_ss.to(acc_dtype), mask=j < L)
-    tl.store(out + 2 * L + j, g_dp.to(acc_dtype), mask=j < L)
-
-
-@functools.lru_cache(maxsize=None)
-def _chain_weights_table(weights: Tuple[float, ...], device: torch.device) -> Tensor:
-    """The chain weights on the device, cached by value (FFRLoss passes the same ones every
-    step): no host table per call; never evicted, so a CUDA graph that reads them stays
-    valid."""
-    return torch.tensor(weights, dtype=torch.float64, device=device)
-
-
-def _epilogue_options(norm: str, curvature: str, grad_weight: float, curv_weight: float,
-                      eps: float, delta: float) -> dict:
-    return dict(grad_weight=grad_weight, curv_weight=curv_weight, eps=eps, delta=delta,
-                L2=norm == "l2", ANGLE=curvature == "angle")
-
-
-def flow_penalty(features: Sequence[Tensor], lengths: Sequence[int],
-                 chain_weights: Sequence[float], grad_weight: float, curv_weight: float,
-                 norm: str, curvature: str, eps: float, delta: float,
-                 block_size: int = 1024) -> Tuple[Tensor, Tensor]:
-    """The op ffr_fast::flow_penalty on the device: (penalty, packed sums), from one launch
-    over every chain, one epilogue launch over every sample and a sum (plus an arccos for
-    curvature="angle")."""
-    layout, features = _layout(features, lengths, block_size)
-    partials = _partial_sums(features, layout, block_size)
-    samples = layout.sample_table.shape[0]
-    sums = partials.new_empty(layout.sums_size)
-    terms = partials.new_empty(samples)
-    cosines = partials.new_empty((samples, layout.l_block) if curvature == "angle" else 1)
-    weights = _chain_weights_table(tuple(chain_weights), partials.device)
-    wrap_triton(_penalty_epilogue_kernel)[(samples,)](
-        partials, layout.chain_table, layout.sample_table, weights, sums, terms, cosines,
-        L_BLOCK=layout.l_block,
-        **_epilogue_options(norm, curvature, grad_weight, curv_weight, eps, delta))
-    penalty = terms.sum()
-    if curvature == "angle":  # each sample's arccos terms carry its w_c / B_c and curv_weight
-        share = weights.to(terms.dtype)[layout.sample_table[:, 0]] / layout.chain_table[
-            layout.sample_table[:, 0], 7].to(terms.dtype)
-        penalty = penalty + curv_weight * (torch.arccos(cosines).sum(1) * share).sum()
-    return penalty, sums
-
-
-def flow_penalty_backward(features: Sequence[Tensor], lengths: Sequence[int], sums: Tensor,
-                          grad: Tensor, chain_weights: Sequence[float], grad_weight: float,
-                          curv_weight: float, norm: str, curvature: str, eps: float,
-                          delta: float, block_size: int = 1024) -> List[Tensor]:
-    """The op ffr_fast::flow_penalty_backward on the device: one epilogue launch for the
-    gradient of the penalty with respect to the sums, one launch for the features'."""
-    layout, readable = _layout(features, lengths, block_size)
-    grad_sums = torch.empty_like(sums)
-    weights = _chain_weights_table(tuple(chain_weights), sums.device)
-    wrap_triton(_penalty_epilogue_backward_kernel)[(layout.sample_table.shape[0],)](
-        sums, grad.to(sums.dtype).reshape(1), layout.chain_table, layout.sample_table, weights,
-        grad_sums, L_BLOCK=layout.l_block,
-        **_epilogue_options(norm, curvature, grad_weight, curv_weight, eps, delta))
-    return flow_sums_backward(features, lengths, grad_sums, block_size)

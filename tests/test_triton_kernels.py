@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ffr_fast import ops, reference, testing
+from ffr_fast.kernels import flow_penalty as triton_penalty
 from ffr_fast.kernels import flow_sums as triton_kernels
 from ffr_fast.testing import TOLERANCE, relative_error
 
@@ -226,14 +227,14 @@ def test_penalty_epilogue_matches_the_op_on_cpu(dtype, norm, curvature):
     chains = testing.random_chains(MULTI, dtype, DEVICE, step=0.5)
     features, lengths = [x for c in chains for x in c], [K for K, _ in MULTI]
     options = ([0.5, 1.0, 2.0], 0.7, 1.3, norm, curvature, 1e-3, 1e-6)
-    penalty, sums = triton_kernels.flow_penalty(features, lengths, *options, block_size=BLOCK)
+    penalty, sums = triton_penalty.flow_penalty(features, lengths, *options, block_size=BLOCK)
     on_cpu = [x.cpu() for x in features]
     expected, expected_sums = torch.ops.ffr_fast.flow_penalty(on_cpu, lengths, *options)
     tolerance = TOLERANCE[dtype if dtype == torch.float64 else torch.float32]
     assert relative_error(penalty.cpu(), expected) <= tolerance
     assert relative_error(sums.cpu(), expected_sums) <= tolerance
     grad = torch.tensor(1.7, dtype=sums.dtype)
-    grads = triton_kernels.flow_penalty_backward(features, lengths, sums, grad.to(DEVICE),
+    grads = triton_penalty.flow_penalty_backward(features, lengths, sums, grad.to(DEVICE),
                                                  *options, block_size=BLOCK)
     expected_grads = torch.ops.ffr_fast.flow_penalty_backward(on_cpu, lengths, expected_sums,
                                                               grad, *options)
@@ -249,6 +250,7 @@ import re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from ffr_fast.kernels import flow_penalty as e
 from ffr_fast.kernels import flow_sums as k
 
 for x, acc in (("fp32", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")):
@@ -267,7 +269,7 @@ for x, acc in (("fp32", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")):
 # The epilogue kernels: per-sample scalar math, compiled for every option combination.
 pointers = {"chains_ptr": "*i64", "samples_ptr": "*i64", "weights_ptr": "*fp64"}
 for acc in ("fp32", "fp64"):
-    for kernel in (k._penalty_epilogue_kernel, k._penalty_epilogue_backward_kernel):
+    for kernel in (e._penalty_epilogue_kernel, e._penalty_epilogue_backward_kernel):
         for l2 in (False, True):
             for angle in (False, True):
                 signature = {name: pointers.get(name, "*" + acc) if name.endswith("_ptr")
