@@ -252,7 +252,7 @@ def test_explicit_blocks_of_a_graph_module_that_never_run_are_named():
 
     torch.manual_seed(0)
     pruned = ffr_fast.prune(models.resnet20().eval(), torch.randn(1, 3, 32, 32),
-                            ratio=0.2).model.train()
+                            ratio=0.2, emit="graph").model.train()
     with FFRLoss(pruned, layers=["layer1.0", "layer1.1"]), pytest.raises(
             RuntimeError, match=r"never called the hooked layers \['layer1.0', 'layer1.1'\]"
                                 r".*GraphModule"):

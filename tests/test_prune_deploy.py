@@ -82,9 +82,10 @@ def test_torch_export_of_pruned_model():
 @pytest.mark.parametrize("fold_bn", [False, True])
 def test_residual_adds_run_in_place_and_the_model_still_trains(fold_bn):
     """fx turns `out += identity` into an out-of-place add; the pruner writes it back in
-    place into the conv/BN output (which autograd does not save), as the eager model did."""
+    place into the conv/BN output (which autograd does not save), as the eager model did,
+    when it emits the GraphModule."""
     model = look_trained(models.resnet20())
-    result = prune(model, X, ratio=0.3, fold_bn=fold_bn)
+    result = prune(model, X, ratio=0.3, fold_bn=fold_bn, emit="graph")
     adds = [n.target for n in result.model.graph.nodes if "add" in str(n.target)]
     assert adds == ["add_"] * 9  # one per BasicBlock
     assert result.report.max_abs_diff <= 1e-5 * result.report.reference_max_abs
@@ -104,7 +105,7 @@ def test_an_add_whose_operand_is_read_elsewhere_stays_out_of_place():
             return (y + z) * y * z  # both are read again: writing into either would be wrong
 
     model = SharedConvOutput()
-    result = prune(model, X, ratio=0.0)
+    result = prune(model, X, ratio=0.0, emit="graph")
     targets = [str(n.target) for n in result.model.graph.nodes if "add" in str(n.target)]
     assert targets == ["<built-in function add>"]
     torch.testing.assert_close(run(result.model), run(model))
@@ -119,7 +120,7 @@ def test_residual_adds_in_place_through_layer_scale_and_stochastic_depth():
     x = torch.randn(2, 3, 32, 32)
     for model in (tv.models.efficientnet_b0().eval(),
                   tv.models.ConvNeXt([tv.models.convnext.CNBlockConfig(16, None, 2)]).eval()):
-        pruned = prune(model, x, ratio=0.0).model
+        pruned = prune(model, x, ratio=0.0, emit="graph").model
         adds = [n.target for n in pruned.graph.nodes if "add" in str(n.target)]
         assert adds and set(adds) == {"add_"}
         for net in (model, pruned):

@@ -3,6 +3,7 @@ a ConvNeXt -- MLP hidden units, whole attention heads, whole attention and MLP b
 is removed by threshold=0, exactly that, and the output does not change."""
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -104,16 +105,20 @@ def test_round_to_counts_channels_so_heads_still_go():
                if after < before)
 
 
-def test_stochastic_depth_still_drops_paths_after_pruning():
+@pytest.mark.parametrize("emit", ["module", "graph"])
+def test_stochastic_depth_still_drops_paths_after_pruning(emit):
     """StochasticDepth reads self.training: it is a leaf of the trace, so the pruned model
-    still drops paths when fine-tuned (traced into, eval's 'never' would be baked in)."""
+    still drops paths when fine-tuned (traced into, eval's 'never' would be baked in into
+    an emitted GraphModule)."""
     torch.manual_seed(0)
     setting = [tv.models.convnext.CNBlockConfig(16, None, 3)]
     model = tv.models.ConvNeXt(setting, stochastic_depth_prob=0.9, num_classes=10).eval()
     x = torch.randn(2, 3, 16, 16)
-    pruned = prune(model, x, ratio=0.5, scope="layer").model
-    targets = [n.target for n in pruned.graph.nodes if n.op == "call_module"]
-    assert "features.1.2.stochastic_depth" in targets
+    pruned = prune(model, x, ratio=0.5, scope="layer", emit=emit).model
+    assert isinstance(pruned, torch.fx.GraphModule) == (emit == "graph")
+    if emit == "graph":
+        targets = [n.target for n in pruned.graph.nodes if n.op == "call_module"]
+        assert "features.1.2.stochastic_depth" in targets
     pruned.train()
     runs = [pruned(x) for _ in range(4)]
     assert any(not torch.equal(runs[0], r) for r in runs[1:])

@@ -221,9 +221,12 @@ class TrainOnlyNoise(nn.Module):
 
 def test_a_forward_that_reads_the_training_flag_is_reported():
     model = nn.Sequential(TrainOnlyNoise(), nn.ReLU(), nn.Conv2d(8, 4, 1))
-    result = prune(model, torch.randn(1, 3, 8, 8), ratio=0.5)
+    result = prune(model, torch.randn(1, 3, 8, 8), ratio=0.5, emit="graph")
     [note] = result.report.warnings
     assert "reads self.training" in note and "WARNING" in str(result.report)
+    # The model's own class keeps its own forward, training branch included: nothing to say.
+    own = prune(model, torch.randn(1, 3, 8, 8), ratio=0.5)
+    assert isinstance(own.model, nn.Sequential) and own.report.warnings == []
     assert prune(look_trained(models.resnet20()), X, ratio=0.5).report.warnings == []
 
 

@@ -2,7 +2,7 @@
 branches leave the model, which comes back compact and verified.
 
     result = ffr_fast.prune(model, torch.randn(1, 3, 32, 32), threshold=0.0)
-    result.model      # a compact torch.fx.GraphModule
+    result.model      # compact: the model's own class (a GraphModule if branches left)
     print(result.report)
     residual_branches(model, x)              # names, FLOPs, Block Influence of each branch
     prune(model, x, remove_branches=["layer2.1"])   # depth pruning by name
@@ -11,8 +11,9 @@ branches leave the model, which comes back compact and verified.
 Modules: rules (the one table of layer types and functions; register_rule), tracing
 (torch.fx), graph (channel dependencies) and channels (what it produces), importance
 (scores), plan (what goes), blocks (residual branches: found, measured, removed), surgery
-(slicing), attention (head-pruned MultiheadAttention), fold (BN folding), inplace (residual
-adds written in place, as the eager model did), inputs (checks of what the caller passes),
+(slicing), attention (head-pruned MultiheadAttention), fold (BN folding), emit (the model's
+own class or the GraphModule), inplace (residual adds written in place in an emitted
+GraphModule), inputs (checks of what the caller passes),
 report, serialize, recalibrate (BatchNorm statistics after pruning).
 """
 from .blocks import ResidualBranch

@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_leaves
 from ..metrics import count_params
 from .blocks import (ResidualBranch, branch_score, find_branches, measure_branches,
                      remove_branches as remove_from_graph, select_branches)
+from .emit import EMITS, adopt, attach_structure, own_forward_disagrees
 from .fold import fold_batchnorms, foldable_pairs
 from .graph import analyze
 from .tracing import reads_training_flag, trace
@@ -28,8 +29,7 @@ from .surgery import apply_plan, renormalized_layers, set_submodule, zero_remove
 
 SCOPES = ("global", "layer")
 FLOPS_SEARCHES = ("threshold", "ratio")
-STRUCTURE_FORMAT = "ffr_fast.pruned/3"  # 3: per-module training flags, shapes from the state dict
-STRUCTURE_KEY = "ffr_fast.structure"  # where the pruned GraphModule keeps it, in .meta
+STRUCTURE_FORMAT = "ffr_fast.pruned/4"  # 4: the model's own class or a GraphModule
 
 
 TRAINING_FLAG_NOTE = (
@@ -44,7 +44,7 @@ class FlopsTargetWarning(UserWarning):
 
 @dataclass
 class PruneResult:
-    model: fx.GraphModule
+    model: nn.Module  # the model's own class, or a torch.fx.GraphModule (emit.py)
     report: PruneReport
     structure: dict  # what save_pruned stores to rebuild `model` from the original architecture
 
@@ -77,8 +77,8 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
           importance: Union[str, Scorer] = "l2",
           scope: str = "global", min_channels: int = 1, round_to: Optional[int] = None,
           remove_blocks: bool = True, remove_branches: Sequence[str] = (),
-          fold_bn: bool = False, ignored: Sequence[Any] = (), inplace: bool = False
-          ) -> PruneResult:
+          fold_bn: bool = False, ignored: Sequence[Any] = (), inplace: bool = False,
+          emit: str = "auto") -> PruneResult:
     """Remove filters and residual branches from `model`; return a new compact model.
 
     What goes, at most one of:
@@ -99,24 +99,26 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
     (module, following_bn) -> one score per output channel (importance.py). `ignored` lists
     modules (names, instances or classes) traced as opaque leaves whose channels are kept.
 
-    The result's model is a torch.fx.GraphModule whose submodules have the training flags
-    of the original's (all eval with `fold_bn`); the output is verified on the example
-    inputs (report.relative_diff). With `inplace=False` the model is not modified at all;
-    with `inplace=True` it is not copied: its modules are replaced and reused, and only
-    `result.model` should be used afterwards (its own forward may still call removed
-    branches).
+    The result's model is, with `emit="auto"`, the model's own class with its layers and
+    parameters sliced when that is all pruning changed, and a torch.fx.GraphModule when
+    residual branches were removed (emit.py says why; "module" or "graph" ask for one).
+    Its submodules have the training flags of the original's (all eval with `fold_bn`);
+    the output is verified on the example inputs (report.relative_diff). With
+    `inplace=False` the model is not modified at all; with `inplace=True` it is not copied:
+    its modules are replaced and reused, and only `result.model` should be used afterwards
+    (a GraphModule was emitted: the model's own forward may still call removed branches).
     """
     start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"prune() needs an nn.Module, got {type(model).__name__}")
     _check_settings(threshold, ratio, flops_target, flops_search, flops_tolerance,
                     flops_search_steps, importance, scope, min_channels, round_to,
-                    remove_branches)
+                    remove_branches, emit)
     inputs = as_inputs(example_inputs)
     options = dict(importance=importance, scope=scope, min_channels=min_channels,
                    round_to=round_to, remove_blocks=remove_blocks,
                    remove_branches=list(remove_branches), fold_bn=fold_bn,
-                   ignored=resolve_ignored(model, ignored))
+                   ignored=resolve_ignored(model, ignored), emit=emit)
     # Traced twice more (train and eval code): once per call, not per step of a FLOPs search,
     # and before an in-place prune changes the model.
     reads_flag = reads_training_flag(model, options["ignored"])
@@ -125,7 +127,7 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
     else:
         result = _prune_to_flops(model, inputs, flops_target, flops_search, flops_tolerance,
                                  flops_search_steps, inplace, options)
-    if reads_flag:
+    if reads_flag and isinstance(result.model, fx.GraphModule):
         result.report.warnings.insert(0, TRAINING_FLAG_NOTE)
     result.report.seconds = time.perf_counter() - start
     return result
@@ -133,7 +135,7 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
 
 def _check_settings(threshold, ratio, flops_target, flops_search, flops_tolerance,
                     flops_search_steps, importance, scope, min_channels, round_to,
-                    remove_branches) -> None:
+                    remove_branches, emit) -> None:
     given = [name for name, value in (("threshold", threshold), ("ratio", ratio),
                                       ("flops_target", flops_target)) if value is not None]
     if len(given) > 1 or (not given and not remove_branches):
@@ -161,14 +163,16 @@ def _check_settings(threshold, ratio, flops_target, flops_search, flops_toleranc
                          "that should vanish entirely is removed by remove_blocks instead)")
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise ValueError(f"round_to must be None or an int >= 1, got {round_to!r}")
+    if emit not in EMITS:
+        raise ValueError(f"emit must be one of {EMITS}, got {emit!r}")
     if isinstance(remove_branches, str):
         raise TypeError(f"remove_branches must be a list of branch names, got the string "
                         f"{remove_branches!r}; write remove_branches=[{remove_branches!r}]")
 
 
 def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importance, scope,
-                min_channels, round_to, remove_blocks, remove_branches, fold_bn, ignored
-                ) -> PruneResult:
+                min_channels, round_to, remove_blocks, remove_branches, fold_bn, ignored,
+                emit) -> PruneResult:
     flags = training_flags(model)
     work = model if inplace else copy.deepcopy(model)
     work.eval()
@@ -203,10 +207,11 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
             channels = apply_plan(gm, cg, plan.removed)
             folded_pairs = foldable_pairs(gm) if fold_bn else []
             folded = fold_batchnorms(gm, folded_pairs) if fold_bn else []
-            in_place = adds_in_place(gm)
+            out, emit_note = _emitted(work, gm, folded, inputs, emit, chosen)
+            in_place = adds_in_place(gm) if out is gm else []
             gm.recompile()
-            pruned, flops_after = run_checked(gm, inputs)
-            if inplace:  # the caller's module tree gets the new modules too
+            pruned, flops_after = run_checked(out, inputs)
+            if inplace and out is gm:  # the caller's module tree gets the new modules too
                 kept = dict(gm.named_modules())
                 for path in channels.keys() & kept.keys():
                     set_submodule(model, path, kept[path])
@@ -214,14 +219,15 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
         if inplace:
             restore_training_flags(model, flags)
     if fold_bn:
-        gm.eval()
+        out.eval()
     else:
-        restore_training_flags(gm, flags)  # module paths are kept by the surgery
-    structure = {"format": STRUCTURE_FORMAT, "ignored": list(ignored),
+        restore_training_flags(out, flags)  # module paths are kept by the surgery
+    structure = {"format": STRUCTURE_FORMAT, "emitted": "graph" if out is gm else "module",
+                 "ignored": list(ignored),
                  "removed_blocks": [[b.add, b.shortcut_arg] for b in chosen],
                  "folded_bn": [list(p) for p in folded_pairs],
                  "adds_in_place": [list(a) for a in in_place]}
-    gm.meta[STRUCTURE_KEY] = structure
+    attach_structure(out, structure)
     report = PruneReport(
         settings=dict(threshold=threshold, ratio=ratio, importance=_label(importance),
                       scope=scope, min_channels=min_channels, round_to=round_to,
@@ -235,9 +241,33 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
         approximate=approximate,
         folded_bn=folded,
         score_cutoff=plan.cutoff, max_abs_diff=_max_diff(pruned, reference),
+        warnings=[emit_note] if emit_note else [],
         reference_max_abs=max(float(t.abs().max()) for t in _tensors(reference)),
         max_abs_diff_original=_max_diff(pruned, original))
-    return PruneResult(gm, report, structure)
+    return PruneResult(out, report, structure)
+
+
+def _emitted(work: nn.Module, gm: fx.GraphModule, folded, inputs, emit: str,
+             removed_branches: List[ResidualBranch]):
+    """(the model to hand back, a note for the report or None): `work` given the pruned
+    layers (emit.py) or the GraphModule."""
+    if emit == "graph":
+        return gm, None
+    if removed_branches:
+        if emit == "module":
+            raise ValueError(
+                "emit='module' cannot express removed residual branches (only the graph has "
+                f"them rewired): {[b.name for b in removed_branches]}; pass emit='auto' or "
+                "'graph', or remove_blocks=False")
+        return gm, None
+    adopt(work, gm, folded)
+    why = own_forward_disagrees(work, gm, inputs)
+    if why is None:
+        return work, None
+    message = f"the model's own forward disagrees with its pruned graph: {why}"
+    if emit == "module":
+        raise ValueError(f"emit='module': {message}; pass emit='auto' or 'graph'")
+    return gm, f"{message}; a torch.fx.GraphModule was emitted instead"
 
 
 def _prune_to_flops(model, inputs, target: float, search: str, tolerance: float,

@@ -111,15 +111,28 @@ RULES_BY_NAME: Dict[str, Rule] = {
     "torchvision.ops.stochastic_depth.StochasticDepth": Rule("channelwise", passes_input=True)}
 
 
-def rule_for(module: nn.Module) -> Optional[Rule]:
-    """The rule of the module's type, or of the nearest base class whose forward it keeps
-    (torchvision's LayerNorm2d overrides LayerNorm.forward: it has no rule, and is traced)."""
-    forward = type(module).forward
+def _nearest_rule(module: nn.Module) -> Tuple[Optional[type], Optional[Rule]]:
     for cls in type(module).__mro__:
         rule = RULES.get(cls) or RULES_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
         if rule is not None:
-            return rule if cls.forward is forward else None
-    return None
+            return cls, rule
+    return None, None
+
+
+def rule_for(module: nn.Module) -> Optional[Rule]:
+    """The rule of the module's type, or of the nearest base class whose forward it keeps
+    (torchvision's LayerNorm2d overrides LayerNorm.forward: it has no rule, and is traced)."""
+    cls, rule = _nearest_rule(module)
+    return rule if rule is not None and cls.forward is type(module).forward else None
+
+
+def resize_from_tensors(module: nn.Module) -> None:
+    """Set the size attributes of a module whose tensors were sliced or given new shapes,
+    by the rule of its nearest type that has one, whatever its forward: LayerNorm2d is
+    traced into, yet its own forward reads LayerNorm's `normalized_shape`."""
+    rule = _nearest_rule(module)[1]
+    if rule is not None:
+        rule.resize(module)
 
 
 # ---- the built-in rules -------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """Saving a pruned model as a state dict plus a structure description, and rebuilding it.
 
-The file holds plain data only (loadable with `torch.load(weights_only=True)`): the trace
-settings (`ignored`), the residual adds that were replaced by their shortcut, the folded
-conv/BN node pairs, the adds rewritten in place, every module's training flag and the state
-dict. `load_pruned` re-traces the original architecture, replays those edits, gives every
-tensor the saved shape (each layer's rule then sets its size attributes: rules.py) and
-loads the weights strictly. (Pickling the whole GraphModule
-with `torch.save(model)` works too; this format survives code changes to the pruner.)
+The file holds plain data only (loadable with `torch.load(weights_only=True)`): what was
+emitted (the model's own class or a GraphModule: emit.py), the trace settings (`ignored`),
+the residual adds that were replaced by their shortcut, the folded conv/BN node pairs, the
+adds rewritten in place, every module's training flag and the state dict. `load_pruned`
+copies the original architecture (and, for a GraphModule, re-traces it and replays those
+edits), gives every tensor the saved shape (each layer's rule then sets its size
+attributes: rules.py) and loads the weights strictly. (Pickling the whole model with
+`torch.save(model)` works too; this format survives code changes to the pruner.)
 """
 import copy
 from typing import Callable, Tuple, Union
@@ -20,8 +21,10 @@ from .fold import bypass_batchnorm
 from .tracing import trace
 from .inplace import replay_adds_in_place
 from ..modes import restore_training_flags, training_flags
-from .pruner import STRUCTURE_FORMAT, STRUCTURE_KEY, PruneResult
-from .rules import rule_for
+from .emit import attach_structure, structure_of
+from .pruner import STRUCTURE_FORMAT, PruneResult
+from .rules import resize_from_tensors
+from .surgery import set_submodule
 
 
 def _resize_to(gm: nn.Module, state_dict: dict) -> None:
@@ -43,15 +46,12 @@ def _resize_to(gm: nn.Module, state_dict: dict) -> None:
             setattr(owner, name, nn.Parameter(empty, requires_grad=grad))
         resized.add(owner_path)
     for path in resized:
-        module = gm.get_submodule(path)
-        rule = rule_for(module)
-        if rule is not None:
-            rule.resize(module)
+        resize_from_tensors(gm.get_submodule(path))
 
 
-def save_pruned(result_or_model: Union[PruneResult, fx.GraphModule], path) -> None:
+def save_pruned(result_or_model: Union[PruneResult, nn.Module], path) -> None:
     model = result_or_model.model if isinstance(result_or_model, PruneResult) else result_or_model
-    structure = getattr(model, "meta", {}).get(STRUCTURE_KEY)
+    structure = structure_of(model)
     if structure is None:
         raise ValueError("save_pruned needs a PruneResult or the model prune() returned; "
                          f"got a {type(model).__name__} without pruning structure")
@@ -59,7 +59,8 @@ def save_pruned(result_or_model: Union[PruneResult, fx.GraphModule], path) -> No
     torch.save({"structure": structure, "state_dict": model.state_dict()}, path)
 
 
-STRUCTURE_FIELDS = ("format", "ignored", "removed_blocks", "folded_bn", "adds_in_place",
+FORMAT_3 = "ffr_fast.pruned/3"  # still read: a GraphModule with these same fields
+STRUCTURE_FIELDS = ("format", "emitted", "ignored", "removed_blocks", "folded_bn", "adds_in_place",
                     "training")
 
 
@@ -80,7 +81,9 @@ def _read(path) -> Tuple[dict, dict]:
         raise ValueError(f"{path} is not a file written by save_pruned: it holds {what}, not "
                          "{'structure': ..., 'state_dict': ...}")
     structure = payload["structure"]
-    if not isinstance(structure, dict) or structure.get("format") != STRUCTURE_FORMAT:
+    if isinstance(structure, dict) and structure.get("format") == FORMAT_3:
+        structure = dict(structure, emitted="graph")  # before emit.py, always a GraphModule
+    elif not isinstance(structure, dict) or structure.get("format") != STRUCTURE_FORMAT:
         found = structure.get("format") if isinstance(structure, dict) else structure
         raise ValueError(f"{path} is not a file written by save_pruned (format {found!r}, "
                          f"expected {STRUCTURE_FORMAT!r})")
@@ -90,8 +93,9 @@ def _read(path) -> Tuple[dict, dict]:
     return structure, payload["state_dict"]
 
 
-def load_pruned(path, original: Union[nn.Module, Callable[[], nn.Module]]) -> fx.GraphModule:
-    """Rebuild a pruned model from `path` and the original architecture.
+def load_pruned(path, original: Union[nn.Module, Callable[[], nn.Module]]) -> nn.Module:
+    """Rebuild a pruned model from `path` and the original architecture: the original's
+    class or a GraphModule, as prune() emitted it.
 
     `original` is an instance of the unpruned model (it is copied, not modified) or a
     zero-argument factory that builds one."""
@@ -106,20 +110,26 @@ def load_pruned(path, original: Union[nn.Module, Callable[[], nn.Module]]) -> fx
     if missing:
         raise ValueError(f"{path} does not match the architecture of {type(model).__name__}: "
                          f"graph nodes {missing} not found")
-    remove_branches(gm.graph, [ResidualBranch(add, 0, 0.0, add, arg, (), None)
-                               for add, arg in structure["removed_blocks"]],
-                    dict(gm.named_modules()))
-    for conv, bn in structure["folded_bn"]:
-        bypass_batchnorm(gm, nodes[conv], nodes[bn])
-    replay_adds_in_place(gm, structure["adds_in_place"])
-    gm.delete_all_unused_submodules()
-    _resize_to(gm, state_dict)
-    gm.recompile()
+    if structure["emitted"] == "module":
+        pruned = model
+        for _, bn in structure["folded_bn"]:
+            set_submodule(pruned, nodes[bn].target, nn.Identity())
+    else:
+        pruned = gm
+        remove_branches(gm.graph, [ResidualBranch(add, 0, 0.0, add, arg, (), None)
+                                   for add, arg in structure["removed_blocks"]],
+                        dict(gm.named_modules()))
+        for conv, bn in structure["folded_bn"]:
+            bypass_batchnorm(gm, nodes[conv], nodes[bn])
+        replay_adds_in_place(gm, structure["adds_in_place"])
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    _resize_to(pruned, state_dict)
     try:
-        gm.load_state_dict(state_dict)
+        pruned.load_state_dict(state_dict)
     except RuntimeError as error:
         raise ValueError(f"{path} does not match the architecture of {type(model).__name__}: "
                          f"{error}") from error
-    gm.meta[STRUCTURE_KEY] = {k: v for k, v in structure.items() if k != "training"}
-    restore_training_flags(gm, structure["training"])
-    return gm
+    attach_structure(pruned, {k: v for k, v in structure.items() if k != "training"})
+    restore_training_flags(pruned, structure["training"])
+    return pruned
