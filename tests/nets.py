@@ -283,7 +283,7 @@ class TokenNet(nn.Module):
 
 
 class FixedView(nn.Module):
-    """x.view(n, 8, -1): the 8 is a constant of the graph, so conv1 cannot shrink."""
+    """x.view(n, 8, -1): the 8 is a constant of the graph, which must shrink with conv1."""
 
     def __init__(self, literal: bool):
         super().__init__()

@@ -55,11 +55,21 @@ class ParamChannels:
 
 
 @dataclass
+class ViewSize:
+    """A size a view / reshape is given as a constant of the graph where the channels land
+    (ViT's `x.reshape(n, 768, -1)`): node `node`'s size number `index` counts `ids`."""
+    node: str
+    index: int
+    ids: np.ndarray
+
+
+@dataclass
 class ChannelGraph:
     size: int = 0
     edges: List[Tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     modules: Dict[str, ModuleChannels] = field(default_factory=dict)
     params: List[ParamChannels] = field(default_factory=list)
+    view_sizes: List[ViewSize] = field(default_factory=list)
     pins: Dict[int, str] = field(default_factory=dict)  # channel id -> why it is kept
     unknown_ops: List[dict] = field(default_factory=list)
     renormalized: List[Tuple[np.ndarray, str]] = field(default_factory=list)

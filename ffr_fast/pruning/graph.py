@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .channels import Chan, ChannelGraph, ModuleChannels, ParamChannels, ParamView
+from .channels import Chan, ChannelGraph, ModuleChannels, ParamChannels, ParamView, ViewSize
 from .rules import (GATES, MERGING, MULTIPLYING, PERMUTES, REDUCTIONS, SHAPE_QUERIES, SPATIAL,
                     SPLITS, VIEWS, Rule, is_zero_preserving_call, out_channels, rule_for)
 from .tracing import layer_norm_last_dim, node_arg
@@ -386,15 +386,21 @@ class _Analyzer:
         return Chan(tuple(sorted(new_dims)), chan.ids.transpose(axes))
 
     def view(self, node):
-        """A reshape understood from the shapes before and after (row-major), when the
-        channels land on a size the graph computes (x.size(1), -1), not on a constant."""
+        """A reshape understood from the shapes before and after (row-major). Where the
+        channels land on one dimension given as a constant (x.reshape(n, 768, -1)), the
+        constant is recorded to shrink with them. Split in two (channel shuffle, heads),
+        the leading part keeps its size (split_view) and the trailing one must be
+        computed (c // groups), not a constant."""
         chan = self.view_shapes(node)
         sizes = _size_args(node)
-        if isinstance(chan, Chan) and sizes is not None:
-            fixed = chan.dims[-1] < len(sizes) and isinstance(sizes[chan.dims[-1]], int) \
-                and sizes[chan.dims[-1]] != -1
-            if fixed:  # x.reshape(n, 768, -1): 768 cannot shrink with the channels
-                return None
+        if not isinstance(chan, Chan) or sizes is None:
+            return chan
+        last = chan.dims[-1]
+        if not (last < len(sizes) and isinstance(sizes[last], int) and sizes[last] != -1):
+            return chan
+        if len(chan.dims) > 1 or len(sizes) != len(_shape(node)):
+            return None
+        self.cg.view_sizes.append(ViewSize(node.name, chan.dims[0], chan.ids))
         return chan
 
     def view_shapes(self, node):

@@ -25,7 +25,8 @@ from ..modes import evaluating, restore_training_flags, training_flags
 from .inputs import as_inputs, resolve_ignored, run_checked
 from .plan import make_plan
 from .report import PruneReport
-from .surgery import apply_plan, renormalized_layers, set_submodule, zero_removed
+from .surgery import (apply_plan, renormalized_layers, resize_views, set_submodule,
+                      zero_removed)
 
 SCOPES = ("global", "layer")
 FLOPS_SEARCHES = ("threshold", "ratio")
@@ -205,9 +206,10 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
             reference, _ = run_checked(gm, inputs, count_flops=False)
             approximate = renormalized_layers(cg, plan.removed)
             channels = apply_plan(gm, cg, plan.removed)
+            view_sizes = resize_views(gm, cg, plan.removed)
             folded_pairs = foldable_pairs(gm) if fold_bn else []
             folded = fold_batchnorms(gm, folded_pairs) if fold_bn else []
-            out, emit_note = _emitted(work, gm, folded, inputs, emit, chosen)
+            out, emit_note = _emitted(work, gm, folded, inputs, emit, chosen, view_sizes)
             in_place = adds_in_place(gm) if out is gm else []
             gm.recompile()
             pruned, flops_after = run_checked(out, inputs)
@@ -226,7 +228,7 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
                  "ignored": list(ignored),
                  "removed_blocks": [[b.add, b.shortcut_arg] for b in chosen],
                  "folded_bn": [list(p) for p in folded_pairs],
-                 "adds_in_place": [list(a) for a in in_place]}
+                 "adds_in_place": [list(a) for a in in_place], "view_sizes": view_sizes}
     attach_structure(out, structure)
     report = PruneReport(
         settings=dict(threshold=threshold, ratio=ratio, importance=_label(importance),
@@ -248,17 +250,18 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
 
 
 def _emitted(work: nn.Module, gm: fx.GraphModule, folded, inputs, emit: str,
-             removed_branches: List[ResidualBranch]):
+             removed_branches: List[ResidualBranch], view_sizes: List[list]):
     """(the model to hand back, a note for the report or None): `work` given the pruned
     layers (emit.py) or the GraphModule."""
     if emit == "graph":
         return gm, None
-    if removed_branches:
+    graph_only = [f"residual branch {b.name}" for b in removed_branches]
+    graph_only += [f"the size a view is given at node {name}" for name, _, _ in view_sizes]
+    if graph_only:
         if emit == "module":
             raise ValueError(
-                "emit='module' cannot express removed residual branches (only the graph has "
-                f"them rewired): {[b.name for b in removed_branches]}; pass emit='auto' or "
-                "'graph', or remove_blocks=False")
+                "emit='module' cannot express what only the pruned graph holds: "
+                f"{graph_only}; pass emit='auto' or 'graph' (or remove_blocks=False)")
         return gm, None
     adopt(work, gm, folded)
     why = own_forward_disagrees(work, gm, inputs)

@@ -3,7 +3,8 @@
 The file holds plain data only (loadable with `torch.load(weights_only=True)`): what was
 emitted (the model's own class or a GraphModule: emit.py), the trace settings (`ignored`),
 the residual adds that were replaced by their shortcut, the folded conv/BN node pairs, the
-adds rewritten in place, every module's training flag and the state dict. `load_pruned`
+adds rewritten in place, the sizes given to views that shrank with the channels, every
+module's training flag and the state dict. `load_pruned`
 copies the original architecture (and, for a GraphModule, re-traces it and replays those
 edits), gives every tensor the saved shape (each layer's rule then sets its size
 attributes: rules.py) and loads the weights strictly. (Pickling the whole model with
@@ -24,7 +25,7 @@ from ..modes import restore_training_flags, training_flags
 from .emit import attach_structure, structure_of
 from .pruner import STRUCTURE_FORMAT, PruneResult
 from .rules import resize_from_tensors
-from .surgery import set_submodule
+from .surgery import replay_view_sizes, set_submodule
 
 
 def _resize_to(gm: nn.Module, state_dict: dict) -> None:
@@ -60,8 +61,8 @@ def save_pruned(result_or_model: Union[PruneResult, nn.Module], path) -> None:
 
 
 FORMAT_3 = "ffr_fast.pruned/3"  # still read: a GraphModule with these same fields
-STRUCTURE_FIELDS = ("format", "emitted", "ignored", "removed_blocks", "folded_bn", "adds_in_place",
-                    "training")
+STRUCTURE_FIELDS = ("format", "emitted", "ignored", "removed_blocks", "folded_bn",
+                    "adds_in_place", "view_sizes", "training")
 
 
 def _read(path) -> Tuple[dict, dict]:
@@ -82,7 +83,7 @@ def _read(path) -> Tuple[dict, dict]:
                          "{'structure': ..., 'state_dict': ...}")
     structure = payload["structure"]
     if isinstance(structure, dict) and structure.get("format") == FORMAT_3:
-        structure = dict(structure, emitted="graph")  # before emit.py, always a GraphModule
+        structure = dict(structure, emitted="graph", view_sizes=[])  # a GraphModule, then
     elif not isinstance(structure, dict) or structure.get("format") != STRUCTURE_FORMAT:
         found = structure.get("format") if isinstance(structure, dict) else structure
         raise ValueError(f"{path} is not a file written by save_pruned (format {found!r}, "
@@ -106,6 +107,7 @@ def load_pruned(path, original: Union[nn.Module, Callable[[], nn.Module]]) -> nn
     needed = [name for name, _ in structure["removed_blocks"]]
     needed += [name for pair in structure["folded_bn"] for name in pair]
     needed += [name for name, _ in structure["adds_in_place"]]
+    needed += [name for name, _, _ in structure["view_sizes"]]
     missing = [name for name in needed if name not in nodes]
     if missing:
         raise ValueError(f"{path} does not match the architecture of {type(model).__name__}: "
@@ -122,6 +124,7 @@ def load_pruned(path, original: Union[nn.Module, Callable[[], nn.Module]]) -> nn
         for conv, bn in structure["folded_bn"]:
             bypass_batchnorm(gm, nodes[conv], nodes[bn])
         replay_adds_in_place(gm, structure["adds_in_place"])
+        replay_view_sizes(gm, structure["view_sizes"])
         gm.delete_all_unused_submodules()
         gm.recompile()
     _resize_to(pruned, state_dict)

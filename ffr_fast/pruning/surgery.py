@@ -14,6 +14,7 @@ from typing import Dict, List, Set, Tuple
 
 import numpy as np
 import torch
+import torch.fx as fx
 from torch import nn
 
 from .channels import ChannelGraph, ModuleChannels
@@ -132,6 +133,36 @@ def apply_plan(root: nn.Module, cg: ChannelGraph, removed: Set[int]
             owner = root.get_submodule(owner_path)
             _replace(owner, name, getattr(owner, name).index_select(pc.dim, keep))
     return channels
+
+
+def resize_views(gm: fx.GraphModule, cg: ChannelGraph, removed: Set[int]) -> List[list]:
+    """Shrink the constant sizes views are given where channels land (ViT's
+    `x.reshape(n, 768, -1)`); returns [node name, size index, new size] per rewrite, for
+    replay_view_sizes. Call gm.recompile() afterwards."""
+    removed = _mask(cg, removed)
+    rewritten = []
+    for view in cg.view_sizes:
+        kept = len(_keep(cg, view.ids, removed))
+        if kept < len(view.ids):
+            rewritten.append([view.node, view.index, kept])
+    replay_view_sizes(gm, rewritten)
+    return rewritten
+
+
+def replay_view_sizes(gm: fx.GraphModule, rewritten) -> None:
+    """Give each view node its new size: the sizes follow the tensor (x.view(a, b) or
+    x.view((a, b)); torch.reshape(x, (a, b)))."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, index, size in rewritten:
+        node = nodes[name]
+        args = list(node.args)
+        if node.target is torch.reshape or isinstance(args[1], (tuple, list)):
+            sizes = list(args[1])
+            sizes[index] = size
+            args[1] = type(node.args[1])(sizes)
+        else:
+            args[1 + index] = size
+        node.args = tuple(args)
 
 
 def renormalized_layers(cg: ChannelGraph, removed: Set[int]) -> List[str]:
