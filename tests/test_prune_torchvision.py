@@ -25,7 +25,7 @@ ZOO = {
     "googlenet": (dict(aux_logits=False, init_weights=True), 32, 3.5),
     "squeezenet1_1": ({}, 32, 3.0), "vgg11_bn": ({}, 32, 3.5),
     "convnext_tiny": ({}, 32, 3.5), "vit_b_16": (dict(image_size=32), 32, 1.9),
-    "swin_t": ({}, 32, 1.05), "maxvit_t": ({}, 224, 1.6),
+    "swin_t": ({}, 32, 2.5), "maxvit_t": ({}, 224, 2.1),
 }
 EXPORTED = {"resnet18", "mobilenet_v3_large", "efficientnet_b0", "shufflenet_v2_x1_0",
             "convnext_tiny", "vit_b_16"}

@@ -36,6 +36,7 @@ class ModuleChannels:
     out_ids: np.ndarray
     node: fx.Node
     inner_ids: Optional[np.ndarray] = None  # attention: the heads' channels
+    head_ids: Optional[np.ndarray] = None  # attention: one id per head (its first channel's)
 
     def written(self) -> List[Tuple[str, np.ndarray]]:
         """(layer name, ids) of every set of channels this layer creates."""

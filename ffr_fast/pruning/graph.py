@@ -199,21 +199,28 @@ class _Analyzer:
         self.cg.params.append(ParamChannels(path, dim, ids))
 
     def attention(self, node, module, rule: Rule):
-        """Self-attention (query is key is value) without masks: a list (output, weights)."""
+        """Self-attention on one input tensor, channels last: the rule's `inputs` arguments
+        all that tensor, no other tensor argument (no masks). Its output, or for a
+        `tuple_output` a list (output, weights), the weights untracked."""
         heads = rule.heads(module)
-        query, key, value = (node_arg(node, i, name) for i, name in
-                             enumerate(("query", "key", "value")))
-        extra = list(node.args[3:]) + [v for k, v in node.kwargs.items()
-                                       if k not in ("query", "key", "value")]
-        if (heads is None or not isinstance(query, fx.Node) or not query is key is value
-                or any(isinstance(v, fx.Node) for v in extra) or _shape(query) is None):
+        inputs = [node_arg(node, i, name) for i, name in enumerate(rule.inputs)]
+        extra = list(node.args[len(rule.inputs):]) + [
+            v for k, v in node.kwargs.items() if k not in rule.inputs]
+        x = inputs[0]
+        if (heads is None or not isinstance(x, fx.Node) or any(t is not x for t in inputs)
+                or any(isinstance(v, fx.Node) for v in extra) or _shape(x) is None):
             return None
-        in_ids = self.take(query, -1, _describe(node, self.modules))
+        out_shape = None if rule.tuple_output else _shape(node)
+        if not rule.tuple_output and (out_shape is None or len(out_shape) != len(_shape(x))
+                                      or out_shape[-1] != out_channels(module)):
+            return None
+        in_ids = self.take(x, -1, _describe(node, self.modules))
         num_heads, head_dim = heads
-        inner = np.repeat(self.cg.fresh(num_heads), head_dim)
+        head_ids = self.cg.fresh(num_heads)
         out_ids = self.cg.fresh(out_channels(module))
-        self.record(node, module, rule, in_ids, out_ids, inner)
-        return [Chan((len(_shape(query)) - 1,), out_ids), None]
+        self.record(node, module, rule, in_ids, out_ids, np.repeat(head_ids, head_dim), head_ids)
+        out = Chan((len(_shape(x)) - 1,), out_ids)
+        return [out, None] if rule.tuple_output else out
 
     def tie_groups(self, ids: np.ndarray, groups: int) -> None:
         """Position p of every group is removed together, so the groups stay equal."""
@@ -221,15 +228,16 @@ class _Analyzer:
             per_group = ids.reshape(groups, -1)
             self.cg.union(np.repeat(per_group[:1], groups - 1, axis=0), per_group[1:])
 
-    def record(self, node, module, rule, in_ids, out_ids, inner_ids=None) -> None:
+    def record(self, node, module, rule, in_ids, out_ids, inner_ids=None, head_ids=None
+               ) -> None:
         seen = self.cg.modules.get(node.target)
         if seen is None:
             self.cg.modules[node.target] = ModuleChannels(node.target, module, rule, in_ids,
-                                                          out_ids, node, inner_ids)
+                                                          out_ids, node, inner_ids, head_ids)
             return
         # A module called twice shares its filters between both calls.
         for old, new in ((seen.out_ids, out_ids), (seen.in_ids, in_ids),
-                         (seen.inner_ids, inner_ids)):
+                         (seen.inner_ids, inner_ids), (seen.head_ids, head_ids)):
             if new is not None:
                 self.cg.union(old, new)
 

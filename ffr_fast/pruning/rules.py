@@ -5,12 +5,15 @@ A `Rule` says, for one module type, everything the pruner needs to know:
   input's channel dimension `dim` and writes fresh ids on the same dimension of its output;
   a *channelwise* layer (BatchNorm, LayerNorm, activations, pools) writes the ids it reads;
   a *reshape* (Flatten) moves them as the shapes before and after say; an *attention*
-  (nn.MultiheadAttention) reads the embedding, writes fresh output ids and has inner ids
-  in whole heads (q, k, v rows and the output projection's columns go together);
+  (nn.MultiheadAttention, torchvision's Swin and MaxViT window attentions) is called on one
+  input tensor (its `inputs` arguments all that tensor, no other tensor argument), reads
+  its last dimension, writes fresh output ids there and has inner ids in whole heads (q, k,
+  v rows, the output projection's columns and every per-head tensor go together);
 - how to slice it: `params` names, for each parameter or buffer, the role of each of its
-  dimensions ("out": the output channels, "in": the input channels, None: untouched), and
-  `resize(module)` sets the size attributes (in_channels, num_features, ...) from the sliced
-  tensors;
+  dimensions ("out": the output channels, "in": the input channels, "inner": attention's
+  head channels, "head": one entry per attention head, None: untouched), and
+  `resize(module)` sets the size attributes (in_channels, num_features, num_heads, ...)
+  from the sliced tensors;
 - whether a zero channel stays zero through it (`zero_preserving`, decided per instance:
   Hardtanh(0.5, 2) maps 0 to 0.5) and, if not, what it emits instead (`emits_for_zero`);
 - whether removing one channel changes the others (`renormalizes`: LayerNorm and GroupNorm
@@ -34,7 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import (HeadPrunedMultiheadAttention, attention_heads, inner_rows,
-                        resize_attention)
+                        relative_attention, relative_attention_heads,
+                        relative_attention_rows, resize_attention, resize_relative_attention,
+                        resize_window_attention, shifted_window_attention,
+                        window_attention_heads, window_attention_rows)
 
 Roles = Tuple[Optional[str], ...]
 KINDS = ("producer", "channelwise", "reshape", "attention")
@@ -65,11 +71,21 @@ class Rule:
     renormalizes: bool = False
     groups: Callable[[nn.Module], int] = lambda module: 1
     # Attention: (num_heads, head_dim), or None where it cannot be cut by heads; the
-    # "inner" role marks the heads' channels, `blocks` how many stacked copies (q, k, v) a
-    # tensor holds, `inner_rows` what each inner channel reads (for its score).
+    # "inner" role marks the heads' channels (head by head, head_dim each), the "head" role
+    # a dimension with one entry per head (a relative position bias table), `blocks` how
+    # many stacked copies (q, k, v) a tensor holds, `inner_rows` what each inner channel
+    # reads (for its score).
     heads: Optional[Callable[[nn.Module], Optional[Tuple[int, int]]]] = None
     blocks: Dict[str, int] = field(default_factory=dict)
     inner_rows: Optional[Callable[[nn.Module], torch.Tensor]] = None
+    # How an attention is called: the arguments (by position, or by these names) that must
+    # all be the one input tensor; every other argument must not be a tensor. Whether it
+    # returns a tuple (output, weights) (nn.MultiheadAttention) or the output alone.
+    inputs: Tuple[str, ...] = ("x",)
+    tuple_output: bool = False
+    # The forward of the head-pruned subclass `resize` turns a layer into (attention.py):
+    # a module whose forward is this one keeps its base type's rule.
+    pruned_forward: Optional[Callable] = None
     # The layer whose rows and bias make this layer's output channels (a producer itself;
     # attention: its output projection): what importance scores and branch tails read.
     emitter: Callable[[nn.Module], nn.Module] = lambda module: module
@@ -121,9 +137,15 @@ def _nearest_rule(module: nn.Module) -> Tuple[Optional[type], Optional[Rule]]:
 
 def rule_for(module: nn.Module) -> Optional[Rule]:
     """The rule of the module's type, or of the nearest base class whose forward it keeps
-    (torchvision's LayerNorm2d overrides LayerNorm.forward: it has no rule, and is traced)."""
+    (torchvision's LayerNorm2d overrides LayerNorm.forward: it has no rule, and is traced);
+    a head-pruned layer's forward (`pruned_forward`) keeps its base class's rule."""
     cls, rule = _nearest_rule(module)
-    return rule if rule is not None and cls.forward is type(module).forward else None
+    if rule is None:
+        return None
+    forward = type(module).forward
+    own = cls.forward is forward or (rule.pruned_forward is not None
+                                     and forward is rule.pruned_forward)
+    return rule if own else None
 
 
 def resize_from_tensors(module: nn.Module) -> None:
@@ -244,7 +266,29 @@ for _mha in (nn.MultiheadAttention, HeadPrunedMultiheadAttention):
         {"in_proj_weight": ("inner", "in"), "in_proj_bias": ("inner",),
          "out_proj.weight": ("out", "inner"), "out_proj.bias": ("out",)},
         resize_attention, heads=attention_heads, blocks={"in_proj_weight": 3, "in_proj_bias": 3},
-        inner_rows=inner_rows, emitter=lambda mha: mha.out_proj))
+        inner_rows=inner_rows, emitter=lambda mha: mha.out_proj,
+        inputs=("query", "key", "value"), tuple_output=True))
+# torchvision's window attentions: called on one (B, H, W, C) / (B, G, P, D) tensor, q, k, v
+# stacked as three blocks of (heads, head_dim) rows, a per-head relative position bias
+# (Swin V2: a per-head logit scale and the rows of the MLP that computes the bias).
+_SWIN = {"qkv.weight": ("inner", "in"), "qkv.bias": ("inner",),
+         "proj.weight": ("out", "inner"), "proj.bias": ("out",),
+         "relative_position_bias_table": (None, "head")}
+_SWIN_V2 = dict(_SWIN, **{"logit_scale": ("head", None, None),
+                          "cpb_mlp.2.weight": ("head", None), "cpb_mlp.2.bias": ("head",)})
+for _name, _params in (("ShiftedWindowAttention", _SWIN), ("ShiftedWindowAttentionV2", _SWIN_V2)):
+    RULES_BY_NAME[f"torchvision.models.swin_transformer.{_name}"] = Rule(
+        "attention", -1, _params, resize_window_attention, heads=window_attention_heads,
+        blocks={"qkv.weight": 3, "qkv.bias": 3}, inner_rows=window_attention_rows,
+        emitter=lambda m: m.proj, pruned_forward=shifted_window_attention)
+RULES_BY_NAME["torchvision.models.maxvit.RelativePositionalMultiHeadAttention"] = Rule(
+    "attention", -1,
+    {"to_qkv.weight": ("inner", "in"), "to_qkv.bias": ("inner",),
+     "merge.weight": ("out", "inner"), "merge.bias": ("out",),
+     "relative_position_bias_table": (None, "head")},
+    resize_relative_attention, heads=relative_attention_heads,
+    blocks={"to_qkv.weight": 3, "to_qkv.bias": 3}, inner_rows=relative_attention_rows,
+    emitter=lambda m: m.merge, pruned_forward=relative_attention)
 for _view in (nn.Flatten, nn.Unflatten):
     register_rule(_view, Rule("reshape"))
 # A gate: f(0) = 1/2, so a channel that is removed must be multiplied by a zero channel

@@ -31,7 +31,8 @@ from .surgery import replay_view_sizes, set_submodule
 def _resize_to(gm: nn.Module, state_dict: dict) -> None:
     """Give every tensor of `gm` the shape it has in `state_dict` (new tensors where the
     pruned model gained one, e.g. the bias a folded BatchNorm left in its conv), then let
-    each layer's rule set its size attributes from them."""
+    the rule of each layer that holds one (directly or in a submodule) set its size
+    attributes from them."""
     resized = set()
     for key, value in state_dict.items():
         owner_path, _, name = key.rpartition(".")
@@ -45,8 +46,11 @@ def _resize_to(gm: nn.Module, state_dict: dict) -> None:
         else:
             grad = old.requires_grad if old is not None else True
             setattr(owner, name, nn.Parameter(empty, requires_grad=grad))
-        resized.add(owner_path)
-    for path in resized:
+        parts = owner_path.split(".") if owner_path else []
+        # The owner and the modules above it: an attention whose output projection shrank
+        # sets its own sizes too.
+        resized.update(".".join(parts[:i]) for i in range(len(parts) + 1))
+    for path in sorted(resized, key=lambda p: -p.count(".") - bool(p)):  # innermost first
         resize_from_tensors(gm.get_submodule(path))
 
 

@@ -50,7 +50,8 @@ def _tensor_roles(mc: ModuleChannels):
         if tensor is None:
             continue
         for dim, role in enumerate(roles):
-            ids = {"out": mc.out_ids, "in": mc.in_ids, "inner": mc.inner_ids}.get(role)
+            ids = {"out": mc.out_ids, "in": mc.in_ids, "inner": mc.inner_ids,
+                   "head": mc.head_ids}.get(role)
             if role is not None and not (tensor.shape[dim] == 1 and len(ids) > 1):
                 yield name, dim, role
 
@@ -58,10 +59,10 @@ def _tensor_roles(mc: ModuleChannels):
 def _positions(cg: ChannelGraph, mc: ModuleChannels, name: str, role: str,
                removed: np.ndarray, size: int) -> torch.Tensor:
     """The kept positions along a tensor dimension of `size` that holds `role` channels
-    (stacked `blocks` times for attention's q, k, v)."""
+    (stacked `blocks` times for attention's q, k, v; "head": the kept heads)."""
     if role == "in":
         return _in_positions(mc, _keep(cg, mc.in_ids, removed), size)
-    ids = mc.out_ids if role == "out" else mc.inner_ids
+    ids = {"out": mc.out_ids, "inner": mc.inner_ids, "head": mc.head_ids}[role]
     keep = _keep(cg, ids, removed)
     blocks = mc.rule.blocks.get(name, 1) if role == "inner" else 1
     return torch.cat([keep + k * len(ids) for k in range(blocks)])
@@ -87,7 +88,9 @@ def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def zero_removed(cg: ChannelGraph, removed: Set[int], root: nn.Module) -> None:
     """Zero, in the modules and parameters the graph points at, every tensor slice that
-    holds a removed channel as an output (or, in attention, a removed head's q, k, v)."""
+    holds a removed channel as an output (or, in attention, a removed head's q, k, v rows,
+    the output projection's columns that read it and its per-head entries: with its values
+    zero a head adds exactly zero, whatever its attention weights)."""
     removed = _mask(cg, removed)
     with torch.no_grad():
         for mc in cg.modules.values():
