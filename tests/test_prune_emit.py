@@ -88,9 +88,9 @@ def test_a_forward_that_reads_a_stale_width_falls_back_to_the_graph():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), LastDimNorm(8), nn.Conv2d(8, 4, 3)).eval()
     result = prune(model, X, ratio=0.5)
     assert isinstance(result.model, fx.GraphModule)
-    assert "own forward disagrees" in result.report.warnings[0]
+    assert "own forward cannot serve" in result.report.warnings[0]
     assert result.model(X).shape == (2, 4, 28, 28)
-    with pytest.raises(ValueError, match="emit='module'.*own forward disagrees"):
+    with pytest.raises(ValueError, match="emit='module'.*own forward cannot serve"):
         prune(model, X, ratio=0.5, emit="module")
     assert model[1].width == 8 and model[0].out_channels == 8  # the caller's model untouched
 
@@ -122,3 +122,30 @@ def test_files_of_the_previous_format_still_load(tmp_path):
     loaded = load_pruned(tmp_path / "old.pt", models.resnet20)
     assert isinstance(loaded, fx.GraphModule)
     torch.testing.assert_close(run(loaded), run(result.model), rtol=0, atol=0)
+
+
+class AuxiliaryHead(nn.Module):
+    """Like Inception's auxiliary classifier: a head that only training runs, on channels
+    the eval-mode trace prunes without ever seeing it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.aux = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3), nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.conv1(x))
+        out = self.conv2(y).mean((2, 3))
+        return (out, self.aux(y.mean((2, 3)))) if self.training else out
+
+
+def test_a_training_only_branch_that_reads_pruned_channels_gives_the_graph():
+    torch.manual_seed(0)
+    model = AuxiliaryHead().eval()
+    result = prune(model, X, ratio=0.5)
+    assert isinstance(result.model, fx.GraphModule)
+    assert "in training mode it raised" in " ".join(result.report.warnings)
+    assert any("reads self.training" in w for w in result.report.warnings)
+    result.model.train()(X)  # the graph runs the eval-mode code it was traced with
+    with pytest.raises(ValueError, match="in training mode it raised"):
+        prune(model, X, ratio=0.5, emit="module")
+    assert not any(m.training for m in model.modules())  # the trial ran on a copy

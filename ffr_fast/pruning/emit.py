@@ -14,8 +14,12 @@ GraphModule has the new wiring, and it is what comes back. `emit="auto"` decides
 
 The model's own forward is checked against the graph it was traced into, on the example
 inputs: a forward that reads an attribute pruning changed (a width kept as a Python int)
-would disagree, and then the GraphModule is emitted (auto) or the call fails (module).
+would disagree. The trace is taken in eval mode; where the forward reads `self.training`,
+code that only training runs (Inception's auxiliary classifier) was never analysed, so the
+own forward must also run in training mode. Failing either, the GraphModule is emitted
+(auto) or the call fails (module).
 """
+import copy
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -88,5 +92,19 @@ def own_forward_disagrees(model: nn.Module, gm: fx.GraphModule, inputs) -> Optio
     for g, e in pairs:
         scale = max(float(e.abs().max()), 1e-30) if e.numel() else 1.0
         if e.numel() and float((g - e).abs().max()) > 1e-6 * scale:
-            return "its output differs from the graph's (it reads a size pruning changed)"
+            return "its output differs from its pruned graph's (it reads a size pruning changed)"
+    return None
+
+
+def own_training_forward_fails(model: nn.Module, inputs) -> Optional[str]:
+    """Why the model's own forward cannot run in training mode (a branch only training runs
+    reads channels pruning removed), or None. It runs on a copy, since training mode
+    updates BatchNorm statistics, and on a batch of at least two, which BatchNorm needs."""
+    trial = copy.deepcopy(model).train()
+    batch = [torch.cat([x, x]) if x.shape[0] == 1 else x for x in inputs]
+    try:
+        with torch.no_grad():
+            trial(*batch)
+    except Exception as error:
+        return f"in training mode it raised {type(error).__name__}: {error}"
     return None

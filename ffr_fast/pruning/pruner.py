@@ -15,7 +15,8 @@ from torch.utils._pytree import tree_leaves
 from ..metrics import count_params
 from .blocks import (ResidualBranch, branch_score, find_branches, measure_branches,
                      remove_branches as remove_from_graph, select_branches)
-from .emit import EMITS, adopt, attach_structure, own_forward_disagrees
+from .emit import (EMITS, adopt, attach_structure, own_forward_disagrees,
+                   own_training_forward_fails)
 from .fold import fold_batchnorms, foldable_pairs
 from .graph import analyze
 from .tracing import reads_training_flag, trace
@@ -123,6 +124,7 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
     # Traced twice more (train and eval code): once per call, not per step of a FLOPs search,
     # and before an in-place prune changes the model.
     reads_flag = reads_training_flag(model, options["ignored"])
+    options["trains_differently"] = reads_flag
     if flops_target is None:
         result = _prune_once(model, inputs, threshold, ratio, inplace, **options)
     else:
@@ -173,7 +175,7 @@ def _check_settings(threshold, ratio, flops_target, flops_search, flops_toleranc
 
 def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importance, scope,
                 min_channels, round_to, remove_blocks, remove_branches, fold_bn, ignored,
-                emit) -> PruneResult:
+                emit, trains_differently) -> PruneResult:
     flags = training_flags(model)
     work = model if inplace else copy.deepcopy(model)
     work.eval()
@@ -209,7 +211,8 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
             view_sizes = resize_views(gm, cg, plan.removed)
             folded_pairs = foldable_pairs(gm) if fold_bn else []
             folded = fold_batchnorms(gm, folded_pairs) if fold_bn else []
-            out, emit_note = _emitted(work, gm, folded, inputs, emit, chosen, view_sizes)
+            out, emit_note = _emitted(work, gm, folded, inputs, emit, chosen, view_sizes,
+                                      trains_differently)
             in_place = adds_in_place(gm) if out is gm else []
             gm.recompile()
             pruned, flops_after = run_checked(out, inputs)
@@ -250,7 +253,8 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
 
 
 def _emitted(work: nn.Module, gm: fx.GraphModule, folded, inputs, emit: str,
-             removed_branches: List[ResidualBranch], view_sizes: List[list]):
+             removed_branches: List[ResidualBranch], view_sizes: List[list],
+             trains_differently: bool):
     """(the model to hand back, a note for the report or None): `work` given the pruned
     layers (emit.py) or the GraphModule."""
     if emit == "graph":
@@ -265,9 +269,11 @@ def _emitted(work: nn.Module, gm: fx.GraphModule, folded, inputs, emit: str,
         return gm, None
     adopt(work, gm, folded)
     why = own_forward_disagrees(work, gm, inputs)
+    if why is None and trains_differently:
+        why = own_training_forward_fails(work, inputs)
     if why is None:
         return work, None
-    message = f"the model's own forward disagrees with its pruned graph: {why}"
+    message = f"the model's own forward cannot serve as the pruned model: {why}"
     if emit == "module":
         raise ValueError(f"emit='module': {message}; pass emit='auto' or 'graph'")
     return gm, f"{message}; a torch.fx.GraphModule was emitted instead"
