@@ -17,6 +17,7 @@
    graph, replayed against eager; a ResNet-56 training step at batch 128 with and without
    FFRLoss (issue 9's target: FFRLoss adds <= 3%).
 
+The correctness sections and the run itself live here, the measurements in gpu_speed.py.
 Prints a table, writes JSON to --out. Each section records its errors and the script goes
 on, so one run yields everything it can (the JSON is rewritten after every section); it
 exits non-zero if any check failed. Estimated at 2 to 4 minutes on an H200, most of it
@@ -27,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -39,18 +39,14 @@ if "--dry-run" in sys.argv:
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from ffr_fast import ops, reference, testing  # noqa: E402
+from ffr_fast import ops, reference  # noqa: E402
 from ffr_fast.kernels import flow_penalty as penalty_kernels  # noqa: E402
 from ffr_fast.kernels import flow_sums as kernels  # noqa: E402
-from ffr_fast.penalty import flow_penalty, flow_penalty_chains  # noqa: E402
+from ffr_fast.penalty import flow_penalty_chains  # noqa: E402
 from ffr_fast.testing import TOLERANCE, relative_error  # noqa: E402
-
-RESNET56_STAGES = [(128, 16, 32, 32), (128, 32, 16, 16), (128, 64, 8, 8)]
-START = time.perf_counter()
-
-
-def log(message):
-    print(f"[{time.perf_counter() - START:6.1f}s] {message}", flush=True)
+from gpu_speed import (RESNET56_STAGES, START, copy_bandwidth, log,  # noqa: E402
+                       measure_bandwidth, random_chain, resnet56_chains, time_flow,
+                       time_penalty, time_training_step)
 
 
 def parse_args():
@@ -82,57 +78,6 @@ def plan(dry_run):
                 bandwidth=stages + [((128, 256, 14, 14), 6), big],
                 sweep=[stages[0], big], block_sizes=[512, 1024, 2048, 4096],
                 penalty=stages + [big], copy_elements=2**28, reps=20, **multi)
-
-
-def random_chain(shape, K, dtype, device):
-    """A feature flow: each feature a perturbation of the previous one."""
-    return testing.random_chain(K, shape, dtype, device, step=0.3)
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_ms(fn, device, reps):
-    """Median wall time of one call, after warm-up (CUDA events on a GPU)."""
-    for _ in range(3):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def kernel_ms(fn, kernel_name, device, reps):
-    """Median device time of the GPU kernel named kernel_name per call (profiler); None on
-    CPU, where the interpreter has no kernels to time."""
-    if device.type != "cuda":
-        return None
-    fn()
-    synchronize(device)
-    activities = [torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as profile:
-        for _ in range(reps):
-            fn()
-        synchronize(device)
-    times = [event.time_range.elapsed_us() / 1e3 for event in profile.events()
-             if event.name.startswith(kernel_name)]
-    if not times:
-        raise RuntimeError(f"the profiler saw no kernel named {kernel_name}; it saw "
-                           f"{sorted({event.name for event in profile.events()})}")
-    return statistics.median(times)
 
 
 def check_correctness(p, device, results):
@@ -177,84 +122,6 @@ def check_correctness(p, device, results):
                 f"{' channels_last' if channels_last else ''}: forward {forward_error:.1e}, "
                 f"backward {backward_error:.1e}, op {op_error:.1e}, "
                 f"deterministic {deterministic}")
-
-
-def copy_bandwidth(p, device):
-    x = torch.randn(p["copy_elements"], device=device)
-    ms = median_ms(lambda: x.clone(), device, p["reps"])
-    return 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
-
-
-def measure_bandwidth(p, device, copy_gbps, results):
-    chains = [(shape, K, torch.float32, 1024) for shape, K in p["bandwidth"]]
-    chains += [(shape, K, torch.bfloat16, 1024) for shape, K in p["bandwidth"]]
-    chains += [(shape, K, torch.float32, block) for shape, K in p["sweep"]
-               for block in p["block_sizes"] if block != 1024]
-    for shape, K, dtype, block in chains:
-        features = random_chain(shape, K, dtype, device)
-        grad_sums = torch.ones(shape[0] * 3 * (K - 1), device=device,
-                               dtype=reference.accumulation_dtype(dtype))
-        chain_bytes = K * features[0].numel() * features[0].element_size()
-        runs = [("forward", chain_bytes, "_flow_sums_kernel",
-                 lambda: kernels.flow_sums(features, [K], block_size=block)),
-                ("backward", 2 * chain_bytes, "_flow_sums_backward_kernel",
-                 lambda: kernels.flow_sums_backward(features, [K], grad_sums,
-                                                    block_size=block))]
-        for direction, moved, name, fn in runs:
-            call = median_ms(fn, device, p["reps"])
-            kernel = kernel_ms(fn, name, device, p["reps"])
-            gbps = moved / ((kernel if kernel is not None else call) * 1e-3) / 1e9
-            row = dict(shape=list(shape), K=K, dtype=str(dtype).split(".")[1],
-                       block_size=block, direction=direction, bytes=moved, call_ms=call,
-                       kernel_ms=kernel, GBps=gbps, fraction_of_copy=gbps / copy_gbps)
-            results["bandwidth"].append(row)
-            log(f"{direction:8} {shape} K={K} {row['dtype']} block {block}: call {call:.3f} ms,"
-                f" kernel {kernel if kernel is None else round(kernel, 3)} ms, {gbps:.0f} GB/s"
-                f" = {gbps / copy_gbps:.0%} of copy")
-        if device.type == "cuda" and block == 1024:
-            results["memory"].append(peak_extra_memory(features, grad_sums))
-
-
-def peak_extra_memory(features, grad_sums):
-    """Peak memory of forward+backward beyond what exists before, in units of the chain's
-    size: the K gradients make 1.0; anything feature-sized on top would show."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    kernels.flow_sums(features, [len(features)])
-    grads = kernels.flow_sums_backward(features, [len(features)], grad_sums)
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - before
-    chain_bytes = sum(x.numel() * x.element_size() for x in features)
-    del grads
-    return dict(shape=list(features[0].shape), K=len(features),
-                dtype=str(features[0].dtype).split(".")[1], extra_bytes=extra,
-                extra_over_chain_size=extra / chain_bytes)
-
-
-def time_penalty(p, device, results):
-    """Penalty forward+backward as a user runs it: the op, eager reference, compiled reference."""
-    compiled = torch.compile(reference.flow_penalty)
-    for shape, K in p["penalty"]:
-        features = [x.requires_grad_() for x in random_chain(shape, K, torch.float32, device)]
-
-        def step(penalty):
-            def run():
-                for x in features:
-                    x.grad = None
-                penalty(features).backward()
-            return run
-
-        row = dict(shape=list(shape), K=K, dtype="float32")
-        for label, penalty in (("op", flow_penalty), ("eager_reference", reference.flow_penalty),
-                               ("compiled_reference", compiled)):
-            log(f"penalty {shape} K={K}: timing {label}")
-            row[f"{label}_ms"] = median_ms(step(penalty), device, p["reps"])
-        row["speedup_vs_eager"] = row["eager_reference_ms"] / row["op_ms"]
-        row["speedup_vs_compiled"] = row["compiled_reference_ms"] / row["op_ms"]
-        results["penalty"].append(row)
-        log(f"penalty {shape} K={K}: op {row['op_ms']:.3f} ms, eager "
-            f"{row['eager_reference_ms']:.3f} ms, compiled {row['compiled_reference_ms']:.3f} ms")
 
 
 def check_multi_chain(p, device, results):
@@ -303,34 +170,6 @@ def check_multi_chain(p, device, results):
             f"max error {max(errors):.1e} (kernels and {len(variants)} penalty variants)")
 
 
-def resnet56_chains(batch, device):
-    return [[x.requires_grad_() for x in random_chain((batch, *shape[1:]), 9, torch.float32,
-                                                       device)]
-            for shape in RESNET56_STAGES]
-
-
-def time_flow(p, device, results):
-    """The whole flow's penalty (three ResNet-56 chains) fwd+bwd: one op call vs the eager
-    and compiled reference, at small batch (per-call overhead) and at 128 (traffic)."""
-    def reference_total(chains):
-        return sum(reference.flow_penalty(chain) for chain in chains)
-
-    compiled = torch.compile(reference_total, dynamic=False)
-    for batch in p["flow_batches"]:
-        chains = resnet56_chains(batch, device)
-        leaves = [x for chain in chains for x in chain]
-        row = dict(batch=batch, chains=[[batch, *shape[1:]] for shape in RESNET56_STAGES], K=9)
-        for label, penalty in (("op", flow_penalty_chains), ("eager_reference", reference_total),
-                               ("compiled_reference", compiled)):
-            row[f"{label}_ms"] = median_ms(lambda: torch.autograd.grad(penalty(chains), leaves),
-                                           device, p["reps"])
-        row["op_over_eager"] = row["op_ms"] / row["eager_reference_ms"]
-        row["op_over_compiled"] = row["op_ms"] / row["compiled_reference_ms"]
-        results["flow"].append(row)
-        log(f"flow batch {batch}: op {row['op_ms']:.3f} ms, eager "
-            f"{row['eager_reference_ms']:.3f} ms, compiled {row['compiled_reference_ms']:.3f} ms")
-
-
 def capture_cuda_graph(p, device, results):
     """Forward + backward of the op on static chains captured in a CUDA graph and replayed:
     possible only without host synchronisation in the op."""
@@ -361,39 +200,6 @@ def capture_cuda_graph(p, device, results):
     error = max(relative_error(g, e.double()) for g, e in zip(static_grads, eager))
     results["cuda_graph"] = dict(max_rel_err=error, ok=error <= TOLERANCE[torch.float32])
     log(f"cuda graph replay vs eager: max error {error:.1e}")
-
-
-def time_training_step(p, device, results):
-    """A ResNet-56 training step with and without FFRLoss, interleaved (issue 9: <= 3%)."""
-    from ffr_fast import FFRLoss, models
-
-    def make(with_ffr):
-        torch.manual_seed(0)
-        model = models.resnet56().to(device).train()
-        x = torch.randn(p["step_batch"], 3, 32, 32, device=device)
-        y = torch.randint(0, 10, (p["step_batch"],), device=device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        ffr = FFRLoss(model) if with_ffr else None
-
-        def step():
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            if ffr is not None:
-                loss = loss + ffr()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        return step
-
-    steps = {"no regularizer": make(False), "FFRLoss": make(True)}
-    times = {name: [] for name in steps}
-    for _ in range(p["step_reps"]):
-        for name, step in steps.items():
-            times[name].append(median_ms(step, device, 3))
-    base, ffr = (statistics.median(times[name]) for name in steps)
-    results["training_step"] = dict(batch=p["step_batch"], no_regularizer_ms=base,
-                                    ffrloss_ms=ffr, overhead=ffr / base - 1)
-    log(f"training step batch {p['step_batch']}: {base:.2f} ms, with FFRLoss {ffr:.2f} ms "
-        f"({ffr / base - 1:+.1%})")
 
 
 def print_tables(results):

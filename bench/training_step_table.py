@@ -32,11 +32,13 @@ VARIANTS = {
 TARGET_OVERHEAD = {128: 0.02, 8: 0.05}  # issue 9, by batch size
 
 
-def make_training_step(variant: str, batch: int = 128, seed: int = 0):
-    """A closure running one full training step of a fresh ResNet-56 on a fixed batch."""
+def make_training_step(variant: str, batch: int = 128, seed: int = 0, device="cpu"):
+    """A closure running one full training step of a fresh ResNet-56 on a fixed batch
+    (gpu_check.py times it on CUDA)."""
     torch.manual_seed(seed)
-    model = models.resnet56().train()
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    model = models.resnet56().to(device).train()
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     regularized, penalty_fn = VARIANTS[variant]
     ffr = FFRLoss(model, penalty_fn=penalty_fn) if regularized else None
