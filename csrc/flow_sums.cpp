@@ -1,6 +1,6 @@
-// Fused CPU kernels of the ops ffr_fast::flow_sums, ffr_fast::flow_penalty and their
-// backwards (schemas: ffr_fast/ops.py, math: docs/math.md): the torch glue. The
-// inner loops are in flow_sums_kernels.h, the penalty's scalar math in penalty_math.h.
+// Fused CPU kernels of the op ffr_fast::flow_sums and its backward (schemas: ffr_fast/ops.py,
+// math: docs/math.md): the torch glue. The inner loops are in flow_sums_kernels.h; the
+// penalty op built on these sums is flow_penalty.cpp, and what both share is flow_chains.h.
 //
 // One call takes every chain of a forward, like a multi-tensor apply: `features` holds the
 // chains one after the other and lengths[c] is chain c's K. A chain is K same-shape features
@@ -27,22 +27,10 @@
 #include <tuple>
 #include <vector>
 
+#include "flow_chains.h"
 #include "flow_sums_kernels.h"
-#include "penalty_math.h"
 
-namespace {
-
-using ffr_fast::kBlock;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// The chains of one call: chain c is features[start[c] .. start[c] + lengths[c]).
-struct Chains {
-  at::TensorList features;
-  std::vector<int64_t> lengths, start;
-  size_t size() const { return lengths.size(); }
-  at::TensorList chain(size_t c) const { return features.slice(start[c], lengths[c]); }
-};
+namespace ffr_fast {
 
 // Validates the call's structure; the ffr_fast.penalty front end gives the friendlier errors
 // once per layout, these keep a direct call through torch.ops memory-safe.
@@ -77,6 +65,10 @@ Chains check_chains(const char* op, at::TensorList features, at::IntArrayRef len
   }
   return chains;
 }
+
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Each sample is one dense run of n elements (contiguous, channels_last, or any other dense
 // permutation of the non-batch dims). The sums do not depend on the order of the elements
@@ -176,7 +168,7 @@ FlatChains<scalar_t> flat_chains(const Chains& chains, const Readable& readable)
 template <typename scalar_t>
 at::Tensor flow_sums_kernel(const FlatChains<scalar_t>& flat, const at::TensorOptions& options) {
   using acc_t = at::opmath_type<scalar_t>;
-  using V = typename ffr_fast::Vec<acc_t>::type;
+  using V = typename Vec<acc_t>::type;
   int64_t max_L = 0;
   for (const auto& chain : flat.chains) max_L = std::max(max_L, chain.L());
   std::vector<acc_t> partial(flat.partial_size);
@@ -184,7 +176,7 @@ at::Tensor flow_sums_kernel(const FlatChains<scalar_t>& flat, const at::TensorOp
     // Lane-wise accumulators, 3 * L vectors, aligned by hand: std::vector<V> would not
     // align them (a template argument drops V's alignment attribute), and a scratch tensor
     // would be one more allocation through torch per call.
-    std::vector<acc_t> scratch((3 * max_L + 1) * ffr_fast::Vec<acc_t>::size);
+    std::vector<acc_t> scratch((3 * max_L + 1) * Vec<acc_t>::size);
     void* start = scratch.data();
     size_t space = scratch.size() * sizeof(acc_t);
     V* acc = static_cast<V*>(std::align(sizeof(V), 3 * max_L * sizeof(V), start, space));
@@ -261,6 +253,8 @@ void flow_sums_backward_kernel(const FlatChains<scalar_t>& flat,
   });
 }
 
+}  // namespace
+
 at::ScalarType accumulation_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -276,10 +270,6 @@ at::Tensor packed_sums(const Chains& chains) {
                             first.options().dtype(accumulation_type(first)));
   });
   return sums;
-}
-
-at::Tensor flow_sums_cpu(at::TensorList features, at::IntArrayRef lengths) {
-  return packed_sums(check_chains("ffr_fast::flow_sums", features, lengths));
 }
 
 // The gradients of <g, sums> for the packed g (a contiguous tensor of the accumulation type).
@@ -313,6 +303,12 @@ int64_t packed_sums_size(const Chains& chains) {
   return size;
 }
 
+namespace {
+
+at::Tensor flow_sums_cpu(at::TensorList features, at::IntArrayRef lengths) {
+  return packed_sums(check_chains("ffr_fast::flow_sums", features, lengths));
+}
+
 std::vector<at::Tensor> flow_sums_backward_cpu(at::TensorList features, at::IntArrayRef lengths,
                                                const at::Tensor& grad_sums) {
   const Chains chains = check_chains("ffr_fast::flow_sums_backward", features, lengths);
@@ -324,92 +320,14 @@ std::vector<at::Tensor> flow_sums_backward_cpu(at::TensorList features, at::IntA
   return gradients_of_sums(chains, grad_sums.to(accumulation_type(features[0])).contiguous());
 }
 
-ffr_fast::PenaltyOptions penalty_options(double grad_weight, double curv_weight,
-                                         c10::string_view norm, c10::string_view curvature,
-                                         double eps, double delta) {
-  TORCH_CHECK(norm == "squared" || norm == "l2", "ffr_fast::flow_penalty: unknown norm '",
-              std::string(norm), "'; choose 'squared' or 'l2'");
-  TORCH_CHECK(curvature == "diff" || curvature == "angle",
-              "ffr_fast::flow_penalty: unknown curvature '", std::string(curvature),
-              "'; choose 'diff' or 'angle'");
-  return {grad_weight, curv_weight, eps, delta, norm == "l2", curvature == "angle"};
-}
-
-void check_chain_weights(const Chains& chains, at::ArrayRef<double> chain_weights) {
-  TORCH_CHECK(chain_weights.size() == chains.size(), "ffr_fast::flow_penalty: ",
-              chain_weights.size(), " chain weights for ", chains.size(), " chains");
-}
-
-// sum_c w_c (grad_weight mean_b G_b + curv_weight mean_b C_b) from the packed sums.
-std::tuple<at::Tensor, at::Tensor> flow_penalty_cpu(
-    at::TensorList features, at::IntArrayRef lengths, at::ArrayRef<double> chain_weights,
-    double grad_weight, double curv_weight, c10::string_view norm, c10::string_view curvature,
-    double eps, double delta) {
-  const ffr_fast::PenaltyOptions options =
-      penalty_options(grad_weight, curv_weight, norm, curvature, eps, delta);
-  const Chains chains = check_chains("ffr_fast::flow_penalty", features, lengths);
-  check_chain_weights(chains, chain_weights);
-  const at::Tensor sums = packed_sums(chains);
-  double penalty = 0;
-  AT_DISPATCH_FLOATING_TYPES(sums.scalar_type(), "ffr_fast::flow_penalty", [&] {
-    const scalar_t* s = sums.const_data_ptr<scalar_t>();
-    for (size_t c = 0; c < chains.size(); ++c) {
-      const at::Tensor& head = chains.chain(c)[0];
-      const int64_t B = head.size(0), L = chains.lengths[c] - 1;
-      double G = 0, C = 0;
-      for (int64_t b = 0; b < B; ++b, s += 3 * L) {
-        double G_b, C_b;
-        ffr_fast::sample_terms(s, L, double(head.numel() / B), options, &G_b, &C_b);
-        G += G_b, C += C_b;
-      }
-      penalty += chain_weights[c] * (grad_weight * G + curv_weight * C) / B;
-    }
-  });
-  return {at::scalar_tensor(penalty, sums.options()), sums};
-}
-
-std::vector<at::Tensor> flow_penalty_backward_cpu(
-    at::TensorList features, at::IntArrayRef lengths, const at::Tensor& sums,
-    const at::Tensor& grad, at::ArrayRef<double> chain_weights, double grad_weight,
-    double curv_weight, c10::string_view norm, c10::string_view curvature, double eps,
-    double delta) {
-  const ffr_fast::PenaltyOptions options =
-      penalty_options(grad_weight, curv_weight, norm, curvature, eps, delta);
-  const Chains chains = check_chains("ffr_fast::flow_penalty_backward", features, lengths);
-  check_chain_weights(chains, chain_weights);
-  TORCH_CHECK(sums.dim() == 1 && sums.size(0) == packed_sums_size(chains) &&
-                  sums.scalar_type() == accumulation_type(features[0]),
-              "ffr_fast::flow_penalty_backward: sums must be the flow_penalty's second output");
-  TORCH_CHECK(grad.numel() == 1, "ffr_fast::flow_penalty_backward: grad has shape ",
-              grad.sizes(), "; the penalty is a scalar");
-  const double g = grad.item<double>();
-  const at::Tensor dense_sums = sums.contiguous();
-  at::Tensor grad_sums = at::empty_like(dense_sums);
-  AT_DISPATCH_FLOATING_TYPES(sums.scalar_type(), "ffr_fast::flow_penalty_backward", [&] {
-    const scalar_t* s = dense_sums.const_data_ptr<scalar_t>();
-    scalar_t* out = grad_sums.mutable_data_ptr<scalar_t>();
-    for (size_t c = 0; c < chains.size(); ++c) {
-      const at::Tensor& head = chains.chain(c)[0];
-      const int64_t B = head.size(0), L = chains.lengths[c] - 1;
-      const double scale = g * chain_weights[c] / B;
-      for (int64_t b = 0; b < B; ++b, s += 3 * L, out += 3 * L) {
-        ffr_fast::sample_terms_gradient(s, L, double(head.numel() / B), options,
-                                        scale * grad_weight, scale * curv_weight, out);
-      }
-    }
-  });
-  return gradients_of_sums(chains, grad_sums);
-}
-
 }  // namespace
+}  // namespace ffr_fast
 
 TORCH_LIBRARY_IMPL(ffr_fast, CPU, m) {
-  m.impl("flow_sums", &flow_sums_cpu);
-  m.impl("flow_sums_backward", &flow_sums_backward_cpu);
-  m.impl("flow_penalty", &flow_penalty_cpu);
-  m.impl("flow_penalty_backward", &flow_penalty_backward_cpu);
+  m.impl("flow_sums", &ffr_fast::flow_sums_cpu);
+  m.impl("flow_sums_backward", &ffr_fast::flow_sums_backward_cpu);
 }
 
-// Importing ffr_fast._C loads this library, which registers the kernels above; the module
-// itself exposes nothing.
+// Importing ffr_fast._C loads this library, which registers the kernels of this file and of
+// flow_penalty.cpp; the module itself exposes nothing.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}
