@@ -9,7 +9,8 @@ branches leave the model, which comes back compact and verified.
     prune(model, x, flops_target=0.5)        # a FLOPs budget
 
 Modules: rules (the one table of layer types and functions; register_rule), tracing
-(torch.fx), graph (channel dependencies) and channels (what it produces), importance
+(torch.fx), graph (channel dependencies), layout (ids through ops that move dimensions) and
+channels (what it produces), importance
 (scores), plan (what goes), blocks (residual branches: found, measured, removed), surgery
 (slicing), attention (head-pruned attention layers), fold (BN folding), emit (the model's
 own class or the GraphModule), inplace (residual adds written in place in an emitted

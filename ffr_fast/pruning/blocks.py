@@ -30,6 +30,7 @@ from ..metrics import flops_of
 from .rules import (MULTIPLYING, PERMUTES, VIEWS, is_zero_preserving_call,
                     is_zero_preserving_module, rule_for)
 from .importance import Scorer, layer_scores
+from .tracing import shape_of
 
 ADD_TARGETS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 
@@ -87,11 +88,6 @@ def _tail(node: fx.Node, modules, ignored) -> Optional[Tuple[str, ...]]:
     return (node.target,) + tail
 
 
-def _shape(node) -> Optional[torch.Size]:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return getattr(meta, "shape", None)
-
-
 def _exclusive(add: fx.Node, start: fx.Node, order: Dict[fx.Node, int]) -> List[fx.Node]:
     """The nodes that only `add`'s input `start` uses (start included), in graph order."""
     if set(start.users) != {add}:
@@ -146,8 +142,8 @@ def find_branches(gm: fx.GraphModule, ignored: Sequence[str] = ()) -> List[Resid
             continue
         args = add.args
         if (not all(isinstance(a, fx.Node) for a in args) or args[0] is args[1]
-                or _shape(args[0]) is None or _shape(args[0]) != _shape(args[1])
-                or _shape(args[0]) != _shape(add)):
+                or shape_of(args[0]) is None or shape_of(args[0]) != shape_of(args[1])
+                or shape_of(args[0]) != shape_of(add)):
             continue
         sides = [_exclusive(add, a, order) for a in args]
         candidates = [s for s in (0, 1) if _is_branch(sides[s])]

@@ -1,10 +1,10 @@
 """The channel-dependency graph: which channels of which layers must be removed together.
 
-The model is traced with torch.fx (tracing.py) and shapes are propagated on the example inputs. A tensor's
-*channel ids* belong to one of its dimensions (or, after a head split, to a few adjacent
-ones) and follow that dimension through permute / transpose / view / reshape / flatten /
-unflatten / squeeze / chunk / getitem. Ids that must be removed together are merged in a
-union-find (numpy, vectorised); each merged set is a *channel class*, the atom of pruning.
+The model is traced with torch.fx (tracing.py) and shapes are propagated on the example
+inputs. A tensor's *channel ids* belong to one of its dimensions (or, after a head split, to
+a few adjacent ones) and follow that dimension through the ops that move dimensions
+(layout.py). Ids that must be removed together are merged in a union-find (numpy,
+vectorised); each merged set is a *channel class*, the atom of pruning.
 
 How ids flow is read from the rule table (rules.py), for modules and for functions; the
 result is a ChannelGraph (channels.py):
@@ -19,7 +19,8 @@ result is a ChannelGraph (channels.py):
 - cat along the channel dimension concatenates ids, along another dimension merges them;
 - chunk along the channel dimension ties position p of every chunk (they shrink alike);
 - a view that splits the channel dimension in two (channel shuffle, heads) ties the
-  positions across the leading part, which keeps its size.
+  positions across the leading part, which keeps its size; a view given the channel count
+  as a constant records it, to shrink with the channels.
 Anything else, and every module listed in `ignored`, could mix channels: all channels it
 reads or writes are *pinned* (never pruned) and the op is named with the reason. Model
 inputs and outputs are pinned too.
@@ -34,12 +35,8 @@ import torch.fx as fx
 from .channels import Chan, ChannelGraph, ModuleChannels, ParamChannels, ParamView, ViewSize
 from .rules import (GATES, MERGING, MULTIPLYING, PERMUTES, REDUCTIONS, SHAPE_QUERIES, SPATIAL,
                     SPLITS, VIEWS, Rule, is_zero_preserving_call, out_channels, rule_for)
-from .tracing import layer_norm_last_dim, node_arg
-
-
-def _shape(node) -> Optional[torch.Size]:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return getattr(meta, "shape", None)
+from .layout import indexed, permuted, pieces, reduced, size_args, viewed
+from .tracing import layer_norm_last_dim, node_arg, shape_of
 
 
 def _describe(node: fx.Node, modules) -> str:
@@ -47,17 +44,6 @@ def _describe(node: fx.Node, modules) -> str:
         return f"module '{node.target}' ({type(modules[node.target]).__name__})"
     name = getattr(node.target, "__name__", str(node.target))
     return f"{node.op} '{name}' (node {node.name})"
-
-
-def _size_args(node: fx.Node) -> Optional[list]:
-    """The sizes a view / reshape is given (ints are constants of the graph), or None for
-    ops that take none (flatten, squeeze, a reshape module)."""
-    if node.op == "call_module" or node.target not in ("view", "reshape", torch.reshape):
-        return None
-    sizes = node.args[1:] if node.target != torch.reshape else node.args[1]
-    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-        sizes = sizes[0]
-    return list(sizes)
 
 
 class _Analyzer:
@@ -84,7 +70,7 @@ class _Analyzer:
                 self.cg.pin(chan.ids, reason)
 
     def fresh_pinned(self, node, dim: int, reason: str) -> Optional[Chan]:
-        shape = _shape(node)
+        shape = shape_of(node)
         if shape is None or len(shape) < 2:
             return None
         dim %= len(shape)
@@ -95,7 +81,7 @@ class _Analyzer:
     def take(self, arg, dim: int, user: str) -> np.ndarray:
         """The ids on dimension `dim` of `arg`; channels tracked elsewhere are pinned and
         the dimension gets fresh pinned ids."""
-        shape = _shape(arg)
+        shape = shape_of(arg)
         dim %= len(shape)
         chan = self.chan.get(arg)
         if isinstance(chan, Chan) and chan.dims == (dim,):
@@ -146,7 +132,7 @@ class _Analyzer:
     def module_rule(self, node, module, rule: Rule):
         if rule.kind == "attention":
             return self.attention(node, module, rule)
-        if not node.args or not isinstance(node.args[0], fx.Node) or _shape(node) is None:
+        if not node.args or not isinstance(node.args[0], fx.Node) or shape_of(node) is None:
             return None
         if rule.kind == "producer":
             return self.producer(node, module, rule)
@@ -160,17 +146,17 @@ class _Analyzer:
         if rule.dim is None:
             return self.elementwise(node)
         ids = self.take(node.args[0], rule.dim, _describe(node, self.modules))
-        if _shape(node)[rule.dim] != len(ids):
+        if shape_of(node)[rule.dim] != len(ids):
             return None
         self.tie_groups(ids, rule.groups(module))
         if rule.params:
             self.record(node, module, rule, None, ids)
         if rule.renormalizes:
             self.cg.renormalized.append((ids, node.target))
-        return Chan((rule.dim % len(_shape(node)),), ids)
+        return Chan((rule.dim % len(shape_of(node)),), ids)
 
     def producer(self, node, module, rule: Rule):
-        dim = rule.dim % len(_shape(node))
+        dim = rule.dim % len(shape_of(node))
         in_ids = self.take(node.args[0], dim, _describe(node, self.modules))
         weight = module.weight
         roles = rule.params["weight"]
@@ -208,10 +194,10 @@ class _Analyzer:
             v for k, v in node.kwargs.items() if k not in rule.inputs]
         x = inputs[0]
         if (heads is None or not isinstance(x, fx.Node) or any(t is not x for t in inputs)
-                or any(isinstance(v, fx.Node) for v in extra) or _shape(x) is None):
+                or any(isinstance(v, fx.Node) for v in extra) or shape_of(x) is None):
             return None
-        out_shape = None if rule.tuple_output else _shape(node)
-        if not rule.tuple_output and (out_shape is None or len(out_shape) != len(_shape(x))
+        out_shape = None if rule.tuple_output else shape_of(node)
+        if not rule.tuple_output and (out_shape is None or len(out_shape) != len(shape_of(x))
                                       or out_shape[-1] != out_channels(module)):
             return None
         in_ids = self.take(x, -1, _describe(node, self.modules))
@@ -219,7 +205,7 @@ class _Analyzer:
         head_ids = self.cg.fresh(num_heads)
         out_ids = self.cg.fresh(out_channels(module))
         self.record(node, module, rule, in_ids, out_ids, np.repeat(head_ids, head_dim), head_ids)
-        out = Chan((len(_shape(x)) - 1,), out_ids)
+        out = Chan((len(shape_of(x)) - 1,), out_ids)
         return [out, None] if rule.tuple_output else out
 
     def tie_groups(self, ids: np.ndarray, groups: int) -> None:
@@ -250,7 +236,7 @@ class _Analyzer:
 
     def elementwise(self, node):
         chan = self.chan.get(node.args[0])
-        if not isinstance(chan, Chan) or _shape(node) != _shape(node.args[0]):
+        if not isinstance(chan, Chan) or shape_of(node) != shape_of(node.args[0]):
             return None if isinstance(chan, Chan) else self.fresh_pinned(node, 1, "untracked")
         return chan
 
@@ -263,7 +249,7 @@ class _Analyzer:
             return self.elementwise(node) if self.gated(node) else None
         if target in SPATIAL:
             chan = self.chan.get(node.args[0])
-            if isinstance(chan, Chan) and chan.dims == (1,) and _shape(node)[1] == len(chan.ids):
+            if isinstance(chan, Chan) and chan.dims == (1,) and shape_of(node)[1] == len(chan.ids):
                 return chan
             return None
         if is_zero_preserving_call(node):
@@ -295,10 +281,10 @@ class _Analyzer:
                     return None
                 self.add_param(param.target, 0, ids)
         self.cg.renormalized.append((ids, f"layer_norm (node {node.name})"))
-        return Chan((len(_shape(node)) - 1,), ids)
+        return Chan((len(shape_of(node)) - 1,), ids)
 
     def merge(self, node):
-        shape = _shape(node)
+        shape = shape_of(node)
         if any(isinstance(v, fx.Node) for v in node.kwargs.values()):
             return None  # torch.add(x, other=y): not worth a rule of its own
         tensors = [a for a in node.args if isinstance(a, fx.Node)]
@@ -309,9 +295,9 @@ class _Analyzer:
         if not tracked:
             return None
         first = self.chan[tracked[0]]
-        dims = tuple(d + len(shape) - len(_shape(tracked[0])) for d in first.dims)
+        dims = tuple(d + len(shape) - len(shape_of(tracked[0])) for d in first.dims)
         for t in tensors:
-            t_shape = _shape(t)
+            t_shape = shape_of(t)
             if t_shape is None:
                 return None
             offset = len(shape) - len(t_shape)
@@ -336,7 +322,7 @@ class _Analyzer:
 
     def cat(self, node):
         inputs = node_arg(node, 0, "tensors")
-        dim = node_arg(node, 1, "dim", 0) % len(_shape(node))
+        dim = node_arg(node, 1, "dim", 0) % len(shape_of(node))
         parts = [self.chan.get(t) for t in inputs]
         chans = [p for p in parts if isinstance(p, Chan)]
         if (not chans or any(not isinstance(p, (Chan, ParamView)) for p in parts)
@@ -351,162 +337,72 @@ class _Analyzer:
                 return None
             self.cg.union(chans[0].ids, p.ids)
         for t, p in zip(inputs, parts):  # a class token: sliced with the channels
-            if isinstance(p, ParamView) and _shape(t)[chans[0].dims[0]] == len(chans[0].ids):
+            if isinstance(p, ParamView) and shape_of(t)[chans[0].dims[0]] == len(chans[0].ids):
                 self.add_param(p.path, chans[0].dims[0], chans[0].ids)
             elif isinstance(p, ParamView):
                 return None
         return chans[0]
 
     def reduction(self, node):
-        dims = node_arg(node, 1, "dim")
-        keepdim = node_arg(node, 2, "keepdim", False)
         chan = self.chan.get(node.args[0])
-        ndim = len(_shape(node.args[0]))
-        if dims is None or not isinstance(chan, Chan):
-            return None
-        dims = {d % ndim for d in ([dims] if isinstance(dims, int) else dims)}
-        if 0 in dims or dims & set(chan.dims):
-            return None  # reducing over the batch or the channels mixes them
-        if keepdim:
-            return chan
-        return Chan(tuple(d - sum(r < d for r in dims) for d in chan.dims), chan.ids)
+        return reduced(node, chan) if isinstance(chan, Chan) else None
 
     def permute(self, node):
         chan = self.chan.get(node.args[0])
-        ndim = len(_shape(node.args[0]))
-        if not isinstance(chan, Chan):
-            return None
-        if node.target in (torch.permute, "permute"):
-            order = node.args[1:] if len(node.args) > 2 else node_arg(node, 1, "dims")
-            order = [d % ndim for d in order]
-        elif node.target in (torch.transpose, "transpose"):
-            a, b = node_arg(node, 1, "dim0") % ndim, node_arg(node, 2, "dim1") % ndim
-            order = list(range(ndim))
-            order[a], order[b] = b, a
-        else:  # movedim(source, destination) with single dims
-            src, dst = node_arg(node, 1, "source"), node_arg(node, 2, "destination")
-            if not isinstance(src, int):
-                return None
-            order = list(range(ndim))
-            order.insert(dst % ndim, order.pop(src % ndim))
-        new_dims = [order.index(d) for d in chan.dims]
-        axes = np.argsort(new_dims)
-        return Chan(tuple(sorted(new_dims)), chan.ids.transpose(axes))
+        return permuted(node, chan) if isinstance(chan, Chan) else None
 
     def view(self, node):
         """A reshape understood from the shapes before and after (row-major). Where the
         channels land on one dimension given as a constant (x.reshape(n, 768, -1)), the
         constant is recorded to shrink with them. Split in two (channel shuffle, heads),
-        the leading part keeps its size (split_view) and the trailing one must be
+        the leading part keeps its size (view_shapes) and the trailing one must be
         computed (c // groups), not a constant."""
         chan = self.view_shapes(node)
-        sizes = _size_args(node)
+        sizes = size_args(node)
         if not isinstance(chan, Chan) or sizes is None:
             return chan
         last = chan.dims[-1]
         if not (last < len(sizes) and isinstance(sizes[last], int) and sizes[last] != -1):
             return chan
-        if len(chan.dims) > 1 or len(sizes) != len(_shape(node)):
+        if len(chan.dims) > 1 or len(sizes) != len(shape_of(node)):
             return None
         self.cg.view_sizes.append(ViewSize(node.name, chan.dims[0], chan.ids))
         return chan
 
     def view_shapes(self, node):
+        """The channels after the view; split over several dimensions (channel shuffle's
+        (groups, c // groups), heads), every slice along the leading part keeps its size (a
+        constant of the graph), so positions are tied across it and the last part shrinks
+        alike in every slice."""
         chan = self.chan.get(node.args[0])
-        before, after = list(_shape(node.args[0])), list(_shape(node))
         if not isinstance(chan, Chan):
             return None
-        d0, d1 = chan.dims[0], chan.dims[-1]
-        if chan.dims != tuple(range(d0, d1 + 1)):
-            return None
-        lead = int(np.prod(before[:d0], dtype=np.int64))
-        block = int(np.prod(before[d0:d1 + 1], dtype=np.int64))
-        prefix = [int(np.prod(after[:k], dtype=np.int64)) for k in range(len(after) + 1)]
-        starts = [k for k in range(len(after)) if prefix[k] == lead and after[k] != 1]
-        if not starts:
-            return None
-        k = starts[0]
-        for j in range(k, len(after)):  # the channels land on after[k..j]
-            span = int(np.prod(after[k:j + 1], dtype=np.int64))
-            if span == block:
-                return self.split_view(node, Chan(tuple(range(k, j + 1)),
-                                                  chan.ids.reshape(after[k:j + 1])))
-            if span > block:
-                break
-        # (B, C, H, W) -> (B, C*H*W): channel c becomes features c*H*W ... (c+1)*H*W-1.
-        inner = 1
-        for size in before[d1 + 1:]:
-            inner *= size
-            if after[k] == block * inner:
-                return Chan((k,), np.repeat(chan.ids.ravel(), inner))
-        return None
-
-    def split_view(self, node, chan: Chan):
-        """Channels viewed as (a, b): every slice along the leading part keeps its size (a
-        constant of the graph, like channel shuffle's groups), so positions are tied
-        across it and b shrinks alike in every slice."""
-        if len(chan.dims) > 1:
+        chan = viewed(chan, shape_of(node.args[0]), shape_of(node))
+        if chan is not None and len(chan.dims) > 1:
             rows = chan.ids.reshape(-1, chan.ids.shape[-1])
             self.cg.union(np.repeat(rows[:1], len(rows) - 1, axis=0), rows[1:])
         return chan
 
     def split(self, node):
-        """chunk / split / unbind: a list with the channels of each piece."""
+        """chunk / split / unbind: a list with the channels of each piece; pieces cut along
+        the channels shrink alike, so their positions are tied."""
         chan = self.chan.get(node.args[0])
-        ndim = len(_shape(node.args[0]))
-        if not isinstance(chan, Chan) or len(chan.dims) != 1:
-            return None
-        if node.target in (torch.unbind, "unbind"):
-            dim = node_arg(node, 1, "dim", 0) % ndim
-            if dim in chan.dims:
-                return None
-            pieces = len(node.meta["tensor_meta"])
-            return [Chan(tuple(d - (d > dim) for d in chan.dims), chan.ids)] * pieces
-        dim = node_arg(node, 2, "dim", 0) % ndim
-        pieces = len(node.meta["tensor_meta"])
-        if dim != chan.dims[0]:
-            return [chan] * pieces
-        if node.target not in (torch.chunk, "chunk") or len(chan.ids) % pieces:
-            return None  # split sizes are constants of the graph: they cannot shrink
-        parts = chan.ids.reshape(pieces, -1)
-        self.cg.union(np.repeat(parts[:1], pieces - 1, axis=0), parts[1:])
-        return [Chan(chan.dims, p) for p in parts]
+        parts = pieces(node, chan) if isinstance(chan, Chan) else None
+        if parts and parts[0].ids is not chan.ids:
+            for part in parts[1:]:
+                self.cg.union(parts[0].ids, part.ids)
+        return parts
 
     def getitem(self, node):
         source, index = node.args
         value = self.chan.get(source)
         if isinstance(value, list):  # an item of a tuple (chunk, MultiheadAttention, ...)
             return value[index] if isinstance(index, int) else None
-        if _shape(node) is None:
+        if shape_of(node) is None:
             return None
         if not isinstance(value, Chan):
             return self.fresh_pinned(node, 1, "item of an opaque op's output")
-        return self.index(node, value, index) or self.unknown(node, "indexing across the "
-                                                                    "channels")
-
-    def index(self, node, chan: Chan, index):
-        """x[:, 0], x[..., :n]: basic indexing that leaves the channel dimensions whole."""
-        items = index if isinstance(index, tuple) else (index,)
-        if any(i is Ellipsis or i is None or isinstance(i, fx.Node) for i in items):
-            return None
-        kept, dim = 0, 0
-        dims = []
-        mapping = {}
-        for i in items:
-            if isinstance(i, int):
-                if dim in chan.dims:
-                    return None
-            elif isinstance(i, slice):
-                if dim in chan.dims and i != slice(None):
-                    return None
-                mapping[dim] = kept
-                kept += 1
-            else:
-                return None
-            dim += 1
-        for d in chan.dims:
-            dims.append(mapping[d] if d in mapping else d - dim + kept)
-        return Chan(tuple(dims), chan.ids)
+        return indexed(value, index) or self.unknown(node, "indexing across the channels")
 
 
 def analyze(gm: fx.GraphModule, ignored=()) -> ChannelGraph:

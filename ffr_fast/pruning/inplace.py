@@ -17,13 +17,9 @@ import torch
 import torch.fx as fx
 
 from .rules import rule_for
+from .tracing import shape_of
 
 OUT_OF_PLACE_ADDS = (operator.add, torch.add)
-
-
-def _shape(node) -> Optional[torch.Size]:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return getattr(meta, "shape", None)
 
 
 def _writable_operand(add: fx.Node, modules) -> Optional[int]:
@@ -34,7 +30,7 @@ def _writable_operand(add: fx.Node, modules) -> Optional[int]:
         return None
     for index, operand in enumerate(add.args):
         if (isinstance(operand, fx.Node) and isinstance(add.args[1 - index], fx.Node)
-                and _shape(operand) is not None and _shape(operand) == _shape(add)
+                and shape_of(operand) is not None and shape_of(operand) == shape_of(add)
                 and _owned(operand, modules)):
             return index
     return None

@@ -14,7 +14,6 @@ import copy
 from typing import Callable, Tuple, Union
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 from .blocks import ResidualBranch, remove_branches

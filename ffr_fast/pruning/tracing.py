@@ -2,7 +2,7 @@
 that name the module that could not be traced, and the checks that depend on tracing itself
 (a forward whose code reads `self.training`, a LayerNorm whose size must follow its weight).
 """
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -103,6 +103,12 @@ def _layer_norm_sizes_from_weights(graph: fx.Graph) -> None:
                 new = graph.call_function(layer_norm_last_dim, (node.args[0], weight, bias, eps))
             node.replace_all_uses_with(new)
             graph.erase_node(node)
+
+
+def shape_of(node) -> Optional[torch.Size]:
+    """The shape ShapeProp recorded for a node's tensor, or None (not a node, not a tensor)."""
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return getattr(meta, "shape", None)
 
 
 def node_arg(node: fx.Node, index: int, name: str, default=None):
