@@ -20,7 +20,7 @@ own forward must also run in training mode. Failing either, the GraphModule is e
 (auto) or the call fails (module).
 """
 import copy
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -76,24 +76,25 @@ def adopt(model: nn.Module, gm: fx.GraphModule, folded_bn: Sequence[Tuple[str, s
         set_submodule(model, bn_path, nn.Identity())
 
 
-def own_forward_disagrees(model: nn.Module, gm: fx.GraphModule, inputs) -> Optional[str]:
-    """Why the model's own forward does not compute what its pruned graph computes on
-    `inputs` (it raised, or its output differs), or None when they agree."""
+def own_forward(model: nn.Module, graph_output, inputs) -> Tuple[Any, Optional[str]]:
+    """(the model's own output on `inputs`, None) when it computes what its pruned graph
+    computed (`graph_output`), else (None, why not: it raised, or its output differs)."""
     with torch.no_grad():
-        expected = tree_leaves(gm(*inputs))
         try:
-            got = tree_leaves(model(*inputs))
+            output = model(*inputs)
         except Exception as error:
-            return f"it raised {type(error).__name__}: {error}"
+            return None, f"it raised {type(error).__name__}: {error}"
+    got, expected = tree_leaves(output), tree_leaves(graph_output)
     pairs = [(g, e) for g, e in zip(got, expected) if isinstance(e, torch.Tensor)]
     if len(got) != len(expected) or any(
             not isinstance(g, torch.Tensor) or g.shape != e.shape for g, e in pairs):
-        return "its output has a different structure or shape"
+        return None, "its output has a different structure or shape"
     for g, e in pairs:
         scale = max(float(e.abs().max()), 1e-30) if e.numel() else 1.0
         if e.numel() and float((g - e).abs().max()) > 1e-6 * scale:
-            return "its output differs from its pruned graph's (it reads a size pruning changed)"
-    return None
+            return None, ("its output differs from its pruned graph's (it reads a size "
+                          "pruning changed)")
+    return output, None
 
 
 def own_training_forward_fails(model: nn.Module, inputs) -> Optional[str]:

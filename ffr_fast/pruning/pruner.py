@@ -15,8 +15,7 @@ from torch.utils._pytree import tree_leaves
 from ..metrics import count_params
 from .blocks import (ResidualBranch, branch_score, find_branches, measure_branches,
                      remove_branches as remove_from_graph, select_branches)
-from .emit import (EMITS, adopt, attach_structure, own_forward_disagrees,
-                   own_training_forward_fails)
+from .emit import EMITS, adopt, attach_structure, own_forward, own_training_forward_fails
 from .fold import fold_batchnorms, foldable_pairs
 from .graph import analyze
 from .tracing import reads_training_flag, trace
@@ -211,11 +210,15 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
             view_sizes = resize_views(gm, cg, plan.removed)
             folded_pairs = foldable_pairs(gm) if fold_bn else []
             folded = fold_batchnorms(gm, folded_pairs) if fold_bn else []
-            out, emit_note = _emitted(work, gm, folded, inputs, emit, chosen, view_sizes,
-                                      trains_differently)
-            in_place = adds_in_place(gm) if out is gm else []
             gm.recompile()
-            pruned, flops_after = run_checked(out, inputs)
+            out, emit_note, run = _emitted(work, gm, folded, inputs, emit, chosen, view_sizes,
+                                           trains_differently)
+            in_place = []
+            if out is gm:
+                in_place = adds_in_place(gm)
+                gm.recompile()
+                run = run_checked(gm, inputs)
+            pruned, flops_after = run
             if inplace and out is gm:  # the caller's module tree gets the new modules too
                 kept = dict(gm.named_modules())
                 for path in channels.keys() & kept.keys():
@@ -255,10 +258,11 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
 def _emitted(work: nn.Module, gm: fx.GraphModule, folded, inputs, emit: str,
              removed_branches: List[ResidualBranch], view_sizes: List[list],
              trains_differently: bool):
-    """(the model to hand back, a note for the report or None): `work` given the pruned
-    layers (emit.py) or the GraphModule."""
+    """(the model to hand back, a note for the report or None, and its output and FLOPs on
+    `inputs` where they were measured here, else None): `work` given the pruned layers
+    (emit.py) or the GraphModule."""
     if emit == "graph":
-        return gm, None
+        return gm, None, None
     graph_only = [f"residual branch {b.name}" for b in removed_branches]
     graph_only += [f"the size a view is given at node {name}" for name, _, _ in view_sizes]
     if graph_only:
@@ -266,17 +270,18 @@ def _emitted(work: nn.Module, gm: fx.GraphModule, folded, inputs, emit: str,
             raise ValueError(
                 "emit='module' cannot express what only the pruned graph holds: "
                 f"{graph_only}; pass emit='auto' or 'graph' (or remove_blocks=False)")
-        return gm, None
+        return gm, None, None
     adopt(work, gm, folded)
-    why = own_forward_disagrees(work, gm, inputs)
+    graph_output, flops = run_checked(gm, inputs)  # the same ops, so the same FLOPs
+    output, why = own_forward(work, graph_output, inputs)
     if why is None and trains_differently:
         why = own_training_forward_fails(work, inputs)
     if why is None:
-        return work, None
+        return work, None, (output, flops)
     message = f"the model's own forward cannot serve as the pruned model: {why}"
     if emit == "module":
         raise ValueError(f"emit='module': {message}; pass emit='auto' or 'graph'")
-    return gm, f"{message}; a torch.fx.GraphModule was emitted instead"
+    return gm, f"{message}; a torch.fx.GraphModule was emitted instead", None
 
 
 def _prune_to_flops(model, inputs, target: float, search: str, tolerance: float,
