@@ -10,7 +10,7 @@ from torch import nn
 from ffr_fast import models
 from ffr_fast.pruning import (ExampleInputError, FlopsTargetWarning, load_pruned, prune,
                               residual_branches, save_pruned)
-from nets import kill_channels, look_trained, one_thread  # noqa: F401
+from nets import look_trained, one_thread  # noqa: F401
 
 X = torch.randn(2, 3, 32, 32)
 
