@@ -18,7 +18,7 @@ caller passes), report, serialize, recalibrate (BatchNorm statistics after pruni
 """
 from .blocks import ResidualBranch
 from .tracing import UntraceableModelError
-from .inputs import ExampleInputError
+from .inputs import ExampleInputError, PrunedModelError
 from .pruner import FlopsTargetWarning, PruneResult, prune, residual_branches
 from .recalibrate import recalibrate_bn
 from .report import PruneReport
@@ -27,4 +27,4 @@ from .serialize import load_pruned, save_pruned
 
 __all__ = ["prune", "PruneResult", "PruneReport", "residual_branches", "ResidualBranch",
            "save_pruned", "load_pruned", "recalibrate_bn", "UntraceableModelError",
-           "ExampleInputError", "FlopsTargetWarning", "Rule", "register_rule"]
+           "ExampleInputError", "PrunedModelError", "FlopsTargetWarning", "Rule", "register_rule"]

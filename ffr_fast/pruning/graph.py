@@ -34,7 +34,8 @@ import torch.fx as fx
 
 from .channels import Chan, ChannelGraph, ModuleChannels, ParamChannels, ParamView, ViewSize
 from .rules import (GATES, MERGING, MULTIPLYING, PERMUTES, REDUCTIONS, SHAPE_QUERIES, SPATIAL,
-                    SPLITS, VIEWS, Rule, is_zero_preserving_call, out_channels, rule_for)
+                    SPLITS, VIEWS, Rule, is_zero_preserving_call, out_channels, rule_for,
+                    tensor_of)
 from .layout import indexed, permuted, pieces, reduced, size_args, viewed
 from .tracing import layer_norm_last_dim, node_arg, shape_of
 
@@ -315,7 +316,7 @@ class _Analyzer:
                 return None  # an untracked tensor: it could hold anything per channel
             self.add_param(t.target, own[0], first.ids)
             if not multiplying:  # x + p: a removed channel drops p's share, so p scores
-                param = self.gm.get_parameter(t.target).detach()
+                param = tensor_of(self.gm, t.target)[2].detach()  # a parameter or buffer
                 self.cg.shifts.append((first.ids, param.abs().double().movedim(
                     own[0], 0).flatten(1).amax(1)))
         return Chan(dims, first.ids)

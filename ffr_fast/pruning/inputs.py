@@ -1,5 +1,6 @@
-"""What every entry point of the pruner checks first: the example inputs, the `ignored`
-modules, and a run of the model that names what failed."""
+"""What every entry point of the pruner checks first: the model, the example inputs, the
+`ignored` modules, and a run of the model that names what failed (the inputs, when the
+original model fails on them; the pruner, when only the model it pruned does)."""
 from typing import Tuple
 
 import torch
@@ -11,6 +12,21 @@ from ..metrics import flops_of
 class ExampleInputError(ValueError):
     """The model failed on the example inputs; the message names their shapes and the module,
     and the original exception is chained as the cause."""
+
+
+class PrunedModelError(RuntimeError):
+    """The model ran on the example inputs but failed once pruned: a fault of the pruner,
+    not of the inputs; the message names the module, and the original exception is chained."""
+
+
+def check_model(model, caller: str) -> None:
+    """`model` must be an eager nn.Module: a TorchScript module has no Python forward to
+    trace, and `ignored` cannot help with that."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"{caller}() needs the eager nn.Module, not a TorchScript module; "
+                        "pass the model before torch.jit.script")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller}() needs an nn.Module, got {type(model).__name__}")
 
 
 def as_inputs(example_inputs) -> Tuple[torch.Tensor, ...]:
@@ -53,10 +69,13 @@ def resolve_ignored(model: nn.Module, ignored) -> Tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def run_checked(model: nn.Module, inputs, run=None, count_flops: bool = True):
-    """`run(*inputs)` (default: the model) and its FLOPs (None unless `count_flops`); a
-    failure is re-raised naming the input shapes and the innermost module of `model` that
-    was running, with the original exception chained."""
+def run_checked(model: nn.Module, inputs, run=None, count_flops: bool = True,
+                pruned: bool = False):
+    """`run(*inputs)` (default: the model) and its FLOPs (None unless `count_flops`). A
+    failure is re-raised naming the input shapes, the innermost module of `model` that was
+    running and the underlying error (the first line of the innermost cause: torch.fx wraps
+    it in its own), chained from it: an ExampleInputError, or for a model the pruner
+    changed (`pruned`), which the inputs ran through before, a PrunedModelError."""
     stack, handles = [], []
 
     def enter(name):
@@ -74,11 +93,27 @@ def run_checked(model: nn.Module, inputs, run=None, count_flops: bool = True):
         return (run or model)(*inputs), None
     except Exception as error:
         path = stack[-1] if stack else ""
-        kind = type(model.get_submodule(path)).__name__
+        where = f"in module '{path or '(root)'}' ({type(model.get_submodule(path)).__name__})"
+        cause = _innermost_cause(error)
+        lines = str(cause).strip().splitlines()
+        shown = f"{type(cause).__name__}: {lines[0] if lines else ''}"
         shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
-        raise ExampleInputError(f"the model failed on example inputs of shape {shapes} in "
-                                f"module '{path or '(root)'}' ({kind}): "
-                                f"{type(error).__name__}: {error}") from error
+        if pruned:
+            advice = f"; pass ignored=['{path}'] to keep its channels" if path else ""
+            raise PrunedModelError(
+                f"the pruned model failed {where}, on the example inputs of shape {shapes} "
+                f"the original model ran: {shown}. The pruner broke this layer, not the "
+                f"inputs{advice}, and please report the model") from cause
+        raise ExampleInputError(f"the model failed on example inputs of shape {shapes} {where}: "
+                                f"{shown}") from cause
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _innermost_cause(error: BaseException) -> BaseException:
+    seen = {id(error)}
+    while error.__cause__ is not None and id(error.__cause__) not in seen:
+        error = error.__cause__
+        seen.add(id(error))
+    return error

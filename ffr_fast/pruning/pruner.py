@@ -22,11 +22,11 @@ from .tracing import reads_training_flag, trace
 from .importance import Scorer, class_scores, scorer_for
 from .inplace import adds_in_place
 from ..modes import evaluating, restore_training_flags, training_flags
-from .inputs import as_inputs, resolve_ignored, run_checked
+from .inputs import as_inputs, check_model, resolve_ignored, run_checked
 from .plan import make_plan
 from .report import PruneReport
 from .surgery import (apply_plan, renormalized_layers, resize_views, set_submodule,
-                      zero_removed)
+                      share_sliced, tie_shared_tensors, zero_removed)
 
 SCOPES = ("global", "layer")
 FLOPS_SEARCHES = ("threshold", "ratio")
@@ -59,8 +59,7 @@ def residual_branches(model: nn.Module, example_inputs, ignored: Sequence[Any] =
     forward order, each with its stable `name`, the `flops` removing it saves and its Block
     Influence (ShortGPT) on `example_inputs` (blocks.ResidualBranch). The model runs in
     eval mode and is left exactly as it was (every submodule's training flag included)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"residual_branches() needs an nn.Module, got {type(model).__name__}")
+    check_model(model, "residual_branches")
     inputs = as_inputs(example_inputs)
     ignored = resolve_ignored(model, ignored)
     with evaluating(model), torch.no_grad():
@@ -110,8 +109,7 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
     (a GraphModule was emitted: the model's own forward may still call removed branches).
     """
     start = time.perf_counter()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"prune() needs an nn.Module, got {type(model).__name__}")
+    check_model(model, "prune")
     _check_settings(threshold, ratio, flops_target, flops_search, flops_tolerance,
                     flops_search_steps, importance, scope, min_channels, round_to,
                     remove_branches, emit)
@@ -198,15 +196,17 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
             gm.delete_all_unused_submodules()
             gm.recompile()
             cg = analyze(gm, ignored)
+            shared = tie_shared_tensors(cg, work)
             plan = make_plan(cg, class_scores(cg, importance), threshold=threshold,
                              ratio=ratio, scope=scope, min_channels=min_channels,
                              round_to=round_to)
             # The reference: the graph without the removed branches, every removed channel
             # zeroed in the very modules it runs (the surgery below replaces them).
             zero_removed(cg, plan.removed, gm)
-            reference, _ = run_checked(gm, inputs, count_flops=False)
+            reference, _ = run_checked(gm, inputs, count_flops=False, pruned=True)
             approximate = renormalized_layers(cg, plan.removed)
             channels = apply_plan(gm, cg, plan.removed)
+            share_sliced(shared, (gm, work))
             view_sizes = resize_views(gm, cg, plan.removed)
             folded_pairs = foldable_pairs(gm) if fold_bn else []
             folded = fold_batchnorms(gm, folded_pairs) if fold_bn else []
@@ -217,7 +217,7 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
             if out is gm:
                 in_place = adds_in_place(gm)
                 gm.recompile()
-                run = run_checked(gm, inputs)
+                run = run_checked(gm, inputs, pruned=True)
             pruned, flops_after = run
             if inplace and out is gm:  # the caller's module tree gets the new modules too
                 kept = dict(gm.named_modules())
@@ -272,7 +272,7 @@ def _emitted(work: nn.Module, gm: fx.GraphModule, folded, inputs, emit: str,
                 f"{graph_only}; pass emit='auto' or 'graph' (or remove_blocks=False)")
         return gm, None, None
     adopt(work, gm, folded)
-    graph_output, flops = run_checked(gm, inputs)  # the same ops, so the same FLOPs
+    graph_output, flops = run_checked(gm, inputs, pruned=True)  # the same ops, so the same FLOPs
     output, why = own_forward(work, graph_output, inputs)
     if why is None and trains_differently:
         why = own_training_forward_fails(work, inputs)

@@ -160,10 +160,14 @@ def resize_from_tensors(module: nn.Module) -> None:
 # ---- the built-in rules -------------------------------------------------------------------
 
 def _resize_conv(conv: nn.Module) -> None:
-    conv.out_channels = conv.weight.shape[0]
-    if conv.groups > 1 and conv.weight.shape[1] == 1 and conv.groups == conv.in_channels:
-        conv.groups = conv.in_channels = conv.out_channels  # depthwise: one group per channel
+    if conv.groups > 1 and conv.groups == conv.in_channels:
+        # Depthwise, `multiplier` outputs per input channel: whole groups went (graph.py
+        # ties an input channel to its outputs). Read before the sizes change.
+        multiplier = conv.out_channels // conv.groups
+        conv.out_channels = conv.weight.shape[0]
+        conv.groups = conv.in_channels = conv.out_channels // multiplier
     else:
+        conv.out_channels = conv.weight.shape[0]
         conv.in_channels = conv.weight.shape[1] * conv.groups
 
 

@@ -9,8 +9,14 @@ Also the one definition of what removing a channel means for the *original* mode
 BatchNorm / LayerNorm affine, layer scales) is set to zero there, so the channel emits
 exactly zero. The pruned model must match the original zeroed this way (exactly, unless a
 renormalising layer such as LayerNorm lost channels: report.approximate says so).
+
+A tensor several modules share (tied weights: an LM head that reuses its embedding's
+weight) is one tensor: `tie_shared_tensors` ties its channels across every use, or pins
+them where a use does not slice that dimension, and `share_sliced` gives every owner the one
+sliced tensor, so that the pruned model has it once, still tied.
 """
-from typing import Dict, List, Set, Tuple
+from itertools import chain
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -50,10 +56,13 @@ def _tensor_roles(mc: ModuleChannels):
         if tensor is None:
             continue
         for dim, role in enumerate(roles):
-            ids = {"out": mc.out_ids, "in": mc.in_ids, "inner": mc.inner_ids,
-                   "head": mc.head_ids}.get(role)
-            if role is not None and not (tensor.shape[dim] == 1 and len(ids) > 1):
+            if role is not None and not (tensor.shape[dim] == 1 and len(_role_ids(mc, role)) > 1):
                 yield name, dim, role
+
+
+def _role_ids(mc: ModuleChannels, role: str) -> np.ndarray:
+    return {"out": mc.out_ids, "in": mc.in_ids, "inner": mc.inner_ids,
+            "head": mc.head_ids}[role]
 
 
 def _positions(cg: ChannelGraph, mc: ModuleChannels, name: str, role: str,
@@ -62,7 +71,7 @@ def _positions(cg: ChannelGraph, mc: ModuleChannels, name: str, role: str,
     (stacked `blocks` times for attention's q, k, v; "head": the kept heads)."""
     if role == "in":
         return _in_positions(mc, _keep(cg, mc.in_ids, removed), size)
-    ids = {"out": mc.out_ids, "inner": mc.inner_ids, "head": mc.head_ids}[role]
+    ids = _role_ids(mc, role)
     keep = _keep(cg, ids, removed)
     blocks = mc.rule.blocks.get(name, 1) if role == "inner" else 1
     return torch.cat([keep + k * len(ids) for k in range(blocks)])
@@ -82,8 +91,10 @@ def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
     owner, attr, old = tensor_of(module, name)
     if isinstance(old, nn.Parameter):
         setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
-    else:
+    elif attr in owner._buffers:
         owner._buffers[attr] = value  # a registered buffer keeps its registration
+    else:
+        setattr(owner, attr, value)  # a plain tensor attribute the forward reads
 
 
 def zero_removed(cg: ChannelGraph, removed: Set[int], root: nn.Module) -> None:
@@ -105,7 +116,7 @@ def zero_removed(cg: ChannelGraph, removed: Set[int], root: nn.Module) -> None:
         for pc in cg.params:
             gone = _gone(cg, pc.ids, removed)
             if len(gone):
-                root.get_parameter(pc.path).index_fill_(pc.dim, gone, 0)
+                tensor_of(root, pc.path)[2].index_fill_(pc.dim, gone, 0)
 
 
 def apply_plan(root: nn.Module, cg: ChannelGraph, removed: Set[int]
@@ -132,9 +143,7 @@ def apply_plan(root: nn.Module, cg: ChannelGraph, removed: Set[int]
             keep = _keep(cg, pc.ids, removed)
             if len(keep) == len(pc.ids):
                 continue
-            owner_path, _, name = pc.path.rpartition(".")
-            owner = root.get_submodule(owner_path)
-            _replace(owner, name, getattr(owner, name).index_select(pc.dim, keep))
+            _replace(root, pc.path, tensor_of(root, pc.path)[2].index_select(pc.dim, keep))
     return channels
 
 
@@ -174,3 +183,75 @@ def renormalized_layers(cg: ChannelGraph, removed: Set[int]) -> List[str]:
     zeroed original there."""
     removed = _mask(cg, removed)
     return sorted({name for ids, name in cg.renormalized if len(_gone(cg, ids, removed))})
+
+
+def _owner(root: nn.Module, name: str) -> Optional[Tuple[nn.Module, str]]:
+    """(module, attribute) holding the tensor `name` under `root`, or None where `root` has
+    no such module (a GraphModule drops the submodules its graph does not call)."""
+    path, _, attr = name.rpartition(".")
+    try:
+        return (root.get_submodule(path) if path else root), attr
+    except AttributeError:
+        return None
+
+
+def tie_shared_tensors(cg: ChannelGraph, root: nn.Module) -> List[List[str]]:
+    """Tie, dimension by dimension, the channels of every use of a tensor that several
+    modules of `root` (the model `cg` was traced from) share; a dimension that some use
+    does not slice (an embedding the analysis does not follow, a row count it keeps) is
+    pinned in every use that would. Returns the names of each shared tensor (share_sliced)."""
+    names_of: Dict[int, List[str]] = {}
+    uses = set()  # (id(owner), attribute): one module reached under two names is one use
+    for name, tensor in chain(root.named_parameters(remove_duplicate=False),
+                              root.named_buffers(remove_duplicate=False)):
+        owner, attr = _owner(root, name)
+        if (id(owner), attr) not in uses:
+            uses.add((id(owner), attr))
+            names_of.setdefault(id(tensor), []).append(name)
+    shared = [names for names in names_of.values() if len(names) > 1]
+    if not shared:
+        return shared
+    sliced: Dict[Tuple[int, str], Dict[int, np.ndarray]] = {}  # use -> {dimension: ids}
+    for mc in cg.modules.values():
+        for name, dim, role in _tensor_roles(mc):
+            owner, attr, _ = tensor_of(mc.module, name)
+            sliced.setdefault((id(owner), attr), {})[dim] = _role_ids(mc, role)
+    for pc in cg.params:
+        owner, attr = _owner(root, pc.path) or (None, pc.path)  # None: a constant of the trace
+        sliced.setdefault((id(owner), attr), {})[pc.dim] = pc.ids
+    for names in shared:
+        by_use = [sliced.get((id(owner), attr), {})
+                  for owner, attr in (_owner(root, name) for name in names)]
+        for dim, size in enumerate(tensor_of(root, names[0])[2].shape):
+            ids = [use.get(dim) for use in by_use]
+            tracked = [i for i in ids if i is not None]
+            if len(tracked) == len(ids) and all(len(i) == size for i in ids):
+                for other in ids[1:]:
+                    cg.union(ids[0], other)
+                continue
+            reason = (f"tensor '{names[0]}' is shared with {names[1:]} (tied weights) and "
+                      f"not every use slices its dimension {dim}")
+            for i in tracked:
+                cg.pin(i, reason)
+    return shared
+
+
+def share_sliced(shared: List[List[str]], roots: Sequence[nn.Module]) -> None:
+    """After apply_plan: every name of each shared tensor, under every root that has it
+    (the GraphModule and the model it was traced from), holds the one sliced tensor. The
+    ties of tie_shared_tensors sliced every use alike."""
+    for names in shared:
+        owners = [o for root in roots for o in (_owner(root, n) for n in names) if o is not None]
+        tensors = {id(t): t for t in (getattr(owner, attr) for owner, attr in owners)}
+        if len(tensors) == 1:
+            continue
+        shapes = {tuple(t.shape) for t in tensors.values()}
+        if len(shapes) > 1:
+            raise RuntimeError(f"internal: the shared tensor {names} was sliced to different "
+                               f"shapes {sorted(shapes)}")
+        one = next(iter(tensors.values()))
+        for owner, attr in owners:
+            if attr in owner._buffers:
+                owner._buffers[attr] = one
+            else:
+                setattr(owner, attr, one)
