@@ -395,3 +395,31 @@ def test_a_layer_the_pruner_broke_is_not_blamed_on_the_inputs(unsliced_rule):
                                                r"ignored=\['1'\]") as caught:
         prune(model, torch.randn(1, 3, 8, 8), ratio=0.5)
     assert not isinstance(caught.value, ExampleInputError)
+
+
+def zero_initialised_branches(model, names):
+    """Zero each branch's last BatchNorm, as a zero-init residual recipe does: the branch
+    emits exactly zero."""
+    with torch.no_grad():
+        for name in names:
+            bn = model.get_submodule(f"{name}.bn2")
+            bn.weight.zero_()
+            bn.bias.zero_()
+    return model
+
+
+def test_named_branches_alone_go_unless_more_are_asked_for():
+    model = zero_initialised_branches(look_trained(models.resnet20()), ["layer1.1", "layer2.2"])
+    named = ["layer1.0", "layer3.2"]
+
+    def removed(**options):
+        result = prune(model, X, remove_branches=named, **options)
+        return sorted(b["block"] for b in result.report.removed_blocks)
+
+    assert removed() == removed(remove_blocks=False) == named
+    assert removed(remove_blocks=True) == sorted(named + ["layer1.1", "layer2.2"])
+    # Without names the exactly-zero branches go by default, as before.
+    assert [b["block"] for b in prune(model, X, ratio=0.0).report.removed_blocks] == [
+        "layer1.1", "layer2.2"]
+    with pytest.raises(TypeError, match="remove_blocks must be None, True or False"):
+        prune(model, X, ratio=0.0, remove_blocks="yes")

@@ -76,7 +76,7 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
           flops_tolerance: float = 0.02, flops_search_steps: int = 24,
           importance: Union[str, Scorer] = "l2",
           scope: str = "global", min_channels: int = 1, round_to: Optional[int] = None,
-          remove_blocks: bool = True, remove_branches: Sequence[str] = (),
+          remove_blocks: Optional[bool] = None, remove_branches: Sequence[str] = (),
           fold_bn: bool = False, ignored: Sequence[Any] = (), inplace: bool = False,
           emit: str = "auto") -> PruneResult:
     """Remove filters and residual branches from `model`; return a new compact model.
@@ -95,7 +95,10 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
       what it kept;
     - none of them, with `remove_branches` only.
     `remove_branches` lists residual branches by name (see residual_branches()) to remove
-    whatever their scores. `importance` is "l2", "l1", "bn" or a callable
+    whatever their scores. `remove_blocks` says whether the removable branches (above: under
+    the threshold, or emitting exactly zero) go too: None (the default) means yes unless
+    `remove_branches` names some, and then only the named ones go; True removes them as
+    well as the named ones; False, only the named ones. `importance` is "l2", "l1", "bn" or a callable
     (module, following_bn) -> one score per output channel (importance.py). `ignored` lists
     modules (names, instances or classes) traced as opaque leaves whose channels are kept.
 
@@ -112,8 +115,10 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
     check_model(model, "prune")
     _check_settings(threshold, ratio, flops_target, flops_search, flops_tolerance,
                     flops_search_steps, importance, scope, min_channels, round_to,
-                    remove_branches, emit)
+                    remove_blocks, remove_branches, emit)
     inputs = as_inputs(example_inputs)
+    if remove_blocks is None:  # a user who names branches means those branches
+        remove_blocks = not remove_branches
     options = dict(importance=importance, scope=scope, min_channels=min_channels,
                    round_to=round_to, remove_blocks=remove_blocks,
                    remove_branches=list(remove_branches), fold_bn=fold_bn,
@@ -135,7 +140,7 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
 
 def _check_settings(threshold, ratio, flops_target, flops_search, flops_tolerance,
                     flops_search_steps, importance, scope, min_channels, round_to,
-                    remove_branches, emit) -> None:
+                    remove_blocks, remove_branches, emit) -> None:
     given = [name for name, value in (("threshold", threshold), ("ratio", ratio),
                                       ("flops_target", flops_target)) if value is not None]
     if len(given) > 1 or (not given and not remove_branches):
@@ -165,6 +170,8 @@ def _check_settings(threshold, ratio, flops_target, flops_search, flops_toleranc
         raise ValueError(f"round_to must be None or an int >= 1, got {round_to!r}")
     if emit not in EMITS:
         raise ValueError(f"emit must be one of {EMITS}, got {emit!r}")
+    if remove_blocks is not None and not isinstance(remove_blocks, bool):
+        raise TypeError(f"remove_blocks must be None, True or False, got {remove_blocks!r}")
     if isinstance(remove_branches, str):
         raise TypeError(f"remove_branches must be a list of branch names, got the string "
                         f"{remove_branches!r}; write remove_branches=[{remove_branches!r}]")
