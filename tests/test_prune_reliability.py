@@ -1,6 +1,10 @@
-"""The pruner's answers to the adversarial probes of issue 10: zero preservation decided per
-instance, training flags kept, bad files and bad inputs refused by name, a FLOPs budget that
-says when it misses, user importance functions and one unit for channels and branches."""
+"""The pruner's answers to adversarial probes: zero preservation decided per instance,
+training flags kept, bad files, inputs and models refused by name (and a pruner failure
+never blamed on the inputs), a FLOPs budget that says when it misses, user importance
+functions and one unit for channels and branches; tied weights, depthwise multipliers and
+per-channel buffers kept consistent; named branches alone removed; a global ratio that
+keeps a floor of every layer."""
+import math
 import warnings
 
 import pytest
@@ -13,6 +17,7 @@ from ffr_fast.pruning import (ExampleInputError, FlopsTargetWarning, PrunedModel
                               load_pruned, prune, register_rule, residual_branches,
                               save_pruned)
 from ffr_fast.pruning.rules import RULES
+from ffr_fast.torchvision_loader import load_torchvision
 from nets import ChannelScale, look_trained, one_thread  # noqa: F401
 
 X = torch.randn(2, 3, 32, 32)
@@ -423,3 +428,31 @@ def test_named_branches_alone_go_unless_more_are_asked_for():
         "layer1.1", "layer2.2"]
     with pytest.raises(TypeError, match="remove_blocks must be None, True or False"):
         prune(model, X, ratio=0.0, remove_blocks="yes")
+
+
+@pytest.fixture(scope="module")
+def resnet50():
+    torch.manual_seed(0)
+    return load_torchvision().models.resnet50(weights=None).eval()
+
+
+def lowest_kept_fraction(result):
+    return min(after / before for before, after in result.report.channels.values())
+
+
+def test_a_global_ratio_keeps_a_floor_of_every_layer(resnet50):
+    """Ranked by raw norms, resnet50's layer1.0.conv3 (ratio 0.3) and layer4.0.downsample
+    (ratio 0.5) kept one channel: scores relative to their layer's mean keep every layer near the ratio, and the
+    floor holds even where the ranking alone would empty a layer."""
+    x = torch.randn(1, 3, 32, 32)
+    half = prune(resnet50, x, ratio=0.5)
+    assert all(after >= math.ceil(0.1 * before)
+               for before, after in half.report.channels.values())
+    assert lowest_kept_fraction(half) >= 0.4
+    assert lowest_kept_fraction(prune(resnet50, x, ratio=0.9, min_fraction=0.0)) < 0.1
+    most = prune(resnet50, x, ratio=0.9)
+    assert all(after >= math.ceil(0.1 * before)
+               for before, after in most.report.channels.values())
+    assert most.report.settings["min_fraction"] == 0.1
+    with pytest.raises(ValueError, match="min_fraction must be a number in"):
+        prune(resnet50, x, ratio=0.5, min_fraction=1.5)

@@ -5,12 +5,17 @@ the dependency graph (e.g. every conv that writes into one residual stream) toge
 their channel classes. Selection:
 - `threshold=t`: every prunable class whose score (importance.py) is <= t is removed.
 - neither: nothing is removed (prune() was asked for residual branches only).
-- `ratio=r`, `scope="global"`: the round(r * n) lowest-scored of all n prunable classes.
+- `ratio=r`, `scope="global"`: the round(r * n) lowest-scored of all n prunable classes,
+  each score divided by the mean score of its group: raw norms are not comparable across
+  layers (a kaiming-initialised filter's norm grows with its fan-in), so raw ranking would
+  empty the layers whose filters happen to be small.
 - `ratio=r`, `scope="layer"`: in every group, the floor(r * size) lowest-scored classes.
 Then, per producer layer, classes are given back (highest score first) until the layer keeps
-at least `min_channels` channel classes and, with `round_to=k`, a multiple of k channels
-(or all).
+at least `min_channels` channel classes, under a global ratio also at least the fraction
+`min_fraction` of them (rounded up), and, with `round_to=k`, a multiple of k channels (or
+all).
 """
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set, Tuple
 
@@ -74,7 +79,7 @@ def find_groups(cg: ChannelGraph) -> List[Group]:
 
 
 def make_plan(cg: ChannelGraph, scores: Dict[int, float], *, threshold=None, ratio=None,
-              scope="global", min_channels=1, round_to=None) -> Plan:
+              scope="global", min_channels=1, min_fraction=0.0, round_to=None) -> Plan:
     groups = find_groups(cg)
     for group in groups:  # a class nothing scores (importance "bn" without a BN) stays
         for root in group.roots:
@@ -87,21 +92,36 @@ def make_plan(cg: ChannelGraph, scores: Dict[int, float], *, threshold=None, rat
     elif ratio is None:  # only residual branches were asked for
         removed = set()
     elif scope == "global":
-        removed = set(sorted(prunable, key=scores.get)[:round(ratio * len(prunable))])
+        relative = _relative_to_group(groups, scores)
+        removed = set(sorted(prunable, key=relative.get)[:round(ratio * len(prunable))])
     else:
         removed = set()
         for g in groups:
             candidates = sorted((r for r in g.roots if r not in g.pinned), key=scores.get)
             removed.update(candidates[:int(ratio * len(g.roots))])
-    _give_back(cg, removed, scores, min_channels, round_to)
+    floor = min_fraction if ratio is not None and scope == "global" else 0.0
+    _give_back(cg, removed, scores, min_channels, floor, round_to)
     cutoff = max((scores[r] for r in removed), default=None)
     return Plan(removed, groups, _unpruned(groups), cutoff)
 
 
-def _give_back(cg, removed: Set[int], scores, min_channels: int, round_to) -> None:
+def _relative_to_group(groups: List[Group], scores: Dict[int, float]) -> Dict[int, float]:
+    """Every scored class's score divided by the mean score of its group's scored classes
+    (a group whose every class scores 0 keeps 0: dead channels still rank first)."""
+    relative = {}
+    for group in groups:
+        scored = [r for r in group.roots if r in scores]
+        mean = sum(scores[r] for r in scored) / max(len(scored), 1)
+        relative.update((r, scores[r] / mean if mean > 0 else 0.0) for r in scored)
+    return relative
+
+
+def _give_back(cg, removed: Set[int], scores, min_channels: int, min_fraction: float,
+               round_to) -> None:
     """Return removed classes (highest score first) to layers below their floor until every
-    layer keeps at least `min_channels` classes and, with `round_to`, a number of channels
-    that is a multiple of it (or all): a head of 64 channels counts 64."""
+    layer keeps at least `min_channels` classes and the fraction `min_fraction` of them
+    (rounded up) and, with `round_to`, a number of channels that is a multiple of it (or
+    all): a head of 64 channels counts 64."""
     layers = []
     for _, ids in written_layers(cg):
         roots, sizes = np.unique(cg.roots(ids), return_counts=True)
@@ -112,7 +132,8 @@ def _give_back(cg, removed: Set[int], scores, min_channels: int, round_to) -> No
         for size in layers:
             back = sorted((r for r in size if r in removed), key=scores.get, reverse=True)
             kept = [r for r in size if r not in removed]
-            while back and (len(kept) < min_channels or round_to and sum(
+            floor = max(min_channels, math.ceil(min_fraction * len(size)))
+            while back and (len(kept) < floor or round_to and sum(
                     size[r] for r in kept) % round_to):
                 root = back.pop(0)
                 removed.discard(root)

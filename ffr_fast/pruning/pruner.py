@@ -75,7 +75,8 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
           flops_target: Optional[float] = None, flops_search: str = "threshold",
           flops_tolerance: float = 0.02, flops_search_steps: int = 24,
           importance: Union[str, Scorer] = "l2",
-          scope: str = "global", min_channels: int = 1, round_to: Optional[int] = None,
+          scope: str = "global", min_channels: int = 1, min_fraction: float = 0.1,
+          round_to: Optional[int] = None,
           remove_blocks: Optional[bool] = None, remove_branches: Sequence[str] = (),
           fold_bn: bool = False, ignored: Sequence[Any] = (), inplace: bool = False,
           emit: str = "auto") -> PruneResult:
@@ -86,8 +87,10 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
       0 removes exactly the all-zero filters) and, with `remove_blocks`, every residual
       branch whose last layer's channels all score <= t (the same unit; without a
       threshold, the branches whose last layer emits exactly zero);
-    - `ratio=r`: that fraction of the prunable channel classes (`scope` "global" or per
-      "layer");
+    - `ratio=r`: that fraction of the prunable channel classes, per "layer" (`scope`) or
+      "global"ly: ranked across layers by their scores relative to their layer's mean
+      (raw norms are not comparable across layers), every layer keeping at least the
+      fraction `min_fraction` of its channels (0 turns that floor off);
     - `flops_target=f`: the smallest pruning (a search on `flops_search`, "threshold" or
       "ratio") that keeps at most the fraction f of the FLOPs, accepted within
       `flops_tolerance` below f, in at most `flops_search_steps` prunings; when the search
@@ -114,13 +117,13 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
     start = time.perf_counter()
     check_model(model, "prune")
     _check_settings(threshold, ratio, flops_target, flops_search, flops_tolerance,
-                    flops_search_steps, importance, scope, min_channels, round_to,
-                    remove_blocks, remove_branches, emit)
+                    flops_search_steps, importance, scope, min_channels, min_fraction,
+                    round_to, remove_blocks, remove_branches, emit)
     inputs = as_inputs(example_inputs)
     if remove_blocks is None:  # a user who names branches means those branches
         remove_blocks = not remove_branches
     options = dict(importance=importance, scope=scope, min_channels=min_channels,
-                   round_to=round_to, remove_blocks=remove_blocks,
+                   min_fraction=min_fraction, round_to=round_to, remove_blocks=remove_blocks,
                    remove_branches=list(remove_branches), fold_bn=fold_bn,
                    ignored=resolve_ignored(model, ignored), emit=emit)
     # Traced twice more (train and eval code): once per call, not per step of a FLOPs search,
@@ -139,8 +142,8 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
 
 
 def _check_settings(threshold, ratio, flops_target, flops_search, flops_tolerance,
-                    flops_search_steps, importance, scope, min_channels, round_to,
-                    remove_blocks, remove_branches, emit) -> None:
+                    flops_search_steps, importance, scope, min_channels, min_fraction,
+                    round_to, remove_blocks, remove_branches, emit) -> None:
     given = [name for name, value in (("threshold", threshold), ("ratio", ratio),
                                       ("flops_target", flops_target)) if value is not None]
     if len(given) > 1 or (not given and not remove_branches):
@@ -166,6 +169,10 @@ def _check_settings(threshold, ratio, flops_target, flops_search, flops_toleranc
     if not isinstance(min_channels, int) or min_channels < 1:
         raise ValueError(f"min_channels must be an int >= 1, got {min_channels!r} (a branch "
                          "that should vanish entirely is removed by remove_blocks instead)")
+    if isinstance(min_fraction, bool) or not isinstance(min_fraction, (int, float)) or not (
+            0 <= min_fraction <= 1):
+        raise ValueError(f"min_fraction must be a number in [0, 1] (the fraction of each "
+                         f"layer's channels a global ratio keeps), got {min_fraction!r}")
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise ValueError(f"round_to must be None or an int >= 1, got {round_to!r}")
     if emit not in EMITS:
@@ -178,8 +185,8 @@ def _check_settings(threshold, ratio, flops_target, flops_search, flops_toleranc
 
 
 def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importance, scope,
-                min_channels, round_to, remove_blocks, remove_branches, fold_bn, ignored,
-                emit, trains_differently) -> PruneResult:
+                min_channels, min_fraction, round_to, remove_blocks, remove_branches, fold_bn,
+                ignored, emit, trains_differently) -> PruneResult:
     flags = training_flags(model)
     work = model if inplace else copy.deepcopy(model)
     work.eval()
@@ -206,7 +213,7 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
             shared = tie_shared_tensors(cg, work)
             plan = make_plan(cg, class_scores(cg, importance), threshold=threshold,
                              ratio=ratio, scope=scope, min_channels=min_channels,
-                             round_to=round_to)
+                             min_fraction=min_fraction, round_to=round_to)
             # The reference: the graph without the removed branches, every removed channel
             # zeroed in the very modules it runs (the surgery below replaces them).
             zero_removed(cg, plan.removed, gm)
@@ -245,7 +252,8 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
     attach_structure(out, structure)
     report = PruneReport(
         settings=dict(threshold=threshold, ratio=ratio, importance=_label(importance),
-                      scope=scope, min_channels=min_channels, round_to=round_to,
+                      scope=scope, min_channels=min_channels, min_fraction=min_fraction,
+                      round_to=round_to,
                       remove_blocks=remove_blocks, remove_branches=list(remove_branches),
                       fold_bn=fold_bn, ignored=list(ignored)),
         params_before=params_before, params_after=count_params(gm),
