@@ -1,7 +1,9 @@
-"""Model metrics: parameter count, FLOPs (torch's FlopCounterMode), sparsity, latency."""
+"""Model metrics: parameter count, FLOPs (torch's FlopCounterMode), sparsity, latency (the
+fastest of repeated runs, with how much the runs disagreed)."""
 import statistics
 import time
-from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
+import warnings
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -66,29 +68,80 @@ def filter_sparsity(model: nn.Module, tol: float = 0.0) -> float:
     return zero / max(total, 1)
 
 
+# A measurement whose median run is this much slower than its fastest was disturbed (a busy
+# machine, frequency scaling): its runs disagree too much to compare models by.
+NOISY_SPREAD = 1.5
+
+
+class LatencyWarning(UserWarning):
+    """measure_latency's runs at one batch size disagree (Latency.noisy)."""
+
+
+class Latency(float):
+    """Seconds per forward at one batch size: the fastest of the timed runs, as timeit
+    reports (interference only ever adds time, so the minimum is the stable figure). A
+    float, so that callers can compute with it; it also records `median` (seconds),
+    `repeats`, `spread` (median / minimum, 1.0 for runs that agree) and `noisy` (spread >
+    NOISY_SPREAD)."""
+
+    median: float
+    repeats: int
+    spread: float
+    noisy: bool
+
+    @classmethod
+    def of(cls, times: Sequence[float]) -> "Latency":
+        latency = cls(min(times))
+        latency.median, latency.repeats = statistics.median(times), len(times)
+        latency.spread = latency.median / max(float(latency), 1e-12)
+        latency.noisy = latency.spread > NOISY_SPREAD
+        return latency
+
+
 def measure_latency(model: nn.Module, input_shape: Sequence[int],
                     batch_sizes: Sequence[int] = (1, 64), device: str = "cpu",
                     threads: Optional[int] = None, warmup: int = 5, repeats: int = 30,
-                    dtype: torch.dtype = torch.float32) -> Dict[int, float]:
-    """Median forward latency in seconds per batch size, in eval mode without autograd.
+                    dtype: torch.dtype = torch.float32) -> Dict[int, Latency]:
+    """Forward latency per batch size, in eval mode without autograd: a Latency (a float,
+    the minimum over `repeats` timed runs after `warmup` untimed ones, in seconds, with the
+    median and spread of the runs). A batch size whose runs disagree (spread above
+    NOISY_SPREAD) is flagged `noisy` and warned about (LatencyWarning).
 
     `input_shape` excludes the batch dimension, e.g. (3, 32, 32). On CUDA the time comes
     from CUDA events; on CPU from perf_counter. `threads` sets torch's intra-op threads for
     the measurement and is restored afterwards. The model's mode is restored too."""
+    _check_latency_settings(batch_sizes, warmup, repeats)
     device = torch.device(device)
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
         with evaluating(model):
-            return {b: _median_latency(model, torch.randn(b, *input_shape, device=device,
-                                                          dtype=dtype), warmup, repeats)
-                    for b in batch_sizes}
+            latencies = {b: Latency.of(_timed_runs(model, torch.randn(
+                b, *input_shape, device=device, dtype=dtype), warmup, repeats))
+                for b in batch_sizes}
     finally:
         torch.set_num_threads(old_threads)
+    for batch, latency in latencies.items():
+        if latency.noisy:
+            warnings.warn(f"latency at batch {batch} is noisy: the median of {repeats} runs "
+                          f"is {latency.spread:.2f}x their minimum (a busy machine?); the "
+                          "minimum is reported, compare models measured so with care",
+                          LatencyWarning, stacklevel=2)
+    return latencies
 
 
-def _median_latency(model, x, warmup, repeats) -> float:
+def _check_latency_settings(batch_sizes, warmup, repeats) -> None:
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1 (the timed runs), got {repeats!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0 (the untimed runs), got {warmup!r}")
+    sizes = list(batch_sizes)
+    if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
+        raise ValueError(f"batch_sizes must be a non-empty list of ints >= 1, got {batch_sizes!r}")
+
+
+def _timed_runs(model, x, warmup, repeats) -> List[float]:
     cuda = x.device.type == "cuda"
     times = []
     with torch.inference_mode():
@@ -106,4 +159,4 @@ def _median_latency(model, x, warmup, repeats) -> float:
                 elapsed = time.perf_counter() - t0
             if i >= warmup:
                 times.append(elapsed)
-    return statistics.median(times)
+    return times
