@@ -75,9 +75,9 @@ def test_latency_is_the_fastest_run_and_flags_disagreeing_runs():
                                       warmup=0, repeats=4).values()
     assert disturbed < 0.01 and disturbed.median >= 0.02 and disturbed.repeats == 4
     assert disturbed.noisy and disturbed.spread > NOISY_SPREAD
-    steady = measure_latency(Stalls(0.02), (3,), batch_sizes=(1,), warmup=0, repeats=3)[1]
+    steady = measure_latency(Stalls(0.05), (3,), batch_sizes=(1,), warmup=0, repeats=3)[1]
     assert not steady.noisy and 1.0 <= steady.spread <= NOISY_SPREAD
-    assert isinstance(steady, float) and 1e3 * steady >= 20  # callers compute with it
+    assert isinstance(steady, float) and 1e3 * steady >= 50  # callers compute with it
 
 
 @pytest.mark.parametrize("setting,message", [
