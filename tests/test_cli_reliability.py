@@ -83,12 +83,13 @@ def test_a_model_pruned_three_times_is_rebuilt_from_the_original():
         return models.resnet20(num_classes=10, in_channels=1)
 
     torch.manual_seed(0)
-    model = original().eval()
+    model = original_model = original().eval()
     kill_channels(model, "layer1.0.conv2", range(16), bn_path="layer1.0.bn2")
     x = torch.randn(2, 1, 16, 16)
     for fold_bn in (False, False, True):  # rewired (a block removed), sliced, folded
         result = prune(model, (x,), ratio=0.2, fold_bn=fold_bn)
         record_source(result, model)
+        assert (result.structure.get("base") is not None) == (model is not original_model)
         model = result.model
     buffer = io.BytesIO()
     save_pruned(result, buffer)

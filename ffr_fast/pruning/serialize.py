@@ -74,8 +74,12 @@ def record_source(result_or_model: Union[PruneResult, nn.Module], source: nn.Mod
     if structure is None:
         raise ValueError("record_source needs a PruneResult or the model prune() returned; "
                          f"got a {type(model).__name__} without pruning structure")
-    if base is not None:
-        attach_structure(model, dict(structure, base=base))
+    if base is None:
+        return
+    structure = dict(structure, base=base)
+    attach_structure(model, structure)
+    if isinstance(result_or_model, PruneResult):
+        result_or_model.structure = structure
 
 
 FORMAT_3 = "ffr_fast.pruned/3"  # still read: a GraphModule with these same fields
