@@ -63,9 +63,29 @@ def save_pruned(result_or_model: Union[PruneResult, nn.Module], path) -> None:
     torch.save({"structure": structure, "state_dict": model.state_dict()}, path)
 
 
+def record_source(result_or_model: Union[PruneResult, nn.Module], source: nn.Module) -> None:
+    """Record that a pruned model was pruned from `source`. When `source` was itself pruned
+    (prune()'s output or a model load_pruned rebuilt), the structure prune() attached names
+    the nodes of `source`'s trace; with `source`'s own structure kept as its base,
+    save_pruned's file rebuilds from the original architecture. Nothing to record for a
+    source that was never pruned."""
+    model = result_or_model.model if isinstance(result_or_model, PruneResult) else result_or_model
+    structure, base = structure_of(model), structure_of(source)
+    if structure is None:
+        raise ValueError("record_source needs a PruneResult or the model prune() returned; "
+                         f"got a {type(model).__name__} without pruning structure")
+    if base is None:
+        return
+    structure = dict(structure, base=base)
+    attach_structure(model, structure)
+    if isinstance(result_or_model, PruneResult):
+        result_or_model.structure = structure
+
+
 FORMAT_3 = "ffr_fast.pruned/3"  # still read: a GraphModule with these same fields
-STRUCTURE_FIELDS = ("format", "emitted", "ignored", "removed_blocks", "folded_bn",
-                    "adds_in_place", "view_sizes", "training")
+REPLAY_FIELDS = ("format", "emitted", "ignored", "removed_blocks", "folded_bn",
+                 "adds_in_place", "view_sizes")
+STRUCTURE_FIELDS = REPLAY_FIELDS + ("training",)  # a base is only replayed: no flags
 
 
 def _read(path) -> Tuple[dict, dict]:
@@ -94,7 +114,49 @@ def _read(path) -> Tuple[dict, dict]:
     missing = [key for key in STRUCTURE_FIELDS if key not in structure]
     if missing:
         raise ValueError(f"{path} is incomplete: its structure lacks {missing}")
+    base = structure.get("base")
+    while base is not None:
+        if not isinstance(base, dict) or base.get("format") != STRUCTURE_FORMAT:
+            found = base.get("format") if isinstance(base, dict) else type(base).__name__
+            raise ValueError(f"{path} is damaged: the structure it was pruned from has format "
+                             f"{found!r}, expected {STRUCTURE_FORMAT!r}")
+        missing = [key for key in REPLAY_FIELDS if key not in base]
+        if missing:
+            raise ValueError(f"{path} is incomplete: the structure it was pruned from lacks "
+                             f"{missing}")
+        base = base.get("base")
     return structure, payload["state_dict"]
+
+
+def _replay(structure: dict, model: nn.Module, path, architecture: str) -> nn.Module:
+    """`model` with the edits `structure` records (its base's first), its tensors still of
+    the shapes they had."""
+    if structure.get("base") is not None:
+        model = _replay(structure["base"], model, path, architecture)
+    gm = trace(model, structure["ignored"])
+    nodes = {n.name: n for n in gm.graph.nodes}
+    needed = [name for name, _ in structure["removed_blocks"]]
+    needed += [name for pair in structure["folded_bn"] for name in pair]
+    needed += [name for name, _ in structure["adds_in_place"]]
+    needed += [name for name, _, _ in structure["view_sizes"]]
+    missing = [name for name in needed if name not in nodes]
+    if missing:
+        raise ValueError(f"{path} does not match the architecture of {architecture}: "
+                         f"graph nodes {missing} not found")
+    if structure["emitted"] == "module":
+        for _, bn in structure["folded_bn"]:
+            set_submodule(model, nodes[bn].target, nn.Identity())
+        return model
+    remove_branches(gm.graph, [ResidualBranch(add, 0, 0.0, add, arg, (), None)
+                               for add, arg in structure["removed_blocks"]],
+                    dict(gm.named_modules()))
+    for conv, bn in structure["folded_bn"]:
+        bypass_batchnorm(gm, nodes[conv], nodes[bn])
+    replay_adds_in_place(gm, structure["adds_in_place"])
+    replay_view_sizes(gm, structure["view_sizes"])
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
 
 
 def load_pruned(path, original: Union[nn.Module, Callable[[], nn.Module]]) -> nn.Module:
@@ -105,36 +167,13 @@ def load_pruned(path, original: Union[nn.Module, Callable[[], nn.Module]]) -> nn
     zero-argument factory that builds one."""
     structure, state_dict = _read(path)
     model = copy.deepcopy(original) if isinstance(original, nn.Module) else original()
-    gm = trace(model, structure["ignored"])
-    nodes = {n.name: n for n in gm.graph.nodes}
-    needed = [name for name, _ in structure["removed_blocks"]]
-    needed += [name for pair in structure["folded_bn"] for name in pair]
-    needed += [name for name, _ in structure["adds_in_place"]]
-    needed += [name for name, _, _ in structure["view_sizes"]]
-    missing = [name for name in needed if name not in nodes]
-    if missing:
-        raise ValueError(f"{path} does not match the architecture of {type(model).__name__}: "
-                         f"graph nodes {missing} not found")
-    if structure["emitted"] == "module":
-        pruned = model
-        for _, bn in structure["folded_bn"]:
-            set_submodule(pruned, nodes[bn].target, nn.Identity())
-    else:
-        pruned = gm
-        remove_branches(gm.graph, [ResidualBranch(add, 0, 0.0, add, arg, (), None)
-                                   for add, arg in structure["removed_blocks"]],
-                        dict(gm.named_modules()))
-        for conv, bn in structure["folded_bn"]:
-            bypass_batchnorm(gm, nodes[conv], nodes[bn])
-        replay_adds_in_place(gm, structure["adds_in_place"])
-        replay_view_sizes(gm, structure["view_sizes"])
-        gm.delete_all_unused_submodules()
-        gm.recompile()
+    architecture = type(model).__name__
+    pruned = _replay(structure, model, path, architecture)
     _resize_to(pruned, state_dict)
     try:
         pruned.load_state_dict(state_dict)
     except RuntimeError as error:
-        raise ValueError(f"{path} does not match the architecture of {type(model).__name__}: "
+        raise ValueError(f"{path} does not match the architecture of {architecture}: "
                          f"{error}") from error
     attach_structure(pruned, {k: v for k, v in structure.items() if k != "training"})
     restore_training_flags(pruned, structure["training"])

@@ -12,15 +12,22 @@ loading as different weights. The payload holds
     optimizer, scheduler   their state dicts (None for a freshly pruned model)
     epoch         epochs completed; history  one dict per completed epoch
     rng           torch / CUDA / numpy / python random states
-    extra         anything the writer adds (the pruning report, ...)
+    extra         anything the writer adds (the pruning report, the checkpoint a
+                  fine-tuning started from, ...)
+A payload with other fields (a newer version's) or without these is refused, not guessed at.
+
+A run folder is held by the process training into it (run_lock): a second run into the same
+folder is refused while the first lives.
 """
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
 import os
 import pickle
 import random
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +38,11 @@ from ffr_fast import models
 
 FORMAT = "ffr_fast.checkpoint/2"  # /1 had no checksum
 FILENAME = "checkpoint.pt"
+LOCK_FILENAME = "run.lock"
+PAYLOAD_FIELDS = ("config", "architecture", "model_state", "optimizer", "scheduler", "epoch",
+                  "history", "rng", "extra")
+ZOO_RECIPE_FIELDS = ("kind", "name", "num_classes", "in_channels")
+ARCHITECTURE_FIELDS = {"zoo": ZOO_RECIPE_FIELDS, "pruned": ZOO_RECIPE_FIELDS + ("pruned",)}
 # Fields that may differ between the run that wrote a checkpoint and the run resuming it.
 RESUMABLE_CHANGES = ("max_batches", "device")
 
@@ -112,19 +124,24 @@ def atomic_write_json(path, obj) -> None:
 def save(path, model: nn.Module, config, optimizer=None, scheduler=None, epoch: int = 0,
          history=(), **extra) -> None:
     config = config if isinstance(config, dict) else asdict(config)
-    payload = io.BytesIO()
-    torch.save({
+    write(path, {
         "config": config, "architecture": architecture_of(model, config),
         "model_state": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "epoch": epoch, "history": list(history), "rng": rng_state(), "extra": extra,
-    }, payload)
-    payload = payload.getvalue()
+    })
+
+
+def write(path, payload: dict) -> None:
+    """Write `payload` (the PAYLOAD_FIELDS) to `path` as a checksummed checkpoint."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    raw = buffer.getvalue()
     # A uint8 tensor, not bytes: its storage is kept raw in the file, so damage to it reaches
     # the checksum instead of breaking the unpickler with an unrelated error.
-    atomic_save({"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
-                 "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}, path)
+    atomic_save({"format": FORMAT, "sha256": hashlib.sha256(raw).hexdigest(),
+                 "payload": torch.frombuffer(bytearray(raw), dtype=torch.uint8)}, path)
 
 
 def _read(source, path: Path):
@@ -138,7 +155,7 @@ def _read(source, path: Path):
 
 
 def load(path) -> dict:
-    """The checkpoint's payload at `path`, its checksum verified; CheckpointError
+    """The checkpoint's payload at `path`, its checksum and fields verified; CheckpointError
     (FileNotFoundError if absent) otherwise."""
     path = Path(path)
     if path.is_dir():
@@ -158,7 +175,44 @@ def load(path) -> dict:
         raise CheckpointError(f"checkpoint {path} is corrupt: its payload does not match the "
                               "SHA-256 stored with it (damaged on disk or in transfer); it was "
                               "left as it is")
-    return _read(io.BytesIO(payload), path)
+    state = _read(io.BytesIO(payload), path)
+    _check_fields(state, path)
+    return state
+
+
+def _check_fields(state, path: Path) -> None:
+    """Refuse a payload that is not what save() writes: a field this version does not know
+    (a newer version's) would otherwise be ignored, a missing one fail deep in a command."""
+    def refuse(what: str):
+        raise CheckpointError(f"checkpoint {path} {what}; it was left as it is")
+
+    def check_keys(found, known, where: str, required=True):
+        unknown = sorted(set(found) - set(known), key=str)
+        if unknown:
+            refuse(f"has {where} {unknown} that this version of ffr_fast does not know "
+                   "(written by a newer version?); update ffr_fast to use it")
+        missing = [key for key in known if key not in found]
+        if required and missing:
+            refuse(f"lacks the {where} {missing}: it was not written by ffr_fast's "
+                   "checkpoint.save")
+
+    if not isinstance(state, dict):
+        refuse(f"holds a {type(state).__name__}, not the fields of an ffr_fast checkpoint")
+    check_keys(state, PAYLOAD_FIELDS, "fields")
+    architecture, config = state["architecture"], state["config"]
+    if not isinstance(architecture, dict) or architecture.get("kind") not in ARCHITECTURE_FIELDS:
+        kind = architecture.get("kind") if isinstance(architecture, dict) else architecture
+        refuse(f"has an architecture of kind {kind!r}, not one of {sorted(ARCHITECTURE_FIELDS)}")
+    check_keys(architecture, ARCHITECTURE_FIELDS[architecture["kind"]], "architecture fields")
+    if not isinstance(config, dict):
+        refuse(f"has a config that is a {type(config).__name__}, not a dict")
+    from ffr_fast.study.train import TrainConfig  # train imports this module
+
+    # A config may lack a setting added since it was written: the setting's default is what
+    # runs did before it existed.
+    check_keys(config, [f.name for f in fields(TrainConfig)], "settings", required=False)
+    if not isinstance(state["extra"], dict):
+        refuse(f"has extra fields that are a {type(state['extra']).__name__}, not a dict")
 
 
 def build_model(state: dict) -> nn.Module:
@@ -170,8 +224,18 @@ def build_model(state: dict) -> nn.Module:
         from ffr_fast.pruning import load_pruned
 
         model = load_pruned(io.BytesIO(recipe["pruned"]), lambda: _build_zoo(recipe))
-    model.load_state_dict(state["model_state"])
+    try:
+        model.load_state_dict(state["model_state"])
+    except RuntimeError as error:
+        raise CheckpointError(f"the checkpoint's weights do not fit its architecture "
+                              f"({recipe['name']}): {error}") from error
     return model
+
+
+def file_digest(path) -> str:
+    """The SHA-256 of a file's bytes: what a fine-tuning run records of its source."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def check_resumable(state: dict, config) -> None:
@@ -192,3 +256,46 @@ def refuse_overwrite(path) -> None:
     if Path(path).exists():
         raise FileExistsError(f"{path} already exists; pass --resume to continue that run or "
                               "--force to start over in its place")
+
+
+class RunFolderBusyError(CheckpointError):
+    """Another process is training into the run folder."""
+
+
+@contextlib.contextmanager
+def run_lock(folder):
+    """Hold the run folder `folder` (created if need be) for this process: while it is held,
+    another run_lock on it, from any process, raises RunFolderBusyError naming the holder,
+    instead of two runs writing one checkpoint and history.
+
+    The lock is an flock on folder/run.lock, which the kernel releases when its holder exits,
+    however it exits: a lock file a killed run left behind is not locked, and is taken over.
+    The holder removes the file on release; a process that opened it just before checks,
+    once locked, that its file is still the one at the path, and starts over if not."""
+    path = Path(folder) / LOCK_FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunFolderBusyError(
+                f"{folder} is in use by another run ({holder} holds {path}); wait for it to "
+                "finish, or choose another --out") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    try:
+        handle.truncate(0)
+        handle.write(f"process {os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        handle.close()

@@ -28,6 +28,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
 def open_fraction(text: str) -> float:
     """A share of the FLOPs or channels, strictly between 0 and 1."""
     value = float(text)
@@ -69,7 +76,7 @@ def _add_training_options(parser, defaults: train.TrainConfig, finetune: bool = 
                        "data set's own, 16 for digits, 32 for a folder)")
     group.add_argument("--seed", type=int, default=defaults.seed,
                        help="initial weights and data order")
-    group.add_argument("--split-seed", type=int, default=defaults.split_seed,
+    group.add_argument("--split-seed", type=non_negative_int, default=defaults.split_seed,
                        help="which images are train / val / test (fixed unless asked)")
     group.add_argument("--regularizer", default="none", choices=regularizers.REGULARIZERS)
     group.add_argument("--weight", type=float, default=0.0,
@@ -103,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         story_command.add_argument("--seed", type=int, nargs="+", default=list(default_seeds),
                                    help="training seeds (weights and data order), each run "
                                    f"(default {' '.join(map(str, default_seeds))})")
-        story_command.add_argument("--split-seed", type=int, default=0,
+        story_command.add_argument("--split-seed", type=non_negative_int, default=0,
                                    help="which images are train / val / test (default 0)")
         story_command.add_argument("--epochs", type=positive_int, default=None)
         story_command.add_argument("--finetune-epochs", type=positive_int, default=None)
@@ -135,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--scope", default="global", choices=SCOPES)
     prune.add_argument("--out", default=None, help="folder for pruned.pt (default: next to "
                        "the checkpoint)")
+    prune.add_argument("--force", action="store_true", help="replace an existing pruned.pt")
 
     bench = command("bench", help="CPU latency, params and FLOPs of checkpoints")
     bench.add_argument("checkpoints", nargs="+")
@@ -155,20 +163,33 @@ def _config_from(args) -> train.TrainConfig:
     return train.TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def _run_training(model, splits, config, args, extra_summary):
+def _check_output_folder(folder, flag: str) -> None:
+    """Refuse, before any work, an output folder that is a file or cannot be created or
+    written; nothing is created here."""
+    folder = Path(folder)
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {folder} cannot be used as a folder: {existing} is a file; "
+                         f"choose another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "cannot be written" if existing == folder.absolute() else "cannot be created"
+        raise ValueError(f"{flag} {folder} {what}: no permission to write in {existing}; "
+                         f"choose a folder you can write to")
+
+
+def _run_training(model, splits, config, args, extra_summary, extra=None):
     result = train.fit(model, splits, config, out_dir=args.out, resume=args.resume,
-                       overwrite=args.force, progress=not args.no_progress)
+                       overwrite=args.force, progress=not args.no_progress, extra=extra)
     digests = _gather_digests(result.model)
     if result.interrupted:
         print(f"interrupted; resume with --resume --out {args.out} "
               f"({len(result.history)} epochs saved)", file=sys.stderr)
         raise SystemExit(130)
-    summary = {"checkpoint": str(result.checkpoint), "epochs": len(result.history),
-               "val_accuracy": result.history[-1]["val_accuracy"] if result.history else None,
-               "history": result.history, "param_digests": digests, **extra_summary}
-    if train.is_main_process():
-        checkpoint.atomic_write_json(Path(args.out) / "history.json", result.history)
-    return summary
+    return {"checkpoint": str(result.checkpoint), "epochs": len(result.history),
+            "val_accuracy": result.history[-1]["val_accuracy"] if result.history else None,
+            "history": result.history, "param_digests": digests, **extra_summary}
 
 
 def _gather_digests(model):
@@ -193,16 +214,44 @@ def _resumed_config(state, path, args) -> train.TrainConfig:
 
 def cmd_train(args):
     config = _config_from(args)
+    _check_output_folder(args.out, "--out")
     path = Path(args.out) / checkpoint.FILENAME
     if args.resume:
-        config = _resumed_config(checkpoint.load(path), path, args)
+        state = checkpoint.load(path)
+        source = state["extra"].get("source")
+        if source is not None:
+            raise checkpoint.CheckpointError(
+                f"cannot resume {path} with `train`: it fine-tunes {source['path']}; resume it "
+                f"with `finetune --checkpoint {source['path']} --out {args.out} --resume`")
+        config = _resumed_config(state, path, args)
     train.check_config(config)
     splits = pipeline.load_splits(config)
     return _run_training(pipeline.seeded_model(config, splits), splits, config, args, {})
 
 
+def _check_same_source(state, path, source: dict) -> None:
+    """Refuse to resume a fine-tuning from another checkpoint than the one it started from:
+    the weights would come from the run, the summary would name the other."""
+    recorded = state["extra"].get("source")
+    if recorded is None:
+        raise checkpoint.CheckpointError(
+            f"cannot resume {path} as a fine-tuning of {source['path']}: it records no "
+            "checkpoint it fine-tunes (a training run: resume it with `train --resume`; or a "
+            "fine-tuning by an older ffr_fast); fine-tune into a new --out")
+    if recorded["sha256"] != source["sha256"]:
+        changed = (f"{source['path']} has changed since that run started from it"
+                   if recorded["path"] == source["path"] else
+                   f"that run fine-tunes {recorded['path']}, not {source['path']}")
+        raise checkpoint.CheckpointError(
+            f"cannot resume {path}: {changed} (the files differ); resume with the --checkpoint "
+            "it started from, or fine-tune into a new --out")
+
+
 def cmd_finetune(args):
+    _check_output_folder(args.out, "--out")
     source = checkpoint.load(args.checkpoint)
+    record = {"path": str(Path(args.checkpoint).resolve()),
+              "sha256": checkpoint.file_digest(args.checkpoint)}
     config = replace(train.TrainConfig(**source["config"]), epochs=args.epochs, lr=args.lr,
                      batch_size=args.batch_size, weight_decay=args.weight_decay,
                      regularizer="none", weight=0.0, max_batches=args.max_batches,
@@ -211,29 +260,36 @@ def cmd_finetune(args):
     if args.resume:
         path = Path(args.out) / checkpoint.FILENAME
         state = checkpoint.load(path)
+        _check_same_source(state, path, record)
         config = _resumed_config(state, path, args)
     train.check_config(config)
     splits = pipeline.load_splits(config)
     return _run_training(checkpoint.build_model(state), splits, config, args,
-                         {"source": args.checkpoint})
+                         {"source": args.checkpoint}, extra={"source": record})
 
 
 def cmd_prune(args):
     state = checkpoint.load(args.checkpoint)
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    _check_output_folder(out, "--out")
+    if (out / PRUNED_FILENAME).exists() and not args.force:
+        raise FileExistsError(f"{out / PRUNED_FILENAME} already exists; pass --force to "
+                              "replace it, or choose another --out")
     config = train.TrainConfig(**state["config"])
     splits = pipeline.load_splits(config)
     model = checkpoint.build_model(state).eval()
     inputs = pipeline.example_inputs(splits)
     options = {"importance": args.importance, "scope": args.scope}
     from ffr_fast.pruning import prune
+    from ffr_fast.pruning.serialize import record_source
 
     if args.ratio is not None or args.threshold is not None:
         result = prune(model, inputs, ratio=args.ratio, threshold=args.threshold, **options)
     else:
         result = prune(model, inputs, flops_target=args.flops_target, **options)
+    record_source(result, model)  # a model pruned before: its file replays both prunings
     before = train.evaluate(model, splits.val)["accuracy"]
     after = train.evaluate(result.model, splits.val)["accuracy"]
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent
     report = {"source": args.checkpoint, "val_accuracy_before": before,
               "val_accuracy_after": after, "options": options, **result.report.to_dict()}
     checkpoint.save(out / PRUNED_FILENAME, result.model, config, prune_report=report)
@@ -249,6 +305,8 @@ def _load_for_measuring(path):
 
 
 def cmd_bench(args):
+    if args.out:
+        _check_output_folder(args.out, "--out")
     rows = []
     for path in args.checkpoints:
         model, splits = _load_for_measuring(path)
@@ -282,6 +340,8 @@ class ReportRow:
 
 
 def cmd_report(args):
+    if args.out:
+        _check_output_folder(args.out, "--out")
     rows = []
     for path in args.checkpoints:
         model, splits = _load_for_measuring(path)
@@ -337,8 +397,8 @@ def main(argv=None) -> int:
         if train.is_main_process():
             _print_summary(summary, args.json)
         status = 0
-    except (FileNotFoundError, FileExistsError, checkpoint.CheckpointError, ValueError,
-            FloatingPointError) as error:
+    except (OSError, checkpoint.CheckpointError, ValueError, FloatingPointError) as error:
+        # OSError: a missing file, a full disk, a folder made read-only mid-run
         print(f"ffr-fast: error: {error}", file=sys.stderr)
         status = 2
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ time. It was written by this one-off (kept here, not in a script, because it nev
     np.savez_compressed("ffr_fast/study/datasets/digits.npz", images=d.images.astype(np.uint8),
                         labels=d.target.astype(np.uint8))
 """
+import codecs
 import os
 import pickle
 from dataclasses import dataclass
@@ -103,12 +104,42 @@ def load_digits(seed: int = 0, size: int = 16, fractions=(0.7, 0.15, 0.15)) -> S
     return _from_arrays(*[(pixels[idx], labels[idx]) for idx in parts], num_classes=10)
 
 
+def _cifar_globals() -> dict:
+    """What a CIFAR pickle may name, by (module, name): the parts of a numpy array and the
+    codec Python 3 writes bytes with at protocol 2; everything else in the format is dicts,
+    lists, strings and ints. The functions are taken from numpy itself, so that the names
+    numpy 1 wrote (numpy.core, in the original Python 2 files) and numpy 2 writes
+    (numpy._core) both map to this numpy's, without importing the deprecated numpy.core."""
+    array = np.zeros(0)
+    reconstruct, frombuffer = array.__reduce__()[0], array.__reduce_ex__(5)[0]
+    return {("numpy.core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy._core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy.core.numeric", "_frombuffer"): frombuffer,  # protocol 5
+            ("numpy._core.numeric", "_frombuffer"): frombuffer,
+            ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+            ("_codecs", "encode"): codecs.encode}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what CIFAR files hold: a pickle naming any other
+    function or class (os.system, ...) is refused before anything is called."""
+
+    allowed = _cifar_globals()
+
+    def find_class(self, module, name):
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"it names {module}.{name}, which CIFAR files never do; not loaded, since "
+                "unpickling it could run code") from None
+
+
 def _read_pickle(path: Path, what: str) -> dict:
     try:
         with open(path, "rb") as handle:
-            return pickle.load(handle, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            ImportError) as error:  # ImportError: a pickle naming a module not installed
+            return _CifarUnpickler(handle, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
         raise ValueError(f"{path}: not a readable {what} pickle ({error})") from error
 
 
@@ -162,17 +193,21 @@ def load_cifar(root, num_classes: int = 10, seed: int = 0, val_fraction: float =
 
 def _read_image(path: Path, size: Tuple[int, int]) -> np.ndarray:
     """An image file as uint8 (C, H, W) resized to `size`; .npy holds (H, W) or (H, W, C)."""
-    if path.suffix.lower() == ".npy":
-        array = np.load(path)
-        if array.dtype != np.uint8:
-            raise ValueError(f"{path}: .npy images must be uint8, got {array.dtype}")
-        tensor = torch.from_numpy(array if array.ndim == 3 else array[..., None])
-    else:
-        from PIL import Image  # pillow comes with matplotlib, a dependency
+    try:
+        if path.suffix.lower() == ".npy":
+            array = np.load(path)
+        else:
+            from PIL import Image  # pillow comes with matplotlib, a dependency
 
-        with Image.open(path) as image:
-            tensor = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
-    tensor = tensor.permute(2, 0, 1)
+            with Image.open(path) as image:
+                array = np.asarray(image.convert("RGB")).copy()
+    except (OSError, ValueError) as error:  # pillow's errors are OSErrors; a damaged .npy
+        raise ValueError(f"{path} is not a readable image ({type(error).__name__}: {error}); "
+                         "replace or remove it") from error
+    if array.dtype != np.uint8 or array.ndim not in (2, 3):
+        raise ValueError(f"{path}: .npy images must be uint8 (H, W) or (H, W, C), got "
+                         f"{array.dtype} of shape {array.shape}")
+    tensor = torch.from_numpy(array if array.ndim == 3 else array[..., None]).permute(2, 0, 1)
     if tuple(tensor.shape[1:]) != tuple(size):
         tensor = F.interpolate(tensor[None].float(), size=size, mode="bilinear",
                                align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
@@ -211,10 +246,22 @@ def load_image_folder(root, size: int = 32, seed: int = 0, val_fraction: float =
         return images, labels
 
     images, labels = load("train")
+    present = [classes[label] for label in np.unique(labels)]
+    if len(present) < 2:
+        raise ValueError(f"{root / 'train'} has images of {len(present)} class {present}: a "
+                         "classifier needs at least 2 (one folder of images per class)")
     if (root / "val").is_dir():
         val = load("val")
     else:
         fit, held_out = stratified_split(labels, (1 - val_fraction, val_fraction), seed)
+        if not len(held_out):
+            per_class = np.unique(labels, return_counts=True)[1]
+            raise ValueError(
+                f"{root / 'train'} has {len(labels)} images over {len(present)} classes "
+                f"({per_class.min()} to {per_class.max()} per class): the validation split, "
+                f"{val_fraction:.0%} of each class, gets none; add images (at least "
+                f"{int(np.ceil(0.5 / val_fraction))} per class), or give a {root / 'val'} "
+                "folder")
         (images, labels), val = (images[fit], labels[fit]), (images[held_out], labels[held_out])
     return _from_arrays((images, labels), val, load("test"), len(classes))
 

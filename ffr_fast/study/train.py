@@ -6,7 +6,9 @@ RANK / WORLD_SIZE variables torchrun sets). The data order of epoch e depends on
 exactly the batches an uninterrupted run would have seen.
 
 A checkpoint is written atomically after every epoch (and once before the first, so that
-Ctrl-C always leaves one to resume from); see ffr_fast.study.checkpoint for its contents.
+Ctrl-C always leaves one to resume from), history.json next to it; see
+ffr_fast.study.checkpoint for its contents. The run folder is locked for the whole run: a
+second run into it is refused.
 """
 import contextlib
 import math
@@ -78,6 +80,7 @@ def check_config(config: TrainConfig) -> None:
          config.max_batches, "at least 1 (or left out)")
     need(config.image_size is None or config.image_size >= 1, "--image-size",
          config.image_size, "at least 1")
+    need(config.split_seed >= 0, "--split-seed", config.split_seed, "an integer >= 0")
     need(config.model in models.ZOO, "--model", config.model, f"one of {sorted(models.ZOO)}")
     need(config.regularizer in regularizers.REGULARIZERS, "--regularizer", config.regularizer,
          f"one of {regularizers.REGULARIZERS}")
@@ -235,11 +238,16 @@ def _average_buffers(model: nn.Module, world_size: int) -> None:
             buffer /= world_size
 
 
+HISTORY_FILENAME = "history.json"
+
+
 def fit(model: nn.Module, splits, config: TrainConfig, out_dir=None, resume: bool = False,
         overwrite: bool = False, on_batch_end: Optional[Callable[[int, int], None]] = None,
-        progress: bool = True) -> TrainResult:
+        progress: bool = True, extra: Optional[dict] = None) -> TrainResult:
     """Train `model` on splits.train for config.epochs, validating on splits.val after every
-    epoch; with `out_dir`, checkpoint to out_dir/checkpoint.pt (resume from it if asked).
+    epoch; with `out_dir`, checkpoint to out_dir/checkpoint.pt (resume from it if asked) and
+    write the history to out_dir/history.json, holding out_dir against other runs
+    (checkpoint.run_lock) until the run ends. `extra` is stored in every checkpoint.
 
     `model` is built by the caller (a zoo model, or a pruned one for fine-tuning) with
     the config's seed already applied. Ctrl-C stops the run, leaves the last epoch's
@@ -252,6 +260,14 @@ def fit(model: nn.Module, splits, config: TrainConfig, out_dir=None, resume: boo
     if config.batch_size % dist_info.world_size:
         raise ValueError(f"--batch-size {config.batch_size} must be divisible by the "
                          f"{dist_info.world_size} processes")
+    writes = out_dir is not None and dist_info.is_main
+    with checkpoint.run_lock(out_dir) if writes else contextlib.nullcontext():
+        return _fit(model, splits, config, device, dist_info, out_dir, resume, overwrite,
+                    on_batch_end, progress, extra or {})
+
+
+def _fit(model, splits, config, device, dist_info, out_dir, resume, overwrite, on_batch_end,
+         progress, extra) -> TrainResult:
     model.to(device)
     path = Path(out_dir) / checkpoint.FILENAME if out_dir is not None else None
     sampler = DistributedSampler(splits.train, num_replicas=dist_info.world_size,
@@ -265,7 +281,11 @@ def fit(model: nn.Module, splits, config: TrainConfig, out_dir=None, resume: boo
     if path is not None and resume:
         state = checkpoint.load(path)
         checkpoint.check_resumable(state, config)
-        model.load_state_dict(state["model_state"])
+        try:
+            model.load_state_dict(state["model_state"])
+        except RuntimeError as error:
+            raise checkpoint.CheckpointError(f"cannot resume {path}: its weights do not fit "
+                                             f"its architecture: {error}") from error
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
@@ -275,7 +295,8 @@ def fit(model: nn.Module, splits, config: TrainConfig, out_dir=None, resume: boo
 
     def save(epoch):
         if path is not None and dist_info.is_main:
-            checkpoint.save(path, model, config, optimizer, scheduler, epoch, history)
+            checkpoint.save(path, model, config, optimizer, scheduler, epoch, history, **extra)
+            checkpoint.atomic_write_json(path.with_name(HISTORY_FILENAME), history)
 
     ddp_model = model
     if dist_info.world_size > 1:
