@@ -227,7 +227,8 @@ def test_chain_weights():
 
 def test_bad_options_are_rejected_before_hooking():
     model, _ = build("resnet20")
-    for options, message in [(dict(grad_weight=-1.0), "grad_weight must be >= 0"),
+    for options, message in [(dict(grad_weight=-1.0),
+                              "grad_weight must be a finite number >= 0"),
                              (dict(norm="l1"), "unknown norm 'l1'"),
                              (dict(curvature="turn"), "unknown curvature 'turn'")]:
         with pytest.raises(ValueError, match=message):
