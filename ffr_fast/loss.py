@@ -2,12 +2,12 @@
 
     ffr = FFRLoss(model)                  # hooks the layers of the feature flow
     out = model(x)                        # the hooks keep references to their outputs
-    loss = task_loss(out, y) + ffr()      # the penalty of this forward's chains
+    loss = task_loss(out, y) + ffr()      # the training forwards since the last ffr()
     loss.backward()
 """
 import functools
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -16,11 +16,44 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ffr_fast.chains import (CapturePoint, Chain, ChainInfo, LayerSpec, auto_layers,
                              resolve_layers, split_into_chains)
-from ffr_fast.penalty import check_options, flow_penalty_chains
+from ffr_fast.penalty import check_chain_weights, check_options, flow_penalty_chains
 
-# The phases of the most recent forward of the model, as ffr() sees them.
-_NO_FORWARD, _CAPTURING, _READY, _CONSUMED, _INFERENCE, _REMOVED = (
-    "no forward", "capturing", "ready", "consumed", "inference", "removed")
+# What ffr() finds, as the forwards since the last ffr() left it: none yet; a training forward
+# that started and did not finish; training forwards ready to penalise; nothing new since
+# the last ffr(); inference forwards only; hooks removed.
+_NO_FORWARD, _UNFINISHED, _READY, _CONSUMED, _INFERENCE, _REMOVED = (
+    "no forward", "unfinished", "ready", "consumed", "inference", "removed")
+
+# Training forwards held for one ffr() before FFRLoss warns that their features (and through
+# them their autograd graphs) pile up: far more than the crops of a multi-crop step.
+_MANY_PENDING_FORWARDS = 16
+
+# The hooks and ffr() run outside torch.compile's graphs: traced, they would read the
+# tracing tensors' version counters rather than the real ones, and an in-place operation
+# after a hooked layer inside a compiled graph would go unnoticed.
+_outside_compiled_graphs = torch.compiler.disable(
+    reason="FFRLoss's hooks read the real tensors of a forward (their in-place version "
+           "counters), between compiled graphs")
+
+
+class _TrainingForward(NamedTuple):
+    """What one training forward left for ffr(): its chains, and every captured shape."""
+
+    chains: List[Chain]
+    shapes: List[Tuple[str, Tuple[int, ...]]]
+
+
+def _no_hidden_state_error(label: str, what: str, value) -> TypeError:
+    if isinstance(value, (tuple, list)):
+        found = (f"an empty {type(value).__name__}" if not value else
+                 f"a {type(value).__name__} whose first element is a {type(value[0]).__name__}")
+    else:
+        found = f"a {type(value).__name__}"
+    return TypeError(
+        f"FFRLoss: the hooked layer {label!r} gave {found} as {what}, so it has no hidden "
+        "state to penalise: FFRLoss reads a tensor, or the first element of a tuple or list "
+        "output. Hook a layer (or a submodule inside it) whose output is the hidden-state "
+        "tensor: FFRLoss(model, layers=[...]).")
 
 
 class FFRLoss(nn.Module):
@@ -29,9 +62,10 @@ class FFRLoss(nn.Module):
 
     Args:
         model: the network (a DistributedDataParallel or torch.compile wrapper is unwrapped:
-            the hooks go on the wrapped module, and run in the compiled forward too). It is
-            referenced, not registered as a submodule, so `ffr.parameters()`, `ffr.to()` and
-            `ffr.state_dict()` leave it alone.
+            the hooks go on the wrapped module; in a compiled forward they run between the
+            compiled graphs, one graph break at each hooked layer, so they see the real
+            tensors). It is referenced, not registered as a submodule, so `ffr.parameters()`,
+            `ffr.to()` and `ffr.state_dict()` leave it alone.
         grad_weight, curv_weight: weights of the flow's gradient and curvature terms. The
             defaults (1e-3 each) make the penalty of a freshly initialised CIFAR ResNet-20/56
             about 0.01-0.05, a few percent of a 10-class cross-entropy; raise them for more
@@ -39,10 +73,13 @@ class FFRLoss(nn.Module):
         layers: "auto" (the rules in ffr_fast.chains: residual blocks, or conv-norm-activation
             units of a plain net), or a list of submodule names and/or modules. The order of
             the list does not matter: features are taken in the order the forward produces
-            them, and a module called twice in one forward gives two features.
+            them, and a module called twice in one forward gives two features. A layer's
+            feature is its output tensor or, for a layer that returns a tuple or list (a
+            hidden state with extras, `(y, aux)`), the first element, which must then be a
+            tensor: any other output is refused with an error naming the layer.
         norm, curvature, eps, delta: the penalty variant (see ffr_fast.flow_penalty).
-        chain_weights: optional per-chain factors, in forward order, one per chain that the
-            forward forms (checked at every call).
+        chain_weights: optional per-chain factors, in forward order, one per chain that
+            each forward forms (checked at every call).
         penalty_fn: None (the default): every chain of a forward goes to one call of the
             fused op (ffr_fast.penalty.flow_penalty_chains). Or a function applied to each chain
             separately, with flow_penalty's signature: ffr_fast.reference.flow_penalty is the
@@ -50,14 +87,20 @@ class FFRLoss(nn.Module):
 
     Behaviour, per forward of `model`:
       - A forward in training mode with gradients enabled (decided when the model's forward
-        starts) captures references to the hooked layers' outputs (never copies) and forms
+        starts) captures references to the hooked layers' features (never copies) and forms
         chains: runs of consecutive same-shape features, length >= 2 (see describe()).
-      - A forward in eval() mode or under torch.no_grad() captures nothing, and ffr() after
-        it returns a zero tensor, so one loss function serves training and validation.
-      - ffr() returns the penalty of the most recent forward and releases its features; a
-        second ffr() for the same forward, or ffr() before any forward, raises RuntimeError.
-      - A captured output that a later in-place operation (e.g. ReLU(inplace=True)) changed
-        is no longer the layer's output: ffr() raises RuntimeError naming the layer.
+      - A forward in eval() mode or under torch.no_grad() captures nothing and erases
+        nothing: a logging or EMA forward between a training forward and ffr() leaves that
+        forward's penalty intact. ffr() after inference forwards only returns a zero tensor,
+        so one loss function serves training and validation.
+      - ffr() returns the penalty of every training forward since the previous ffr() (their
+        sum: two crops or a siamese pair are both penalised) and releases their features.
+        Call it once per optimisation step, before the backward that frees those forwards'
+        graphs. A second ffr() with no training forward in between, or ffr() before any
+        forward, raises RuntimeError.
+      - A captured feature that a later in-place operation (e.g. ReLU(inplace=True)) changed
+        is no longer the layer's output: ffr() raises RuntimeError naming the layer, for a
+        compiled forward too.
     """
 
     def __init__(self, model: nn.Module, grad_weight: float = 1e-3, curv_weight: float = 1e-3,
@@ -68,9 +111,7 @@ class FFRLoss(nn.Module):
         super().__init__()
         check_options(grad_weight, curv_weight, norm, curvature, eps, delta)
         if chain_weights is not None:
-            chain_weights = [float(w) for w in chain_weights]
-            if any(not w >= 0 for w in chain_weights):
-                raise ValueError(f"chain_weights must be >= 0, got {chain_weights}")
+            chain_weights = check_chain_weights(chain_weights)
         if isinstance(model, nn.DataParallel):
             raise TypeError("FFRLoss does not support nn.DataParallel: its replicas run the "
                             "hooks in parallel threads, each with part of the batch. Use "
@@ -95,12 +136,13 @@ class FFRLoss(nn.Module):
             p.module if p.call is None else p.label(p.call) for p in points)
 
         self._phase = _NO_FORWARD
-        self._captured: List[Tuple[str, Tensor, Optional[int]]] = []
-        self._chains: List[Chain] = []
+        self._capturing = False  # whether the forward in flight is a training forward
+        self._captured: List[Tuple[str, Tensor, int]] = []
+        self._pending: List[_TrainingForward] = []  # finished since the last ffr()
         self._calls: Dict[str, int] = {}  # calls of each hooked layer in this forward
-        self._compiling = False  # whether the forward being captured is being compiled
-        self._no_grad_layers: List[str] = []  # captured with gradients off (see _capture)
+        self._no_grad_layers: List[str] = []  # captured with gradients off (see _keep)
         self._warned_no_curvature = False
+        self._warned_many_pending = False
         # What describe() reports about the last training forward (names and shapes only).
         self._last_shapes: List[Tuple[str, Tuple[int, ...]]] = []
         self._last_chains: List[ChainInfo] = []
@@ -127,9 +169,8 @@ class FFRLoss(nn.Module):
     # The hooks run in every training forward, so their state is plain attributes: written
     # through nn.Module.__setattr__ (which looks for parameters, buffers and submodules)
     # they would cost a measurable part of a small step.
-    _PER_FORWARD_STATE = frozenset({"_phase", "_captured", "_chains", "_calls",
-                                    "_no_grad_layers", "_compiling", "_last_shapes",
-                                    "_last_chains"})
+    _PER_FORWARD_STATE = frozenset({"_phase", "_capturing", "_captured", "_pending", "_calls",
+                                    "_no_grad_layers", "_last_shapes", "_last_chains"})
 
     def __setattr__(self, name: str, value) -> None:
         if name in self._PER_FORWARD_STATE:
@@ -137,38 +178,55 @@ class FFRLoss(nn.Module):
         else:
             super().__setattr__(name, value)
 
+    @_outside_compiled_graphs
     def _start_forward(self, model: nn.Module, args) -> None:
         if self._phase == _REMOVED:
             return
-        self._captured, self._chains, self._calls, self._no_grad_layers = [], [], {}, []
-        # Under torch.compile the version seen while tracing is not the real tensor's, so
-        # a compiled forward cannot be checked for later in-place writes (see _keep).
-        self._compiling = torch.compiler.is_compiling()
-        self._phase = _CAPTURING if model.training and torch.is_grad_enabled() else _INFERENCE
+        self._capturing = model.training and torch.is_grad_enabled()
+        if self._capturing:
+            self._captured, self._calls, self._no_grad_layers = [], {}, []
+            self._phase = _UNFINISHED
+        elif self._phase in (_NO_FORWARD, _CONSUMED):
+            self._phase = _INFERENCE  # what was captured before stays: inference erases nothing
 
+    @_outside_compiled_graphs
     def _read_input(self, name: str, inputs: List[CapturePoint], module: nn.Module,
                     args) -> None:
-        if self._phase != _CAPTURING:
+        if not self._capturing:
             return
         call = self._calls.get(name, 0)
         self._calls[name] = call + 1
         for point in inputs:
-            if point.call in (None, call) and args and isinstance(args[0], Tensor):
-                self._keep(point.label(call), args[0])
+            if point.call in (None, call):
+                label = point.label(call)
+                first = args[0] if args else None
+                if not isinstance(first, Tensor):
+                    self._abandon_forward()
+                    raise _no_hidden_state_error(label, "its first input", first)
+                self._keep(label, first)
 
+    @_outside_compiled_graphs
     def _read_output(self, name: str, outputs: List[CapturePoint], counts_calls: bool,
                      module: nn.Module, args, output) -> None:
-        if self._phase != _CAPTURING:
+        if not self._capturing:
             return
         calls = self._calls
         call = calls.get(name, 0) if counts_calls else calls[name] - 1
         if counts_calls:
             calls[name] = call + 1
-        if not isinstance(output, Tensor):
-            return
         for point in outputs:
             if point.call is None or point.call == call:
-                self._keep(name if call == 0 else point.label(call), output)
+                label = name if call == 0 else point.label(call)
+                self._keep(label, self._hidden_state(label, output))
+
+    def _hidden_state(self, label: str, output) -> Tensor:
+        """The feature a layer's output stands for: the tensor, or a tuple's first element."""
+        if isinstance(output, Tensor):
+            return output
+        if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+            return output[0]
+        self._abandon_forward()
+        raise _no_hidden_state_error(label, "its output", output)
 
     def _keep(self, label: str, feature: Tensor) -> None:
         if not torch.is_grad_enabled():
@@ -176,23 +234,31 @@ class FFRLoss(nn.Module):
             # sits in a region such as checkpoint(..., use_reentrant=True): its output
             # carries no graph, so the penalty could not train anything before it.
             self._no_grad_layers.append(label)
-        self._captured.append((label, feature, None if self._compiling else feature._version))
+        self._captured.append((label, feature, feature._version))
 
+    @_outside_compiled_graphs
     def _end_forward(self, model: nn.Module, args, output) -> None:
-        if self._phase != _CAPTURING:
+        if not self._capturing:
             return
+        self._capturing = False
         self._last_shapes = [(name, tuple(x.shape)) for name, x, _ in self._captured]
-        self._chains = split_into_chains(self._captured)
-        self._last_chains = [ChainInfo(tuple(c.names), tuple(c.shape)) for c in self._chains]
+        chains = split_into_chains(self._captured)
         self._captured = []  # features outside any chain are released now
+        self._last_chains = [ChainInfo(tuple(c.names), tuple(c.shape)) for c in chains]
+        self._pending.append(_TrainingForward(chains, self._last_shapes))
         self._phase = _READY
         self._check_forward()
+
+    def _abandon_forward(self) -> None:
+        """Forget every capture since the last ffr(): a forward that raised leaves nothing."""
+        self._capturing, self._captured, self._pending = False, [], []
+        self._phase = _NO_FORWARD
 
     def _check_forward(self) -> None:
         """What only a whole forward shows; raised from the model's call, before any loss."""
         if len(self._calls) < len(self._hooked_modules):
             never_called = [name for name in self._hooked_modules if name not in self._calls]
-            self._chains, self._phase = [], _NO_FORWARD
+            self._abandon_forward()
             graph_note = (" The model is a torch.fx.GraphModule (a pruned model, say): its "
                           "forward calls leaf modules only; layers='auto' reads its residual "
                           "adds from the graph." if isinstance(self.model, fx.GraphModule)
@@ -200,35 +266,58 @@ class FFRLoss(nn.Module):
             raise RuntimeError(f"FFRLoss: the forward never called the hooked layers "
                                f"{never_called}, so they give no feature.{graph_note}")
         if self._no_grad_layers:
-            self._chains, self._phase = [], _NO_FORWARD
+            self._abandon_forward()
             raise RuntimeError(
                 f"FFRLoss: {self._no_grad_layers} ran with gradients disabled inside a training "
                 "forward (typically torch.utils.checkpoint.checkpoint(..., use_reentrant=True)), "
                 "so their outputs carry no graph and FFR could not train the layers before "
                 "them. Use checkpoint(..., use_reentrant=False), which FFRLoss supports.")
-        if (self.options["curv_weight"] > 0 and self._chains and not self._warned_no_curvature
-                and all(len(chain.names) < 3 for chain in self._chains)):
+        chains = self._pending[-1].chains
+        if (self.options["curv_weight"] > 0 and chains and not self._warned_no_curvature
+                and all(len(chain.names) < 3 for chain in chains)):
             self._warned_no_curvature = True  # a property of the model: say it once
             warnings.warn(
                 f"FFRLoss: curv_weight={self.options['curv_weight']} but every chain has only "
                 "2 features and curvature needs 3 consecutive ones, so the curvature term is "
                 "0 and only the gradient term trains. Set curv_weight=0 to say so, or hook "
-                f"more layers (layers=[...]).\n{self._describe_chains()}", stacklevel=3)
+                f"more layers (layers=[...]).\n{self._describe_chains()}", stacklevel=4)
+        if len(self._pending) > _MANY_PENDING_FORWARDS and not self._warned_many_pending:
+            self._warned_many_pending = True
+            warnings.warn(
+                f"FFRLoss holds the features of {len(self._pending)} training forwards: ffr() "
+                "penalises every training forward since the previous ffr(), and keeps their "
+                "features (and autograd graphs) until then. Call ffr() once per optimisation "
+                "step, and run forwards that are not to be penalised under torch.no_grad() "
+                "or model.eval().", stacklevel=4)
 
     # -- the penalty --------------------------------------------------------------------
+    @_outside_compiled_graphs
     def forward(self) -> Tensor:
-        """The penalty of the most recent forward of the model (a 0-dim tensor)."""
+        """The penalty of every training forward of the model since the previous ffr() (the
+        sum of each forward's penalty; a 0-dim tensor)."""
         if self._phase == _INFERENCE:
             return torch.zeros(())
         if self._phase != _READY:
-            self._captured = []  # an unfinished forward's features are of no use
-            raise RuntimeError(self._not_ready_message())
-        chains, self._chains, self._phase = self._chains, [], _CONSUMED
+            message = self._not_ready_message()
+            self._captured, self._pending = [], []  # an unfinished forward's are of no use
+            raise RuntimeError(message)
+        forwards, self._pending, self._phase = self._pending, [], _CONSUMED
+        weighted: List[Tuple[float, List[Tensor]]] = []
+        for forward in forwards:
+            weighted += self._weighted_chains(forward)
+        if not weighted:
+            return torch.zeros(())
+        if self.penalty_fn is None:
+            return flow_penalty_chains([features for _, features in weighted],
+                                       chain_weights=[w for w, _ in weighted], **self.options)
+        return torch.stack([w * self.penalty_fn(features, **self.options)
+                            for w, features in weighted]).sum()
+
+    def _weighted_chains(self, forward: _TrainingForward) -> List[Tuple[float, List[Tensor]]]:
+        """The (weight, features) of one forward's chains of nonzero weight, checked."""
+        chains = forward.chains
         if not chains:
-            raise ValueError(
-                "the last forward formed no chain: a chain needs >= 2 consecutive captured "
-                f"features of one shape, and the hooked layers gave {self._last_shapes}. "
-                "Pass layers=[...] naming at least two layers with equal output shapes.")
+            raise ValueError(self._no_chain_message(forward.shapes))
         weights = self.chain_weights or [1.0] * len(chains)
         if len(weights) != len(chains):
             raise ValueError(f"chain_weights has {len(weights)} entries but the forward formed "
@@ -241,24 +330,27 @@ class FFRLoss(nn.Module):
                     "them (e.g. by a following ReLU(inplace=True) or `+=`), so they no longer "
                     "hold those layers' outputs. Hook the module that applies the in-place "
                     "operation instead (layers=[...]) or make that operation out of place.")
-        weighted = [(w, chain.features) for w, chain in zip(weights, chains) if w != 0]
-        if not weighted:
-            return torch.zeros(())
-        if self.penalty_fn is None:
-            return flow_penalty_chains([features for _, features in weighted],
-                                       chain_weights=[w for w, _ in weighted], **self.options)
-        return torch.stack([w * self.penalty_fn(features, **self.options)
-                            for w, features in weighted]).sum()
+        return [(w, chain.features) for w, chain in zip(weights, chains) if w != 0]
+
+    def _no_chain_message(self, shapes: List[Tuple[str, Tuple[int, ...]]]) -> str:
+        # Every hooked layer ran (_check_forward) and gave a tensor or was refused, so
+        # `shapes` names each of them.
+        return (f"a training forward formed no chain: FFRLoss hooked {len(self.layer_names)} "
+                f"{self.rule}: {list(self.layer_names)}, which gave features of shapes "
+                f"{shapes}: no two consecutive ones have one shape, and a chain needs >= 2 of "
+                "them. Pass layers=[...] naming at least two consecutive layers with equal "
+                "output shapes.")
 
     def _not_ready_message(self) -> str:
         return {
             _NO_FORWARD: "ffr() was called before any forward pass of the model: run "
                          "`out = model(x)` first, then `loss = task_loss + ffr()`",
-            _CONSUMED: "ffr() was already called for the last forward pass and its features "
-                       "were released; run the model again before the next ffr() (one "
-                       "penalty per forward)",
-            _CAPTURING: "the model's last forward pass did not finish, so its chains are "
-                        "incomplete; run a full forward before ffr()",
+            _CONSUMED: "ffr() was already called after the last training forward pass and "
+                       "its features were released; run the model again before the next "
+                       "ffr() (each training forward is penalised once)",
+            _UNFINISHED: "the model's last training forward pass did not finish, so its "
+                         "chains are incomplete; the features captured since the previous "
+                         "ffr() are released: run a full forward before ffr()",
             _REMOVED: "ffr() was called after remove(): the hooks are gone",
         }[self._phase]
 
@@ -269,7 +361,8 @@ class FFRLoss(nn.Module):
         starts as if no forward had run."""
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         state = dict(state)
-        state.update(_captured=[], _chains=[], _calls={}, _no_grad_layers=[])
+        state.update(_capturing=False, _captured=[], _pending=[], _calls={},
+                     _no_grad_layers=[])
         if state["_phase"] != _REMOVED:
             state["_phase"] = _NO_FORWARD
         return state
@@ -279,7 +372,7 @@ class FFRLoss(nn.Module):
         """Remove every hook from the model and release captured features."""
         for handle in self._handles:
             handle.remove()
-        self._handles, self._captured, self._chains = [], [], []
+        self._handles, self._capturing, self._captured, self._pending = [], False, [], []
         self._phase = _REMOVED
 
     def __enter__(self) -> "FFRLoss":

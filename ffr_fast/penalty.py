@@ -1,8 +1,10 @@
 """The FFR penalty of a forward's chains: validate their layout once, then one call of the
 fused op ffr_fast::flow_penalty for all of them (see ffr_fast.ops)."""
+import math
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
+import torch
 from torch import Tensor
 
 from ffr_fast import ops
@@ -20,6 +22,9 @@ def check_chain(features: Sequence[Tensor], name: str = "chain") -> None:
     for k, x in enumerate(features):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name}: feature {k} is a {type(x).__name__}, not a tensor")
+        if x.layout != torch.strided:
+            raise TypeError(f"{name}: feature {k} has layout {x.layout}; the flow penalty "
+                            "reads dense (strided) tensors: pass x.to_dense()")
         if not x.is_floating_point():
             raise TypeError(f"{name}: feature {k} has dtype {x.dtype}; the flow penalty needs "
                             "floating-point features (float16, bfloat16, float32 or float64)")
@@ -37,22 +42,37 @@ def check_chain(features: Sequence[Tensor], name: str = "chain") -> None:
                              f"{first.device}; a chain needs one device")
 
 
+def _is_finite_and_at_least(value, low: float) -> bool:
+    return value >= low and math.isfinite(value)
+
+
 def check_options(grad_weight: float, curv_weight: float, norm: str, curvature: str,
                   eps: float, delta: float) -> None:
+    # inf is refused like NaN: an infinite weight makes the penalty inf, or NaN where its
+    # term is 0 (inf * 0, as the curvature of a chain of two).
     for label, value in (("grad_weight", grad_weight), ("curv_weight", curv_weight)):
-        if not value >= 0:
-            raise ValueError(f"{label} must be >= 0, got {value}")
+        if not _is_finite_and_at_least(value, 0):
+            raise ValueError(f"{label} must be a finite number >= 0, got {value}")
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {NORMS}")
     if curvature not in CURVATURES:
         raise ValueError(f"unknown curvature {curvature!r}; choose one of {CURVATURES}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number > 0, got {eps}")
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
 
 
-# Layouts (each feature's shape, dtype and device, chain by chain) already validated, each
+def check_chain_weights(chain_weights: Sequence[float]) -> List[float]:
+    """The chain weights as floats; raises unless each is a finite number >= 0."""
+    weights = [float(w) for w in chain_weights]
+    if not all(_is_finite_and_at_least(w, 0) for w in weights):
+        raise ValueError(f"chain_weights must be finite numbers >= 0, got {weights}")
+    return weights
+
+
+# Layouts (each feature's shape, dtype, device and layout, strided or sparse, chain by
+# chain) already validated, each
 # with its chains grouped by (dtype, device): one op call per group, one in the usual case.
 _VALIDATED_LAYOUTS: "OrderedDict[tuple, List[List[int]]]" = OrderedDict()
 _MAX_LAYOUTS = 64
@@ -70,7 +90,7 @@ def _layout_key(chains) -> Optional[tuple]:
         for x in chain:
             if not isinstance(x, Tensor):
                 return None
-        key.append(tuple((x.shape, x.dtype, x.device) for x in chain))
+        key.append(tuple((x.shape, x.dtype, x.device, x.layout) for x in chain))
     return tuple(key)
 
 
@@ -113,12 +133,10 @@ def flow_penalty_chains(chains: Sequence[Sequence[Tensor]], grad_weight: float =
     if chain_weights is None:
         weights = [1.0] * len(chains)
     else:
-        weights = [float(w) for w in chain_weights]
+        weights = check_chain_weights(chain_weights)
         if len(weights) != len(chains):
             raise ValueError(f"chain_weights has {len(weights)} entries for {len(chains)} "
                              "chains")
-        if any(not w >= 0 for w in weights):
-            raise ValueError(f"chain_weights must be >= 0, got {weights}")
     total = None
     for group in groups:
         penalty = ops.flow_penalty(

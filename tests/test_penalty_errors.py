@@ -63,8 +63,30 @@ def test_integer_tensors():
 
 @pytest.mark.parametrize("option", ["grad_weight", "curv_weight"])
 def test_negative_weights(option):
-    assert_rejected(chain(3), ValueError, rf"{option} must be >= 0, got -0.5",
+    assert_rejected(chain(3), ValueError, rf"{option} must be a finite number >= 0, got -0.5",
                     **{option: -0.5})
+
+
+@pytest.mark.parametrize("option", ["grad_weight", "curv_weight"])
+def test_infinite_weights(option):
+    # curv_weight=inf on a chain of two (no curvature term) gave NaN: inf * 0
+    assert_rejected(chain(2), ValueError, rf"{option} must be a finite number >= 0, got inf",
+                    **{option: float("inf")})
+    assert_rejected(chain(3), ValueError, r"eps must be a finite number > 0, got inf",
+                    eps=float("inf"))
+
+
+def test_sparse_features_are_refused_before_any_reshape():
+    dense = chain(3)
+    flow_penalty(dense)  # the strided layout of these shapes is validated (and cached) now
+    for features, match in [([x.to_sparse() for x in dense],
+                             r"feature 0 has layout torch.sparse_coo.*to_dense\(\)"),
+                            (dense[:2] + [dense[2].to_sparse_csr()],
+                             r"feature 2 has layout torch.sparse_csr")]:
+        with pytest.raises(TypeError, match=match):
+            flow_penalty(features)
+        for x, original in zip(features, dense):
+            assert torch.equal(x.to_dense(), original)
 
 
 @pytest.mark.parametrize("option, value", [("norm", "l1"), ("curvature", "torsion")])
@@ -117,8 +139,11 @@ def test_multi_chain_bad_inputs_name_the_chain():
     assert_chains_rejected([chain(2), chain(3)], ValueError,
                            r"chain_weights has 1 entries for 2 chains", chain_weights=[1.0])
     assert_chains_rejected([chain(2), chain(3)], ValueError,
-                           r"chain_weights must be >= 0, got \[1.0, -1.0\]",
+                           r"chain_weights must be finite numbers >= 0, got \[1.0, -1.0\]",
                            chain_weights=[1, -1])
+    assert_chains_rejected([chain(2), chain(3)], ValueError,
+                           r"chain_weights must be finite numbers >= 0, got \[1.0, inf\]",
+                           chain_weights=[1, float("inf")])
 
 
 def test_validation_runs_once_per_layout_and_again_when_it_changes(monkeypatch):
