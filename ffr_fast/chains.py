@@ -1,67 +1,78 @@
 """Where the feature flow of a model is: which layers FFRLoss hooks, and how the features
 they output in one forward pass form chains.
 
-Three rules find the layers when FFRLoss is given `layers="auto"` (see `auto_layers`):
+`layers="auto"` reads the model's torch.export graph (ffr_fast.capture) on one example call
+and finds its residual stream (docs/export-design.md has the reasoning):
 
-0. A torch.fx.GraphModule (a model emitted by ffr_fast.prune, for one) runs its graph, which
-   calls leaf modules only, so its blocks as modules never run. Its flow is read off the
-   graph instead: every addition of two values computed from the input is a residual add,
-   and its result is a feature, read as the output of the activation module that follows it
-   (as in a post-activation ResNet) or else as the input of the module that reads it next
-   (the next block's LayerNorm in a transformer). A module called several times in one
-   forward is hooked at the one call that reads the feature.
-1. Residual blocks. A submodule is a residual block when its own forward adds a shortcut:
-   traced with torch.fx, every submodule it calls kept opaque, its graph holds an addition
-   (`+`, `+=`, `torch.add`, `Tensor.add(_)`) whose two operands both derive from the same
-   input of the module. The search goes top down from the model's children and stops at a block,
-   so a block's inner modules are never units of their own. A module whose forward cannot
-   be traced is searched through, like a container. Every other instance of a block's class
-   is a block too: a MobileNetV2 stage starts with an InvertedResidual whose shortcut is
+1. A *residual add* is an ATen add of two tensors of the output's shape whose operands fork
+   from one value, with an op that reads a parameter (a convolution, a matrix product, an
+   embedding) on the way: `x + f(x)`. Rotary embeddings (parameter-free), attention masks
+   (broadcast) and bias adds (no fork) are not.
+2. A *residual block* is the innermost module call that holds a residual add and hands out
+   its result, directly or through ops that pass one value through with parameters or
+   buffers only (activations, dropout, casts, a post-norm LayerNorm or BatchNorm). A block
+   holding several residual adds (a transformer layer) is read once, at its output; a block
+   inside a block is not a feature of its own. Every other instance of a block's class is
+   a block too: a MobileNetV2 stage starts with an InvertedResidual whose shortcut is
    switched off because it changes the shape, and its output is the stage's first feature.
-2. Conv-norm-activation units, used only when rule 1 finds no block (a plain net such as
-   VGG): the whole model is traced with torch.fx, and every activation module (ReLU, ReLU6,
-   GELU, ...) whose input comes from a convolution or linear layer, directly or through one
-   normalization layer, is a unit; the activation's output is the feature.
+3. A residual add that no module hands out (a pruned model emitted as a GraphModule calls
+   its leaf modules only, so its adds sit at the top level) is read where its result goes:
+   the output of the module that hands it out after pass-through ops (the activation of a
+   post-activation ResNet), else the input of the first module that reads it.
+4. The stream's entry: the value a block's (or loose add's) first shortcut starts from, when
+   it has the block's output shape and is not a feature already (a decoder's embedding
+   output, the stem's output before a ResNet's first stage), so the first block's residual
+   x_1 - x_0 is penalised like every other.
+5. Without any residual add (a plain net such as VGG): every activation fed by a
+   convolution or linear layer, directly or through one normalization, is a unit, read at
+   its output.
 
-A chain is a run of consecutive captured features (forward order) of one shape: a shape
-change ends a chain and starts the next, and runs of length 1 are dropped. Shapes are only
-known when the model runs, so chains are formed anew from every forward (`split_into_chains`).
+A feature is read by a hook where a module call hands it out (its output, or the tensor at
+that place of a tuple output) or takes it in (an argument). A chain is a run of consecutive
+captured features (forward order) of one shape: a shape change ends a chain and starts the
+next, and runs of length 1 are dropped. Shapes are only known when the model runs, so chains
+are formed anew from every forward (`split_into_chains`).
 """
 import difflib
-import operator
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, List, NamedTuple, Optional, Sequence, Tuple, Union
+import heapq
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from ffr_fast.capture import Capture, UncapturableModelError, capture
+
 LayerSpec = Union[str, nn.Module]
+aten = torch.ops.aten
 
-_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
-_ADD_METHODS = ("add", "add_")
-_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
-                nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardtanh)
-_WEIGHT_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
-_NORMALIZATIONS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
-                   nn.GroupNorm, nn.LayerNorm)
+_ADDS = (aten.add, aten.add_)
+_ACTIVATIONS = (aten.relu, aten.relu_, aten.relu6, aten.hardtanh, aten.hardtanh_,
+                aten.leaky_relu, aten.leaky_relu_, aten.prelu, aten.elu, aten.elu_, aten.selu,
+                aten.selu_, aten.celu, aten.celu_, aten.gelu, aten.gelu_, aten.silu,
+                aten.silu_, aten.mish, aten.mish_, aten.hardswish, aten.hardswish_)
+_WEIGHT_OPS = (aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, aten.linear,
+               aten.addmm)
+_MIXING_OPS = (aten.embedding, aten.mm, aten.bmm, aten.matmul)  # mix channels: no pass-through
+_NORMALIZATIONS = (aten.batch_norm, aten.layer_norm, aten.group_norm, aten.instance_norm)
 
-GRAPH_RULE = ("residual adds of the graph (the model is a torch.fx.GraphModule, such as a "
-              "pruned model)")
-RESIDUAL_RULE = "residual blocks (submodules whose forward adds a shortcut to its input)"
-PLAIN_RULE = ("conv-norm-activation units (activation modules fed by a convolution or linear "
+RESIDUAL_RULE = "the residual stream (residual blocks and residual adds of the export graph)"
+PLAIN_RULE = ("conv-norm-activation units (activations fed by a convolution or linear "
               "layer, directly or through a normalization)")
 
 
 @dataclass(frozen=True)
 class CapturePoint:
-    """Where FFRLoss reads a feature: the output of submodule `module` (or its first input,
-    with `input=True`) at its `call`-th call in one forward (0-based; None: every call)."""
+    """Where FFRLoss reads a feature: what submodule `module` hands out (or, with
+    `input=True`, takes in) at its `call`-th call in one forward (0-based; None: every call),
+    `leaf` the place of the tensor among the flattened outputs (or arguments)."""
 
     module: str
     call: Optional[int] = None
     input: bool = False
+    leaf: int = 0
+    starts_chain: bool = False  # the stream's entry: a new chain starts here, whatever the shape
 
     def label(self, call: int) -> str:
         """The feature's name in chains and messages: 'layer1.0', 'relu#2', 'ln:input'."""
@@ -69,134 +80,246 @@ class CapturePoint:
         return name + (":input" if self.input else "")
 
 
-class _OwnCodeTracer(fx.Tracer):
-    """Traces only the root's own forward: every submodule call stays one opaque node."""
-
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return True
+def _op(node: fx.Node):
+    return getattr(node.target, "overloadpacket", None) if node.op == "call_function" else None
 
 
-def _is_addition(node: fx.Node) -> bool:
-    return ((node.op == "call_function" and node.target in _ADD_FUNCTIONS)
-            or (node.op == "call_method" and node.target in _ADD_METHODS))
+def _fork(cap: Capture, a: fx.Node, b: fx.Node) -> Tuple[Optional[fx.Node], List[fx.Node]]:
+    """The latest value both `a` and `b` derive from, and the nodes on the paths from it to
+    them (a walk back in reverse graph order: the first node reached from both sides)."""
+    side = {a: 1, b: 2} if a is not b else {a: 3}
+    heap = [(-cap.order[n], n.name, n) for n in side]
+    heapq.heapify(heap)
+    popped: List[fx.Node] = []
+    while heap:
+        node = heapq.heappop(heap)[2]
+        if side[node] == 3:
+            descendants = {node}
+            for n in reversed(popped):  # popped in reverse graph order
+                if any(p in descendants for p in n.all_input_nodes):
+                    descendants.add(n)
+            return node, [n for n in popped if n in descendants]
+        popped.append(node)
+        for parent in node.all_input_nodes:
+            old = side.get(parent, 0)
+            if old | side[node] != old:
+                side[parent] = old | side[node]
+                if not old:
+                    heapq.heappush(heap, (-cap.order[parent], parent.name, parent))
+    return None, []
 
 
-def adds_shortcut(module: nn.Module) -> bool:
-    """Whether `module`'s own forward adds two values that both derive from one input."""
-    try:
-        graph = _OwnCodeTracer().trace(module)
-    except Exception:  # data-dependent control flow, no forward (ModuleList), ...
+def _residual_fork(cap: Capture, node: fx.Node) -> Optional[fx.Node]:
+    """The value a residual add's shortcut starts from, or None if `node` is no residual add
+    (rule 1 of the module docstring)."""
+    if _op(node) not in _ADDS or len(node.args) < 2:
+        return None
+    a, b = node.args[:2]
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    shape = cap.shape(node)
+    if shape is None or cap.shape(a) != shape or cap.shape(b) != shape:
+        return None
+    fork, between = _fork(cap, a, b)
+    if fork is None or not any(cap.reads_parameter(n) for n in between):
+        return None
+    return fork
+
+
+def _passes_through(cap: Capture, node: fx.Node, value: fx.Node, norms: bool = True) -> bool:
+    """Whether `node` computes from `value` alone (besides parameters and buffers), keeping
+    its shape: an activation, dropout, a cast, and (with `norms`) a norm. Such a node
+    carries the stream on."""
+    if node.op != "call_function" or not node.args or node.args[0] is not value:
         return False
-    inputs_of: Dict[fx.Node, FrozenSet[fx.Node]] = {}  # the placeholders a value derives from
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            inputs_of[node] = frozenset([node])
-        else:
-            inputs_of[node] = frozenset().union(*(inputs_of[n] for n in node.all_input_nodes))
-        if _is_addition(node) and len(node.args) >= 2 and all(
-                isinstance(a, fx.Node) for a in node.args[:2]):
-            if inputs_of[node.args[0]] & inputs_of[node.args[1]]:
-                return True
-    return False
+    if not norms and _op(node) in _NORMALIZATIONS:
+        return False
+    if _op(node) in _WEIGHT_OPS + _MIXING_OPS or cap.shape(node) != cap.shape(value):
+        return False
+    return all(arg is value or (arg.op == "placeholder" and (
+        arg.name in cap.parameters or arg.name in cap.buffers)) for arg in node.all_input_nodes)
 
 
-def find_residual_blocks(model: nn.Module) -> List[str]:
-    """Names of the residual blocks of `model` (rule 1 of the module docstring)."""
-    searched: List[Tuple[str, nn.Module, bool]] = []
-
-    def search(prefix: str, parent: nn.Module) -> None:
-        for name, child in parent.named_children():
-            if next(child.children(), None) is None:
-                continue  # a leaf (Conv2d, ReLU, ...) is never a block
-            shortcut = adds_shortcut(child)
-            searched.append((prefix + name, child, shortcut))
-            if not shortcut:
-                search(prefix + name + ".", child)
-
-    search("", model)
-    block_types = {type(module) for _, module, shortcut in searched if shortcut}
-    blocks = [name for name, module, _ in searched if type(module) in block_types]
-    return [name for name in blocks
-            if not any(name.startswith(outer + ".") for outer in blocks)]
+def _carried(cap: Capture, value: fx.Node, within: Optional[str] = None):
+    """`value`, then the nodes that carry it on one by one (each the single user of the one
+    before, passing it through), inside module call `within` if one is given. Outside a
+    block a norm ends the walk: a pre-norm transformer's stream goes on before its norms."""
+    while True:
+        yield value
+        users = list(value.users)
+        if len(users) != 1 or not _passes_through(cap, users[0], value, norms=within is not None):
+            return
+        if within is not None and within not in cap.call_stack(users[0]):
+            return
+        value = users[0]
 
 
-def find_plain_units(model: nn.Module) -> List[str]:
-    """Names of the activation modules that end conv-norm-activation units (rule 2)."""
-    graph = fx.Tracer().trace(model)
-    modules = dict(model.named_modules())
+def _handed_out(cap: Capture, add: fx.Node, call_id: str) -> Optional[fx.Node]:
+    """The value by which module call `call_id` hands out the residual add `add`, or None."""
+    outputs = cap.calls[call_id].outputs
+    return next((v for v in _carried(cap, add, call_id) if v.name in outputs), None)
 
-    def module_of(node) -> nn.Module:
-        is_call = isinstance(node, fx.Node) and node.op == "call_module"
-        return modules.get(node.target) if is_call else None
 
-    units: List[str] = []
-    for node in graph.nodes:
-        if not isinstance(module_of(node), _ACTIVATIONS) or not node.args:
+def _entry(cap: Capture, fork: fx.Node, found, inputs) -> fx.Node:
+    """The stream value a shortcut starts from. `fork`, walked back through the ops that
+    carry a value on (a norm's cast, an activation between blocks): to a feature found
+    already if it is one (the stream goes on), else to one of the block's `inputs`."""
+    carried = [fork]
+    while True:
+        node = carried[-1]
+        source = node.args[0] if node.op == "call_function" and node.args else None
+        if not (isinstance(source, fx.Node) and _passes_through(cap, node, source)):
+            break
+        carried.append(source)
+    return (next((n for n in carried if n.name in found), None)
+            or next((n for n in carried if n.name in inputs), fork))
+
+
+def _reader(cap: Capture, value: fx.Node) -> Optional[CapturePoint]:
+    """Where a hook reads `value`: the innermost module call that computes and hands it out,
+    else the first module call that takes it in; None if no module call sees it."""
+    producers = [cap.calls[c] for c in cap.call_stack(value) if value.name in cap.calls[c].outputs]
+    if producers:
+        call = producers[-1]
+        return CapturePoint(call.path, call.index, leaf=call.outputs.index(value.name))
+    for call in cap.calls.values():
+        if value.name in call.inputs:
+            return CapturePoint(call.path, call.index, input=True,
+                                leaf=call.inputs.index(value.name))
+    return None
+
+
+@dataclass
+class _Unit:
+    """One step of the stream: the value it hands on, and the shortcut it started from."""
+
+    value: fx.Node
+    fork: Optional[fx.Node]  # None: an instance of a block's class with its shortcut off
+    block: Optional[str] = None  # the module call id of a residual block
+
+
+def _inside_other(cap: Capture, value: fx.Node, call_id: str, blocks) -> bool:
+    """Whether module call `call_id`, which hands out `value`, runs inside another block."""
+    stack = cap.call_stack(value)
+    outer = stack[:stack.index(call_id)] if call_id in stack else stack
+    return any(c in blocks for c in outer)
+
+
+def _residual_units(model: nn.Module, cap: Capture) -> List[_Unit]:
+    forks = {}
+    for node in cap.graph.nodes:
+        fork = _residual_fork(cap, node)
+        if fork is not None:
+            forks[node] = fork
+    blocks: Dict[str, _Unit] = {}
+    for add, fork in forks.items():
+        for call_id in reversed(cap.call_stack(add)):  # innermost first
+            value = _handed_out(cap, add, call_id)
+            if value is not None:
+                blocks.setdefault(call_id, _Unit(value, fork, call_id)).value = value
+                break
+    # the shortcut of a block starts where its first residual add's does
+    for add, fork in forks.items():
+        for call_id in cap.call_stack(add):
+            if call_id in blocks and cap.order[fork] < cap.order[blocks[call_id].fork]:
+                blocks[call_id].fork = fork
+    # a block inside a block is no feature of its own
+    outer = {call_id: unit for call_id, unit in blocks.items()
+             if not _inside_other(cap, unit.value, call_id, blocks)}
+    units = list(outer.values())
+    for add, fork in forks.items():
+        if not any(c in blocks for c in cap.call_stack(add)):
+            *_, value = _carried(cap, add)
+            units.append(_Unit(value, fork))
+    # every other instance of a block's class, not inside a block, is a block too
+    block_types = {type(model.get_submodule(cap.calls[c].path)) for c in outer}
+    for call_id, call in cap.calls.items():
+        if (call_id in outer or type(model.get_submodule(call.path)) not in block_types
+                or not call.outputs or not call.outputs[0]):
             continue
-        source = node.args[0]
-        if isinstance(module_of(source), _NORMALIZATIONS) and source.args:
-            source = source.args[0]
-        if isinstance(module_of(source), _WEIGHT_LAYERS) and node.target not in units:
-            units.append(node.target)
+        value = cap.nodes[call.outputs[0]]
+        if not _inside_other(cap, value, call_id, outer):
+            units.append(_Unit(value, None, call_id))
+    units.sort(key=lambda unit: cap.order[unit.value])
     return units
 
 
-def _derives_from_input(graph: fx.Graph) -> Dict[fx.Node, bool]:
-    derived: Dict[fx.Node, bool] = {}
-    for node in graph.nodes:
-        derived[node] = node.op == "placeholder" or any(derived[n] for n in node.all_input_nodes)
-    return derived
-
-
-def find_graph_stream(model: fx.GraphModule) -> List[CapturePoint]:
-    """Where a GraphModule's residual adds are read (rule 0 of the module docstring)."""
-    modules = dict(model.named_modules())
-    derived = _derives_from_input(model.graph)
-    calls: Counter = Counter()
-    call_index: Dict[fx.Node, int] = {}
-    for node in model.graph.nodes:
-        if node.op == "call_module":
-            call_index[node] = calls[node.target]
-            calls[node.target] += 1
-    points: List[CapturePoint] = []
-    for node in model.graph.nodes:
-        operands = node.args[:2] if _is_addition(node) else ()
-        if len(operands) < 2 or not all(isinstance(a, fx.Node) and derived[a] for a in operands):
+def _plain_units(cap: Capture) -> List[fx.Node]:
+    """The activations that end conv-norm-activation units (rule 5)."""
+    units = []
+    for node in cap.graph.nodes:
+        if _op(node) not in _ACTIVATIONS or not isinstance(node.args[0], fx.Node):
             continue
-        readers = [user for user in node.users if user.op == "call_module" and user.args
-                   and user.args[0] is node]
-        activation = next((user for user in readers
-                           if isinstance(modules[user.target], _ACTIVATIONS)), None)
-        if activation is not None:
-            points.append(CapturePoint(activation.target, call_index[activation]))
-        elif readers:
-            points.append(CapturePoint(readers[0].target, call_index[readers[0]], input=True))
-    return points
+        source = node.args[0]
+        if _op(source) in _NORMALIZATIONS and isinstance(source.args[0], fx.Node):
+            source = source.args[0]
+        if _op(source) in _WEIGHT_OPS:
+            units.append(node)
+    return units
 
 
-def auto_layers(model: nn.Module) -> Tuple[List[CapturePoint], str]:
-    """Where `layers="auto"` reads features and the rule that found them; raises if nowhere."""
-    if isinstance(model, fx.GraphModule):
-        points = find_graph_stream(model)
-        if points:
-            return points, GRAPH_RULE
-    else:
-        blocks = find_residual_blocks(model)
-        if blocks:
-            return [CapturePoint(name) for name in blocks], RESIDUAL_RULE
+def find_stream(model: nn.Module, cap: Capture) -> Tuple[List[CapturePoint], str]:
+    """The capture points of the model's feature flow and the rule that found them."""
+    units = _residual_units(model, cap)
+    points: List[CapturePoint] = []
+
+    def read(value: fx.Node, block: Optional[str] = None, starts_chain: bool = False) -> None:
+        if block is not None:
+            call = cap.calls[block]
+            point = CapturePoint(call.path, call.index, leaf=call.outputs.index(value.name))
+        else:
+            point = _reader(cap, value)
+        if point is not None and point not in points:
+            points.append(replace(point, starts_chain=starts_chain))
+
+    if not units:
+        for value in _plain_units(cap):
+            read(value)
+        return points, PLAIN_RULE
+    found = set()
+    for unit in units:
+        inputs = cap.calls[unit.block].inputs if unit.block else ()
+        entry = _entry(cap, unit.fork, found, inputs) if unit.fork is not None else unit.value
+        if entry.name not in found | {unit.value.name} and (
+                cap.shape(entry) == cap.shape(unit.value)):
+            read(entry, starts_chain=True)
+            found.add(entry.name)
+        read(unit.value, unit.block)
+        found.add(unit.value.name)
+    return points, RESIDUAL_RULE
+
+
+def auto_layers(model: nn.Module, args: Sequence = (), kwargs: Optional[dict] = None
+                ) -> Tuple[List[CapturePoint], str]:
+    """Where `layers="auto"` reads features on the example call `model(*args, **kwargs)`, and
+    the rule that found them; raises if nowhere."""
     try:
-        units = find_plain_units(model)
-        trace_note = ""
-    except Exception as error:
-        units, trace_note = [], f" (torch.fx could not trace the model: {error})"
-    if units:
-        return [CapturePoint(name) for name in units], PLAIN_RULE
+        cap = capture(model, args, kwargs)
+    except UncapturableModelError as error:
+        raise UncapturableModelError(
+            f"FFRLoss(layers='auto') reads the model's torch.export graph, and {error}. Name "
+            "the layers whose outputs form the flow explicitly: FFRLoss(model, layers=[...])."
+        ) from error
+    points, rule = find_stream(model, cap)
+    if points:
+        return points, rule
     examples = [name for name, _ in model.named_modules() if name][:6]
     raise ValueError(
         f"FFRLoss(layers='auto') found no feature flow in {type(model).__name__}: it looked "
-        f"for {RESIDUAL_RULE} and, failing that, for {PLAIN_RULE}{trace_note}. Name the "
-        f"layers whose outputs form the flow explicitly, e.g. FFRLoss(model, layers=[...]) "
-        f"with names from model.named_modules() such as {examples}.")
+        f"for {RESIDUAL_RULE} and, failing that, for {PLAIN_RULE}. Name the layers whose "
+        f"outputs form the flow explicitly, e.g. FFRLoss(model, layers=[...]) with names "
+        f"from model.named_modules() such as {examples}.")
+
+
+def residual_blocks(model: nn.Module, args: Sequence = (), kwargs: Optional[dict] = None
+                    ) -> List[str]:
+    """Names of the residual blocks of `model` (rule 2 of the module docstring) in forward
+    order, found on the example call `model(*args, **kwargs)`."""
+    names: List[str] = []
+    for unit in _residual_units(model, cap := capture(model, args, kwargs)):
+        if unit.block is not None and cap.calls[unit.block].path not in names:
+            names.append(cap.calls[unit.block].path)
+    return names
 
 
 def resolve_layers(model: nn.Module, layers: Sequence[LayerSpec]) -> List[CapturePoint]:
@@ -245,25 +368,27 @@ class Chain:
     """Consecutive same-shape features of one forward, with the layers that produced them.
 
     `versions` are the tensors' in-place version counters at capture time: a later in-place
-    operation on a captured output changes its counter and its values (None: not known,
-    as for features captured in a torch.compile'd forward).
+    operation on a captured output changes its counter and its values (FFRLoss's hooks run
+    outside compiled graphs, so a compiled forward's counters are the real ones too).
     """
 
     shape: torch.Size
     names: List[str] = field(default_factory=list)
     features: List[Tensor] = field(default_factory=list)
-    versions: List[Optional[int]] = field(default_factory=list)
+    versions: List[int] = field(default_factory=list)
 
     def modified_in_place(self) -> List[str]:
         return [name for name, x, version in zip(self.names, self.features, self.versions)
-                if version is not None and x._version != version]
+                if x._version != version]
 
 
-def split_into_chains(captured: Sequence[Tuple[str, Tensor, Optional[int]]]) -> List[Chain]:
-    """Group (name, feature, version) captures in forward order into chains of K >= 2."""
+def split_into_chains(captured: Sequence[Tuple[str, Tensor, int, bool]]
+                      ) -> List[Chain]:
+    """Group (name, feature, version, starts_chain) captures in forward order into chains of
+    K >= 2: a chain ends where the shape changes or a stream's entry starts a new one."""
     runs: List[Chain] = []
-    for name, x, version in captured:
-        if not runs or runs[-1].shape != x.shape:
+    for name, x, version, starts_chain in captured:
+        if not runs or runs[-1].shape != x.shape or starts_chain:
             runs.append(Chain(x.shape))
         runs[-1].names.append(name)
         runs[-1].features.append(x)

@@ -12,10 +12,13 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
+# torch.export's own flattening, public under that name: the places a capture records in a
+# module call's arguments and outputs are read back with it
+from torch.export import pytree
 from torch.nn.parallel import DistributedDataParallel
 
-from ffr_fast.chains import (CapturePoint, Chain, ChainInfo, LayerSpec, auto_layers,
-                             resolve_layers, split_into_chains)
+from ffr_fast.chains import (RESIDUAL_RULE, CapturePoint, Chain, ChainInfo, LayerSpec,
+                             auto_layers, resolve_layers, split_into_chains)
 from ffr_fast.penalty import check_chain_weights, check_options, flow_penalty_chains
 
 # What ffr() finds, as the forwards since the last ffr() left it: none yet; a training forward
@@ -56,6 +59,25 @@ def _no_hidden_state_error(label: str, what: str, value) -> TypeError:
         "tensor: FFRLoss(model, layers=[...]).")
 
 
+def _as_call(example_inputs) -> Tuple[tuple, dict]:
+    """FFRLoss's `example_inputs` as (args, kwargs)."""
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise TypeError("example_inputs must be a tensor, a tuple of positional arguments or a "
+                    f"dict of keyword arguments, got {type(example_inputs).__name__}")
+
+
+def _leaf(value, index: int):
+    """What sits at place `index` of `value` flattened as torch.export flattens a module
+    call's arguments and outputs (the places ffr_fast.capture records), or None."""
+    leaves = pytree.tree_leaves(value)
+    return leaves[index] if index < len(leaves) else None
+
+
 class FFRLoss(nn.Module):
     """The FFR penalty (ffr_fast.reference states the math) of a model's feature flow, one call
     per forward.
@@ -70,10 +92,11 @@ class FFRLoss(nn.Module):
             defaults (1e-3 each) make the penalty of a freshly initialised CIFAR ResNet-20/56
             about 0.01-0.05, a few percent of a 10-class cross-entropy; raise them for more
             structured sparsity.
-        layers: "auto" (the rules in ffr_fast.chains: residual blocks, or conv-norm-activation
-            units of a plain net), or a list of submodule names and/or modules. The order of
-            the list does not matter: features are taken in the order the forward produces
-            them, and a module called twice in one forward gives two features. A layer's
+        layers: "auto" (the rules in ffr_fast.chains: the residual stream of the model's
+            torch.export graph, or conv-norm-activation units of a plain net), or a list of
+            submodule names and/or modules. The order of the list does not matter: features
+            are taken in the order the forward produces them, and a module called twice in
+            one forward gives two features. A layer's
             feature is its output tensor or, for a layer that returns a tuple or list (a
             hidden state with extras, `(y, aux)`), the first element, which must then be a
             tensor: any other output is refused with an error naming the layer.
@@ -84,6 +107,11 @@ class FFRLoss(nn.Module):
             fused op (ffr_fast.penalty.flow_penalty_chains). Or a function applied to each chain
             separately, with flow_penalty's signature: ffr_fast.reference.flow_penalty is the
             plain-PyTorch oracle (benchmarks compare the two).
+        example_inputs: for layers="auto", the example call the stream is found on: a
+            tensor, a tuple of positional arguments, or a dict of keyword arguments
+            (`{"input_ids": ids}`). None (the default): the first training forward's own
+            arguments are the example, and the layers are found and hooked then (the
+            export costs about a second once; describe() and layer_names are empty until).
 
     Behaviour, per forward of `model`:
       - A forward in training mode with gradients enabled (decided when the model's forward
@@ -107,7 +135,8 @@ class FFRLoss(nn.Module):
                  layers: Union[str, Sequence[LayerSpec]] = "auto", norm: str = "squared",
                  curvature: str = "diff", eps: float = 1e-8, delta: float = 1e-6,
                  chain_weights: Optional[Sequence[float]] = None,
-                 penalty_fn: Optional[Callable[..., Tensor]] = None):
+                 penalty_fn: Optional[Callable[..., Tensor]] = None,
+                 example_inputs=None):
         super().__init__()
         check_options(grad_weight, curv_weight, norm, curvature, eps, delta)
         if chain_weights is not None:
@@ -127,17 +156,9 @@ class FFRLoss(nn.Module):
                             curvature=curvature, eps=eps, delta=delta)
         self.chain_weights = chain_weights
         self.penalty_fn = penalty_fn
-        if isinstance(layers, str) and layers == "auto":
-            points, self.rule = auto_layers(model)
-        else:
-            points, self.rule = resolve_layers(model, layers), "explicit layers"
-        self.capture_points: Tuple[CapturePoint, ...] = tuple(points)
-        self.layer_names: Tuple[str, ...] = tuple(
-            p.module if p.call is None else p.label(p.call) for p in points)
-
         self._phase = _NO_FORWARD
         self._capturing = False  # whether the forward in flight is a training forward
-        self._captured: List[Tuple[str, Tensor, int]] = []
+        self._captured: List[Tuple[str, Tensor, int, bool]] = []
         self._pending: List[_TrainingForward] = []  # finished since the last ffr()
         self._calls: Dict[str, int] = {}  # calls of each hooked layer in this forward
         self._no_grad_layers: List[str] = []  # captured with gradients off (see _keep)
@@ -146,6 +167,24 @@ class FFRLoss(nn.Module):
         # What describe() reports about the last training forward (names and shapes only).
         self._last_shapes: List[Tuple[str, Tuple[int, ...]]] = []
         self._last_chains: List[ChainInfo] = []
+        self.capture_points: Tuple[CapturePoint, ...] = ()
+        self.layer_names: Tuple[str, ...] = ()
+        self._hooked_modules: Tuple[str, ...] = ()
+        if not (isinstance(layers, str) and layers == "auto"):
+            self._install(resolve_layers(model, layers), "explicit layers")
+        elif example_inputs is not None:
+            self._install(*auto_layers(model, *_as_call(example_inputs)))
+        else:
+            self.rule = f"{RESIDUAL_RULE}: found at the first training forward"
+            self._handles = [model.register_forward_pre_hook(self._find_layers,
+                                                             with_kwargs=True)]
+
+    def _install(self, points: Sequence[CapturePoint], rule: str) -> None:
+        """Hook the model where `points` say: one hook per module and direction."""
+        model = self.model
+        self.rule = rule
+        self.capture_points = tuple(points)
+        self.layer_names = tuple(p.module if p.call is None else p.label(p.call) for p in points)
         modules = dict(model.named_modules())
         points_of: Dict[str, List[CapturePoint]] = {}
         for point in points:
@@ -159,11 +198,30 @@ class FFRLoss(nn.Module):
             outputs = [p for p in module_points if not p.input]
             if inputs:
                 self._handles.append(modules[name].register_forward_pre_hook(
-                    functools.partial(self._read_input, name, inputs)))
+                    functools.partial(self._read_input, name, inputs), with_kwargs=True))
             if outputs:
                 self._handles.append(modules[name].register_forward_hook(
                     functools.partial(self._read_output, name, outputs, not inputs)))
         self._handles.append(model.register_forward_hook(self._end_forward))
+
+    @_outside_compiled_graphs
+    def _find_layers(self, model: nn.Module, args, kwargs) -> None:
+        """layers="auto" without an example: the first training forward's call is the
+        example (an eval or no_grad forward before it captures nothing, and waits)."""
+        if self.__dict__.get("_finding"):
+            return
+        if not (model.training and torch.is_grad_enabled()):
+            self._start_forward(model, args)  # an inference forward: ffr() gives zero
+            return
+        self.__dict__["_finding"] = True  # the export below calls the model again
+        try:
+            points, rule = auto_layers(self.model, args, kwargs)
+        finally:
+            self.__dict__["_finding"] = False
+        for handle in self._handles:
+            handle.remove()
+        self._install(points, rule)
+        self._start_forward(model, args)  # its pre-hook came too late for this call
 
     # -- hooks --------------------------------------------------------------------------
     # The hooks run in every training forward, so their state is plain attributes: written
@@ -191,7 +249,7 @@ class FFRLoss(nn.Module):
 
     @_outside_compiled_graphs
     def _read_input(self, name: str, inputs: List[CapturePoint], module: nn.Module,
-                    args) -> None:
+                    args, kwargs) -> None:
         if not self._capturing:
             return
         call = self._calls.get(name, 0)
@@ -199,11 +257,12 @@ class FFRLoss(nn.Module):
         for point in inputs:
             if point.call in (None, call):
                 label = point.label(call)
-                first = args[0] if args else None
-                if not isinstance(first, Tensor):
+                feature = args[0] if args and point.leaf == 0 else _leaf((args, kwargs),
+                                                                          point.leaf)
+                if not isinstance(feature, Tensor):
                     self._abandon_forward()
-                    raise _no_hidden_state_error(label, "its first input", first)
-                self._keep(label, first)
+                    raise _no_hidden_state_error(label, "its input", feature)
+                self._keep(label, feature, point.starts_chain)
 
     @_outside_compiled_graphs
     def _read_output(self, name: str, outputs: List[CapturePoint], counts_calls: bool,
@@ -217,7 +276,12 @@ class FFRLoss(nn.Module):
         for point in outputs:
             if point.call is None or point.call == call:
                 label = name if call == 0 else point.label(call)
-                self._keep(label, self._hidden_state(label, output))
+                feature = (self._hidden_state(label, output) if point.leaf == 0
+                           else _leaf(output, point.leaf))
+                if not isinstance(feature, Tensor):
+                    self._abandon_forward()
+                    raise _no_hidden_state_error(label, f"output {point.leaf}", output)
+                self._keep(label, feature, point.starts_chain)
 
     def _hidden_state(self, label: str, output) -> Tensor:
         """The feature a layer's output stands for: the tensor, or a tuple's first element."""
@@ -228,20 +292,20 @@ class FFRLoss(nn.Module):
         self._abandon_forward()
         raise _no_hidden_state_error(label, "its output", output)
 
-    def _keep(self, label: str, feature: Tensor) -> None:
+    def _keep(self, label: str, feature: Tensor, starts_chain: bool = False) -> None:
         if not torch.is_grad_enabled():
             # Inside a training forward with gradients on, a layer that runs without them
             # sits in a region such as checkpoint(..., use_reentrant=True): its output
             # carries no graph, so the penalty could not train anything before it.
             self._no_grad_layers.append(label)
-        self._captured.append((label, feature, feature._version))
+        self._captured.append((label, feature, feature._version, starts_chain))
 
     @_outside_compiled_graphs
     def _end_forward(self, model: nn.Module, args, output) -> None:
         if not self._capturing:
             return
         self._capturing = False
-        self._last_shapes = [(name, tuple(x.shape)) for name, x, _ in self._captured]
+        self._last_shapes = [(name, tuple(x.shape)) for name, x, *_ in self._captured]
         chains = split_into_chains(self._captured)
         self._captured = []  # features outside any chain are released now
         self._last_chains = [ChainInfo(tuple(c.names), tuple(c.shape)) for c in chains]
@@ -390,7 +454,8 @@ class FFRLoss(nn.Module):
     def _describe_chains(self) -> str:
         if not self._last_shapes:
             return ("  chains: not formed yet; shapes are known after the first forward in "
-                    "training mode. Hooked layers: " + ", ".join(self.layer_names))
+                    "training mode. Hooked layers: "
+                    + (", ".join(self.layer_names) or "found at that forward"))
         if not self._last_chains:
             return f"  chains: none formed by the last forward (captured {self._last_shapes})"
         lines = [f"  chains of the last training forward (batch {self._last_chains[0].shape[0]}):"]

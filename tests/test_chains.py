@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from ffr_fast import FFRLoss, models, reference
-from ffr_fast.chains import adds_shortcut, split_into_chains
+from ffr_fast.capture import UncapturableModelError
+from ffr_fast.chains import residual_blocks, split_into_chains
 
 
 def stage(prefix, blocks):
@@ -16,18 +17,20 @@ def features(indices):
     return tuple(f"features.{i}" for i in indices)
 
 
-# model, input shape, expected chains as (layer names, per-sample shape), in forward order
+# model, input shape, expected chains as (layer names, per-sample shape), in forward order.
+# A stage whose first block keeps the shape starts at that block's input (the stem's output),
+# so the first block's residual is penalised too.
 ZOO_CASES = {
     "resnet20": (models.resnet20, (2, 3, 32, 32), [
-        (stage("layer1", 3), (16, 32, 32)),
+        (("stem.1",) + stage("layer1", 3), (16, 32, 32)),
         (stage("layer2", 3), (32, 16, 16)),
         (stage("layer3", 3), (64, 8, 8))]),
     "resnet56": (models.resnet56, (2, 3, 32, 32), [
-        (stage("layer1", 9), (16, 32, 32)),
+        (("stem.1",) + stage("layer1", 9), (16, 32, 32)),
         (stage("layer2", 9), (32, 16, 16)),
         (stage("layer3", 9), (64, 8, 8))]),
     "resnet18": (lambda: models.resnet18(width=8), (2, 3, 64, 64), [
-        (stage("layer1", 2), (8, 16, 16)),
+        (("maxpool",) + stage("layer1", 2), (8, 16, 16)),
         (stage("layer2", 2), (16, 8, 8)),
         (stage("layer3", 2), (32, 4, 4)),
         (stage("layer4", 2), (64, 2, 2))]),
@@ -86,23 +89,27 @@ class AddsInput(nn.Module):
     (lambda m, x: torch.add(m.body(x), x), True),
     (lambda m, x: m.body(x).add_(x), True),
     (lambda m, x: m.body(x) + m.body(m.body(x)), True),   # two paths from the input join
+    (lambda m, x: torch.relu(x + m.body(x)), True),       # handed out through an activation
     (lambda m, x: m.body(x) + m.bias, False),             # a bias is no shortcut
     (lambda m, x: m.body(x) * x, False),
+    (lambda m, x: x * 2 + x.flip(1), False),              # no parameter on either path
 ])
-def test_adds_shortcut(add, expected):
-    assert adds_shortcut(AddsInput(add)) is expected
+def test_residual_add(add, expected):
+    model = nn.Sequential(nn.Conv2d(3, 2, 1), AddsInput(add))
+    assert residual_blocks(model, (torch.randn(1, 3, 4, 4),)) == (["1"] if expected else [])
 
 
 def test_adding_two_different_inputs_is_no_shortcut():
     class Fuse(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv = nn.Conv2d(2, 2, 1)
+            self.a, self.b, self.conv = nn.Conv2d(3, 2, 1), nn.Conv2d(3, 2, 1), nn.Conv2d(2, 2, 1)
 
-        def forward(self, a, b):
-            return self.conv(a) + b
+        def forward(self, x, y):
+            return self.conv(self.a(x)) + self.b(y)
 
-    assert not adds_shortcut(Fuse())
+    x = torch.randn(1, 3, 4, 4)
+    assert residual_blocks(Fuse(), (x, x.clone())) == []
 
 
 def test_shortcut_of_submodules_does_not_make_their_parent_a_block():
@@ -117,21 +124,30 @@ def test_shortcut_of_submodules_does_not_make_their_parent_a_block():
             return x
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Stage())
-    assert not adds_shortcut(model[1])
-    assert FFRLoss(model).layer_names == ("1.blocks.0", "1.blocks.1", "1.blocks.2")
+    x = torch.randn(2, 3, 5, 5)
+    assert residual_blocks(model, (x,)) == ["1.blocks.0", "1.blocks.1", "1.blocks.2"]
+    ffr = FFRLoss(model, example_inputs=x)  # the stream starts at the stage's input
+    assert ffr.layer_names == ("0", "1.blocks.0", "1.blocks.1", "1.blocks.2")
 
 
-def test_an_untraceable_module_is_searched_through():
+def test_a_model_export_cannot_capture_is_named_with_the_way_out():
     class DataDependent(nn.Module):
         def __init__(self):
             super().__init__()
             self.a, self.b = models.BasicBlock(4, 4), models.BasicBlock(4, 4)
 
         def forward(self, x):
-            return self.b(self.a(x)) if x.sum() > -1e30 else x  # fx cannot trace this branch
+            return self.b(self.a(x)) if x.sum() > -1e30 else x  # data-dependent control flow
 
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), DataDependent())
-    assert FFRLoss(model).layer_names == ("1.a", "1.b")
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), DataDependent()).train()
+    ffr = FFRLoss(model)
+    with pytest.raises(UncapturableModelError, match=r"failed in module '1' \(DataDependent\)"
+                                                     r".*layers=\[\.\.\.\]"):
+        model(torch.randn(2, 3, 5, 5))
+    ffr.remove()
+    ffr = FFRLoss(model, layers=["1.a", "1.b"])  # the way out the message names
+    model(torch.randn(2, 3, 5, 5))
+    assert [c.names for c in ffr.chains] == [("1.a", "1.b")]
 
 
 def test_a_module_called_twice_gives_two_features():
@@ -148,20 +164,22 @@ def test_a_module_called_twice_gives_two_features():
 
     model = Shared()
     ffr = FFRLoss(model)
-    assert ffr.layer_names == ("relu",)
     model(torch.randn(2, 4, 5, 5))
+    assert ffr.layer_names == ("relu", "relu#2")
     assert [c.names for c in ffr.chains] == [("relu", "relu#2")]
 
 
 def test_split_into_chains():
-    def capture(name, *shape):
-        return name, torch.randn(shape), 0
+    def capture(name, *shape, starts=False):
+        return name, torch.randn(shape), 0, starts
 
     captured = [capture("a", 2, 3), capture("b", 2, 3), capture("c", 2, 4),
-                capture("d", 2, 3), capture("e", 2, 3), capture("f", 2, 3), capture("g", 1, 3)]
+                capture("d", 2, 3), capture("e", 2, 3), capture("f", 2, 3), capture("g", 1, 3),
+                capture("h", 2, 3), capture("i", 2, 3), capture("j", 2, 3, starts=True),
+                capture("k", 2, 3)]
     chains = split_into_chains(captured)
-    assert [c.names for c in chains] == [["a", "b"], ["d", "e", "f"]]
-    assert [tuple(c.shape) for c in chains] == [(2, 3), (2, 3)]
+    assert [c.names for c in chains] == [["a", "b"], ["d", "e", "f"], ["h", "i"], ["j", "k"]]
+    assert [tuple(c.shape) for c in chains] == [(2, 3)] * 4
     assert chains[1].features[2] is captured[5][1]
 
 
@@ -195,8 +213,9 @@ def test_bad_layers(layers, error, message):
 def test_auto_without_flow_says_what_it_looked_for():
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.Sigmoid())
     with pytest.raises(ValueError, match=r"found no feature flow in Sequential: it looked for "
-                                         r"residual blocks.*conv-norm-activation.*layers=\[") :
-        FFRLoss(model)
+                                         r"the residual stream.*conv-norm-activation.*"
+                                         r"layers=\[") :
+        FFRLoss(model, example_inputs=torch.randn(2, 12))
 
 
 def test_layers_without_equal_shapes_form_no_chain():
@@ -223,11 +242,11 @@ def test_a_pruned_model_has_the_flow_of_its_original_and_can_be_pruned_again():
     assert first.report.removed_blocks
     pruned = first.model.train()
     ffr = FFRLoss(pruned, grad_weight=0.1, curv_weight=0.1)
-    assert ffr.rule.startswith("residual adds of the graph")
     out = pruned(x)
-    assert [len(chain.names) for chain in ffr.chains] == [2, 2, 3]  # a block gone in 1, 2
-    # the features are the surviving blocks' outputs, as the original computes them
-    surviving = [["layer1.0", "layer1.2"], ["layer2.0", "layer2.1"],
+    assert [len(chain.names) for chain in ffr.chains] == [3, 2, 3]  # a block gone in 1, 2
+    # the features are the stem's and the surviving blocks' outputs, as the original
+    # computes them
+    surviving = [["stem.1", "layer1.0", "layer1.2"], ["layer2.0", "layer2.1"],
                  ["layer3.0", "layer3.1", "layer3.2"]]
     outputs = {}
     hooks = [model.get_submodule(name).register_forward_hook(
@@ -270,17 +289,17 @@ def test_a_traced_pre_norm_transformer_is_read_at_its_residual_adds():
     ffr = FFRLoss(traced, curv_weight=0.5)
     x = torch.randn(2, 3, 16, 16)
     out = traced(x)
-    (chain,) = ffr.chains  # the residual stream: after each attention and each MLP branch
-    assert len(chain.names) == 6 and chain.shape == (2, 17, 16)
-    assert chain.names[-1].endswith("encoder.ln:input")
+    (chain,) = ffr.chains  # the residual stream: its entry, after each attention and MLP
+    assert len(chain.names) == 7 and chain.shape == (2, 17, 16)
+    assert chain.names[0] == "encoder.dropout" and chain.names[-1] == "encoder.ln:input"
     penalty = ffr()
-    # the same features read from the module model: each block's input after attention is
-    # the input of ln_2, and each block's output the input of the next ln_1 / final ln
+    # the same features read from the module model: the stream enters as the input of the
+    # first ln_1, each block's input after attention is the input of ln_2, and each block's
+    # output the input of the next ln_1 / final ln
     stream = []
     hooks = [m.register_forward_pre_hook(lambda m, a: stream.append(a[0]))
              for name, m in vit.named_modules()
-             if name.endswith("ln_2") or name.endswith("ln_1") and not name.endswith("_0.ln_1")
-             or name == "encoder.ln"]
+             if name.endswith("ln_2") or name.endswith("ln_1") or name == "encoder.ln"]
     vit.train()
     vit(x)
     for hook in hooks:

@@ -37,9 +37,11 @@ def train_on_rank(rank: int, init_file: str, out_dir: str) -> None:
         model, single = small_resnet(), small_resnet()
         initial = [p.detach().clone() for p in model.parameters()]
         ddp = DistributedDataParallel(model)
-        ffr = FFRLoss(ddp, **OPTIONS)
-        with FFRLoss(model, **OPTIONS) as on_inner_module:
-            same_layers = ffr.model is model and ffr.layer_names == on_inner_module.layer_names
+        example = torch.randn(4, 3, 16, 16)
+        ffr = FFRLoss(ddp, example_inputs=example, **OPTIONS)
+        with FFRLoss(model, example_inputs=example, **OPTIONS) as on_inner_module:
+            same_layers = (ffr.model is model and ffr.layer_names
+                           and ffr.layer_names == on_inner_module.layer_names)
         single_ffr = FFRLoss(single, **OPTIONS)
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
         batches = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
@@ -80,7 +82,7 @@ def test_ffr_loss_under_ddp(tmp_path):
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
     for result in results:
         assert result["same_layers"]
-        assert result["chains"] == [3, 3, 3]
+        assert result["chains"] == [4, 3, 3]  # the first stage starts at the stem's output
         assert result["parameters_equal_across_ranks"] and result["parameters_moved"]
         assert len(result["penalties"]) == STEPS
         for penalty, single in zip(result["penalties"], result["single_penalties"]):

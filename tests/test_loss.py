@@ -49,7 +49,7 @@ def reference_penalty(ffr, features, **options):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_penalty_equals_reference_on_detached_clones(name):
     model, x = build(name)
-    ffr = FFRLoss(model, **OPTIONS)
+    ffr = FFRLoss(model, example_inputs=x, **OPTIONS)
     # clones taken the moment each layer returns: a later in-place change would show here
     clones, _ = watch_outputs(model, ffr.layer_names, lambda out: out.detach().clone().double())
     out = model(x)
@@ -63,7 +63,7 @@ def test_penalty_equals_reference_on_detached_clones(name):
 @pytest.mark.parametrize("name", ["resnet20", "resnet18"])
 def test_parameter_gradients_equal_autograd_of_reference(name):
     model, x = build(name)
-    ffr = FFRLoss(model, **OPTIONS)
+    ffr = FFRLoss(model, example_inputs=x, **OPTIONS)
     model(x)
     ffr().backward()
     fused = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -92,12 +92,12 @@ def recording_penalty(received):
 def test_captures_references_not_copies():
     model, x = build("resnet18")
     received = []
-    ffr = FFRLoss(model, penalty_fn=recording_penalty(received))
+    ffr = FFRLoss(model, penalty_fn=recording_penalty(received), example_inputs=x)
     outputs, _ = watch_outputs(model, ffr.layer_names, lambda out: out)
     model(x)
     ffr()
     flat = [feature for chain in received for feature in chain]
-    assert len(flat) == len(outputs) == 8
+    assert len(flat) == len(outputs) == 9  # the stem's output and 8 blocks
     for feature, output in zip(flat, outputs):
         assert feature is output and feature.data_ptr() == output.data_ptr()
 
@@ -166,8 +166,9 @@ def test_remove_and_context_manager():
     def hook_count():
         return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
-    with FFRLoss(model) as ffr:
-        assert hook_count() == 9 + 2  # the blocks, and the model's start and end of forward
+    with FFRLoss(model, example_inputs=x) as ffr:
+        # the stem's output and the blocks, and the model's start and end of forward
+        assert hook_count() == 1 + 9 + 2
     assert hook_count() == 0
     model(x)
     with pytest.raises(RuntimeError, match=r"after remove\(\)"):
@@ -184,9 +185,10 @@ def test_output_modified_in_place_after_capture_is_an_error():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), models.BasicBlock(4, 4),
                           nn.ReLU(inplace=True), models.BasicBlock(4, 4), models.BasicBlock(4, 4))
     model[1].relu = nn.Identity()  # the block output can be negative, so ReLU changes it
-    ffr = FFRLoss(model)
-    assert ffr.layer_names == ("1", "3", "4")
-    model(torch.randn(2, 3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    ffr = FFRLoss(model, example_inputs=x)
+    assert ffr.layer_names == ("0", "1", "3", "4")  # the stream enters at the conv's output
+    model(x)
     with pytest.raises(RuntimeError, match=r"outputs of \['1'\] were modified in place"):
         ffr()
 
@@ -228,7 +230,7 @@ def test_bad_options_are_rejected_before_hooking():
 @pytest.mark.parametrize("norm, curvature", [("l2", "diff"), ("squared", "angle")])
 def test_variants_reach_the_penalty(norm, curvature):
     model, x = build("resnet20")
-    ffr = FFRLoss(model, norm=norm, curvature=curvature, **OPTIONS)
+    ffr = FFRLoss(model, norm=norm, curvature=curvature, example_inputs=x, **OPTIONS)
     clones, _ = watch_outputs(model, ffr.layer_names, lambda out: out.detach().double())
     model(x)
     expected = reference_penalty(ffr, clones, norm=norm, curvature=curvature, **OPTIONS)
@@ -237,7 +239,7 @@ def test_variants_reach_the_penalty(norm, curvature):
 
 def test_autocast_bfloat16_features():
     model, x = build("resnet20")
-    ffr = FFRLoss(model, **OPTIONS)
+    ffr = FFRLoss(model, example_inputs=x, **OPTIONS)
     clones, _ = watch_outputs(model, ffr.layer_names, lambda out: out.detach().clone())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
@@ -261,8 +263,8 @@ def test_a_torch_compiled_model_gives_the_eager_penalty_and_gradients():
     torch.manual_seed(0)
     model = models.CifarResNet(depth=14, width=4)
     x = torch.randn(2, 3, 16, 16)
-    ffr = FFRLoss(torch.compile(model), grad_weight=0.5, curv_weight=0.25)
-    assert ffr.layer_names[0] == "layer1.0"  # no "_orig_mod." prefix
+    ffr = FFRLoss(torch.compile(model), grad_weight=0.5, curv_weight=0.25, example_inputs=x)
+    assert "layer1.0" in ffr.layer_names  # no "_orig_mod." prefix
     parameters = list(model.parameters())
 
     def penalty_and_grads(forward):

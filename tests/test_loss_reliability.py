@@ -42,9 +42,9 @@ class BreaksTheGraph(nn.Module):
 
 def test_a_compiled_model_that_overwrites_a_hooked_output_is_refused():
     model = block_then_inplace_relu()
-    ffr = FFRLoss(torch.compile(model))
-    assert ffr.layer_names == ("1", "3", "4")
+    ffr = FFRLoss(torch.compile(model))  # the layers are found in the compiled forward
     torch.compile(model)(torch.randn(2, 3, 8, 8))
+    assert ffr.layer_names == ("0", "1", "3", "4")
     with pytest.raises(RuntimeError, match=r"outputs of \['1'\] were modified in place"):
         ffr()
 
@@ -98,17 +98,23 @@ def hidden_states(model):
     return seen
 
 
-@pytest.mark.parametrize("layers", ["auto", ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]])
-def test_a_layer_that_returns_a_tuple_gives_its_first_element(layers):
+BLOCKS = ("blocks.0", "blocks.1", "blocks.2", "blocks.3")
+
+
+# layers="auto" also reads the stream where it enters: the model's input, here
+@pytest.mark.parametrize("layers, entry", [("auto", ("blocks.0:input",)), (list(BLOCKS), ())])
+def test_a_layer_that_returns_a_tuple_gives_its_first_element(layers, entry):
     torch.manual_seed(0)
     model = TupleNet().train()
-    ffr = FFRLoss(model, layers=layers, **OPTIONS)
-    assert ffr.layer_names == ("blocks.0", "blocks.1", "blocks.2", "blocks.3")
+    x = torch.randn(2, 4, 6, 6)
+    ffr = FFRLoss(model, layers=layers, example_inputs=x, **OPTIONS)
+    assert ffr.layer_names == entry + BLOCKS
     seen = hidden_states(model)
-    model(torch.randn(2, 4, 6, 6))
+    model(x)
     penalty = ffr()
     assert [chain.names for chain in ffr.chains] == [ffr.layer_names]  # no step skipped
-    torch.testing.assert_close(penalty, reference.flow_penalty(seen, **OPTIONS))
+    expected = reference.flow_penalty([x] * len(entry) + seen, **OPTIONS)
+    torch.testing.assert_close(penalty, expected)
 
 
 @pytest.mark.parametrize("first, found", [(None, "whose first element is a NoneType"),

@@ -69,8 +69,9 @@ def test_non_reentrant_checkpointing_trains_the_checkpointed_layers():
 
 def test_curvature_weight_on_chains_of_two_is_named_once():
     torch.manual_seed(0)
-    model = models.resnet18(width=8).train()  # each stage is a chain of two blocks
-    ffr = FFRLoss(model, curv_weight=1.0)
+    model = models.resnet18(width=8).train()
+    two_chains_of_two = ["layer2.0", "layer2.1", "layer3.0", "layer3.1"]
+    ffr = FFRLoss(model, curv_weight=1.0, layers=two_chains_of_two)
     with pytest.warns(UserWarning, match="curvature needs 3"):
         model(torch.randn(2, 3, 64, 64))
     ffr()
@@ -81,7 +82,7 @@ def test_curvature_weight_on_chains_of_two_is_named_once():
     ffr.remove()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ffr = FFRLoss(model, curv_weight=0.0)
+        ffr = FFRLoss(model, curv_weight=0.0, layers=two_chains_of_two)
         model(torch.randn(2, 3, 64, 64))
         assert ffr() > 0
 

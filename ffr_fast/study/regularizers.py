@@ -12,11 +12,13 @@
 "layerdrop" LayerDrop (Fan et al., 2019; stochastic depth, Huang et al., 2016): no penalty;
             in training mode each residual block is skipped with probability `weight`
 """
+from typing import Dict
+
 import torch
 from torch import nn
 
 from ffr_fast import metrics
-from ffr_fast.chains import find_residual_blocks
+from ffr_fast.chains import residual_blocks
 
 REGULARIZERS = ("none", "slimming", "ffr", "layerdrop")
 
@@ -55,8 +57,8 @@ class BatchNormL1:
 
 
 class LayerDrop:
-    """LayerDrop: during training, each residual block (ffr_fast.chains.find_residual_blocks:
-    a ResNet's blocks, a ViT's encoder blocks) is skipped, its output replaced by its input,
+    """LayerDrop: during training, each residual block (ffr_fast.chains.residual_blocks: a
+    ResNet's blocks, a ViT's encoder blocks, found on the first forward's call) is skipped, its output replaced by its input,
     with probability `rate`, drawn per block and per batch from torch's generator (so a
     seeded run drops the same blocks). A block that runs is not rescaled: this is fairseq's
     LayerDrop (Fan et al.'s own code), not stochastic depth's 1 / (1 - rate) scaling. The
@@ -74,12 +76,24 @@ class LayerDrop:
     def __init__(self, model: nn.Module, rate: float):
         if not 0 <= rate < 1:
             raise ValueError(f"the LayerDrop rate is a probability in [0, 1), got {rate}")
-        names = find_residual_blocks(model)
+        self.rate = rate
+        self.blocks: Dict[str, nn.Module] = {}
+        self.shape_keeping = {}  # block name -> whether its output has its input's shape
+        self.handles = [model.register_forward_pre_hook(self._find_blocks, with_kwargs=True)]
+
+    def _find_blocks(self, model: nn.Module, args, kwargs) -> None:
+        if self.blocks or getattr(self, "_finding", False):
+            return
+        self._finding = True  # finding them exports the model, which calls it again
+        try:
+            names = residual_blocks(model, args, kwargs)
+        finally:
+            self._finding = False
         if not names:
             raise ValueError(f"LayerDrop needs residual blocks; {type(model).__name__} has none")
-        self.rate = rate
         self.blocks = dict(zip(names, map(model.get_submodule, names)))
-        self.shape_keeping = {}  # block name -> whether its output has its input's shape
+        for handle in self.handles:
+            handle.remove()
         self.handles = [block.register_forward_hook(self._hook(name))
                         for name, block in self.blocks.items()]
 

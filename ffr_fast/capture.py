@@ -1,0 +1,185 @@
+"""One capture of a model for everything that reads its structure: torch.export's ATen graph.
+
+`capture(model, args, kwargs)` exports the model (non-strict, in eval mode) with the call
+signature of every submodule call preserved, so the graph says, for each node, which module
+calls it ran in and, for each module call, which values went in and came out. FFRLoss's
+chain discovery reads it (ffr_fast.chains); docs/export-design.md says why this is the one
+intermediate representation and how the pruner moves onto it.
+"""
+import inspect
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .modes import restore_training_flags, training_flags
+
+
+class UncapturableModelError(RuntimeError):
+    """torch.export could not capture the model; the message names the failing module."""
+
+
+@dataclass(frozen=True)
+class ModuleCall:
+    """One call of a submodule: `path` (its name in the model), `index` (0 for its first call
+    in one forward, 1 for the second, ...) and the graph values it took and handed out, in
+    the order torch.export flattens (args, kwargs) and the output ("" for a non-tensor)."""
+
+    path: str
+    index: int
+    inputs: Tuple[str, ...]
+    outputs: Tuple[str, ...]
+
+
+class Capture:
+    """A model's ExportedProgram, with the module calls and parameter names looked up once."""
+
+    def __init__(self, program: torch.export.ExportedProgram, calls_made: Dict[str, int]):
+        self.program = program
+        self.graph: fx.Graph = program.graph
+        self.nodes: Dict[str, fx.Node] = {node.name: node for node in self.graph.nodes}
+        signature = program.graph_signature
+        self.parameters: Dict[str, str] = dict(signature.inputs_to_parameters)
+        self.buffers: Dict[str, str] = dict(signature.inputs_to_buffers)
+        self.calls: Dict[str, ModuleCall] = {}  # by call id: "layer1.0", "relu@1"
+        for entry in program.module_call_graph:
+            if entry.fqn and entry.signature is not None:
+                path, _, index = entry.fqn.partition("@")
+                self.calls[entry.fqn] = ModuleCall(
+                    path, int(index or 0),
+                    tuple(getattr(a, "name", "") for a in entry.signature.inputs),
+                    tuple(getattr(a, "name", "") for a in entry.signature.outputs))
+        self._derived_ids: Dict[str, str] = {}  # stack key -> call id, for derived calls
+        self._derive_unpreserved_calls(calls_made)
+        self.order = {node: i for i, node in enumerate(self.graph.nodes)}
+
+    def _derive_unpreserved_calls(self, calls_made: Dict[str, int]) -> None:
+        """Module calls whose signature export did not keep (the leaves a GraphModule calls
+        from its own code): their boundary read off the graph, values in by first use.
+        A GraphModule's nodes keep the module stacks of the model it was traced from, so the
+        calls are counted anew here, and the containers it never calls (`calls_made` counts
+        the calls during the export) are left out."""
+        members: Dict[Tuple[str, str], List[fx.Node]] = {}  # (stack key, path) -> nodes
+        for node in self.graph.nodes:
+            for key, path in _stack(node):
+                if path and _call_id(key, path) not in self.calls and calls_made.get(path):
+                    members.setdefault((key, path), []).append(node)
+        seen: Dict[str, int] = {}
+        for (key, path), nodes in members.items():
+            index = seen[path] = seen.get(path, -1) + 1
+            if index >= calls_made[path]:
+                continue
+            inside = set(nodes)
+            inputs: List[str] = []
+            for node in nodes:
+                for arg in node.all_input_nodes:
+                    if (arg not in inside and arg.name not in inputs
+                            and arg.name not in self.parameters and arg.name not in self.buffers):
+                        inputs.append(arg.name)
+            outputs = tuple(node.name for node in nodes
+                            if any(user not in inside for user in node.users))
+            call_id = f"{path}@{index}" if index else path
+            self._derived_ids[key] = call_id
+            self.calls[call_id] = ModuleCall(path, index, tuple(inputs), outputs)
+
+    def call_stack(self, node: fx.Node) -> List[str]:
+        """The ids of the module calls `node` ran in, outermost first (the root excluded)."""
+        ids = [self._derived_ids.get(key) or _call_id(key, path) for key, path in _stack(node)]
+        return [call for call in ids if call in self.calls]
+
+    def reads_parameter(self, node: fx.Node) -> bool:
+        """Whether a call node takes a parameter (a weight, a bias, a scale) as an operand."""
+        return node.op == "call_function" and any(
+            arg.op == "placeholder" and arg.name in self.parameters
+            for arg in node.all_input_nodes)
+
+    @staticmethod
+    def shape(node) -> Optional[torch.Size]:
+        value = node.meta.get("val") if isinstance(node, fx.Node) else None
+        return value.shape if isinstance(value, torch.Tensor) else None
+
+
+def _stack(node: fx.Node) -> List[Tuple[str, str]]:
+    """(key, module path) of each module call a node ran in, outermost first."""
+    return [(key, path) for key, (path, _) in (node.meta.get("nn_module_stack") or {}).items()]
+
+
+def _call_id(key: str, path: str) -> str:
+    """A module call's id: "path", or "path@index" for the index-th call (0-based) of a
+    module called several times in one forward (export's key ends in "@index")."""
+    return f"{path}@{key.rpartition('@')[2]}" if "@" in key else path
+
+
+# The export runs the model's forward; the hooks others keep on it (FFRLoss's own, a
+# LayerDrop, a user's logger) must not see that run, and torch has no public way to
+# suspend a module's hooks, so their dicts are set aside for the export and put back.
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks")
+
+
+def _suspend_hooks(model: nn.Module) -> List[Tuple[nn.Module, str, dict]]:
+    suspended = []
+    for module in model.modules():
+        for attribute in _HOOK_DICTS:
+            hooks = getattr(module, attribute)
+            if hooks:
+                suspended.append((module, attribute, hooks))
+                setattr(module, attribute, type(hooks)())
+    return suspended
+
+
+def _restore_hooks(suspended: List[Tuple[nn.Module, str, dict]]) -> None:
+    for module, attribute, hooks in suspended:
+        setattr(module, attribute, hooks)
+
+
+def capture(model: nn.Module, args: Sequence = (), kwargs: Optional[dict] = None) -> Capture:
+    """`model` exported on the example call `model(*args, **kwargs)`, in eval mode; every
+    training flag, parameter and buffer of the model is left as it was. A failure raises
+    UncapturableModelError naming the innermost module whose forward was running."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UncapturableModelError(
+            f"{type(model).__name__} is a TorchScript module; torch.export captures the eager "
+            "nn.Module, so pass the model as it was before torch.jit.script.")
+    kwargs = dict(kwargs or {})
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        # A Hugging Face model would hand its key/value cache object between its layers,
+        # which a preserved call signature cannot hold; the cache changes no structure.
+        kwargs.setdefault("use_cache", False)
+    paths = {module: name for name, module in model.named_modules(remove_duplicate=False)}
+    running: List[str] = []
+    calls_made: Dict[str, int] = {}
+
+    def enter(module, _args):
+        running.append(paths.get(module, type(module).__name__))
+        calls_made[running[-1]] = calls_made.get(running[-1], 0) + 1
+
+    def leave(module, _args, _output):
+        running.pop()
+
+    flags = training_flags(model)
+    called = [name for name, module in model.named_modules() if name
+              and type(module).forward is not nn.Module.forward]
+    suspended = _suspend_hooks(model)
+    hooks = [nn.modules.module.register_module_forward_pre_hook(enter),
+             nn.modules.module.register_module_forward_hook(leave)]
+    try:
+        model.eval()
+        with torch.no_grad():
+            program = torch.export.export(model, tuple(args), kwargs, strict=False,
+                                          preserve_module_call_signature=tuple(called))
+    except Exception as error:
+        where = (f"module '{running[-1]}' ({type(model.get_submodule(running[-1])).__name__})"
+                 if running and running[-1] else f"the top-level forward of "
+                                                 f"{type(model).__name__}")
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UncapturableModelError(
+            f"torch.export cannot capture {type(model).__name__}: it failed in {where}: "
+            f"{reason}") from error
+    finally:
+        for hook in hooks:
+            hook.remove()
+        _restore_hooks(suspended)
+        restore_training_flags(model, flags)
+    return Capture(program, calls_made)
