@@ -72,7 +72,9 @@ setup(
     extras_require={
         "triton": ["triton>=3.2"],
         "study": STUDY_REQUIRES,
-        "test": STUDY_REQUIRES + ["triton>=3.2", "pytest>=8", "pytest-benchmark>=4"],
+        # transformers and timm: real models, built from configs in the tests (no download)
+        "test": STUDY_REQUIRES + ["triton>=3.2", "pytest>=8", "pytest-benchmark>=4",
+                                  "transformers>=5,<6", "timm>=1.0,<1.1"],
         # the reference tool that bench/vs_torch_pruning.py compares against
         "bench": STUDY_REQUIRES + ["pytest-benchmark>=4", "torch-pruning>=1.6,<1.7"],
     },
