@@ -190,7 +190,7 @@ def _reader(cap: Capture, value: fx.Node) -> Optional[CapturePoint]:
 
 
 @dataclass
-class _Unit:
+class StreamUnit:
     """One step of the stream: the value it hands on, and the shortcut it started from."""
 
     value: fx.Node
@@ -205,18 +205,20 @@ def _inside_other(cap: Capture, value: fx.Node, call_id: str, blocks) -> bool:
     return any(c in blocks for c in outer)
 
 
-def _residual_units(model: nn.Module, cap: Capture) -> List[_Unit]:
+def residual_units(model: nn.Module, cap: Capture) -> List[StreamUnit]:
+    """The steps of the residual stream (rules 1-3 of the module docstring), in forward
+    order: residual blocks, and residual adds that no module hands out."""
     forks = {}
     for node in cap.graph.nodes:
         fork = _residual_fork(cap, node)
         if fork is not None:
             forks[node] = fork
-    blocks: Dict[str, _Unit] = {}
+    blocks: Dict[str, StreamUnit] = {}
     for add, fork in forks.items():
         for call_id in reversed(cap.call_stack(add)):  # innermost first
             value = _handed_out(cap, add, call_id)
             if value is not None:
-                blocks.setdefault(call_id, _Unit(value, fork, call_id)).value = value
+                blocks.setdefault(call_id, StreamUnit(value, fork, call_id)).value = value
                 break
     # the shortcut of a block starts where its first residual add's does
     for add, fork in forks.items():
@@ -230,7 +232,7 @@ def _residual_units(model: nn.Module, cap: Capture) -> List[_Unit]:
     for add, fork in forks.items():
         if not any(c in blocks for c in cap.call_stack(add)):
             *_, value = _carried(cap, add)
-            units.append(_Unit(value, fork))
+            units.append(StreamUnit(value, fork))
     # every other instance of a block's class, not inside a block, is a block too
     block_types = {type(model.get_submodule(cap.calls[c].path)) for c in outer}
     for call_id, call in cap.calls.items():
@@ -239,7 +241,7 @@ def _residual_units(model: nn.Module, cap: Capture) -> List[_Unit]:
             continue
         value = cap.nodes[call.outputs[0]]
         if not _inside_other(cap, value, call_id, outer):
-            units.append(_Unit(value, None, call_id))
+            units.append(StreamUnit(value, None, call_id))
     units.sort(key=lambda unit: cap.order[unit.value])
     return units
 
@@ -260,7 +262,7 @@ def _plain_units(cap: Capture) -> List[fx.Node]:
 
 def find_stream(model: nn.Module, cap: Capture) -> Tuple[List[CapturePoint], str]:
     """The capture points of the model's feature flow and the rule that found them."""
-    units = _residual_units(model, cap)
+    units = residual_units(model, cap)
     points: List[CapturePoint] = []
 
     def read(value: fx.Node, block: Optional[str] = None, starts_chain: bool = False) -> None:
@@ -316,7 +318,7 @@ def residual_blocks(model: nn.Module, args: Sequence = (), kwargs: Optional[dict
     """Names of the residual blocks of `model` (rule 2 of the module docstring) in forward
     order, found on the example call `model(*args, **kwargs)`."""
     names: List[str] = []
-    for unit in _residual_units(model, cap := capture(model, args, kwargs)):
+    for unit in residual_units(model, cap := capture(model, args, kwargs)):
         if unit.block is not None and cap.calls[unit.block].path not in names:
             names.append(cap.calls[unit.block].path)
     return names

@@ -11,7 +11,8 @@ branches leave the model, which comes back compact and verified.
 Modules: rules (the one table of layer types and functions; register_rule), tracing
 (torch.fx), graph (channel dependencies), layout (ids through ops that move dimensions) and
 channels (what it produces), importance (scores), plan (what goes), blocks (residual
-branches: found, measured, removed), surgery (slicing), attention (head-pruned attention
+branches: found, measured, removed), depth (whole blocks out of their containers, on the
+torch.export capture, for models torch.fx cannot trace), surgery (slicing), attention (head-pruned attention
 layers), fold (BN folding), emit (the model's own class or the GraphModule), inplace
 (residual adds written in place in an emitted GraphModule), inputs (checks of what the
 caller passes), report, serialize, recalibrate (BatchNorm statistics after pruning).

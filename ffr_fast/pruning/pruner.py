@@ -18,7 +18,8 @@ from .blocks import (ResidualBranch, branch_score, find_branches, measure_branch
 from .emit import EMITS, adopt, attach_structure, own_forward, own_training_forward_fails
 from .fold import fold_batchnorms, foldable_pairs
 from .graph import analyze
-from .tracing import reads_training_flag, trace
+from . import depth
+from .tracing import UntraceableModelError, reads_training_flag, trace
 from .importance import Scorer, class_scores, scorer_for
 from .inplace import adds_in_place
 from ..modes import evaluating, restore_training_flags, training_flags
@@ -63,7 +64,10 @@ def residual_branches(model: nn.Module, example_inputs, ignored: Sequence[Any] =
     inputs = as_inputs(example_inputs)
     ignored = resolve_ignored(model, ignored)
     with evaluating(model), torch.no_grad():
-        gm = trace(model, ignored)
+        try:
+            gm = trace(model, ignored)
+        except UntraceableModelError:  # the blocks torch.export's capture finds instead
+            return depth.find(model, inputs)
         run_checked(gm, inputs, ShapeProp(gm).propagate)
         branches = find_branches(gm, ignored)
         measure_branches(gm, inputs, branches)
@@ -128,7 +132,16 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
                    ignored=resolve_ignored(model, ignored), emit=emit)
     # Traced twice more (train and eval code): once per call, not per step of a FLOPs search,
     # and before an in-place prune changes the model.
-    reads_flag = reads_training_flag(model, options["ignored"])
+    try:
+        reads_flag = reads_training_flag(model, options["ignored"])
+    except UntraceableModelError as error:
+        if threshold is not None or ratio is not None or flops_target is not None:
+            raise UntraceableModelError(
+                f"{error}. Depth pruning alone (prune(model, x, remove_branches=[...]), names "
+                "from residual_branches()) reads torch.export's capture and works on such "
+                "models; the channel pruner moves onto it next (docs/export-design.md)."
+            ) from error
+        return _remove_blocks_on_capture(model, inputs, list(remove_branches), inplace, start)
     options["trains_differently"] = reads_flag
     if flops_target is None:
         result = _prune_once(model, inputs, threshold, ratio, inplace, **options)
@@ -139,6 +152,23 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
         result.report.warnings.insert(0, TRAINING_FLAG_NOTE)
     result.report.seconds = time.perf_counter() - start
     return result
+
+
+def _remove_blocks_on_capture(model: nn.Module, inputs, names: List[str], inplace: bool,
+                              start: float) -> PruneResult:
+    """Whole blocks removed from their containers (depth.py), for a model that the torch.fx
+    trace cannot read: the model's own class (a Hugging Face config in step)."""
+    if not names:
+        raise ValueError("this model can only be depth-pruned for now: name the blocks to "
+                         f"remove, remove_branches=[...], from {depth.find(model, inputs)}")
+    if inplace:
+        raise ValueError("inplace=True is not supported for depth pruning on the torch.export "
+                         "capture; the pruned copy is result.model")
+    pruned, report = depth.remove(model, inputs, {}, names)
+    report.seconds = time.perf_counter() - start
+    structure = {"format": depth.STRUCTURE_FORMAT, "removed_blocks": names}
+    attach_structure(pruned, structure)
+    return PruneResult(pruned, report, structure)
 
 
 def _check_settings(threshold, ratio, flops_target, flops_search, flops_tolerance,

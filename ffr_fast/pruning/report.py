@@ -68,6 +68,7 @@ class PruneReport:
         if self.removed_blocks:
             lines += ["", "### Removed blocks"]
             lines += [f"- {b['block']} (add `{b['add']}`): replaced by its {b['shortcut']}"
+                      if b["add"] else f"- {b['block']}: removed from its container"
                       for b in self.removed_blocks]
         if self.approximate:
             lines += ["", "Renormalising layers that lost channels (the output is close to, "

@@ -16,6 +16,7 @@ from typing import Callable, Tuple, Union
 import torch
 from torch import nn
 
+from . import depth
 from .blocks import ResidualBranch, remove_branches
 from .fold import bypass_batchnorm
 from .tracing import trace
@@ -105,6 +106,11 @@ def _read(path) -> Tuple[dict, dict]:
         raise ValueError(f"{path} is not a file written by save_pruned: it holds {what}, not "
                          "{'structure': ..., 'state_dict': ...}")
     structure = payload["structure"]
+    if isinstance(structure, dict) and structure.get("format") == depth.STRUCTURE_FORMAT:
+        if not isinstance(structure.get("removed_blocks"), list) or "training" not in structure:
+            raise ValueError(f"{path} is incomplete: its structure lacks the removed blocks "
+                             "or the training flags")
+        return structure, payload["state_dict"]
     if isinstance(structure, dict) and structure.get("format") == FORMAT_3:
         structure = dict(structure, emitted="graph", view_sizes=[])  # a GraphModule, then
     elif not isinstance(structure, dict) or structure.get("format") != STRUCTURE_FORMAT:
@@ -131,6 +137,13 @@ def _read(path) -> Tuple[dict, dict]:
 def _replay(structure: dict, model: nn.Module, path, architecture: str) -> nn.Module:
     """`model` with the edits `structure` records (its base's first), its tensors still of
     the shapes they had."""
+    if structure["format"] == depth.STRUCTURE_FORMAT:  # whole blocks left their containers
+        try:
+            depth.cut(model, structure["removed_blocks"])
+        except ValueError as error:
+            raise ValueError(f"{path} does not match the architecture of {architecture}: "
+                             f"{error}") from error
+        return model
     if structure.get("base") is not None:
         model = _replay(structure["base"], model, path, architecture)
     gm = trace(model, structure["ignored"])

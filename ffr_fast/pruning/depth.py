@@ -1,0 +1,219 @@
+"""Depth pruning on the torch.export capture: whole residual blocks leave the nn.ModuleList
+or nn.Sequential that holds them, and the model keeps its own class; a Hugging Face model
+keeps its config (`num_hidden_layers`, `layer_types`) and its layers' `layer_idx` in step.
+
+A *removable block* is a member of a ModuleList or Sequential whose call hands out the
+residual stream (ffr_fast.chains: the value of a residual block inside or equal to it) and
+keeps its input's shape: a decoder layer, a ViT or ConvNeXt block, a ResNet block without
+downsampling. Removing it is exact when the block with its parameters zeroed passes its
+input through (x + f(x) with f = 0; also relu(x + f(x)) after a ReLU), and every removal is
+verified against that zeroed original on the example inputs.
+
+This is the depth half of stage 3 of docs/export-design.md. prune() and residual_branches()
+take this path for the models the torch.fx trace cannot read (transformers 5, models with
+functional layers), until the channel analysis moves onto the same capture.
+"""
+import copy
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..capture import Capture, capture
+from ..chains import residual_units
+from ..metrics import count_params
+from ..modes import evaluating
+from .blocks import ResidualBranch, block_influence
+from .report import PruneReport
+
+# The relative difference to the zeroed original above which a removal is not exact: float32
+# rounding of a deep network stays far below it; a block that is not x + f(x) (a post-norm
+# transformer layer) lands far above.
+EXACT = 1e-4
+
+# What save_pruned writes for a model pruned here: the blocks removed, replayed by load_pruned.
+STRUCTURE_FORMAT = "ffr_fast.depth/1"
+
+# Config fields that count the layers of a Hugging Face model's one stack of layers.
+LAYER_COUNTS = ("num_hidden_layers",)
+
+
+def _members(model: nn.Module) -> Dict[str, Tuple[nn.Module, int]]:
+    """Every member of an nn.ModuleList or nn.Sequential: its path -> (container, index)."""
+    members = {}
+    for path, module in model.named_modules():
+        if isinstance(module, (nn.ModuleList, nn.Sequential)):
+            for index, (name, _) in enumerate(module.named_children()):
+                members[f"{path}.{name}" if path else name] = (module, index)
+    return members
+
+
+def removable_blocks(model: nn.Module, cap: Capture) -> List[str]:
+    """The removable blocks of `model` (module docstring), in forward order."""
+    units = residual_units(model, cap)
+    stream = {unit.value.name: cap.calls[unit.block].path if unit.block else ""
+              for unit in units}
+    members = _members(model)
+    found = []
+    for call in cap.calls.values():
+        if call.path not in members or call.index or not call.outputs or not call.inputs:
+            continue
+        inner = stream.get(call.outputs[0])
+        if inner is None or not (inner == call.path or inner.startswith(call.path + ".")):
+            continue
+        source, result = cap.nodes.get(call.inputs[0]), cap.nodes[call.outputs[0]]
+        if source is not None and cap.shape(source) == cap.shape(result):
+            found.append(call.path)
+    return found
+
+
+def _run(model: nn.Module, args, kwargs):
+    with evaluating(model), torch.no_grad():
+        return model(*args, **kwargs)
+
+
+def _tensors(output) -> List[torch.Tensor]:
+    """The tensors of a model's output (a tensor, a tuple, a Hugging Face ModelOutput)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    values = output.values() if isinstance(output, dict) else output
+    if isinstance(values, (tuple, list)) or isinstance(output, dict):
+        return [t for v in values for t in _tensors(v)]
+    return []
+
+
+def measure(model: nn.Module, args, kwargs, names: Sequence[str]) -> List[ResidualBranch]:
+    """Each removable block as a ResidualBranch: the FLOPs removing it saves and its Block
+    Influence on the example, from one forward."""
+    ends: Dict[str, List[torch.Tensor]] = {}
+
+    def watch(name):
+        def hook(module, args, kwargs, output):
+            ends[name] = [_tensors([*args, kwargs])[0], _tensors(output)[0]]
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_hook(watch(name), with_kwargs=True)
+               for name in names]
+    try:
+        with FlopCounterMode(display=False) as counter:
+            _run(model, args, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    flops = counter.get_flop_counts()
+    prefix = type(model).__name__
+    return [ResidualBranch(name=name, flops=int(sum(flops.get(f"{prefix}.{name}", {}).values())),
+                           influence=block_influence(*ends[name]), add="", shortcut_arg=0,
+                           modules=(name,), tail=None) for name in names]
+
+
+def find(model: nn.Module, args, kwargs=None) -> List[ResidualBranch]:
+    """The removable blocks of `model` on the example call, measured (residual_branches())."""
+    kwargs = kwargs or {}
+    return measure(model, args, kwargs, removable_blocks(model, capture(model, args, kwargs)))
+
+
+def _stack_config(model: nn.Module, container: nn.Module, old_length: int):
+    """The Hugging Face config whose layer count is this container's length, or None for a
+    model without one; raises where the count lives in a config this code does not keep."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return None
+    counted = [field for field in LAYER_COUNTS if getattr(config, field, None) == old_length]
+    owners = [m for m in model.modules() if m is not model and getattr(m, "config", None)
+              is not None and m.config is not config and container in list(m.modules())]
+    if not counted or owners:
+        raise ValueError(
+            f"removing layers from this stack of {type(model).__name__} would leave its config "
+            f"inconsistent: no field of {LAYER_COUNTS} counts its {old_length} layers"
+            + (f", and its own stack config ({type(owners[0]).__name__}) is not kept in step"
+               if owners else "") + ". Only models with one stack of layers counted by "
+            "config.num_hidden_layers (decoder-only or encoder-only) are supported.")
+    return config
+
+
+def remove(model: nn.Module, args, kwargs, names: Sequence[str]) -> Tuple[nn.Module, PruneReport]:
+    """A copy of `model` without the removable blocks `names`, verified against the original
+    with those blocks' parameters zeroed; `model` is left as it was."""
+    kwargs = kwargs or {}
+    cap = capture(model, args, kwargs)
+    removable = removable_blocks(model, cap)
+    unknown = [name for name in names if name not in removable]
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(
+            f"remove_branches: {unknown or list(names)} " + ("are not removable blocks"
+                                                            if unknown else "lists a block twice")
+            + f"; the removable blocks of {type(model).__name__} are {removable}")
+    pruned = copy.deepcopy(model)
+    cut(pruned, names)
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in names:
+            for parameter in zeroed.get_submodule(name).parameters():
+                parameter.zero_()
+    reference, original = _run(zeroed, args, kwargs), _run(model, args, kwargs)
+    new = _run(pruned, args, kwargs)
+    report = _report(model, pruned, args, kwargs, names, new, reference, original)
+    if report.relative_diff > EXACT:
+        raise ValueError(
+            f"removing {list(names)} is not exact: the pruned model's output differs from the "
+            f"original's with those blocks' parameters zeroed by {report.relative_diff:.3g} "
+            "(relative); such a block does not pass its input through when its branch is zero "
+            "(a post-norm transformer layer normalises x + f(x)), so it cannot be removed whole")
+    return pruned, report
+
+
+def cut(model: nn.Module, names: Sequence[str]) -> None:
+    """Remove the members `names` from their containers, in place, and keep a Hugging Face
+    config and the kept layers' `layer_idx` in step (what remove() and load_pruned do)."""
+    members = _members(model)
+    unknown = [name for name in names if name not in members]
+    if unknown:
+        raise ValueError(f"{unknown} are not members of an nn.ModuleList or nn.Sequential of "
+                         f"{type(model).__name__}")
+    by_container: Dict[int, Tuple[nn.Module, List[int]]] = {}
+    for name in names:
+        container, index = members[name]
+        by_container.setdefault(id(container), (container, []))[1].append(index)
+    for container, indices in by_container.values():
+        old_length = len(container)
+        config = _stack_config(model, container, old_length)
+        for index in sorted(indices, reverse=True):
+            del container[index]  # ModuleList and Sequential renumber their members
+        if config is not None:
+            _update_config(config, container, old_length, indices)
+
+
+def _update_config(config, container: nn.Module, old_length: int, removed: List[int]) -> None:
+    """The config and every kept layer's `layer_idx` in step with the shorter stack."""
+    for field in LAYER_COUNTS:
+        if getattr(config, field, None) == old_length:
+            setattr(config, field, len(container))
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) == old_length:
+        config.layer_types = [t for i, t in enumerate(layer_types) if i not in removed]
+    for index, layer in enumerate(container):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = index
+
+
+def _max_diff(a, b) -> float:
+    return max(float((x.float() - y.float()).abs().max()) for x, y in zip(_tensors(a), _tensors(b)))
+
+
+def _report(model, pruned, args, kwargs, names, new, reference, original) -> PruneReport:
+    def flops(m):
+        with FlopCounterMode(display=False) as counter:
+            _run(m, args, kwargs)
+        return counter.get_total_flops()
+
+    return PruneReport(
+        settings={"remove_branches": list(names)}, params_before=count_params(model),
+        params_after=count_params(pruned), flops_before=flops(model), flops_after=flops(pruned),
+        channels={}, removed_classes=0, prunable_classes=0,
+        removed_blocks=[{"block": name, "add": "", "shortcut": "input"} for name in names],
+        max_abs_diff=_max_diff(new, reference),
+        reference_max_abs=max(float(t.float().abs().max()) for t in _tensors(reference)),
+        max_abs_diff_original=_max_diff(new, original))
