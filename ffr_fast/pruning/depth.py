@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..capture import Capture, capture
 from ..chains import residual_units
-from ..metrics import count_params
+from ..metrics import count_params, flops_of
 from ..modes import evaluating
 from .blocks import ResidualBranch, block_influence
 from .report import PruneReport
@@ -145,16 +145,26 @@ def remove(model: nn.Module, args, kwargs, names: Sequence[str]) -> Tuple[nn.Mod
             f"remove_branches: {unknown or list(names)} " + ("are not removable blocks"
                                                             if unknown else "lists a block twice")
             + f"; the removable blocks of {type(model).__name__} are {removable}")
-    pruned = copy.deepcopy(model)
+    # The copy never holds the removed blocks (placeholders stand in until cut() drops them),
+    # and the zeroed original is the original called with zeros for their parameters: the
+    # peak is the model and its pruned copy, not three models.
+    placeholders = {id(model.get_submodule(name)): nn.Identity() for name in names}
+    pruned = copy.deepcopy(model, placeholders)
     cut(pruned, names)
-    zeroed = copy.deepcopy(model)
-    with torch.no_grad():
-        for name in names:
-            for parameter in zeroed.get_submodule(name).parameters():
-                parameter.zero_()
-    reference, original = _run(zeroed, args, kwargs), _run(model, args, kwargs)
-    new = _run(pruned, args, kwargs)
-    report = _report(model, pruned, args, kwargs, names, new, reference, original)
+    zeros = {f"{name}.{key}": torch.zeros_like(parameter) for name in names
+             for key, parameter in model.get_submodule(name).named_parameters()}
+    with evaluating(model), torch.no_grad():
+        reference = torch.func.functional_call(model, zeros, tuple(args), kwargs, strict=False)
+    original, flops_before = flops_of(_run, model, args, kwargs)
+    new, flops_after = flops_of(_run, pruned, args, kwargs)
+    report = PruneReport(
+        settings={"remove_branches": list(names)}, params_before=count_params(model),
+        params_after=count_params(pruned), flops_before=flops_before, flops_after=flops_after,
+        channels={}, removed_classes=0, prunable_classes=0,
+        removed_blocks=[{"block": name, "add": "", "shortcut": "input"} for name in names],
+        max_abs_diff=_max_diff(new, reference),
+        reference_max_abs=max(float(t.float().abs().max()) for t in _tensors(reference)),
+        max_abs_diff_original=_max_diff(new, original))
     if report.relative_diff > EXACT:
         raise ValueError(
             f"removing {list(names)} is not exact: the pruned model's output differs from the "
@@ -201,19 +211,3 @@ def _update_config(config, container: nn.Module, old_length: int, removed: List[
 
 def _max_diff(a, b) -> float:
     return max(float((x.float() - y.float()).abs().max()) for x, y in zip(_tensors(a), _tensors(b)))
-
-
-def _report(model, pruned, args, kwargs, names, new, reference, original) -> PruneReport:
-    def flops(m):
-        with FlopCounterMode(display=False) as counter:
-            _run(m, args, kwargs)
-        return counter.get_total_flops()
-
-    return PruneReport(
-        settings={"remove_branches": list(names)}, params_before=count_params(model),
-        params_after=count_params(pruned), flops_before=flops(model), flops_after=flops(pruned),
-        channels={}, removed_classes=0, prunable_classes=0,
-        removed_blocks=[{"block": name, "add": "", "shortcut": "input"} for name in names],
-        max_abs_diff=_max_diff(new, reference),
-        reference_max_abs=max(float(t.float().abs().max()) for t in _tensors(reference)),
-        max_abs_diff_original=_max_diff(new, original))

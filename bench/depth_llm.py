@@ -1,0 +1,101 @@
+"""Depth pruning of a TinyLlama-1.1B-shaped LlamaForCausalLM (22 layers, hidden 2048, 32
+heads, 4 KV heads, intermediate 5632; random init, float32): the 4 layers of lowest Block
+Influence removed through residual_branches() and prune(remove_branches=...), with the time
+each call takes, the process's peak memory against the model's own size, and greedy
+generate() tokens/s of the pruned model against the unpruned one, timed in interleaved rounds.
+
+    .venv/bin/python bench/depth_llm.py --threads 2        # about 3 minutes, ~10 GB
+
+Writes bench/results/depth_llm.json and .md. Channel and KV-group pruning of the same model
+waits for the channel analysis on the export capture (docs/export-design.md, stage 2).
+"""
+import argparse
+import resource
+import time
+
+import torch
+
+import ffr_fast
+from ffr_fast.torchvision_loader import load_torchvision
+
+from results_io import write_results
+from timing import interleaved_medians
+
+load_torchvision()
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402  (after the loader)
+
+TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                 num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--remove", type=int, default=4, help="layers removed")
+    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINYLLAMA)).eval()
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    baseline = peak_rss_bytes()
+    ids = torch.randint(0, TINYLLAMA["vocab_size"], (1, args.prompt),
+                        generator=torch.Generator().manual_seed(0))
+
+    start = time.perf_counter()
+    branches = ffr_fast.residual_branches(model, ids)
+    listing = time.perf_counter() - start
+    removed = [b.name for b in sorted(branches, key=lambda b: b.influence)[:args.remove]]
+    start = time.perf_counter()
+    result = ffr_fast.prune(model, ids, remove_branches=removed)
+    pruning = time.perf_counter() - start
+    peak = peak_rss_bytes()
+
+    settings = dict(attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                    min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        steps = {"unpruned": lambda: model.generate(ids, **settings),
+                 "pruned": lambda: result.model.generate(ids, **settings)}
+        seconds = {name: min(times) for name, times in
+                   interleaved_medians(steps, args.rounds, 1).items()}
+    tokens_per_s = {name: args.new_tokens / s for name, s in seconds.items()}
+    report = result.report
+    data = dict(
+        model=TINYLLAMA, threads=args.threads, removed=removed,
+        seconds_residual_branches=listing, seconds_prune=pruning,
+        model_gib=model_bytes / 2**30, peak_rss_gib=peak / 2**30,
+        rss_before_pruning_gib=baseline / 2**30, peak_over_model=peak / model_bytes,
+        params=[report.params_before, report.params_after],
+        flops=[report.flops_before, report.flops_after], relative_diff=report.relative_diff,
+        generate_tokens_per_s=tokens_per_s, speedup=tokens_per_s["pruned"] / tokens_per_s["unpruned"],
+        rerun="python bench/depth_llm.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
+    markdown = "\n".join([
+        "# Depth pruning of a TinyLlama-1.1B-shaped LlamaForCausalLM", "",
+        f"{args.threads} threads, random init, float32; removed (lowest Block Influence on a "
+        f"{args.prompt}-token prompt): {', '.join(removed)}", "",
+        "| | value |", "|---|---:|",
+        f"| residual_branches() | {listing:.1f} s |",
+        f"| prune(remove_branches=...) | {pruning:.1f} s |",
+        f"| model size | {data['model_gib']:.2f} GiB |",
+        f"| peak process memory (model included) | {data['peak_rss_gib']:.2f} GiB "
+        f"({data['peak_over_model']:.2f}x the model) |",
+        f"| params | {report.params_before:,} -> {report.params_after:,} |",
+        f"| FLOPs (prompt forward) | {report.flop_ratio:.2f}x fewer |",
+        f"| relative difference to the zeroed original | {report.relative_diff:.2g} |",
+        f"| greedy generate(), {args.new_tokens} new tokens | unpruned "
+        f"{tokens_per_s['unpruned']:.2f} tok/s, pruned {tokens_per_s['pruned']:.2f} tok/s "
+        f"({data['speedup']:.2f}x) |", "",
+        f"Rerun: `{data['rerun']}`", ""])
+    write_results("depth_llm", data, markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
