@@ -17,9 +17,8 @@
 namespace ffr_fast {
 namespace {
 
-PenaltyOptions penalty_options(double grad_weight, double curv_weight,
-                                         c10::string_view norm, c10::string_view curvature,
-                                         double eps, double delta) {
+PenaltyOptions penalty_options(double grad_weight, double curv_weight, c10::string_view norm,
+                               c10::string_view curvature, double eps, double delta) {
   TORCH_CHECK(norm == "squared" || norm == "l2", "ffr_fast::flow_penalty: unknown norm '",
               std::string(norm), "'; choose 'squared' or 'l2'");
   TORCH_CHECK(curvature == "diff" || curvature == "angle",
@@ -86,8 +85,8 @@ std::vector<at::Tensor> flow_penalty_backward_cpu(
       const int64_t B = head.size(0), L = chains.lengths[c] - 1;
       const double scale = g * chain_weights[c] / B;
       for (int64_t b = 0; b < B; ++b, s += 3 * L, out += 3 * L) {
-        sample_terms_gradient(s, L, double(head.numel() / B), options,
-                                        scale * grad_weight, scale * curv_weight, out);
+        sample_terms_gradient(s, L, double(head.numel() / B), options, scale * grad_weight,
+                              scale * curv_weight, out);
       }
     }
   });

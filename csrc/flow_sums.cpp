@@ -127,7 +127,7 @@ struct FlatChains {
 // for waking the others (which, on a loaded machine, costs a scheduler time slice).
 constexpr int64_t kTaskElements = int64_t(1) << 18;
 
-// Gradients of a call above this size are written with streaming stores: they would not
+// Gradients of a call of at least this size are written with streaming stores: they would not
 // stay in a last-level cache (tens of MB) until autograd reads them, and streaming saves the
 // read-for-ownership of every line. Below it, the cache keeps them for that read.
 constexpr int64_t kStreamingBytes = int64_t(16) << 20;

@@ -220,7 +220,8 @@ FFR_FAST_INLINE void store_gradient(scalar_t* p, typename Vec<acc_t>::type v, in
 
 // Writes the gradients of the 2 * n elements at `start` (the first `left` of them, when fewer
 // are left) of every feature, walking k with the window d_{k-2}, d_{k-1}, d_k, d_{k+1} in
-// registers: each x_k is loaded once (at step k - 2) and each gradient stored once. Like the
+// registers: each x_k is loaded once (for step k - 2, whose window ends with d_{k-1}) and
+// each gradient stored once. Like the
 // forward, two halves (a, b) per chunk: a whole 64-byte cache line of every stream per step.
 template <bool kStream, typename acc_t, typename scalar_t,
           typename V = typename Vec<acc_t>::type>

@@ -1,8 +1,10 @@
 // The penalty of ffr_fast/reference.py from a chain's per-sample flow sums, and its gradient
 // with respect to those sums: the few scalar operations after the fused pass, done here so
-// that one op call (and one autograd node) covers the whole flow. The Python twin for the
-// devices without this code is ffr_fast.penalty.penalty_from_sums; both are tested against
-// the float64 reference.
+// that one op call (and one autograd node) covers the whole flow (flow_penalty.cpp). Its
+// twins: ffr_fast.ops.chain_terms and chain_terms_gradient in Python, for the devices
+// without a compiled kernel, and the epilogue of kernels/flow_penalty.py on CUDA. This code
+// is tested against the float64 reference, its twins against this code (tests/test_op.py,
+// tests/test_triton_kernels.py).
 //
 // The sums of one sample are a row-major (3, L) block: ||d_l||^2, ||s_l||^2, <d_l, d_{l+1}>
 // (the last column of rows 1 and 2 holds no sum). Arithmetic is in double: O(B * L) values.

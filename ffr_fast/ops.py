@@ -25,8 +25,11 @@ Implementations, most specific first:
     any   the fallback (CompositeExplicitAutograd): the plain-PyTorch reference's flow sums,
           and the penalty's math from them in chain_terms below
 
-Derivatives: first-order reverse mode. A second backward and forward-mode AD raise
-HIGHER_ORDER_MESSAGE rather than return wrong numbers.
+Derivatives: first-order reverse mode, one backward per op (the autograd section below). A
+second backward raises HIGHER_ORDER_MESSAGE rather than return wrong numbers, whoever calls the
+op. Forward-mode AD raises it in flow_penalty and flow_sums below, the entry points of
+ffr_fast.penalty and FFRLoss; torch.library's autograd has no forward-mode hook, so a direct
+torch.ops call on dual tensors returns outputs without a tangent.
 """
 import importlib
 import importlib.util
@@ -70,7 +73,7 @@ def chain_blocks(packed: Tensor, chains: Sequence[Sequence[Tensor]]) -> List[Ten
 
 
 # -- the penalty from the flow sums: the Python twin of csrc/penalty_math.h (and of the
-# Triton epilogue in kernels/flow_sums.py) ------------------------------------------------
+# Triton epilogue in kernels/flow_penalty.py) ---------------------------------------------
 def _term_size(v: Tensor, n: int, norm: str, eps: float) -> Tensor:
     """A term's size from its squared norm v, for n-element features."""
     return torch.sqrt(v + eps**2) / n**0.5 if norm == "l2" else v / n
@@ -124,7 +127,8 @@ def _feature_size(chain: Sequence[Tensor]) -> int:
 
 def _penalty_composite(features, lengths, chain_weights, grad_weight, curv_weight, norm,
                        curvature, eps, delta):
-    """flow_penalty from the flow_sums op (Triton on CUDA, the reference elsewhere)."""
+    """flow_penalty from the flow_sums op, on devices without a flow_penalty kernel (where
+    flow_sums has none either, so its sums are the reference's)."""
     sums = torch.ops.ffr_fast.flow_sums(features, lengths)
     chains = split_chains(features, lengths)
     penalty = sums.new_zeros(())
@@ -191,8 +195,9 @@ torch.library.register_fake("ffr_fast::flow_penalty_backward", _gradients_fake)
 
 
 # -- autograd -------------------------------------------------------------------------------
-# The ops' own derivatives, for callers of torch.ops.ffr_fast.*; ffr_fast.penalty goes
-# through _FlowPenalty (below), the same derivative with less work per call.
+# Each op has one backward. flow_penalty's is _penalty_feature_gradients, fed by
+# _save_for_penalty_backward; two thin entry points lead to them: the autograd registered on
+# the op (torch.ops callers) and _FlowPenalty (ffr_fast.penalty, below).
 def _save_features(ctx, inputs, output):
     features, lengths = inputs[0], inputs[1]
     ctx.save_for_backward(*features)
@@ -204,25 +209,57 @@ def _flow_sums_backward(ctx, grad_sums):
                                                       grad_sums)), None
 
 
-def _save_penalty_inputs(ctx, inputs, output):
-    features, lengths, *options = inputs
-    sums = output[1]
-    ctx.mark_non_differentiable(sums)
+def _save_for_penalty_backward(ctx, features: Sequence[Tensor], lengths: Sequence[int],
+                               options: Sequence, sums: Tensor) -> None:
+    """What the penalty's backward reads: the features, and the call's packed sums, lengths
+    and options (chain_weights, then the penalty's options, as the op takes them)."""
     ctx.save_for_backward(sums, *features)
     ctx.lengths, ctx.options = lengths, options
 
 
-def _flow_penalty_backward(ctx, grad_penalty, _grad_sums):
+def _penalty_feature_gradients(ctx, grad_penalty: Tensor) -> List[Tensor]:
+    """The penalty's backward: the gradient of every feature of the call."""
     sums, *features = ctx.saved_tensors
-    grads = torch.ops.ffr_fast.flow_penalty_backward(features, ctx.lengths, sums, grad_penalty,
-                                                     *ctx.options)
-    return (list(grads),) + (None,) * (1 + len(ctx.options))
+    return list(torch.ops.ffr_fast.flow_penalty_backward(features, ctx.lengths, sums,
+                                                         grad_penalty, *ctx.options))
+
+
+def _setup_penalty_context(ctx, inputs, output):
+    features, lengths, *options = inputs
+    sums = output[1]
+    ctx.mark_non_differentiable(sums)
+    _save_for_penalty_backward(ctx, features, lengths, options, sums)
+
+
+def _flow_penalty_backward(ctx, grad_penalty, _grad_sums):
+    # One gradient per argument of the op: the features', then none for lengths and options.
+    return (_penalty_feature_gradients(ctx, grad_penalty),) + (None,) * (1 + len(ctx.options))
+
+
+class _FlowPenalty(torch.autograd.Function):
+    """ffr_fast.penalty's entry point to flow_penalty: the op's backward, without the
+    registered autograd's cost per call. That one goes through torch.library's tensor-list
+    support, which flattens and rebuilds every argument with pytree on each call: measured
+    side by side (bench/bench_penalty.py::test_autograd_paths_at_batch_2, ResNet-56's 27
+    features at batch 2, on 2 shared cores), a forward + backward takes 0.35 ms this way and
+    0.44 ms through torch.ops at best, 1.25-1.3x; the difference is per call and per feature,
+    it does not grow with the batch."""
+
+    @staticmethod
+    def forward(ctx, lengths, options, *features):
+        penalty, sums = torch.ops.ffr_fast.flow_penalty(list(features), lengths, *options)
+        _save_for_penalty_backward(ctx, features, lengths, options, sums)
+        return penalty
+
+    @staticmethod
+    def backward(ctx, grad_penalty):
+        return (None, None, *_penalty_feature_gradients(ctx, grad_penalty))
 
 
 torch.library.register_autograd("ffr_fast::flow_sums", _flow_sums_backward,
                                 setup_context=_save_features)
 torch.library.register_autograd("ffr_fast::flow_penalty", _flow_penalty_backward,
-                                setup_context=_save_penalty_inputs)
+                                setup_context=_setup_penalty_context)
 
 HIGHER_ORDER_MESSAGE = (
     "ffr_fast: the flow penalty supports first-order reverse-mode gradients only: a second "
@@ -236,7 +273,8 @@ def _refuse_double_backward(ctx, *grads):
 
 
 # With create_graph=True the backward ops are recorded in the graph; differentiating them
-# again must fail loudly rather than treat the backward as a constant (as torchvision's ops do).
+# again must fail loudly rather than treat the backward as a constant (torchvision's ops
+# refuse it the same way: the autograd of their backward raises).
 for _backward_op in ("ffr_fast::flow_sums_backward", "ffr_fast::flow_penalty_backward"):
     torch.library.register_autograd(_backward_op, _refuse_double_backward,
                                     setup_context=lambda ctx, inputs, output: None)
@@ -320,26 +358,6 @@ def require_compiled_cpu_kernel() -> None:
     """Fail loudly when the CPU kernel is missing: `make` and the tests call this."""
     if not has_compiled_kernel("cpu"):
         raise RuntimeError("ffr_fast: the compiled CPU kernel (ffr_fast._C) is not loaded")
-
-
-class _FlowPenalty(torch.autograd.Function):
-    """The same derivative as the op's registered autograd, with less per-call work: that
-    one goes through torch.library's generic tensor-list handling (pytree flattening of
-    every argument, about 0.2 ms a step), this one hands the features over as they are."""
-
-    @staticmethod
-    def forward(ctx, lengths, options, *features):
-        penalty, sums = torch.ops.ffr_fast.flow_penalty(list(features), lengths, *options)
-        ctx.save_for_backward(sums, *features)
-        ctx.lengths, ctx.options = lengths, options
-        return penalty
-
-    @staticmethod
-    def backward(ctx, grad_penalty):
-        sums, *features = ctx.saved_tensors
-        grads = torch.ops.ffr_fast.flow_penalty_backward(features, ctx.lengths, sums,
-                                                         grad_penalty, *ctx.options)
-        return (None, None, *grads)
 
 
 def flow_penalty(features: Sequence[Tensor], lengths: List[int], chain_weights: List[float],

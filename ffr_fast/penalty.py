@@ -71,9 +71,9 @@ def check_chain_weights(chain_weights: Sequence[float]) -> List[float]:
     return weights
 
 
-# Layouts (each feature's shape, dtype, device and layout, strided or sparse, chain by
-# chain) already validated, each
-# with its chains grouped by (dtype, device): one op call per group, one in the usual case.
+# Layouts (each feature's shape, dtype, device and layout, strided or sparse, chain by chain)
+# already validated, each with its chains grouped by (dtype, device): one op call per group,
+# one in the usual case. Least recently used first: past _MAX_LAYOUTS, it is dropped.
 _VALIDATED_LAYOUTS: "OrderedDict[tuple, List[List[int]]]" = OrderedDict()
 _MAX_LAYOUTS = 64
 
@@ -124,8 +124,8 @@ def flow_penalty_chains(chains: Sequence[Sequence[Tensor]], grad_weight: float =
     in one op call: chains may differ in shape and length (each one shape, dtype and device
     inside). One autograd node covers them all.
 
-    The chains' structure is validated when their layout (shapes, dtypes, devices) first
-    appears, not on every call. Chains of different dtypes or devices go to one call each.
+    The chains' structure is validated when their layout (shapes, dtypes, devices, strided or
+    sparse) first appears, not on every call. Chains of different dtypes or devices go to one call each.
     Returns a 0-dim tensor in float32 (float64 for float64 features).
     """
     check_options(grad_weight, curv_weight, norm, curvature, eps, delta)
@@ -154,8 +154,9 @@ def flow_penalty(features: Sequence[Tensor], grad_weight: float = 1.0, curv_weig
     (ffr_fast.reference states the math): flow_penalty_chains for a single chain.
 
     Returns a 0-dim tensor in float32 (float64 for float64 features), differentiable with
-    respect to every feature. The features are read in place: no copy is made of a
-    contiguous or channels_last feature.
+    respect to every feature. The features are read in place when they share one layout
+    that keeps each sample dense (contiguous, channels_last): no copy is made of them. Other
+    views, and chains that mix layouts, are read from contiguous copies.
     """
     if isinstance(features, Tensor) or not isinstance(features, (list, tuple)):
         raise TypeError(f"chain: expected a list of K >= 2 tensors, got "

@@ -30,16 +30,12 @@ Penalty: P = sum over chains c of  w_c (grad_weight mean_b G_b + curv_weight mea
 with chain weights w_c (1 unless given). It is accumulated in float32 (float64 for float64
 features) whatever the input dtype, and returned as a 0-dim tensor of that dtype.
 
-Notation (per chain x_0 .. x_{K-1}, each (B, *S), n = prod(S)):
-    d_l = x_{l+1} - x_l            first differences, l = 0 .. K-2
-    s_l = x_{l+2} - 2 x_{l+1} + x_l = d_{l+1} - d_l   second differences, l = 0 .. K-3
-
 The fused kernels reduce a chain to its *flow sums*, a (B, 3, K-1) tensor:
     sums[:, 0, l] = ||d_l||^2
     sums[:, 1, l] = ||s_l||^2        (l <= K-3; zero in the last column)
     sums[:, 2, l] = <d_l, d_{l+1}>   (l <= K-3; zero in the last column)
-Every variant of the penalty is a function of these sums (ffr_fast.ops.chain_terms, and
-csrc/penalty_math.h), and so is its gradient: the backward is one more pass over the
+Every variant of the penalty is a function of these sums (ffr_fast.ops.chain_terms,
+csrc/penalty_math.h and the epilogue of kernels/flow_penalty.py), and so is its gradient: the backward is one more pass over the
 features with O(B K) per-sample coefficients (flow_sums_backward below).
 
 Numerics: differences are formed element by element from upcast values, never as

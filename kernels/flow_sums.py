@@ -15,9 +15,9 @@ and reused. The features are never stacked (that would copy them): the kernels g
 first feature's pointer and each feature's offset from it in elements, a table that depends
 on the features' addresses: it is cached by address (a training loop often gets the same
 addresses step after step; a CUDA graph always does), and otherwise built on the host and
-sent to the device from pinned memory without waiting for the GPU. Each sample is read as a flat run of n elements,
-which holds for contiguous and channels_last features alike, as long as every feature of a
-chain lays its samples out the same way; other views are copied first.
+sent to the device from pinned memory without waiting for the GPU. Each sample is read as a
+flat run of n elements, which holds for contiguous and channels_last features alike, as long
+as every feature of a chain lays its samples out the same way; other views are copied first.
 
 Each program handles one block of one sample and walks its chain once, so every element of
 every feature is read once (forward and backward) and every gradient element written once.

@@ -116,7 +116,7 @@ def test_single_chain_flow_penalty_matches_reference():
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v['norm']}-{v['curvature']}-"
                                                            f"eps{v['eps']}")
 def test_composite_path_matches_the_cpu_kernels(variant):
-    """The penalty as CUDA and the kernel-less fallback compute it (the flow-sums op plus
+    """The penalty as the kernel-less fallback computes it (the flow-sums op plus
     ops.chain_terms and its gradient) against the C++ penalty, forward and backward."""
     chains = random_chains(LAYOUTS["three_chains"], torch.float64, step=0.5)
     features, lengths = flatten(chains)
@@ -147,18 +147,55 @@ def test_angle_at_the_clip_has_the_gradient_of_torch_clamp():
         torch.testing.assert_close(grad, want, rtol=1e-8, atol=1e-12)
 
 
+def through_torch_ops(chains, chain_weights=None, grad_weight=1.0, curv_weight=1.0,
+                      norm="squared", curvature="diff", eps=1e-8, delta=1e-6):
+    """flow_penalty_chains' penalty as a torch.ops caller gets it: its gradient through the
+    autograd registered on the op, not ffr_fast.penalty's entry point."""
+    features, lengths = flatten(chains)
+    weights = [1.0] * len(chains) if chain_weights is None else list(chain_weights)
+    penalty, _ = torch.ops.ffr_fast.flow_penalty(features, lengths, weights, grad_weight,
+                                                 curv_weight, norm, curvature, eps, delta)
+    return penalty
+
+
 @pytest.mark.parametrize("variant", [dict(), dict(norm="l2", curvature="angle", eps=1e-3)])
 def test_gradcheck_float64(variant):
     chains = random_chains([(4, (2, 3, 5)), (3, (1, 4)), (2, (2, 2, 2))], torch.float64)
     features, lengths = flatten([[x.requires_grad_() for x in chain] for chain in chains])
 
-    def penalty(*xs):
-        return flow_penalty_chains(ops.split_chains(xs, lengths), chain_weights=[1.0, 0.5, 2.0],
-                                   **variant)
-
     assert torch.autograd.gradcheck(lambda *xs: torch.ops.ffr_fast.flow_sums(xs, lengths),
                                     features)
-    assert torch.autograd.gradcheck(penalty, features)
+    for penalty_fn in (flow_penalty_chains, through_torch_ops):
+        assert torch.autograd.gradcheck(
+            lambda *xs: penalty_fn(ops.split_chains(xs, lengths), chain_weights=[1.0, 0.5, 2.0],
+                                   **variant),
+            features)
+
+
+def test_every_caller_of_the_penalty_op_runs_its_one_backward(monkeypatch):
+    """ffr_fast.penalty and torch.ops callers reach the same backward function (a change to
+    the backward is one edit), and get bitwise the same gradients from it."""
+    calls = []
+    backward = ops._penalty_feature_gradients
+    monkeypatch.setattr(ops, "_penalty_feature_gradients",
+                        lambda ctx, grad: calls.append(grad) or backward(ctx, grad))
+    chains = random_chains(LAYOUTS["three_chains"], torch.float64, step=0.5)
+    options = dict(chain_weights=CHAIN_WEIGHTS, norm="l2", curvature="angle")
+    value, grads = penalty_and_grads(flow_penalty_chains, chains, **options)
+    assert len(calls) == 1
+    op_value, op_grads = penalty_and_grads(through_torch_ops, chains, **options)
+    assert len(calls) == 2
+    assert torch.equal(op_value, value)
+    assert all(torch.equal(got, want) for got, want in zip(op_grads, grads))
+
+
+def test_second_backward_through_a_torch_ops_call_raises():
+    chains = [[x.requires_grad_() for x in chain]
+              for chain in random_chains(LAYOUTS["three_chains"], torch.float64)]
+    leaves = flatten(chains)[0]
+    grads = torch.autograd.grad(through_torch_ops(chains), leaves, create_graph=True)
+    with pytest.raises(RuntimeError, match=ops.HIGHER_ORDER_MESSAGE[:40]):
+        sum((g * g).sum() for g in grads).backward()
 
 
 def test_opcheck():

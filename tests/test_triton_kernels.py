@@ -1,4 +1,5 @@
-"""The Triton kernels of ffr_fast::flow_sums against the reference, forward and backward.
+"""The Triton kernels of ffr_fast::flow_sums against the reference, and those of
+ffr_fast::flow_penalty against the C++ op, forward and backward.
 
 Without a GPU they run in Triton's interpreter on CPU tensors (tests/conftest.py sets
 TRITON_INTERPRET=1 before Triton is imported); with one, compiled on CUDA tensors.
