@@ -1,4 +1,4 @@
-"""One-call check of the Triton flow-sums kernels on a CUDA machine (issue 2, point 6).
+"""One-call check of the Triton flow-sums kernels on a CUDA machine.
 
     python bench/gpu_check.py [--out bench/results/gpu_check.json]
     python bench/gpu_check.py --dry-run    # no GPU: Triton interpreter, CPU, tiny shapes
@@ -11,11 +11,11 @@
    events), against a device-to-device copy of a large tensor measured in the same run; a
    block-size sweep; peak memory beyond the K gradients.
 3. The penalty forward+backward: the op vs the eager reference vs torch.compile(reference).
-4. The multi-chain op (issue 9): the ResNet-56 stages as chains of one call, kernels and
+4. The multi-chain op: the ResNet-56 stages as chains of one call, kernels and
    penalty variants against the reference; the whole flow's penalty fwd+bwd at batch 2 and
    128 (op, eager, compiled reference); capture of the op's forward + backward in a CUDA
    graph, replayed against eager; a ResNet-56 training step at batch 128 with and without
-   FFRLoss (issue 9's target: FFRLoss adds <= 3%).
+   FFRLoss (the target: FFRLoss adds <= 3%).
 
 The correctness sections and the run itself live here, the measurements in gpu_speed.py.
 Prints a table, writes JSON to --out. Each section records its errors and the script goes
@@ -203,8 +203,8 @@ def capture_cuda_graph(p, device, results):
 
 
 def print_tables(results):
-    print(f"\ncopy bandwidth: {results['copy_GBps']:.0f} GB/s (issue 2's target for the "
-          "kernels: >= 80% of it)")
+    print(f"\ncopy bandwidth: {results['copy_GBps']:.0f} GB/s (the kernels' target: "
+          ">= 80% of it)")
     print(f"\n{'dir':8} {'shape':20} {'K':>3} {'dtype':8} {'block':>5} {'call ms':>9} "
           f"{'kernel ms':>9} {'GB/s':>6} {'% copy':>6}")
     for r in results["bandwidth"]:

@@ -188,7 +188,7 @@ def time_flow(p, device, results):
 
 
 def time_training_step(p, device, results):
-    """A ResNet-56 training step with and without FFRLoss, interleaved (issue 9: <= 3%)."""
+    """A ResNet-56 training step with and without FFRLoss, interleaved (target: <= 3%)."""
     steps = {name: make_training_step(name, p["step_batch"], device=device)
              for name in ("no regularizer", "FFRLoss (fused op)")}
     times = {name: [] for name in steps}

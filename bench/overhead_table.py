@@ -1,6 +1,6 @@
 """What one FFR step costs beyond its memory traffic: the penalty of the three CIFAR
 ResNet-56 chains ((B,16,32,32), (B,32,16,16), (B,64,8,8); K = 9 block outputs each),
-forward + backward through FFRLoss, at B = 1, 2, 8 and 128 (issue 9):
+forward + backward through FFRLoss, at B = 1, 2, 8 and 128:
 
 - op: FFRLoss as shipped, every chain in one call of ffr_fast::flow_penalty
   (ffr_fast.penalty.flow_penalty_chains);
@@ -16,7 +16,7 @@ the median over rounds of each round's median step. At B = 128 the table adds th
 floor (bench/penalty_table.py: K*N reads forward, K*N reads + K*N writes backward, over the
 machine's copy bandwidth).
 
-Targets (issue 9): at B = 2, the op <= 0.2x the eager reference and <= 0.5x the compiled
+Targets (the README's measured-speed table): at B = 2, the op <= 0.2x the eager reference and <= 0.5x the compiled
 one; at B = 128, the op <= the compiled reference and within 1.2x of the traffic floor.
 
     .venv/bin/python bench/overhead_table.py [--threads 1] [--rounds 7]
@@ -175,7 +175,7 @@ def markdown(report: dict) -> str:
         f"(copy bandwidth at {report['threads']} thread(s)); the op through FFRLoss takes "
         f"{b128 / report['traffic_floor_b128_s']:.2f}x of it.",
         "",
-        "Targets (issue 9):",
+        "Targets (the README's measured-speed table):",
         *[f"- {name}: {'met' if met else 'NOT met'}" for name, met in report["targets"].items()],
         "",
         f"The machine is shared (1-minute load average {report['load_average_1min']:.1f} at the "

@@ -1,7 +1,7 @@
 """What FFRLoss adds to a training step: one CIFAR ResNet-56 step (32x32 inputs; forward,
 cross-entropy, backward, SGD step) without a regularizer, with FFRLoss on the fused op (all
-chains in one call), and with FFRLoss on the eager plain-PyTorch reference. Targets
-(issue 9): FFRLoss (op) adds <= 2% at batch 128 and <= 5% at batch 8.
+chains in one call), and with FFRLoss on the eager plain-PyTorch reference. Targets (the
+README's measured-speed table): FFRLoss (op) adds <= 2% at batch 128 and <= 5% at batch 8.
 
 The three steps are timed in interleaved rounds, so slow drift of a shared machine hits them
 alike (each round's time is the median of 5 steps below batch 64); the table gives each
@@ -29,7 +29,7 @@ VARIANTS = {
     "FFRLoss (fused op)": (True, None),
     "FFRLoss (eager reference)": (True, reference.flow_penalty),
 }
-TARGET_OVERHEAD = {128: 0.02, 8: 0.05}  # issue 9, by batch size
+TARGET_OVERHEAD = {128: 0.02, 8: 0.05}  # the README's targets, by batch size
 
 
 def make_training_step(variant: str, batch: int = 128, seed: int = 0, device="cpu"):

@@ -44,10 +44,15 @@ def _filters(model: nn.Module) -> Iterable[torch.Tensor]:
             yield module.weight.detach().flatten(1)
 
 
+# torch's BatchNorm layers, each public class (their shared base class is private).
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+               nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d)
+
+
 def batchnorm_scales(model: nn.Module) -> Dict[str, nn.Parameter]:
     """The scale parameter (gamma) of every affine BatchNorm layer, by module name."""
     return {name: module.weight for name, module in model.named_modules()
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine}
+            if isinstance(module, BATCH_NORMS) and module.affine}
 
 
 def weight_sparsity(model: nn.Module, tol: float = 0.0) -> float:

@@ -1,12 +1,17 @@
 """Helpers shared by ffr_fast's tests and benchmarks: one home for the tolerances of the op
-against the float64 reference, for random chains, and for random models that look trained
-(and FFR-sparsified) for the pruner.
+against the float64 reference, for random chains, for random models that look trained
+(and FFR-sparsified) for the pruner and the checks of what it returns, for counting the
+forward hooks a model is left with, and for CIFAR-10 folders written on the fly.
 
 Tolerances are relative to the largest reference value (relative_error): float64 1e-10,
 float32 1e-5, float16/bfloat16 1e-2 against the float64 reference of the upcast inputs.
 """
-from typing import List, Optional, Sequence
+import contextlib
+import pickle
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -64,13 +69,103 @@ def look_trained(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+def zero_rows(layer: nn.Module, rows: Sequence[int]) -> None:
+    """Make output `rows` of a layer's weight (and of its bias, if any) exactly zero."""
+    with torch.no_grad():
+        layer.weight[rows] = 0
+        if layer.bias is not None:
+            layer.bias[rows] = 0
+
+
 def kill_channels(model: nn.Module, path: str, channels: Sequence[int],
                   bn_path: Optional[str] = None) -> None:
     """Make output `channels` of layer `path` (and of its BN) exactly zero."""
+    for p in (path, bn_path):
+        if p is not None:
+            zero_rows(model.get_submodule(p), channels)
+
+
+def zero_heads(qkv_weight: Tensor, qkv_bias: Optional[Tensor], heads: Sequence[int],
+               num_heads: int) -> None:
+    """Zero the q, k and v rows of attention `heads` in a fused qkv projection (nn.Linear's
+    weight and bias, or nn.MultiheadAttention's in_proj_weight and in_proj_bias): q, k and v
+    are three blocks of (num_heads, head_dim) rows."""
+    inner = qkv_weight.shape[0] // 3
+    head_dim = inner // num_heads
+    rows = [block * inner + h * head_dim + i for block in range(3) for h in heads
+            for i in range(head_dim)]
     with torch.no_grad():
-        for p in (path, bn_path):
-            if p is not None:
-                m = model.get_submodule(p)
-                m.weight[channels] = 0
-                if m.bias is not None:
-                    m.bias[channels] = 0
+        qkv_weight[rows] = 0
+        if qkv_bias is not None:
+            qkv_bias[rows] = 0
+
+
+# -- checks of what the pruner returns -----------------------------------------------------
+def outputs(model: nn.Module, x: Tensor) -> Tensor:
+    """The model's output on x in eval mode, without autograd."""
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def assert_same_output(original: nn.Module, result, x: Tensor) -> None:
+    """prune()'s `result` computes what `original` computes on x, to 1e-5 of its largest
+    output, and its report says so without calling itself approximate."""
+    assert relative_error(outputs(result.model, x), outputs(original, x)) <= 1e-5
+    assert result.report.relative_diff <= 1e-5 and not result.report.approximate
+
+
+def snapshot(model: nn.Module) -> dict:
+    """A copy of the model's state dict, to show later that nothing in it changed."""
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+# -- forward hooks, counted by what they do ------------------------------------------------
+@contextlib.contextmanager
+def counted_forward_hooks() -> Iterator[List[Callable]]:
+    """Inside the block, every forward hook and pre-hook registered on any module is wrapped
+    so that each of its calls appends it to the yielded list, for as long as it stays
+    registered: run a forward after the block, and an empty list shows that every hook the
+    block registered has been removed."""
+    calls: List[Callable] = []
+    registrations = {name: getattr(nn.Module, name)
+                     for name in ("register_forward_hook", "register_forward_pre_hook")}
+
+    def counting(register):
+        def register_counted(module, hook, *args, **kwargs):
+            def counted(*hook_args, **hook_kwargs):
+                calls.append(hook)
+                return hook(*hook_args, **hook_kwargs)
+            return register(module, counted, *args, **kwargs)
+        return register_counted
+
+    try:
+        for name, register in registrations.items():
+            setattr(nn.Module, name, counting(register))
+        yield calls
+    finally:
+        for name, register in registrations.items():
+            setattr(nn.Module, name, register)
+
+
+# -- CIFAR-10 folders ------------------------------------------------------------------------
+def pickled_batch(images: np.ndarray, labels: List[int], protocol: Optional[int] = None) -> bytes:
+    """A CIFAR-10 batch as the python version of the data set stores it."""
+    return pickle.dumps({"data": images, "labels": labels}, protocol=protocol)
+
+
+def write_cifar10(root: Path, batch_bytes: Callable[[np.ndarray, List[int]], bytes] = pickled_batch
+                  ) -> np.ndarray:
+    """Five training batches and a test batch of 10 random images (one per class) written by
+    `batch_bytes`, and the names of the classes; returns the test batch's pixels."""
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        images = rng.integers(0, 256, (10, 3072), dtype=np.uint8)
+        (root / name).write_bytes(batch_bytes(images, list(range(10))))
+    (root / "batches.meta").write_bytes(pickle.dumps({"label_names": list("abcdefghij")}))
+    return images

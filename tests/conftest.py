@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 
 # Triton reads TRITON_INTERPRET when it is first imported: without a GPU its kernels run on
@@ -11,3 +12,11 @@ if not torch.cuda.is_available():
 # several processes on a 2-core machine, where OpenMP threads would oversubscribe the cores.
 # Tests of the parallel kernels choose their thread counts themselves.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    """The digits data set, split: what the study's tests train on. Imported when first
+    used, so that nothing of ffr_fast is imported before TRITON_INTERPRET is set above."""
+    from ffr_fast.study import data
+    return data.load_digits()

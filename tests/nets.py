@@ -1,11 +1,13 @@
-"""Test-only networks for the pruner, each exercising one dependency rule; the helpers that
-make a random model look trained or give it dead filters live in ffr_fast.testing."""
+"""Test-only networks for the pruner, each exercising one dependency rule, and a small
+torchvision ViT; the helpers that make a random model look trained or give it dead filters
+live in ffr_fast.testing."""
 import pytest
 import torch
 import torch.fx
 from torch import nn
 
 from ffr_fast.testing import kill_channels, look_trained  # noqa: F401 (re-exported)
+from ffr_fast.torchvision_loader import load_torchvision
 
 
 def conv_bn_relu(cin, cout, k=3, groups=1):
@@ -115,6 +117,18 @@ class GatedNet(nn.Module):
     def forward(self, x):
         x = self.conv3(self.conv2(self.gate(self.conv1(x))))
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def small_vit(num_layers: int = 4, patch_size: int = 8):
+    """torchvision's VisionTransformer on 32x32 inputs (width 32, 4 heads, MLP 64, 10
+    classes), in eval mode, its head drawn at random: torchvision zero-initialises it, and a
+    model whose output is zero cannot show that pruning changed nothing."""
+    torch.manual_seed(0)
+    model = load_torchvision().models.VisionTransformer(
+        image_size=32, patch_size=patch_size, num_layers=num_layers, num_heads=4,
+        hidden_dim=32, mlp_dim=64, num_classes=10).eval()
+    nn.init.normal_(model.heads.head.weight)
+    return model
 
 
 TEST_NETS = {"densenet": (TinyDenseNet, ()), "resnext": (TinyResNeXt, ()),

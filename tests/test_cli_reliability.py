@@ -20,7 +20,7 @@ import ffr_fast
 from ffr_fast import load_pruned, models, prune, save_pruned
 from ffr_fast.pruning.serialize import record_source
 from ffr_fast.study import checkpoint, cli, data
-from ffr_fast.testing import kill_channels
+from ffr_fast.testing import kill_channels, pickled_batch, write_cifar10
 
 from test_cli import _refused, _run
 
@@ -156,21 +156,6 @@ def test_the_run_lock_is_exclusive_and_released(tmp_path):
 
 # -- CIFAR pickles --------------------------------------------------------------------------
 
-def _pickled(images, labels, protocol=None):
-    return pickle.dumps({"data": images, "labels": labels}, protocol=protocol)
-
-
-def _write_cifar10(root, batch_bytes=_pickled):
-    """Five training batches and a test batch of 10 images (one per class) written by
-    `batch_bytes`; returns the test batch's pixels."""
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        images = rng.integers(0, 256, (10, 3072), dtype=np.uint8)
-        (root / name).write_bytes(batch_bytes(images, list(range(10))))
-    (root / "batches.meta").write_bytes(pickle.dumps({"label_names": list("abcdefghij")}))
-    return images
-
-
 def _python2_batch(images, labels):
     """A batch as the CIFAR-10 python files hold it: pickled by Python 2 (protocol 2, the
     pixels a byte string), the array named through numpy.core.multiarray._reconstruct."""
@@ -188,10 +173,10 @@ def _python2_batch(images, labels):
 
 
 @pytest.mark.parametrize("batch_bytes", [
-    _python2_batch, partial(_pickled, protocol=2), partial(_pickled, protocol=5),
+    _python2_batch, partial(pickled_batch, protocol=2), partial(pickled_batch, protocol=5),
 ], ids=["python2", "protocol2", "protocol5"])
 def test_cifar_batches_as_python_and_numpy_versions_write_them_load(tmp_path, batch_bytes):
-    test_images = _write_cifar10(tmp_path, batch_bytes)
+    test_images = write_cifar10(tmp_path, batch_bytes)
     splits = data.load("cifar10", tmp_path)
     assert len(splits.train) + len(splits.val) == 50
     assert torch.equal(splits.test.images, torch.from_numpy(test_images).view(-1, 3, 32, 32))
@@ -208,7 +193,7 @@ class _RunsACommand:
 
 @pytest.mark.parametrize("name", ["batches.meta", "data_batch_1"])
 def test_a_cifar_pickle_that_would_run_code_is_refused_unrun(tmp_path, capsys, name):
-    _write_cifar10(tmp_path)
+    write_cifar10(tmp_path)
     marker = tmp_path / "ran"
     (tmp_path / name).write_bytes(pickle.dumps({"data": _RunsACommand(marker)}))
     err = _refused(capsys, ["train", "--out", str(tmp_path / "run"), "--data", "cifar10",

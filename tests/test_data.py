@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ffr_fast.study import data
+from ffr_fast.testing import write_cifar10
 
 
 def _labels(dataset):
@@ -39,19 +40,10 @@ def test_stratified_split_partitions_every_class():
                                                                 [2, 4, 6]]
 
 
-def _write_cifar10(root, n=6, seed=0):
-    rng = np.random.default_rng(seed)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 "labels": [int(v) for v in rng.integers(0, 10, n)]}
-        (root / name).write_bytes(pickle.dumps(batch))
-    (root / "batches.meta").write_bytes(pickle.dumps({"label_names": [str(i) for i in range(10)]}))
-
-
 def test_cifar10_pickle_folder(tmp_path):
-    _write_cifar10(tmp_path)
+    write_cifar10(tmp_path)
     splits = data.load("cifar10", tmp_path)
-    assert len(splits.train) + len(splits.val) == 30 and len(splits.test) == 6
+    assert len(splits.train) + len(splits.val) == 50 and len(splits.test) == 10
     image, _ = splits.test[0]
     assert image.shape == (3, 32, 32) and splits.num_classes == 10
     raw = pickle.loads((tmp_path / "test_batch").read_bytes())["data"][0].reshape(3, 32, 32)
@@ -71,7 +63,7 @@ def test_cifar100_pickle_folder(tmp_path):
 
 
 def test_cifar_missing_files_are_named(tmp_path):
-    _write_cifar10(tmp_path)
+    write_cifar10(tmp_path)
     (tmp_path / "data_batch_3").unlink()
     (tmp_path / "batches.meta").unlink()
     with pytest.raises(FileNotFoundError, match=r"data_batch_3.*batches\.meta"):
@@ -84,7 +76,7 @@ def test_cifar_missing_files_are_named(tmp_path):
     (pickle.dumps({"pixels": 1}), "'data' and 'labels'"),
 ])
 def test_cifar_malformed_batch_is_named(tmp_path, content, message):
-    _write_cifar10(tmp_path)
+    write_cifar10(tmp_path)
     (tmp_path / "data_batch_2").write_bytes(content)
     with pytest.raises(ValueError, match=message) as error:
         data.load("cifar10", tmp_path)

@@ -6,13 +6,26 @@ import pytest
 import torch
 from torch import nn
 
-from ffr_fast.metrics import (NOISY_SPREAD, LatencyWarning, count_flops, count_params,
-                              filter_sparsity, measure_latency, weight_sparsity)
+from ffr_fast.metrics import (BATCH_NORMS, NOISY_SPREAD, LatencyWarning, batchnorm_scales,
+                              count_flops, count_params, filter_sparsity, measure_latency,
+                              weight_sparsity)
 
 
 def small_net():
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                          nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+
+
+def test_batch_norms_are_every_batchnorm_class_torch_publishes():
+    assert set(BATCH_NORMS) == {getattr(nn, name) for name in dir(nn) if "BatchNorm" in name}
+
+
+def test_batchnorm_scales_of_every_kind_and_only_affine_ones():
+    model = nn.Sequential(nn.BatchNorm1d(2), nn.BatchNorm2d(3), nn.BatchNorm3d(4),
+                          nn.SyncBatchNorm(5), nn.BatchNorm2d(6, affine=False), nn.LayerNorm(7))
+    scales = batchnorm_scales(model)
+    assert list(scales) == ["0", "1", "2", "3"]
+    assert all(scales[name] is model[int(name)].weight for name in scales)
 
 
 def test_count_params():

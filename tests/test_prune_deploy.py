@@ -4,14 +4,10 @@ import torch
 from torch import nn
 
 from ffr_fast import load_pruned, models, prune, save_pruned
+from ffr_fast.testing import outputs, relative_error
 from nets import TinyResNeXt, kill_channels, look_trained, one_thread  # noqa: F401
 
 X = torch.randn(2, 3, 32, 32)
-
-
-def run(model, x=X):
-    with torch.no_grad():
-        return model.eval()(x)
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +26,7 @@ def test_fold_bn_equivalence(sparse_resnet):
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.model.modules())
     # stem + 9 blocks x 2 + 2 downsamples = 21 conv-bn pairs, less the removed block's 2
     assert len(folded.report.folded_bn) == 21 - 2
-    expected = run(plain.model)
-    assert (run(folded.model) - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert relative_error(outputs(folded.model, X), outputs(plain.model, X)) <= 1e-5
     assert folded.report.relative_diff <= 1e-5
     # FlopCounterMode counts convs and matmuls only, so folding shows in the parameters.
     assert folded.report.flops_after == plain.report.flops_after
@@ -43,7 +38,7 @@ def test_whole_module_pickle(sparse_resnet, tmp_path):
     result = prune(sparse_resnet, X, ratio=0.5, fold_bn=True)
     torch.save(result.model, tmp_path / "model.pt")
     loaded = torch.load(tmp_path / "model.pt", weights_only=False)
-    assert torch.equal(run(loaded), run(result.model))
+    assert torch.equal(outputs(loaded, X), outputs(result.model, X))
 
 
 @pytest.mark.parametrize("fold_bn", [False, True])
@@ -54,11 +49,11 @@ def test_state_dict_and_structure_round_trip(sparse_resnet, tmp_path, fold_bn):
     from_factory = load_pruned(tmp_path / "pruned.pt", models.resnet20)
     from_instance = load_pruned(tmp_path / "pruned.pt", sparse_resnet)
     for loaded in (from_factory, from_instance):
-        assert torch.equal(run(loaded), run(result.model))
+        assert torch.equal(outputs(loaded, X), outputs(result.model, X))
         assert loaded.state_dict().keys() == result.model.state_dict().keys()
     save_pruned(from_factory, tmp_path / "again.pt")  # a loaded model saves again
-    assert torch.equal(run(load_pruned(tmp_path / "again.pt", models.resnet20)),
-                       run(result.model))
+    assert torch.equal(outputs(load_pruned(tmp_path / "again.pt", models.resnet20), X),
+                       outputs(result.model, X))
 
 
 def test_load_into_wrong_architecture_is_an_error(sparse_resnet, tmp_path):
@@ -76,7 +71,7 @@ def test_torch_export_of_pruned_model():
     result = prune(model, x, ratio=0.5, fold_bn=True)
     assert result.report.removed_blocks
     exported = torch.export.export(result.model, (x,))
-    assert torch.allclose(exported.module()(x), run(result.model, x), atol=1e-6)
+    assert torch.allclose(exported.module()(x), outputs(result.model, x), atol=1e-6)
 
 
 @pytest.mark.parametrize("fold_bn", [False, True])
@@ -108,7 +103,7 @@ def test_an_add_whose_operand_is_read_elsewhere_stays_out_of_place():
     result = prune(model, X, ratio=0.0, emit="graph")
     targets = [str(n.target) for n in result.model.graph.nodes if "add" in str(n.target)]
     assert targets == ["<built-in function add>"]
-    torch.testing.assert_close(run(result.model), run(model))
+    torch.testing.assert_close(outputs(result.model, X), outputs(model, X))
 
 
 def test_residual_adds_in_place_through_layer_scale_and_stochastic_depth():

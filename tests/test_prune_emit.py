@@ -10,15 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ffr_fast import load_pruned, models, prune, save_pruned
+from ffr_fast.testing import outputs
 from ffr_fast.torchvision_loader import load_torchvision
 from nets import kill_channels, look_trained, one_thread  # noqa: F401
 
 X = torch.randn(2, 3, 32, 32)
-
-
-def run(model, x=X):
-    with torch.no_grad():
-        return model.eval()(x)
 
 
 def sparse_resnet20():
@@ -42,11 +38,11 @@ def test_pruning_channels_only_gives_the_models_own_class(fold_bn, tmp_path):
     save_pruned(result, tmp_path / "p.pt")
     loaded = load_pruned(tmp_path / "p.pt", models.resnet20)
     assert type(loaded) is type(model)
-    torch.testing.assert_close(run(loaded), run(pruned), rtol=0, atol=0)
+    torch.testing.assert_close(outputs(loaded, X), outputs(pruned, X), rtol=0, atol=0)
     copied = copy.deepcopy(pruned)  # the structure travels with the model
     save_pruned(copied, tmp_path / "copy.pt")
-    torch.testing.assert_close(run(load_pruned(tmp_path / "copy.pt", models.resnet20)),
-                               run(pruned), rtol=0, atol=0)
+    torch.testing.assert_close(outputs(load_pruned(tmp_path / "copy.pt", models.resnet20), X),
+                               outputs(pruned, X), rtol=0, atol=0)
 
 
 def test_removed_branches_give_the_graph_module_and_emit_module_refuses_them():
@@ -62,10 +58,10 @@ def test_removed_branches_give_the_graph_module_and_emit_module_refuses_them():
 
 def test_inplace_prunes_the_callers_own_model():
     model = sparse_resnet20()
-    expected = run(prune(model, X, ratio=0.4).model)
+    expected = outputs(prune(model, X, ratio=0.4).model, X)
     result = prune(model, X, ratio=0.4, inplace=True)
     assert result.model is model
-    torch.testing.assert_close(run(model), expected, rtol=0, atol=0)
+    torch.testing.assert_close(outputs(model, X), expected, rtol=0, atol=0)
 
 
 class LastDimNorm(nn.Module):
@@ -109,7 +105,7 @@ def test_convnext_keeps_its_class_and_its_layer_norms_read_their_new_width(tmp_p
     assert norm.normalized_shape == tuple(norm.weight.shape) == (8,)
     save_pruned(result, tmp_path / "p.pt")
     loaded = load_pruned(tmp_path / "p.pt", model)
-    torch.testing.assert_close(run(loaded, x), run(result.model, x), rtol=0, atol=0)
+    torch.testing.assert_close(outputs(loaded, x), outputs(result.model, x), rtol=0, atol=0)
 
 
 def test_files_of_the_previous_format_still_load(tmp_path):
@@ -121,7 +117,7 @@ def test_files_of_the_previous_format_still_load(tmp_path):
                tmp_path / "old.pt")
     loaded = load_pruned(tmp_path / "old.pt", models.resnet20)
     assert isinstance(loaded, fx.GraphModule)
-    torch.testing.assert_close(run(loaded), run(result.model), rtol=0, atol=0)
+    torch.testing.assert_close(outputs(loaded, X), outputs(result.model, X), rtol=0, atol=0)
 
 
 class AuxiliaryHead(nn.Module):

@@ -1,57 +1,27 @@
-"""Lossless pruning of today's architectures (issue 7): what FFR drives to zero in a ViT or
+"""Lossless pruning of today's architectures: what FFR drives to zero in a ViT or
 a ConvNeXt -- MLP hidden units, whole attention heads, whole attention and MLP branches --
 is removed by threshold=0, exactly that, and the output does not change."""
 import copy
 
 import pytest
 import torch
-from torch import nn
 
 from ffr_fast.pruning import prune, residual_branches
+from ffr_fast.testing import assert_same_output, zero_heads, zero_rows
 from ffr_fast.torchvision_loader import load_torchvision
-from nets import one_thread  # noqa: F401
+from nets import one_thread, small_vit  # noqa: F401
 
 tv = load_torchvision()
 LAYERS = "encoder.layers.encoder_layer_"
-
-
-def small_vit():
-    torch.manual_seed(0)
-    model = tv.models.VisionTransformer(image_size=32, patch_size=8, num_layers=4, num_heads=4,
-                                        hidden_dim=32, mlp_dim=64, num_classes=10).eval()
-    nn.init.normal_(model.heads.head.weight)  # torchvision zero-initialises it
-    return model
-
-
-def zero_rows(linear: nn.Linear, rows) -> None:
-    with torch.no_grad():
-        linear.weight[rows] = 0
-        linear.bias[rows] = 0
-
-
-def zero_head(mha: nn.MultiheadAttention, head: int) -> None:
-    """The q, k and v rows (and biases) of one head."""
-    d, e = mha.head_dim, mha.embed_dim
-    rows = [block * e + head * d + j for block in range(3) for j in range(d)]
-    with torch.no_grad():
-        mha.in_proj_weight[rows] = 0
-        mha.in_proj_bias[rows] = 0
-
-
-def assert_same_output(model, result, x):
-    with torch.no_grad():
-        expected, got = model(x), result.model(x)
-    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
-    assert result.report.relative_diff <= 1e-5 and not result.report.approximate
 
 
 def test_vit_hidden_units_heads_and_branches():
     model = small_vit()
     layer = [model.get_submodule(f"{LAYERS}{i}") for i in range(4)]
     zero_rows(layer[0].mlp[0], list(range(0, 64, 2)))  # half the MLP hidden units
-    zero_head(layer[0].self_attention, 1)
-    zero_head(layer[1].self_attention, 0)
-    zero_head(layer[1].self_attention, 3)
+    for i, heads in ((0, [1]), (1, [0, 3])):  # one head of the first layer, two of the second
+        attention = layer[i].self_attention
+        zero_heads(attention.in_proj_weight, attention.in_proj_bias, heads, attention.num_heads)
     zero_rows(layer[2].self_attention.out_proj, list(range(32)))  # the whole attention branch
     zero_rows(layer[3].mlp[3], list(range(32)))  # the whole MLP branch
     x = torch.randn(2, 3, 32, 32)

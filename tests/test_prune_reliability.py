@@ -362,6 +362,15 @@ def test_buffers_on_prunable_channels_are_sliced():
     assert model.mask.shape == (1, 8, 1, 1)  # the original is untouched
 
 
+def test_a_sliced_buffer_keeps_its_registration_and_persistence():
+    torch.manual_seed(0)
+    model = ChannelBuffers()
+    model.register_buffer("offset", model.offset, persistent=False)
+    pruned = prune(model, torch.randn(1, 3, 8, 8), ratio=0.5, emit="module").model
+    assert dict(pruned.named_buffers())["offset"].shape == (1, 4, 1, 1)
+    assert "offset" not in pruned.state_dict() and "mask" in pruned.state_dict()
+
+
 @pytest.mark.parametrize("x,cause", [
     (torch.randn(1, 3, 32, 32, dtype=torch.float64), "expected scalar type Double but found Float"),
     (torch.randn(1, 5, 32, 32), "expected input[1, 5, 32, 32] to have 3 channels")])

@@ -6,30 +6,9 @@ import torch
 from torch import nn
 
 from ffr_fast import models, prune
+from ffr_fast.testing import assert_same_output, assert_unchanged, snapshot
 from nets import (TinyDenseNet, TinyResNeXt, kill_channels, look_trained,  # noqa: F401
                   one_thread)
-
-
-def outputs(model, x):
-    with torch.no_grad():
-        return model.eval()(x)
-
-
-def assert_same_output(result, model, x):
-    expected, got = outputs(model, x), outputs(result.model, x)
-    scale = expected.abs().max()
-    assert (got - expected).abs().max() <= 1e-5 * scale
-    assert result.report.relative_diff <= 1e-5
-
-
-def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def assert_unchanged(model, before):
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    assert all(torch.equal(after[k], before[k]) for k in before)
 
 
 def test_resnet_dead_filters_removed_exactly():
@@ -61,7 +40,7 @@ def test_resnet_dead_filters_removed_exactly():
     assert result.model.get_submodule("layer2.0.downsample.0").in_channels == 15
     assert result.report.removed_classes == 3 + 1 + 3 + 1
     assert result.report.removed_blocks == []
-    assert_same_output(result, model, x)
+    assert_same_output(model, result, x)
 
 
 def test_beta_keeps_a_zero_filter_alive():
@@ -87,7 +66,7 @@ def test_depthwise_pruned_with_its_producer():
     keep = [i for i in range(144) if i not in (1, 100)]
     assert torch.equal(dw.weight, model.get_submodule(f"{block}.2.0").weight[keep])
     assert result.report.removed_classes == 2
-    assert_same_output(result, model, x)
+    assert_same_output(model, result, x)
 
 
 def test_depthwise_not_pruned_when_only_its_producer_is_dead():
@@ -115,7 +94,7 @@ def test_concat_offsets():
         assert torch.equal(new, old[:, keep])
     assert result.model.get_submodule("dense.1.conv").out_channels == 3
     assert result.model.bn.num_features == 19
-    assert_same_output(result, model, x)
+    assert_same_output(model, result, x)
 
 
 def test_grouped_conv_keeps_groups_consistent():
@@ -127,7 +106,7 @@ def test_grouped_conv_keeps_groups_consistent():
     conv = result.model.get_submodule("blocks.0.grouped.0")
     assert (conv.in_channels, conv.out_channels, conv.groups) == (32, 28, 4)
     assert result.model.get_submodule("blocks.0.expand").in_channels == 28
-    assert_same_output(result, model, x)
+    assert_same_output(model, result, x)
     ratio = prune(model, x, ratio=0.5, scope="layer")
     conv = ratio.model.get_submodule("blocks.1.grouped.0")
     assert conv.groups == 4 and conv.in_channels % 4 == 0 and conv.out_channels % 4 == 0
@@ -146,4 +125,4 @@ def test_flatten_to_linear_drops_the_matching_features():
     old, new = model.classifier.weight, result.model.classifier.weight
     keep = [i for i in range(old.shape[1]) if i // 64 != 5]
     assert torch.equal(new, old[:, keep])
-    assert_same_output(result, model, x)
+    assert_same_output(model, result, x)

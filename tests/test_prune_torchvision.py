@@ -1,10 +1,11 @@
-"""The pruner on torchvision's classification zoo (issue 7): the smallest member of each
-family at ratio=0.5, scope="layer", on the smallest input each allows. Every model is cut,
+"""The pruner on torchvision's classification zoo: the smallest member of each family at
+ratio=0.5, scope="layer", on the smallest input each allows. Every model is cut,
 keeps its output shape, leaves the original untouched, is exact against the zeroed original
 (unless a LayerNorm lost channels, which the report names), and saves, loads and exports.
 
 The floors are the FLOPs cuts measured here at these small inputs, a little rounded down
-(224x224 figures, side by side with Torch-Pruning: bench/prune_zoo.py)."""
+(224x224 figures, side by side with Torch-Pruning: bench/results/vs_torch_pruning_zoo.md,
+written by bench/vs_torch_pruning.py --rounds 0 --out vs_torch_pruning_zoo)."""
 import pytest
 import torch
 

@@ -43,3 +43,14 @@ def test_no_batch_is_an_error_that_keeps_the_old_statistics():
 def test_max_batches_limits_the_pass():
     net = _net()
     assert recalibrate_bn(net, (torch.randn(2, 3, 6, 6) for _ in range(10)), max_batches=2) == 2
+
+
+@pytest.mark.parametrize("norm, shape", [(nn.BatchNorm1d, (8, 3)),
+                                         (nn.BatchNorm3d, (8, 3, 2, 2, 2)),
+                                         (nn.SyncBatchNorm, (8, 3, 2, 2))])
+def test_every_kind_of_batchnorm_is_recalibrated(norm, shape):
+    net = nn.Sequential(norm(3)).eval()
+    batch = torch.randn(shape) * 3 + 1
+    assert recalibrate_bn(net, [batch]) == 1
+    dims = [d for d in range(len(shape)) if d != 1]
+    torch.testing.assert_close(net[0].running_mean, batch.mean(dims), rtol=1e-5, atol=1e-5)

@@ -4,15 +4,10 @@ from dataclasses import replace
 
 import pytest
 
-from ffr_fast.study import checkpoint, cli, data, pipeline, train
+from ffr_fast.study import checkpoint, cli, pipeline, train
 
 TINY = train.TrainConfig(epochs=3, max_batches=2, batch_size=16, seed=0, regularizer="slimming",
                          weight=1e-3)
-
-
-@pytest.fixture(scope="module")
-def splits():
-    return data.load_digits()
 
 
 def _interrupt_at(epoch, step):

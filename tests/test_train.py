@@ -6,14 +6,10 @@ import torch
 from torch import nn
 
 from ffr_fast import models
-from ffr_fast.study import checkpoint, data, pipeline, regularizers, train
+from ffr_fast.study import checkpoint, pipeline, regularizers, train
+from ffr_fast.testing import counted_forward_hooks, outputs
 
 TINY = train.TrainConfig(epochs=1, max_batches=2, batch_size=16, seed=0)
-
-
-@pytest.fixture(scope="module")
-def splits():
-    return data.load_digits()
 
 
 def test_slimming_penalty_is_weighted_l1_of_batchnorm_scales():
@@ -47,14 +43,17 @@ def test_fit_records_history_and_releases_hooks(splits, name, weight):
     config = replace(TINY, regularizer=name, weight=weight)
     model = pipeline.seeded_model(config, splits)
     before = [p.detach().clone() for p in model.parameters()]
-    result = train.fit(model, splits, config)
+    with counted_forward_hooks() as hook_calls:
+        result = train.fit(model, splits, config)
     assert [r["epoch"] for r in result.history] == [1] and not result.interrupted
     for record in result.history:
         assert 0 <= record["val_accuracy"] <= 1 and record["train_loss"] > 0
         assert (record["train_penalty"] > 0) == (name in ("slimming", "ffr"))
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-    assert hooks == 0
+    assert bool(hook_calls) == (name in ("ffr", "layerdrop"))  # the regularizers that hook
+    hook_calls.clear()
+    outputs(model, splits.test[0][0][None])
+    assert hook_calls == []  # hooks released
 
 
 def test_bf16_autocast_on_cpu(splits):

@@ -10,13 +10,9 @@ import torch
 from ffr_fast import models
 from ffr_fast.pruning import prune, residual_branches
 from ffr_fast.study import data, pipeline, train
+from ffr_fast.testing import counted_forward_hooks, outputs
 
 STEP = train.TrainConfig(model="vit_tiny", epochs=1, max_batches=1, batch_size=16, seed=0)
-
-
-@pytest.fixture(scope="module")
-def splits():
-    return data.load_digits()
 
 
 def test_vit_tiny_is_torchvisions_encoder_for_16x16_digits():
@@ -32,12 +28,16 @@ def test_vit_trains_a_step_with_each_regularizer(splits, name, weight):
     config = replace(STEP, regularizer=name, weight=weight)
     model = pipeline.seeded_model(config, splits)
     before = [p.detach().clone() for p in model.parameters()]
-    result = train.fit(model, splits, config, progress=False)
+    with counted_forward_hooks() as hook_calls:
+        result = train.fit(model, splits, config, progress=False)
     record = result.history[0]
     assert torch.isfinite(torch.tensor(record["train_loss"]))
     assert (record["train_penalty"] > 0) == (name == "ffr")
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert sum(len(m._forward_hooks) for m in model.modules()) == 0  # hooks released
+    assert bool(hook_calls) == (name != "none")
+    hook_calls.clear()
+    outputs(model, splits.test[0][0][None])
+    assert hook_calls == []  # hooks released
 
 
 def test_slimming_on_the_vit_is_refused(splits):

@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 from torch import nn
+# No public pytree module exists: torch.export.pytree is only torch.export's import of this one.
 from torch.utils._pytree import tree_leaves
 
 from .rules import resize_from_tensors
@@ -65,10 +66,7 @@ def adopt(model: nn.Module, gm: fx.GraphModule, folded_bn: Sequence[Tuple[str, s
             tensor = getattr(gm.get_submodule(owner_path) if owner_path else gm, name)
             if not hasattr(owner, name) or getattr(owner, name) is tensor:
                 continue  # a constant fx made for the trace alone, or unchanged
-            if name in owner._buffers:
-                owner._buffers[name] = tensor  # a registered buffer stays registered
-            else:
-                setattr(owner, name, tensor)
+            setattr(owner, name, tensor)  # nn.Module keeps a buffer a buffer, persistence too
             resized.append(owner)
     for owner in resized:  # the sizes its own forward reads (LayerNorm2d's normalized_shape)
         resize_from_tensors(owner)

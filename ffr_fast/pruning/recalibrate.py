@@ -12,6 +12,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from ..metrics import BATCH_NORMS
 from ..modes import restore_training_flags, training_flags
 
 
@@ -22,8 +23,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, max_batches: Optional[in
     None while they run). No parameter changes; every module's training flag and every
     BatchNorm's momentum are restored. Returns the number of batches used.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-             and m.track_running_stats]
+    norms = [m for m in model.modules() if isinstance(m, BATCH_NORMS) and m.track_running_stats]
     if not norms:
         return 0
     if max_batches is not None and max_batches < 1:

@@ -41,8 +41,8 @@ def _resize_to(gm: nn.Module, state_dict: dict) -> None:
         if old is not None and old.shape == value.shape:
             continue
         empty = torch.empty(value.shape, dtype=value.dtype)
-        if name in owner._buffers:
-            owner._buffers[name] = empty
+        if name in dict(owner.named_buffers(recurse=False)):
+            setattr(owner, name, empty)  # nn.Module keeps it a buffer, persistence too
         else:
             grad = old.requires_grad if old is not None else True
             setattr(owner, name, nn.Parameter(empty, requires_grad=grad))

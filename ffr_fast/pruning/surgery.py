@@ -91,10 +91,8 @@ def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
     owner, attr, old = tensor_of(module, name)
     if isinstance(old, nn.Parameter):
         setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
-    elif attr in owner._buffers:
-        owner._buffers[attr] = value  # a registered buffer keeps its registration
-    else:
-        setattr(owner, attr, value)  # a plain tensor attribute the forward reads
+    else:  # a buffer stays registered (nn.Module's setattr), a plain tensor stays plain
+        setattr(owner, attr, value)
 
 
 def zero_removed(cg: ChannelGraph, removed: Set[int], root: nn.Module) -> None:
@@ -251,7 +249,4 @@ def share_sliced(shared: List[List[str]], roots: Sequence[nn.Module]) -> None:
                                f"shapes {sorted(shapes)}")
         one = next(iter(tensors.values()))
         for owner, attr in owners:
-            if attr in owner._buffers:
-                owner._buffers[attr] = one
-            else:
-                setattr(owner, attr, one)
+            setattr(owner, attr, one)
