@@ -14,7 +14,18 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+# torch.export flattens a call's arguments and outputs with this module, and no public name
+# for it exists (torch.export.pytree is only torch.export's own import of it): the one place
+# ffr_fast reads it, so that the places a capture records are read back the same way.
+from torch.utils._pytree import tree_leaves
+
 from .modes import restore_training_flags, training_flags
+
+
+def flat_leaves(value) -> list:
+    """`value` (a tensor, a tuple, a dict, a Hugging Face ModelOutput) flattened as
+    torch.export flattens a module call's arguments and outputs."""
+    return tree_leaves(value)
 
 
 class UncapturableModelError(RuntimeError):

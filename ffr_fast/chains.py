@@ -365,6 +365,12 @@ class ChainInfo(NamedTuple):
     shape: Tuple[int, ...]  # (B, *S)
 
 
+def version_of(tensor: Tensor) -> int:
+    """The tensor's in-place version counter: every in-place write bumps it. autograd keeps
+    it as `_version` and torch has no public accessor; this is the one place it is read."""
+    return tensor._version
+
+
 @dataclass
 class Chain:
     """Consecutive same-shape features of one forward, with the layers that produced them.
@@ -381,7 +387,7 @@ class Chain:
 
     def modified_in_place(self) -> List[str]:
         return [name for name, x, version in zip(self.names, self.features, self.versions)
-                if x._version != version]
+                if version_of(x) != version]
 
 
 def split_into_chains(captured: Sequence[Tuple[str, Tensor, int, bool]]

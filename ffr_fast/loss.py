@@ -12,13 +12,20 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
-# torch.export's own flattening, public under that name: the places a capture records in a
-# module call's arguments and outputs are read back with it
-from torch.export import pytree
 from torch.nn.parallel import DistributedDataParallel
 
-from ffr_fast.chains import (RESIDUAL_RULE, CapturePoint, Chain, ChainInfo, LayerSpec,
-                             auto_layers, resolve_layers, split_into_chains)
+from ffr_fast.capture import flat_leaves
+from ffr_fast.chains import (
+    RESIDUAL_RULE,
+    CapturePoint,
+    Chain,
+    ChainInfo,
+    LayerSpec,
+    auto_layers,
+    resolve_layers,
+    split_into_chains,
+    version_of,
+)
 from ffr_fast.penalty import check_chain_weights, check_options, flow_penalty_chains
 
 # What ffr() finds, as the forwards since the last ffr() left it: none yet; a training forward
@@ -74,7 +81,7 @@ def _as_call(example_inputs) -> Tuple[tuple, dict]:
 def _leaf(value, index: int):
     """What sits at place `index` of `value` flattened as torch.export flattens a module
     call's arguments and outputs (the places ffr_fast.capture records), or None."""
-    leaves = pytree.tree_leaves(value)
+    leaves = flat_leaves(value)
     return leaves[index] if index < len(leaves) else None
 
 
@@ -148,7 +155,9 @@ class FFRLoss(nn.Module):
                             "unwrapped model on a single device.")
         if isinstance(model, DistributedDataParallel):
             model = model.module
-        model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper runs its hooks
+        # torch.compile's wrapper keeps the module it compiles as `_orig_mod` (no public
+        # accessor exists); the hooks go there, and the compiled forward runs them
+        model = getattr(model, "_orig_mod", model)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.__dict__["model"] = model  # a reference, deliberately not a submodule
@@ -298,7 +307,7 @@ class FFRLoss(nn.Module):
             # sits in a region such as checkpoint(..., use_reentrant=True): its output
             # carries no graph, so the penalty could not train anything before it.
             self._no_grad_layers.append(label)
-        self._captured.append((label, feature, feature._version, starts_chain))
+        self._captured.append((label, feature, version_of(feature), starts_chain))
 
     @_outside_compiled_graphs
     def _end_forward(self, model: nn.Module, args, output) -> None:

@@ -7,6 +7,7 @@ from torch import nn
 from ffr_fast import FFRLoss, models, reference
 from ffr_fast.capture import UncapturableModelError
 from ffr_fast.chains import residual_blocks, split_into_chains
+from ffr_fast.testing import counted_forward_hooks
 
 
 def stage(prefix, blocks):
@@ -204,10 +205,10 @@ def test_explicit_layers_by_name_and_module():
 ])
 def test_bad_layers(layers, error, message):
     model = models.resnet20()
-    hooks_before = sum(len(m._forward_hooks) for m in model.modules())
-    with pytest.raises(error, match=message):
+    with counted_forward_hooks() as hook_calls, pytest.raises(error, match=message):
         FFRLoss(model, layers=layers)
-    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks_before
+    model(torch.randn(1, 3, 32, 32))
+    assert hook_calls == []  # nothing was left attached
 
 
 def test_auto_without_flow_says_what_it_looked_for():

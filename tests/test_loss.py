@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ffr_fast import FFRLoss, models, reference
+from ffr_fast.testing import counted_forward_hooks
 
 MODELS = {
     "resnet20": (models.resnet20, (2, 3, 32, 32)),
@@ -162,21 +163,23 @@ def test_features_are_released_after_ffr():
 
 def test_remove_and_context_manager():
     model, x = build("resnet20")
-
-    def hook_count():
-        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-    with FFRLoss(model, example_inputs=x) as ffr:
-        # the stem's output and the blocks, and the model's start and end of forward
-        assert hook_count() == 1 + 9 + 2
-    assert hook_count() == 0
-    model(x)
-    with pytest.raises(RuntimeError, match=r"after remove\(\)"):
-        ffr()
-    ffr = FFRLoss(model)
-    model(x)
-    ffr.remove()
-    assert hook_count() == 0 and ffr._pending == []
+    with counted_forward_hooks() as hook_calls:
+        with FFRLoss(model, example_inputs=x) as ffr:
+            hook_calls.clear()  # finding the layers ran the export's own hooks
+            model(x)
+            # the stem's output and the blocks, and the model's start and end of forward
+            assert len(hook_calls) == 1 + 9 + 2
+        hook_calls.clear()
+        model(x)
+        assert hook_calls == []
+        with pytest.raises(RuntimeError, match=r"after remove\(\)"):
+            ffr()
+        ffr = FFRLoss(model)  # its layers are found, and hooked, in this forward
+        model(x)
+        ffr.remove()
+        hook_calls.clear()
+        model(x)
+        assert hook_calls == [] and ffr._pending == []
     assert "(removed)" in ffr.describe()
 
 
@@ -215,14 +218,16 @@ def test_chain_weights():
 
 
 def test_bad_options_are_rejected_before_hooking():
-    model, _ = build("resnet20")
-    for options, message in [(dict(grad_weight=-1.0),
-                              "grad_weight must be a finite number >= 0"),
-                             (dict(norm="l1"), "unknown norm 'l1'"),
-                             (dict(curvature="turn"), "unknown curvature 'turn'")]:
-        with pytest.raises(ValueError, match=message):
-            FFRLoss(model, **options)
-    assert all(not m._forward_hooks for m in model.modules())
+    model, x = build("resnet20")
+    with counted_forward_hooks() as hook_calls:
+        for options, message in [(dict(grad_weight=-1.0),
+                                  "grad_weight must be a finite number >= 0"),
+                                 (dict(norm="l1"), "unknown norm 'l1'"),
+                                 (dict(curvature="turn"), "unknown curvature 'turn'")]:
+            with pytest.raises(ValueError, match=message):
+                FFRLoss(model, **options)
+    model(x)
+    assert hook_calls == []  # nothing was left attached
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         FFRLoss(lambda x: x)
 
@@ -285,6 +290,8 @@ def test_a_torch_compiled_model_gives_the_eager_penalty_and_gradients():
 
 def test_data_parallel_is_refused_with_a_pointer_to_ddp():
     model = models.resnet20()
-    with pytest.raises(TypeError, match="DataParallel.*DistributedDataParallel"):
+    with counted_forward_hooks() as hook_calls, pytest.raises(
+            TypeError, match="DataParallel.*DistributedDataParallel"):
         FFRLoss(nn.DataParallel(model))
-    assert not model._forward_hooks and not model._forward_pre_hooks  # nothing attached
+    model(torch.randn(1, 3, 32, 32))
+    assert hook_calls == []  # nothing attached

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ffr_fast import FFRLoss, models, reference
+from ffr_fast.testing import counted_forward_hooks
 
 OPTIONS = dict(grad_weight=0.3, curv_weight=0.7)
 
@@ -208,6 +209,7 @@ def test_training_forwards_without_ffr_are_named_once():
     (dict(eps=math.inf), r"eps must be a finite number > 0, got inf")])
 def test_infinite_weights_are_refused(option, message):
     model = models.resnet20()
-    with pytest.raises(ValueError, match=message):
+    with counted_forward_hooks() as hook_calls, pytest.raises(ValueError, match=message):
         FFRLoss(model, **option)
-    assert not model._forward_hooks and not model._forward_pre_hooks
+    model(torch.randn(1, 3, 32, 32))
+    assert hook_calls == []  # nothing was left attached

@@ -58,7 +58,8 @@ def test_non_reentrant_checkpointing_trains_the_checkpointed_layers():
     x = torch.randn(2, 4, 6, 6)
     grads = []
     for net in (model, plain):
-        ffr = FFRLoss(net, grad_weight=1.0, curv_weight=1.0, layers=[f"blocks.{i}" for i in range(4)])
+        ffr = FFRLoss(net, grad_weight=1.0, curv_weight=1.0,
+                      layers=[f"blocks.{i}" for i in range(4)])
         net(x)
         ffr().backward()
         grads.append(net.blocks[0].conv.weight.grad.clone())
@@ -107,6 +108,7 @@ def test_deepcopy_and_pickle_between_forward_and_ffr():
     # the copy is a working model with its own, fresh loss attached to it
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b) and a is not b
+    # the copy's loss is reachable only through the hooks deepcopy gave the copy
     twin_ffr = next(hook for hook in twin._forward_hooks.values()).__self__
     assert twin_ffr.model is twin
     with pytest.raises(RuntimeError, match="before any forward"):

@@ -25,9 +25,8 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 from torch import nn
-# No public pytree module exists: torch.export.pytree is only torch.export's import of this one.
-from torch.utils._pytree import tree_leaves
 
+from ..capture import flat_leaves
 from .rules import resize_from_tensors
 from .surgery import set_submodule
 
@@ -82,7 +81,7 @@ def own_forward(model: nn.Module, graph_output, inputs) -> Tuple[Any, Optional[s
             output = model(*inputs)
         except Exception as error:
             return None, f"it raised {type(error).__name__}: {error}"
-    got, expected = tree_leaves(output), tree_leaves(graph_output)
+    got, expected = flat_leaves(output), flat_leaves(graph_output)
     pairs = [(g, e) for g, e in zip(got, expected) if isinstance(e, torch.Tensor)]
     if len(got) != len(expected) or any(
             not isinstance(g, torch.Tensor) or g.shape != e.shape for g, e in pairs):
