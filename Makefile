@@ -19,7 +19,8 @@ $(BIN)/python:
 
 # Reinstall (and recompile the C++ extension) whenever the build inputs change.
 # The study extra (training loop, demo, plots, CLI) for `make demo`; the test extra adds
-# Triton (its interpreter runs the GPU kernels on CPU) and pytest.
+# Triton (its interpreter runs the GPU kernels on CPU), pytest, ruff, and transformers and
+# timm (real models the tests build from configs, nothing downloaded).
 $(STUDY_INSTALLED): $(BIN)/python $(BUILD_INPUTS)
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[study]" $(PINS)
 	$(BIN)/python -c "import ffr_fast.ops as o; o.require_compiled_cpu_kernel()"
@@ -37,7 +38,9 @@ demo: $(STUDY_INSTALLED)
 demo-vit: $(STUDY_INSTALLED)
 	$(BIN)/python -m ffr_fast demo --model vit_tiny
 
+# The linter (settings in pyproject.toml) first: a lint error fails the run before the tests.
 test: $(TEST_INSTALLED)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 # The bench extra adds the reference pruning tool (Torch-Pruning) for bench/vs_torch_pruning.py.

@@ -23,7 +23,7 @@ def cpp_extensions():
         warnings.warn(
             "ffr_fast: torch is not importable at build time, so the C++ CPU kernel is not "
             "built and the op falls back to its PyTorch reference on CPU. Install torch "
-            "first, then `pip install --no-build-isolation .`."
+            "first, then `pip install --no-build-isolation .`.", stacklevel=2
         )
         return [], {}
     extension = CppExtension(
@@ -46,7 +46,7 @@ if BuildExtension is not None:
             except Exception as error:  # compiler missing or broken
                 warnings.warn(
                     f"ffr_fast: building the C++ CPU kernel failed ({error}); the op falls "
-                    "back to its PyTorch reference on CPU."
+                    "back to its PyTorch reference on CPU.", stacklevel=2
                 )
 
 
@@ -74,7 +74,7 @@ setup(
         "study": STUDY_REQUIRES,
         # transformers and timm: real models, built from configs in the tests (no download)
         "test": STUDY_REQUIRES + ["triton>=3.2", "pytest>=8", "pytest-benchmark>=4",
-                                  "transformers>=5,<6", "timm>=1.0,<1.1"],
+                                  "transformers>=5,<6", "timm>=1.0,<1.1", "ruff>=0.6"],
         # the reference tool that bench/vs_torch_pruning.py compares against
         "bench": STUDY_REQUIRES + ["pytest-benchmark>=4", "torch-pruning>=1.6,<1.7"],
     },

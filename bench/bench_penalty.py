@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ffr_fast.penalty import flow_penalty_chains
+
 from penalty_table import METHODS, make_step
 
 AUTOGRAD_PATHS = {

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ffr_fast import models, prune
+
 from prune_table import ffr_sparse_resnet56
 
 X1 = torch.randn(1, 3, 32, 32)

@@ -73,7 +73,8 @@ def main():
         rss_before_pruning_gib=baseline / 2**30, peak_over_model=peak / model_bytes,
         params=[report.params_before, report.params_after],
         flops=[report.flops_before, report.flops_after], relative_diff=report.relative_diff,
-        generate_tokens_per_s=tokens_per_s, speedup=tokens_per_s["pruned"] / tokens_per_s["unpruned"],
+        generate_tokens_per_s=tokens_per_s,
+        speedup=tokens_per_s["pruned"] / tokens_per_s["unpruned"],
         rerun="python bench/depth_llm.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
     markdown = "\n".join([

@@ -36,17 +36,27 @@ import traceback
 if "--dry-run" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"
 
-import torch  # noqa: E402
-import triton  # noqa: E402
+import torch  # noqa: E402  (after TRITON_INTERPRET is set)
+import triton  # noqa: E402  (after TRITON_INTERPRET is set)
 
-from ffr_fast import ops, reference  # noqa: E402
-from ffr_fast.kernels import flow_penalty as penalty_kernels  # noqa: E402
-from ffr_fast.kernels import flow_sums as kernels  # noqa: E402
-from ffr_fast.penalty import flow_penalty_chains  # noqa: E402
-from ffr_fast.testing import TOLERANCE, relative_error  # noqa: E402
-from gpu_speed import (RESNET56_STAGES, START, copy_bandwidth, log,  # noqa: E402
-                       measure_bandwidth, random_chain, resnet56_chains, time_flow,
-                       time_penalty, time_training_step)
+from ffr_fast import ops, reference  # noqa: E402  (after TRITON_INTERPRET is set)
+from ffr_fast.kernels import flow_penalty as penalty_kernels  # noqa: E402  (after TRITON_INTERPRET is set)
+from ffr_fast.kernels import flow_sums as kernels  # noqa: E402  (after TRITON_INTERPRET is set)
+from ffr_fast.penalty import flow_penalty_chains  # noqa: E402  (after TRITON_INTERPRET is set)
+from ffr_fast.testing import TOLERANCE, relative_error  # noqa: E402  (after TRITON_INTERPRET is set)
+
+from gpu_speed import (  # noqa: E402  (after TRITON_INTERPRET is set)
+    RESNET56_STAGES,
+    START,
+    copy_bandwidth,
+    log,
+    measure_bandwidth,
+    random_chain,
+    resnet56_chains,
+    time_flow,
+    time_penalty,
+    time_training_step,
+)
 
 
 def parse_args():

@@ -13,6 +13,7 @@ import torch
 from ffr_fast import reference, testing
 from ffr_fast.kernels import flow_sums as kernels
 from ffr_fast.penalty import flow_penalty, flow_penalty_chains
+
 from training_step_table import make_training_step  # bench/ is the script's folder
 
 RESNET56_STAGES = [(128, 16, 32, 32), (128, 32, 16, 16), (128, 64, 8, 8)]
@@ -97,10 +98,11 @@ def measure_bandwidth(p, device, copy_gbps, results):
                                dtype=reference.accumulation_dtype(dtype))
         chain_bytes = K * features[0].numel() * features[0].element_size()
         runs = [("forward", chain_bytes, "_flow_sums_kernel",
-                 lambda: kernels.flow_sums(features, [K], block_size=block)),
+                 lambda features=features, K=K, block=block:
+                 kernels.flow_sums(features, [K], block_size=block)),
                 ("backward", 2 * chain_bytes, "_flow_sums_backward_kernel",
-                 lambda: kernels.flow_sums_backward(features, [K], grad_sums,
-                                                    block_size=block))]
+                 lambda features=features, K=K, grad_sums=grad_sums, block=block:
+                 kernels.flow_sums_backward(features, [K], grad_sums, block_size=block))]
         for direction, moved, name, fn in runs:
             call = median_ms(fn, device, p["reps"])
             kernel = kernel_ms(fn, name, device, p["reps"])
@@ -151,7 +153,7 @@ def time_penalty(p, device, results):
     for shape, K in p["penalty"]:
         features = [x.requires_grad_() for x in random_chain(shape, K, torch.float32, device)]
 
-        def step(penalty):
+        def step(penalty, features=features):
             def run():
                 for x in features:
                     x.grad = None
@@ -178,7 +180,8 @@ def time_flow(p, device, results):
         chains = resnet56_chains(batch, device)
         leaves = [x for chain in chains for x in chain]
         row = time_methods(
-            methods, lambda penalty: lambda: torch.autograd.grad(penalty(chains), leaves),
+            methods, lambda penalty, chains=chains, leaves=leaves:
+            lambda: torch.autograd.grad(penalty(chains), leaves),
             device, p["reps"],
             dict(batch=batch, chains=[[batch, *shape[1:]] for shape in RESNET56_STAGES], K=9),
             f"flow batch {batch}")

@@ -16,7 +16,8 @@ the median over rounds of each round's median step. At B = 128 the table adds th
 floor (bench/penalty_table.py: K*N reads forward, K*N reads + K*N writes backward, over the
 machine's copy bandwidth).
 
-Targets (the README's measured-speed table): at B = 2, the op <= 0.2x the eager reference and <= 0.5x the compiled
+Targets (the README's measured-speed table): at B = 2, the op <= 0.2x the eager reference and
+<= 0.5x the compiled
 one; at B = 128, the op <= the compiled reference and within 1.2x of the traffic floor.
 
     .venv/bin/python bench/overhead_table.py [--threads 1] [--rounds 7]
@@ -33,8 +34,9 @@ from torch import nn
 
 from ffr_fast import FFRLoss, ops, reference
 from ffr_fast.penalty import flow_penalty_chains
+
 from penalty_table import CHAIN_LENGTH, CHAIN_SHAPES, copy_bandwidth
-from results_io import write_results  # noqa: E402  (bench/ is the script's folder)
+from results_io import write_results
 from timing import interleaved_medians
 
 BATCHES = (1, 2, 8, 128)

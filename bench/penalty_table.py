@@ -34,7 +34,8 @@ import torch
 
 from ffr_fast import ops, reference
 from ffr_fast.penalty import flow_penalty_chains
-from results_io import write_results  # noqa: E402  (bench/ is the script's folder)
+
+from results_io import write_results
 
 CHAIN_SHAPES = [(16, 32, 32), (32, 16, 16), (64, 8, 8)]  # ResNet-56 stages, per sample
 CHAIN_LENGTH = 9
@@ -158,7 +159,8 @@ def _speed_targets_against_floor(report: dict) -> list:
     lines = []
     for name, factor in (("eager reference", 10), ("torch.compile(reference)", 3)):
         needed_ms = report["methods"][name]["median_s"] * 1e3 / factor
-        verdict = "below the floor: unattainable here" if needed_ms < floor_ms else "above the floor"
+        verdict = ("below the floor: unattainable here" if needed_ms < floor_ms
+                   else "above the floor")
         lines.append(f"- {factor}x faster than {name} needs <= {needed_ms:.1f} ms; the traffic "
                      f"floor is {floor_ms:.1f} ms ({verdict})")
     return lines

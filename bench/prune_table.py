@@ -21,6 +21,7 @@ import torch
 from ffr_fast import models, prune
 from ffr_fast.metrics import count_flops, count_params, measure_latency
 from ffr_fast.testing import look_trained
+
 from results_io import write_results  # bench/ is the script's folder
 
 INPUT = (3, 32, 32)

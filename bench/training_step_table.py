@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from ffr_fast import FFRLoss, models, ops, reference
+
+from results_io import write_results
 from timing import interleaved_medians
-from results_io import write_results  # noqa: E402  (bench/ is the script's folder)
 
 # name -> (whether FFRLoss is on, its penalty_fn: None is the shipped one-call op)
 VARIANTS = {

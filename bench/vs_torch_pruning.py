@@ -28,6 +28,7 @@ from torch import nn
 import ffr_fast
 from ffr_fast.metrics import count_flops, count_params, measure_latency
 from ffr_fast.torchvision_loader import load_torchvision
+
 from results_io import write_results  # bench/ is the script's folder
 
 LATENCY_MODELS = ("resnet50", "mobilenet_v2", "efficientnet_b0", "convnext_tiny")
@@ -128,18 +129,23 @@ def markdown(rows: List[dict], args, command: str) -> str:
     lines = [f"# ffr_fast.prune vs Torch-Pruning {tp.__version__}, ratio {args.ratio} per layer",
              "", f"Rerun: `{command}`", "",
              f"{args.image_size}x{args.image_size} inputs, random init, {args.threads} threads, "
-             f"latency the median of {args.rounds} interleaved rounds ({platform.processor() or platform.machine()}).",
-             "", f"| model | tool | FLOPs cut | params kept | prune time | latency {batches} (ms) | speedup {batches} |",
+             f"latency the median of {args.rounds} interleaved rounds "
+             f"({platform.processor() or platform.machine()}).",
+             "", f"| model | tool | FLOPs cut | params kept | prune time "
+                 f"| latency {batches} (ms) | speedup {batches} |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["error"]:
             what = r["error"] if r["error"].startswith("not run") else f"failed: {r['error']}"
             lines.append(f"| {r['model']} | {r['tool']} | {what} | | | | |")
             continue
-        lat = " / ".join(f"{r['latency_ms'][b]:.1f}" for b in args.batch_sizes) if args.rounds else "-"
-        speed = " / ".join(f"{r['speedup'][b]:.2f}x" for b in args.batch_sizes) if args.rounds else "-"
+        lat = (" / ".join(f"{r['latency_ms'][b]:.1f}" for b in args.batch_sizes)
+               if args.rounds else "-")
+        speed = (" / ".join(f"{r['speedup'][b]:.2f}x" for b in args.batch_sizes)
+                 if args.rounds else "-")
         lines.append(f"| {r['model']} | {r['tool']} | {r['flops_cut']:.2f}x | "
-                     f"{100 * r['params_kept']:.0f}% | {r['prune_seconds']:.1f} s | {lat} | {speed} |")
+                     f"{100 * r['params_kept']:.0f}% | {r['prune_seconds']:.1f} s | {lat} "
+                     f"| {speed} |")
     return "\n".join(lines) + "\n"
 
 

@@ -152,7 +152,8 @@ def _timed_runs(model, x, warmup, repeats) -> List[float]:
     with torch.inference_mode():
         for i in range(warmup + repeats):
             if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
                 start.record()
                 model(x)
                 end.record()

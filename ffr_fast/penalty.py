@@ -125,7 +125,8 @@ def flow_penalty_chains(chains: Sequence[Sequence[Tensor]], grad_weight: float =
     inside). One autograd node covers them all.
 
     The chains' structure is validated when their layout (shapes, dtypes, devices, strided or
-    sparse) first appears, not on every call. Chains of different dtypes or devices go to one call each.
+    sparse) first appears, not on every call. Chains of different dtypes or devices go to one
+    call each.
     Returns a 0-dim tensor in float32 (float64 for float64 features).
     """
     check_options(grad_weight, curv_weight, norm, curvature, eps, delta)

@@ -1,7 +1,6 @@
 """Test-only networks for the pruner, each exercising one dependency rule, and a small
 torchvision ViT; the helpers that make a random model look trained or give it dead filters
 live in ffr_fast.testing."""
-import pytest
 import torch
 import torch.fx
 from torch import nn
@@ -133,16 +132,6 @@ def small_vit(num_layers: int = 4, patch_size: int = 8):
 
 TEST_NETS = {"densenet": (TinyDenseNet, ()), "resnext": (TinyResNeXt, ()),
              "shuffle": (ShuffleNet, ()), "gated": (GatedNet, ("gate",))}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The pruner tests run many small convolutions: on a shared machine one intra-op
-    thread is faster and steadier than several. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- one net per rule of today's layers (test_prune_rules.py) ----------------------------

@@ -62,7 +62,8 @@ CASES = {
     "hf_vit": (lambda: hf("ViTConfig", "ViTForImageClassification", hidden_size=16,
                           intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
                           image_size=16, patch_size=8),
-               lambda: dict(pixel_values=torch.randn(BATCH, 3, 16, 16), labels=torch.tensor([0, 1])),
+               lambda: dict(pixel_values=torch.randn(BATCH, 3, 16, 16),
+                            labels=torch.tensor([0, 1])),
                [("vit.embeddings.dropout",) + layers("vit.layers", 3)]),
     # timm writes its norms and attention with functional calls and tensor methods
     "efficientnet_b0": (lambda: timm.create_model("efficientnet_b0", pretrained=False),

@@ -3,8 +3,16 @@ import statistics
 
 import pytest
 
-from ffr_fast.study.demo import (CNN, GRID_SIZE, STORIES, SeedResult, Spread, aggregate,
-                                 comparisons, within_spread)
+from ffr_fast.study.demo import (
+    CNN,
+    GRID_SIZE,
+    STORIES,
+    SeedResult,
+    Spread,
+    aggregate,
+    comparisons,
+    within_spread,
+)
 
 
 def result(method, seed, finetuned, pruned=0.9, keep=0.5, branches=3):

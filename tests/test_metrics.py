@@ -6,9 +6,17 @@ import pytest
 import torch
 from torch import nn
 
-from ffr_fast.metrics import (BATCH_NORMS, NOISY_SPREAD, LatencyWarning, batchnorm_scales,
-                              count_flops, count_params, filter_sparsity, measure_latency,
-                              weight_sparsity)
+from ffr_fast.metrics import (
+    BATCH_NORMS,
+    NOISY_SPREAD,
+    LatencyWarning,
+    batchnorm_scales,
+    count_flops,
+    count_params,
+    filter_sparsity,
+    measure_latency,
+    weight_sparsity,
+)
 
 
 def small_net():
@@ -94,7 +102,8 @@ def test_latency_is_the_fastest_run_and_flags_disagreeing_runs():
 
 
 @pytest.mark.parametrize("setting,message", [
-    (dict(repeats=0), "repeats must be an int >= 1"), (dict(warmup=-1), "warmup must be an int >= 0"),
+    (dict(repeats=0), "repeats must be an int >= 1"),
+    (dict(warmup=-1), "warmup must be an int >= 0"),
     (dict(batch_sizes=(0,)), "batch_sizes must be a non-empty list of ints >= 1"),
     (dict(batch_sizes=()), "batch_sizes must be a non-empty list of ints >= 1")])
 def test_latency_settings_that_measure_nothing_are_refused(setting, message):

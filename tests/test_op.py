@@ -167,8 +167,8 @@ def test_gradcheck_float64(variant):
                                     features)
     for penalty_fn in (flow_penalty_chains, through_torch_ops):
         assert torch.autograd.gradcheck(
-            lambda *xs: penalty_fn(ops.split_chains(xs, lengths), chain_weights=[1.0, 0.5, 2.0],
-                                   **variant),
+            lambda *xs, penalty_fn=penalty_fn: penalty_fn(
+                ops.split_chains(xs, lengths), chain_weights=[1.0, 0.5, 2.0], **variant),
             features)
 
 

@@ -4,7 +4,8 @@ import torch
 
 from ffr_fast import models, prune
 from ffr_fast.testing import assert_same_output
-from nets import TinyResNeXt, kill_channels, look_trained, one_thread  # noqa: F401
+
+from nets import TinyResNeXt, kill_channels, look_trained
 
 
 def module_names(model):
@@ -18,7 +19,8 @@ def test_identity_block_disappears():
     result = prune(model, x, threshold=0.0)
     [block] = result.report.removed_blocks
     assert block["block"] == "layer1.1" and block["shortcut"].startswith("identity")
-    assert set(block["removed_modules"]) == {f"layer1.1.{m}" for m in ("conv1", "bn1", "conv2", "bn2")}
+    assert set(block["removed_modules"]) == {
+        f"layer1.1.{m}" for m in ("conv1", "bn1", "conv2", "bn2")}
     names = module_names(result.model)
     assert "layer1.1.conv1" not in names and "layer1.0.conv1" in names
     assert result.report.params_before - result.report.params_after == sum(

@@ -12,7 +12,8 @@ from torch import nn
 from ffr_fast.pruning import load_pruned, prune, residual_branches, save_pruned
 from ffr_fast.testing import assert_unchanged, outputs, relative_error, snapshot
 from ffr_fast.torchvision_loader import load_torchvision
-from nets import kill_channels, look_trained, one_thread, small_vit  # noqa: F401
+
+from nets import kill_channels, look_trained, small_vit
 
 tv = load_torchvision()
 X = torch.randn(2, 3, 32, 32)

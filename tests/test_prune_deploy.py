@@ -5,7 +5,8 @@ from torch import nn
 
 from ffr_fast import load_pruned, models, prune, save_pruned
 from ffr_fast.testing import outputs, relative_error
-from nets import TinyResNeXt, kill_channels, look_trained, one_thread  # noqa: F401
+
+from nets import TinyResNeXt, kill_channels, look_trained
 
 X = torch.randn(2, 3, 32, 32)
 

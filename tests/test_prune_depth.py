@@ -10,7 +10,6 @@ import torch
 
 import ffr_fast
 from ffr_fast.pruning import UntraceableModelError
-
 from ffr_fast.torchvision_loader import load_torchvision
 
 load_torchvision()  # before transformers, on a CPU-only torch

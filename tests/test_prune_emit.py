@@ -12,7 +12,8 @@ from torch import nn
 from ffr_fast import load_pruned, models, prune, save_pruned
 from ffr_fast.testing import outputs
 from ffr_fast.torchvision_loader import load_torchvision
-from nets import kill_channels, look_trained, one_thread  # noqa: F401
+
+from nets import kill_channels, look_trained
 
 X = torch.randn(2, 3, 32, 32)
 
@@ -72,7 +73,8 @@ class LastDimNorm(nn.Module):
     def __init__(self, width):
         super().__init__()
         self.width = width
-        self.weight, self.bias = nn.Parameter(torch.rand(width) + 0.5), nn.Parameter(torch.randn(width))
+        self.weight = nn.Parameter(torch.rand(width) + 0.5)
+        self.bias = nn.Parameter(torch.randn(width))
 
     def forward(self, x):
         x = x.permute(0, 2, 3, 1)

@@ -9,7 +9,8 @@ import torch
 from ffr_fast.pruning import prune, residual_branches
 from ffr_fast.testing import assert_same_output, zero_heads, zero_rows
 from ffr_fast.torchvision_loader import load_torchvision
-from nets import one_thread, small_vit  # noqa: F401
+
+from nets import small_vit
 
 tv = load_torchvision()
 LAYERS = "encoder.layers.encoder_layer_"
@@ -43,7 +44,8 @@ def test_vit_hidden_units_heads_and_branches():
 
 def small_convnext():
     torch.manual_seed(0)
-    setting = [tv.models.convnext.CNBlockConfig(16, 32, 2), tv.models.convnext.CNBlockConfig(32, None, 2)]
+    block = tv.models.convnext.CNBlockConfig
+    setting = [block(16, 32, 2), block(32, None, 2)]
     model = tv.models.ConvNeXt(setting, layer_scale=0.5, num_classes=10).eval()
     return model
 

@@ -13,12 +13,21 @@ from torch import nn
 
 from ffr_fast import models
 from ffr_fast.metrics import count_params
-from ffr_fast.pruning import (ExampleInputError, FlopsTargetWarning, PrunedModelError, Rule,
-                              load_pruned, prune, register_rule, residual_branches,
-                              save_pruned)
+from ffr_fast.pruning import (
+    ExampleInputError,
+    FlopsTargetWarning,
+    PrunedModelError,
+    Rule,
+    load_pruned,
+    prune,
+    register_rule,
+    residual_branches,
+    save_pruned,
+)
 from ffr_fast.pruning.rules import RULES
 from ffr_fast.torchvision_loader import load_torchvision
-from nets import ChannelScale, look_trained, one_thread  # noqa: F401
+
+from nets import ChannelScale, look_trained
 
 X = torch.randn(2, 3, 32, 32)
 
@@ -451,7 +460,8 @@ def lowest_kept_fraction(result):
 
 def test_a_global_ratio_keeps_a_floor_of_every_layer(resnet50):
     """Ranked by raw norms, resnet50's layer1.0.conv3 (ratio 0.3) and layer4.0.downsample
-    (ratio 0.5) kept one channel: scores relative to their layer's mean keep every layer near the ratio, and the
+    (ratio 0.5) kept one channel: scores relative to their layer's mean keep every layer near
+    the ratio, and the
     floor holds even where the ranking alone would empty a layer."""
     x = torch.randn(1, 3, 32, 32)
     half = prune(resnet50, x, ratio=0.5)

@@ -8,9 +8,22 @@ from torch import nn
 
 from ffr_fast.pruning import Rule, load_pruned, prune, register_rule, save_pruned
 from ffr_fast.pruning.rules import RULES
-from nets import (ChannelsLastMLP, ChannelScale, Conv1dNet, FixedView, GroupNormNet,  # noqa: F401
-                  LayerScaleNet, ScaleNet, SENet, SoftmaxNet, TracedShuffle, TransposedNet,
-                  TokenNet, look_trained, one_thread)
+
+from nets import (
+    ChannelScale,
+    ChannelsLastMLP,
+    Conv1dNet,
+    FixedView,
+    GroupNormNet,
+    LayerScaleNet,
+    ScaleNet,
+    SENet,
+    SoftmaxNet,
+    TokenNet,
+    TracedShuffle,
+    TransposedNet,
+    look_trained,
+)
 
 X = torch.randn(2, 3, 8, 8)
 

@@ -7,8 +7,8 @@ from torch import nn
 
 from ffr_fast import models, prune
 from ffr_fast.testing import assert_same_output, assert_unchanged, snapshot
-from nets import (TinyDenseNet, TinyResNeXt, kill_channels, look_trained,  # noqa: F401
-                  one_thread)
+
+from nets import TinyDenseNet, TinyResNeXt, kill_channels, look_trained
 
 
 def test_resnet_dead_filters_removed_exactly():

@@ -11,7 +11,6 @@ import torch
 
 from ffr_fast.pruning import load_pruned, prune, save_pruned
 from ffr_fast.torchvision_loader import load_torchvision
-from nets import one_thread  # noqa: F401
 
 tv = load_torchvision()
 

@@ -13,12 +13,14 @@ import torch
 from torch import nn
 
 from ffr_fast.pruning import load_pruned, prune, save_pruned
-from ffr_fast.pruning.attention import (make_head_pruned, relative_attention,
-                                        shifted_window_attention)
+from ffr_fast.pruning.attention import (
+    make_head_pruned,
+    relative_attention,
+    shifted_window_attention,
+)
 from ffr_fast.pruning.rules import rule_for
 from ffr_fast.testing import assert_same_output, zero_heads, zero_rows
 from ffr_fast.torchvision_loader import load_torchvision
-from nets import one_thread  # noqa: F401
 
 tv = load_torchvision()
 SWIN = tv.models.swin_transformer

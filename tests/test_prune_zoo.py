@@ -4,7 +4,8 @@ import torch
 
 from ffr_fast import models, prune
 from ffr_fast.metrics import count_flops, count_params
-from nets import TEST_NETS, look_trained, one_thread  # noqa: F401 (autouse fixture)
+
+from nets import TEST_NETS, look_trained
 
 CASES = [(name, 32) for name in ("resnet20", "resnet56", "vgg16_bn", "mobilenet_v2")]
 CASES += [(name, 16) for name in TEST_NETS]

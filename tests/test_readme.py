@@ -58,7 +58,8 @@ def test_the_repository_never_points_outside_itself():
     offenders = []
     for name in tracked.stdout.split():
         path = root / name
-        if path.suffix in {".py", ".md", ".cpp", ".h", ".txt", ".cfg", ".ini"} or name == "Makefile":
+        text_file = path.suffix in {".py", ".md", ".cpp", ".h", ".txt", ".cfg", ".ini"}
+        if text_file or name == "Makefile":
             text = path.read_text(errors="replace")
             if any(word in text for word in outside):
                 offenders.append(name)

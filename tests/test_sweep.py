@@ -25,7 +25,8 @@ def test_without_a_tie_the_best_fine_tuned_accuracy_wins():
 
 def test_seeds_are_averaged_before_choosing():
     points = [point("layerdrop", 0.1, 1.0, 0.9, seed=0), point("layerdrop", 0.1, 0.90, 0.9, seed=1),
-              point("layerdrop", 0.3, 0.96, 0.9, seed=0), point("layerdrop", 0.3, 0.96, 0.9, seed=1)]
+              point("layerdrop", 0.3, 0.96, 0.9, seed=0),
+              point("layerdrop", 0.3, 0.96, 0.9, seed=1)]
     chosen = choose_weights(points, 0.5, tie=0.001)["layerdrop"]
     assert chosen["weight"] == 0.3 and abs(chosen["finetuned"] - 0.96) < 1e-12
 

@@ -12,19 +12,20 @@ Modules: rules (the one table of layer types and functions; register_rule), trac
 (torch.fx), graph (channel dependencies), layout (ids through ops that move dimensions) and
 channels (what it produces), importance (scores), plan (what goes), blocks (residual
 branches: found, measured, removed), depth (whole blocks out of their containers, on the
-torch.export capture, for models torch.fx cannot trace), surgery (slicing), attention (head-pruned attention
+torch.export capture, for models torch.fx cannot trace), surgery (slicing), attention
+(head-pruned attention
 layers), fold (BN folding), emit (the model's own class or the GraphModule), inplace
 (residual adds written in place in an emitted GraphModule), inputs (checks of what the
 caller passes), report, serialize, recalibrate (BatchNorm statistics after pruning).
 """
 from .blocks import ResidualBranch
-from .tracing import UntraceableModelError
 from .inputs import ExampleInputError, PrunedModelError
 from .pruner import FlopsTargetWarning, PruneResult, prune, residual_branches
 from .recalibrate import recalibrate_bn
 from .report import PruneReport
 from .rules import Rule, register_rule
 from .serialize import load_pruned, save_pruned
+from .tracing import UntraceableModelError
 
 __all__ = ["prune", "PruneResult", "PruneReport", "residual_branches", "ResidualBranch",
            "save_pruned", "load_pruned", "recalibrate_bn", "UntraceableModelError",

@@ -27,9 +27,15 @@ import torch
 import torch.fx as fx
 
 from ..metrics import flops_of
-from .rules import (MULTIPLYING, PERMUTES, VIEWS, is_zero_preserving_call,
-                    is_zero_preserving_module, rule_for)
 from .importance import Scorer, layer_scores
+from .rules import (
+    MULTIPLYING,
+    PERMUTES,
+    VIEWS,
+    is_zero_preserving_call,
+    is_zero_preserving_module,
+    rule_for,
+)
 from .tracing import shape_of
 
 ADD_TARGETS = {operator.add, operator.iadd, torch.add, "add", "add_"}

@@ -33,10 +33,23 @@ import torch
 import torch.fx as fx
 
 from .channels import Chan, ChannelGraph, ModuleChannels, ParamChannels, ParamView, ViewSize
-from .rules import (GATES, MERGING, MULTIPLYING, PERMUTES, REDUCTIONS, SHAPE_QUERIES, SPATIAL,
-                    SPLITS, VIEWS, Rule, is_zero_preserving_call, out_channels, rule_for,
-                    tensor_of)
 from .layout import indexed, permuted, pieces, reduced, size_args, viewed
+from .rules import (
+    GATES,
+    MERGING,
+    MULTIPLYING,
+    PERMUTES,
+    REDUCTIONS,
+    SHAPE_QUERIES,
+    SPATIAL,
+    SPLITS,
+    VIEWS,
+    Rule,
+    is_zero_preserving_call,
+    out_channels,
+    rule_for,
+    tensor_of,
+)
 from .tracing import layer_norm_last_dim, node_arg, shape_of
 
 
@@ -304,7 +317,8 @@ class _Analyzer:
             offset = len(shape) - len(t_shape)
             chan = self.chan.get(t)
             if isinstance(chan, Chan):
-                if tuple(d + offset for d in chan.dims) != dims or chan.ids.shape != first.ids.shape:
+                shifted = tuple(d + offset for d in chan.dims)
+                if shifted != dims or chan.ids.shape != first.ids.shape:
                     return None
                 self.cg.union(first.ids, chan.ids)
                 continue

@@ -31,7 +31,8 @@ def check_model(model, caller: str) -> None:
 
 def as_inputs(example_inputs) -> Tuple[torch.Tensor, ...]:
     """`example_inputs` as a tuple of tensors, each with a non-empty batch."""
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    single = isinstance(example_inputs, torch.Tensor)
+    inputs = (example_inputs,) if single else tuple(example_inputs)
     for i, x in enumerate(inputs):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"example_inputs[{i}] must be a torch.Tensor, got {type(x).__name__}")
@@ -57,7 +58,8 @@ def resolve_ignored(model: nn.Module, ignored) -> Tuple[str, ...]:
             try:
                 model.get_submodule(item)
             except AttributeError:
-                raise ValueError(f"ignored: {type(model).__name__} has no submodule {item!r}") from None
+                raise ValueError(
+                    f"ignored: {type(model).__name__} has no submodule {item!r}") from None
             names.append(item)
         elif isinstance(item, type):
             names += [name for name, m in model.named_modules() if isinstance(m, item) and name]

@@ -1,6 +1,7 @@
 """How a tensor's channel ids follow its dimensions through the ops that only move them:
 reductions over other dimensions, permute / transpose / movedim, view / reshape / flatten,
-chunk / split / unbind, and basic indexing. Pure functions of a Chan (channels.py), the shapes and the op's
+chunk / split / unbind, and basic indexing. Pure functions of a Chan (channels.py), the shapes
+and the op's
 arguments; None where the op could mix channels. The dependency analysis (graph.py)
 decides what to tie and pin.
 """

@@ -21,7 +21,6 @@ from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
-
 from .channels import ChannelGraph
 
 

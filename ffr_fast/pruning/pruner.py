@@ -10,24 +10,31 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
-from torch.utils._pytree import tree_leaves
 
+from ..capture import flat_leaves
 from ..metrics import count_params
-from .blocks import (ResidualBranch, branch_score, find_branches, measure_branches,
-                     remove_branches as remove_from_graph, select_branches)
+from ..modes import evaluating, restore_training_flags, training_flags
+from . import depth
+from .blocks import ResidualBranch, branch_score, find_branches, measure_branches, select_branches
+from .blocks import remove_branches as remove_from_graph
 from .emit import EMITS, adopt, attach_structure, own_forward, own_training_forward_fails
 from .fold import fold_batchnorms, foldable_pairs
 from .graph import analyze
-from . import depth
-from .tracing import UntraceableModelError, reads_training_flag, trace
 from .importance import Scorer, class_scores, scorer_for
 from .inplace import adds_in_place
-from ..modes import evaluating, restore_training_flags, training_flags
 from .inputs import as_inputs, check_model, resolve_ignored, run_checked
 from .plan import make_plan
 from .report import PruneReport
-from .surgery import (apply_plan, renormalized_layers, resize_views, set_submodule,
-                      share_sliced, tie_shared_tensors, zero_removed)
+from .surgery import (
+    apply_plan,
+    renormalized_layers,
+    resize_views,
+    set_submodule,
+    share_sliced,
+    tie_shared_tensors,
+    zero_removed,
+)
+from .tracing import UntraceableModelError, reads_training_flag, trace
 
 SCOPES = ("global", "layer")
 FLOPS_SEARCHES = ("threshold", "ratio")
@@ -98,14 +105,16 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
     - `flops_target=f`: the smallest pruning (a search on `flops_search`, "threshold" or
       "ratio") that keeps at most the fraction f of the FLOPs, accepted within
       `flops_tolerance` below f, in at most `flops_search_steps` prunings; when the search
-      cannot land there (a threshold removes whole blocks at once) it warns (FlopsTargetWarning) and the report's `warnings` say
+      cannot land there (a threshold removes whole blocks at once) it warns
+      (FlopsTargetWarning) and the report's `warnings` say
       what it kept;
     - none of them, with `remove_branches` only.
     `remove_branches` lists residual branches by name (see residual_branches()) to remove
     whatever their scores. `remove_blocks` says whether the removable branches (above: under
     the threshold, or emitting exactly zero) go too: None (the default) means yes unless
     `remove_branches` names some, and then only the named ones go; True removes them as
-    well as the named ones; False, only the named ones. `importance` is "l2", "l1", "bn" or a callable
+    well as the named ones; False, only the named ones. `importance` is "l2", "l1", "bn" or a
+    callable
     (module, following_bn) -> one score per output channel (importance.py). `ignored` lists
     modules (names, instances or classes) traced as opaque leaves whose channels are kept.
 
@@ -181,7 +190,8 @@ def _check_settings(threshold, ratio, flops_target, flops_search, flops_toleranc
                          f"(or only remove_branches=), got threshold={threshold!r}, "
                          f"ratio={ratio!r} and flops_target={flops_target!r}")
     if ratio is not None and not 0 <= ratio < 1:
-        raise ValueError(f"ratio must be in [0, 1) (the fraction of channels removed), got {ratio!r}")
+        raise ValueError(
+            f"ratio must be in [0, 1) (the fraction of channels removed), got {ratio!r}")
     if threshold is not None and not threshold >= 0:
         raise ValueError(f"threshold must be >= 0, got {threshold!r}")
     if flops_target is not None and not 0 < flops_target < 1:
@@ -353,7 +363,8 @@ def _prune_to_flops(model, inputs, target: float, search: str, tolerance: float,
         if value is None:
             break
     under = [t for t in tried if t[0] <= target]
-    kept, value, result = max(under, key=lambda t: t[0]) if under else min(tried, key=lambda t: t[0])
+    kept, value, result = (max(under, key=lambda t: t[0]) if under
+                           else min(tried, key=lambda t: t[0]))
     if inplace:
         result = _prune_once(model, inputs, **{search: value}, **_other(search), inplace=True,
                              **options)
@@ -399,7 +410,7 @@ def _label(importance: Union[str, Callable]) -> str:
 
 
 def _tensors(output):
-    return [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+    return [t for t in flat_leaves(output) if isinstance(t, torch.Tensor)]
 
 
 def _max_diff(a, b) -> float:

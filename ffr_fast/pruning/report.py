@@ -55,7 +55,8 @@ class PruneReport:
             "",
             "| | before | after | ratio |",
             "|---|---:|---:|---:|",
-            f"| params | {self.params_before:,} | {self.params_after:,} | {self.param_ratio:.2f}x |",
+            f"| params | {self.params_before:,} | {self.params_after:,} "
+            f"| {self.param_ratio:.2f}x |",
             f"| FLOPs | {self.flops_before:,} | {self.flops_after:,} | {self.flop_ratio:.2f}x |",
             "",
             f"channel classes removed: {self.removed_classes} of {self.prunable_classes} "

@@ -16,16 +16,16 @@ from typing import Callable, Tuple, Union
 import torch
 from torch import nn
 
+from ..modes import restore_training_flags, training_flags
 from . import depth
 from .blocks import ResidualBranch, remove_branches
-from .fold import bypass_batchnorm
-from .tracing import trace
-from .inplace import replay_adds_in_place
-from ..modes import restore_training_flags, training_flags
 from .emit import attach_structure, structure_of
+from .fold import bypass_batchnorm
+from .inplace import replay_adds_in_place
 from .pruner import STRUCTURE_FORMAT, PruneResult
 from .rules import resize_from_tensors
 from .surgery import replay_view_sizes, set_submodule
+from .tracing import trace
 
 
 def _resize_to(gm: nn.Module, state_dict: dict) -> None:

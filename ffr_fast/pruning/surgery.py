@@ -124,7 +124,7 @@ def apply_plan(root: nn.Module, cg: ChannelGraph, removed: Set[int]
     removed = _mask(cg, removed)
     channels = {}
     with torch.no_grad():
-        for path, mc in cg.modules.items():
+        for mc in cg.modules.values():
             sizes = {}
             for name, ids in mc.written():
                 channels[name] = sizes[name] = (len(ids), len(_keep(cg, ids, removed)))

@@ -69,7 +69,10 @@ def architecture_of(model: nn.Module, config: dict) -> dict:
     recipe = _zoo_recipe(config, model)
     with torch.device("meta"):
         reference = _build_zoo(recipe)
-    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+
+    def shapes(module: nn.Module) -> dict:
+        return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
     if shapes(reference) == shapes(model):
         return {"kind": "zoo", **recipe}
     from ffr_fast.pruning import save_pruned

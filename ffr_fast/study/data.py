@@ -88,7 +88,10 @@ def _channel_stats(images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 def _from_arrays(train, val, test, num_classes: int) -> Splits:
     """Splits from (images uint8 NCHW, labels) pairs, normalised with training statistics."""
     mean, std = _channel_stats(train[0])
-    make = lambda pair: ImageTensors(pair[0], torch.as_tensor(pair[1]), mean, std)  # noqa: E731
+
+    def make(pair) -> ImageTensors:
+        return ImageTensors(pair[0], torch.as_tensor(pair[1]), mean, std)
+
     _, channels, height, width = train[0].shape
     return Splits(make(train), make(val), make(test), num_classes, channels, (height, width))
 

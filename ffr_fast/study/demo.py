@@ -62,7 +62,8 @@ class Story:
 
 # Every weighted method gets the same number of grid points (four); "none" has no weight to
 # tune. Each `weight` is the one `python -m ffr_fast sweep` chose (results/sweep/ and
-# results/sweep-vit/, "chosen"; the rule is sweep.choose_weights). FFR runs with the default squared norm and difference curvature (curv_weight =
+# results/sweep-vit/, "chosen"; the rule is sweep.choose_weights). FFR runs with the default
+# squared norm and difference curvature (curv_weight =
 # weight): the smooth variant, whose gradient term pulls each block's output toward its
 # input, which is what makes a whole branch removable.
 GRID_SIZE = 4
@@ -295,7 +296,9 @@ def markdown_table(rows) -> str:
     """A markdown table of dicts with the same keys; floats shown with 4 significant digits."""
     if not rows:
         return ""
-    show = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    def show(value) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
     header = list(rows[0])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(show(row[key]) for key in header) + " |" for row in rows]

@@ -58,7 +58,8 @@ class BatchNormL1:
 
 class LayerDrop:
     """LayerDrop: during training, each residual block (ffr_fast.chains.residual_blocks: a
-    ResNet's blocks, a ViT's encoder blocks, found on the first forward's call) is skipped, its output replaced by its input,
+    ResNet's blocks, a ViT's encoder blocks, found on the first forward's call) is skipped, its
+    output replaced by its input,
     with probability `rate`, drawn per block and per batch from torch's generator (so a
     seeded run drops the same blocks). A block that runs is not rescaled: this is fairseq's
     LayerDrop (Fan et al.'s own code), not stochastic depth's 1 / (1 - rate) scaling. The

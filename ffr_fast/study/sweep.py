@@ -23,7 +23,6 @@ from typing import Dict, List, Optional, Sequence
 
 from ffr_fast.study import checkpoint, demo, pipeline, plots, train
 
-
 SEEDS = (0,)  # the sweep's default: weights are chosen on one seed (the demo runs three)
 
 
@@ -193,7 +192,10 @@ def _previous_points(path: Path, settings: dict) -> List[Point]:
     if not path.is_file():
         return []
     previous = json.loads(path.read_text())
-    same = lambda a: {k: v for k, v in a.items() if k != "keep"}  # noqa: E731
+
+    def same(settings_of: dict) -> dict:  # what must agree: every setting but the budgets
+        return {k: v for k, v in settings_of.items() if k != "keep"}
+
     if same(previous.get("settings", {})) != same(settings):
         return []
     return [Point(**p) for p in previous["points"] if p["keep"] in settings["keep"]]
