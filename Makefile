@@ -23,7 +23,7 @@ $(BIN)/python:
 # timm (real models the tests build from configs, nothing downloaded).
 $(STUDY_INSTALLED): $(BIN)/python $(BUILD_INPUTS)
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[study]" $(PINS)
-	$(BIN)/python -c "import ffr_fast.ops as o; o.require_compiled_cpu_kernel()"
+	$(BIN)/python -c "import ffr_fast.flow.ops as o; o.require_compiled_cpu_kernel()"
 	touch $@
 
 $(TEST_INSTALLED): $(STUDY_INSTALLED)

@@ -63,7 +63,8 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["ffr_fast", "ffr_fast.pruning", "ffr_fast.kernels", "ffr_fast.study"],
+    packages=["ffr_fast", "ffr_fast.flow", "ffr_fast.pruning", "ffr_fast.kernels",
+              "ffr_fast.study"],
     package_dir={"ffr_fast.kernels": "kernels"},
     package_data={"ffr_fast.study": ["datasets/*.npz"]},
     # The library (FFRLoss, flow_penalty, the pruner, metrics, models) needs torch and numpy

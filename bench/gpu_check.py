@@ -40,9 +40,9 @@ import torch  # noqa: E402  (after TRITON_INTERPRET is set)
 import triton  # noqa: E402  (after TRITON_INTERPRET is set)
 
 from ffr_fast import ops, reference  # noqa: E402  (after TRITON_INTERPRET is set)
+from ffr_fast.flow.penalty import flow_penalty_chains  # noqa: E402  (after TRITON_INTERPRET is set)
 from ffr_fast.kernels import flow_penalty as penalty_kernels  # noqa: E402  (after TRITON_INTERPRET is set)
 from ffr_fast.kernels import flow_sums as kernels  # noqa: E402  (after TRITON_INTERPRET is set)
-from ffr_fast.penalty import flow_penalty_chains  # noqa: E402  (after TRITON_INTERPRET is set)
 from ffr_fast.testing import TOLERANCE, relative_error  # noqa: E402  (after TRITON_INTERPRET is set)
 
 from gpu_speed import (  # noqa: E402  (after TRITON_INTERPRET is set)

@@ -10,9 +10,10 @@ import time
 
 import torch
 
-from ffr_fast import reference, testing
+from ffr_fast import testing
+from ffr_fast.flow import reference
+from ffr_fast.flow.penalty import flow_penalty, flow_penalty_chains
 from ffr_fast.kernels import flow_sums as kernels
-from ffr_fast.penalty import flow_penalty, flow_penalty_chains
 
 from training_step_table import make_training_step  # bench/ is the script's folder
 

@@ -3,8 +3,8 @@ ResNet-56 chains ((B,16,32,32), (B,32,16,16), (B,64,8,8); K = 9 block outputs ea
 forward + backward through FFRLoss, at B = 1, 2, 8 and 128:
 
 - op: FFRLoss as shipped, every chain in one call of ffr_fast::flow_penalty
-  (ffr_fast.penalty.flow_penalty_chains);
-- eager reference: FFRLoss(penalty_fn=ffr_fast.reference.flow_penalty);
+  (ffr_fast.flow.penalty.flow_penalty_chains);
+- eager reference: FFRLoss(penalty_fn=ffr_fast.flow.reference.flow_penalty);
 - torch.compile(reference): the same with torch.compile(reference.flow_penalty);
 each both through FFRLoss and called directly on the chains (the penalty alone, without
 FFRLoss's hooks; the compiled reference then compiles the sum over all chains at once).
@@ -32,8 +32,9 @@ import statistics
 import torch
 from torch import nn
 
-from ffr_fast import FFRLoss, ops, reference
-from ffr_fast.penalty import flow_penalty_chains
+from ffr_fast import FFRLoss
+from ffr_fast.flow import ops, reference
+from ffr_fast.flow.penalty import flow_penalty_chains
 
 from penalty_table import CHAIN_LENGTH, CHAIN_SHAPES, copy_bandwidth
 from results_io import write_results

@@ -1,6 +1,6 @@
 """The FFR penalty, forward + backward, over the three chains of a CIFAR ResNet-56 at batch 128
 ((128,16,32,32), (128,32,16,16), (128,64,8,8); K = 9 block outputs each): the fused op
-(ffr_fast.penalty.flow_penalty_chains: all three chains in one call of the C++ kernels) vs
+(ffr_fast.flow.penalty.flow_penalty_chains: all three chains in one call of the C++ kernels) vs
 the eager reference vs torch.compile(reference), timed
 in interleaved rounds of one run, against this machine's memory traffic floor.
 
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from ffr_fast import ops, reference
-from ffr_fast.penalty import flow_penalty_chains
+from ffr_fast.flow import ops, reference
+from ffr_fast.flow.penalty import flow_penalty_chains
 
 from results_io import write_results
 

@@ -19,7 +19,8 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from ffr_fast import FFRLoss, models, ops, reference
+from ffr_fast import FFRLoss, models
+from ffr_fast.flow import ops, reference
 
 from results_io import write_results
 from timing import interleaved_medians

@@ -17,7 +17,7 @@ struct Chains {
   at::TensorList chain(size_t c) const { return features.slice(start[c], lengths[c]); }
 };
 
-// Validates the call's structure; the ffr_fast.penalty front end gives the friendlier errors
+// Validates the call's structure; the ffr_fast.flow.penalty front end gives the friendlier errors
 // once per layout, these keep a direct call through torch.ops memory-safe.
 Chains check_chains(const char* op, at::TensorList features, at::IntArrayRef lengths);
 

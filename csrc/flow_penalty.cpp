@@ -1,4 +1,4 @@
-// The fused CPU op ffr_fast::flow_penalty and its backward (schemas: ffr_fast/ops.py, math:
+// The fused CPU op ffr_fast::flow_penalty and its backward (schemas: ffr_fast/flow/ops.py, math:
 // docs/math.md): the flow sums of every chain in one pass (flow_sums.cpp), then the
 // per-sample penalty terms of penalty_math.h, weighted per chain and averaged over the batch.
 // The backward turns the penalty's gradient into the gradient of the sums and hands it to

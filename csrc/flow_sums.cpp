@@ -1,4 +1,4 @@
-// Fused CPU kernels of the op ffr_fast::flow_sums and its backward (schemas: ffr_fast/ops.py,
+// Fused CPU kernels of the op ffr_fast::flow_sums and its backward (schemas: ffr_fast/flow/ops.py,
 // math: docs/math.md): the torch glue. The inner loops are in flow_sums_kernels.h; the
 // penalty op built on these sums is flow_penalty.cpp, and what both share is flow_chains.h.
 //
@@ -32,7 +32,7 @@
 
 namespace ffr_fast {
 
-// Validates the call's structure; the ffr_fast.penalty front end gives the friendlier errors
+// Validates the call's structure; the ffr_fast.flow.penalty front end gives the friendlier errors
 // once per layout, these keep a direct call through torch.ops memory-safe.
 Chains check_chains(const char* op, at::TensorList features, at::IntArrayRef lengths) {
   Chains chains{features, lengths.vec(), {}};

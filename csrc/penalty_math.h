@@ -1,7 +1,7 @@
-// The penalty of ffr_fast/reference.py from a chain's per-sample flow sums, and its gradient
+// The penalty of ffr_fast/flow/reference.py from a chain's per-sample flow sums, and its gradient
 // with respect to those sums: the few scalar operations after the fused pass, done here so
 // that one op call (and one autograd node) covers the whole flow (flow_penalty.cpp). Its
-// twins: ffr_fast.ops.chain_terms and chain_terms_gradient in Python, for the devices
+// twins: ffr_fast.flow.ops.chain_terms and chain_terms_gradient in Python, for the devices
 // without a compiled kernel, and the epilogue of kernels/flow_penalty.py on CUDA. This code
 // is tested against the float64 reference, its twins against this code (tests/test_op.py,
 // tests/test_triton_kernels.py).

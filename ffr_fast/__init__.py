@@ -7,9 +7,9 @@ __version__ = "0.1.0"
 # Public names and the module that defines each; imported on first use so that
 # `import ffr_fast` stays cheap (no plotting or tracing machinery at import time).
 _EXPORTS = {
-    "flow_penalty": "ffr_fast.penalty",
-    "flow_penalty_chains": "ffr_fast.penalty",
-    "FFRLoss": "ffr_fast.loss",
+    "flow_penalty": "ffr_fast.flow.penalty",
+    "flow_penalty_chains": "ffr_fast.flow.penalty",
+    "FFRLoss": "ffr_fast.flow.loss",
     "prune": "ffr_fast.pruning",
     "PruneResult": "ffr_fast.pruning",
     "save_pruned": "ffr_fast.pruning",

@@ -1,6 +1,6 @@
 """Triton kernels of the op ffr_fast::flow_penalty and its backward: the penalty of every
 chain of a forward from its flow sums (kernels/flow_sums.py), the variant math (norm,
-curvature, weights, eps, delta, the batch mean; ffr_fast.ops.chain_terms states it) done in
+curvature, weights, eps, delta, the batch mean; ffr_fast.flow.ops.chain_terms states it) done in
 one epilogue launch over every sample, so that a forward is one sums launch, one epilogue
 launch and a sum (plus an arccos for curvature="angle"), and a backward one epilogue launch
 and one gradient launch.
@@ -95,7 +95,7 @@ def _penalty_epilogue_backward_kernel(sums_ptr, grad_ptr, chains_ptr, samples_pt
                                       L_BLOCK: tl.constexpr, L2: tl.constexpr,
                                       ANGLE: tl.constexpr):
     # One program per sample: the gradient of the penalty with respect to its flow sums
-    # (the derivative of ffr_fast.ops.chain_terms, as ops.chain_terms_gradient writes it).
+    # (the derivative of ffr_fast.flow.ops.chain_terms, as ops.chain_terms_gradient writes it).
     p, chain, sample, K, n, sums_offset, share = _epilogue_sample(chains_ptr, samples_ptr,
                                                                  weights_ptr)
     L = K - 1

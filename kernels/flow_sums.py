@@ -4,7 +4,7 @@ of a forward in one launch each.
 The call takes chains one after the other (`features`, with lengths[c] the K of chain c);
 chain c is K same-shape features x_0 .. x_{K-1}, each (B, *S) with n = prod(S) elements per
 sample; chains may differ in shape and length, and share one dtype and device. The forward
-reduces every chain to its flow sums (ffr_fast.reference.flow_sums), packed chain after
+reduces every chain to its flow sums (ffr_fast.flow.reference.flow_sums), packed chain after
 chain as row-major (B, 3, K-1) blocks; the backward writes the gradients of
 <grad_sums, flow_sums(features)> for every feature.
 
@@ -27,7 +27,7 @@ so results are identical from run to run.
 
 Launches go through torch.library.wrap_triton. The offsets come from data pointers, which
 torch.compile's fake tensors do not have, so compiled code keeps ffr_fast::flow_sums as one
-opaque op (see ffr_fast.ops) rather than tracing into these functions.
+opaque op (see ffr_fast.flow.ops) rather than tracing into these functions.
 """
 import functools
 import math
@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from ffr_fast.reference import accumulation_dtype
+from ffr_fast.flow.reference import accumulation_dtype
 
 # The chain table has one int64 row per chain: K, n, sample stride, index of its first
 # feature, offset of its partial sums, blocks per sample, offset of its packed sums, batch.
@@ -327,7 +327,7 @@ def partial_sums(features: Sequence[Tensor], layout: _Layout, block_size: int) -
 
 def flow_sums(features: Sequence[Tensor], lengths: Sequence[int],
               block_size: int = 1024) -> Tensor:
-    """The packed flow sums of the chains (see ffr_fast.ops), in float32 (float64 for
+    """The packed flow sums of the chains (see ffr_fast.flow.ops), in float32 (float64 for
     float64 features). block_size: elements of one sample per program."""
     layout, features = chain_layout(features, lengths, block_size)
     partials = partial_sums(features, layout, block_size)
@@ -341,7 +341,7 @@ def flow_sums(features: Sequence[Tensor], lengths: Sequence[int],
 def flow_sums_backward(features: Sequence[Tensor], lengths: Sequence[int], grad_sums: Tensor,
                        block_size: int = 1024) -> List[Tensor]:
     """The gradients of <grad_sums, flow_sums(features, lengths)> (see
-    ffr_fast.reference.flow_sums_backward), each with its feature's dtype and shape, and its
+    ffr_fast.flow.reference.flow_sums_backward), each with its feature's dtype and shape, and its
     strides too when the chain's samples are dense (contiguous, channels_last)."""
     layout, features = chain_layout(features, lengths, block_size)
     x = features[0]

@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from ffr_fast import FFRLoss, models, reference
+from ffr_fast import FFRLoss, models
 from ffr_fast.capture import UncapturableModelError
-from ffr_fast.chains import residual_blocks, split_into_chains
+from ffr_fast.flow import reference
+from ffr_fast.flow.chains import residual_blocks, split_into_chains
 from ffr_fast.testing import counted_forward_hooks
 
 

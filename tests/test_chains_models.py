@@ -5,7 +5,8 @@ the same features read by plain hooks, and its gradient reaches the first layer.
 import pytest
 import torch
 
-from ffr_fast import FFRLoss, reference
+from ffr_fast import FFRLoss
+from ffr_fast.flow import reference
 from ffr_fast.torchvision_loader import load_torchvision
 
 load_torchvision()  # timm imports torchvision, whose wheel needs its op declarations first

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from ffr_fast import FFRLoss, models, reference
+from ffr_fast import FFRLoss, models
+from ffr_fast.flow import reference
 from ffr_fast.testing import counted_forward_hooks
 
 OPTIONS = dict(grad_weight=0.3, curv_weight=0.7)

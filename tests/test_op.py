@@ -9,8 +9,8 @@ import itertools
 import pytest
 import torch
 
-from ffr_fast import ops, reference
-from ffr_fast.penalty import flow_penalty, flow_penalty_chains
+from ffr_fast.flow import ops, reference
+from ffr_fast.flow.penalty import flow_penalty, flow_penalty_chains
 from ffr_fast.testing import TOLERANCE, random_chain, random_chains, relative_error, upcast
 
 VARIANTS = [dict(norm=norm, curvature=curvature, grad_weight=0.7, curv_weight=1.3, eps=eps)
@@ -150,7 +150,7 @@ def test_angle_at_the_clip_has_the_gradient_of_torch_clamp():
 def through_torch_ops(chains, chain_weights=None, grad_weight=1.0, curv_weight=1.0,
                       norm="squared", curvature="diff", eps=1e-8, delta=1e-6):
     """flow_penalty_chains' penalty as a torch.ops caller gets it: its gradient through the
-    autograd registered on the op, not ffr_fast.penalty's entry point."""
+    autograd registered on the op, not ffr_fast.flow.penalty's entry point."""
     features, lengths = flatten(chains)
     weights = [1.0] * len(chains) if chain_weights is None else list(chain_weights)
     penalty, _ = torch.ops.ffr_fast.flow_penalty(features, lengths, weights, grad_weight,
@@ -173,7 +173,7 @@ def test_gradcheck_float64(variant):
 
 
 def test_every_caller_of_the_penalty_op_runs_its_one_backward(monkeypatch):
-    """ffr_fast.penalty and torch.ops callers reach the same backward function (a change to
+    """ffr_fast.flow.penalty and torch.ops callers reach the same backward function (a change to
     the backward is one edit), and get bitwise the same gradients from it."""
     calls = []
     backward = ops._penalty_feature_gradients

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
 
-from ffr_fast import ops, reference
-from ffr_fast.penalty import flow_penalty, flow_penalty_chains
+from ffr_fast.flow import ops, reference
+from ffr_fast.flow.penalty import flow_penalty, flow_penalty_chains
 from ffr_fast.testing import random_chain, random_chains
 
 REFUSAL = "first-order reverse-mode gradients only"

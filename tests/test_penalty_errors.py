@@ -7,8 +7,8 @@ import textwrap
 import pytest
 import torch
 
-from ffr_fast import ops, penalty, reference
-from ffr_fast.penalty import flow_penalty, flow_penalty_chains
+from ffr_fast.flow import ops, penalty, reference
+from ffr_fast.flow.penalty import flow_penalty, flow_penalty_chains
 
 
 def chain(K=3, shape=(2, 3, 4, 4), dtype=torch.float32):
@@ -173,8 +173,8 @@ def test_without_the_compiled_kernel_one_warning_and_the_reference_path():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             import torch
-            from ffr_fast import ops, reference
-            from ffr_fast.penalty import flow_penalty
+            from ffr_fast.flow import ops, reference
+            from ffr_fast.flow.penalty import flow_penalty
         messages = [str(w.message) for w in caught if "ffr_fast" in str(w.message)]
         assert len(messages) == 1 and "reference" in messages[0], messages
         assert not ops.has_compiled_kernel("cpu")

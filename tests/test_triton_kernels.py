@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from ffr_fast import ops, reference, testing
+from ffr_fast import testing
+from ffr_fast.flow import ops, reference
 from ffr_fast.kernels import flow_penalty as triton_penalty
 from ffr_fast.kernels import flow_sums as triton_kernels
 from ffr_fast.testing import TOLERANCE, relative_error
@@ -321,7 +322,7 @@ def test_op_runs_the_triton_kernels_on_cuda():
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a CUDA device: only CUDA tensors are routed to Triton")
 def test_whole_flow_penalty_runs_two_launches_per_pass_on_cuda():
-    from ffr_fast.penalty import flow_penalty_chains
+    from ffr_fast.flow.penalty import flow_penalty_chains
 
     chains = [[x.requires_grad_() for x in chain]
               for chain in testing.random_chains(MULTI, device=DEVICE)]

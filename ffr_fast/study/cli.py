@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from ffr_fast import metrics, models
+from ffr_fast.flow.reference import CURVATURES, NORMS
 from ffr_fast.pruning.importance import IMPORTANCES
 from ffr_fast.pruning.pruner import SCOPES
-from ffr_fast.reference import CURVATURES, NORMS
 from ffr_fast.study import checkpoint, data, demo, pipeline, regularizers, sweep, train
 
 PRUNED_FILENAME = "pruned.pt"

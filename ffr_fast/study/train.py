@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from ffr_fast import models
-from ffr_fast.reference import CURVATURES, NORMS
+from ffr_fast.flow.reference import CURVATURES, NORMS
 from ffr_fast.study import checkpoint, regularizers
 
 

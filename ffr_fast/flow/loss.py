@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ffr_fast.capture import flat_leaves
-from ffr_fast.chains import (
+from ffr_fast.flow.chains import (
     RESIDUAL_RULE,
     CapturePoint,
     Chain,
@@ -26,7 +26,7 @@ from ffr_fast.chains import (
     split_into_chains,
     version_of,
 )
-from ffr_fast.penalty import check_chain_weights, check_options, flow_penalty_chains
+from ffr_fast.flow.penalty import check_chain_weights, check_options, flow_penalty_chains
 
 # What ffr() finds, as the forwards since the last ffr() left it: none yet; a training forward
 # that started and did not finish; training forwards ready to penalise; nothing new since
@@ -86,7 +86,7 @@ def _leaf(value, index: int):
 
 
 class FFRLoss(nn.Module):
-    """The FFR penalty (ffr_fast.reference states the math) of a model's feature flow, one call
+    """The FFR penalty (ffr_fast.flow.reference states the math) of a model's feature flow, one call
     per forward.
 
     Args:
@@ -99,7 +99,7 @@ class FFRLoss(nn.Module):
             defaults (1e-3 each) make the penalty of a freshly initialised CIFAR ResNet-20/56
             about 0.01-0.05, a few percent of a 10-class cross-entropy; raise them for more
             structured sparsity.
-        layers: "auto" (the rules in ffr_fast.chains: the residual stream of the model's
+        layers: "auto" (the rules in ffr_fast.flow.chains: the residual stream of the model's
             torch.export graph, or conv-norm-activation units of a plain net), or a list of
             submodule names and/or modules. The order of the list does not matter: features
             are taken in the order the forward produces them, and a module called twice in
@@ -111,9 +111,10 @@ class FFRLoss(nn.Module):
         chain_weights: optional per-chain factors, in forward order, one per chain that
             each forward forms (checked at every call).
         penalty_fn: None (the default): every chain of a forward goes to one call of the
-            fused op (ffr_fast.penalty.flow_penalty_chains). Or a function applied to each chain
-            separately, with flow_penalty's signature: ffr_fast.reference.flow_penalty is the
-            plain-PyTorch oracle (benchmarks compare the two).
+            fused op (ffr_fast.flow.penalty.flow_penalty_chains). Or a function applied to
+            each chain separately, with flow_penalty's signature:
+            ffr_fast.flow.reference.flow_penalty is the plain-PyTorch oracle (benchmarks
+            compare the two).
         example_inputs: for layers="auto", the example call the stream is found on: a
             tensor, a tuple of positional arguments, or a dict of keyword arguments
             (`{"input_ids": ids}`). None (the default): the first training forward's own

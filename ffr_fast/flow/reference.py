@@ -34,7 +34,7 @@ The fused kernels reduce a chain to its *flow sums*, a (B, 3, K-1) tensor:
     sums[:, 0, l] = ||d_l||^2
     sums[:, 1, l] = ||s_l||^2        (l <= K-3; zero in the last column)
     sums[:, 2, l] = <d_l, d_{l+1}>   (l <= K-3; zero in the last column)
-Every variant of the penalty is a function of these sums (ffr_fast.ops.chain_terms,
+Every variant of the penalty is a function of these sums (ffr_fast.flow.ops.chain_terms,
 csrc/penalty_math.h and the epilogue of kernels/flow_penalty.py), and so is its gradient: the
 backward is one more pass over the
 features with O(B K) per-sample coefficients (flow_sums_backward below).

@@ -6,7 +6,7 @@ length; one call has one dtype and device). A single chain is the case lengths =
 
     ffr_fast::flow_sums(Tensor[] features, int[] lengths) -> Tensor
         the flow sums of every chain, packed: chain c is a row-major (B_c, 3, K_c - 1) block
-        (ffr_fast.reference.flow_sums), the blocks one after the other
+        (ffr_fast.flow.reference.flow_sums), the blocks one after the other
     ffr_fast::flow_sums_backward(Tensor[] features, int[] lengths, Tensor grad_sums) -> Tensor[]
     ffr_fast::flow_penalty(Tensor[] features, int[] lengths, float[] chain_weights,
                            float grad_weight, float curv_weight, str norm, str curvature,
@@ -28,7 +28,7 @@ Implementations, most specific first:
 Derivatives: first-order reverse mode, one backward per op (the autograd section below). A
 second backward raises HIGHER_ORDER_MESSAGE rather than return wrong numbers, whoever calls the
 op. Forward-mode AD raises it in flow_penalty and flow_sums below, the entry points of
-ffr_fast.penalty and FFRLoss; torch.library's autograd has no forward-mode hook, so a direct
+ffr_fast.flow.penalty and FFRLoss; torch.library's autograd has no forward-mode hook, so a direct
 torch.ops call on dual tensors returns outputs without a tangent.
 """
 import importlib
@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from ffr_fast import reference
+from ffr_fast.flow import reference
 
 _LIB = torch.library.Library("ffr_fast", "DEF")
 _OPTIONS = ("float grad_weight, float curv_weight, str norm, str curvature, float eps, "
@@ -197,7 +197,7 @@ torch.library.register_fake("ffr_fast::flow_penalty_backward", _gradients_fake)
 # -- autograd -------------------------------------------------------------------------------
 # Each op has one backward. flow_penalty's is _penalty_feature_gradients, fed by
 # _save_for_penalty_backward; two thin entry points lead to them: the autograd registered on
-# the op (torch.ops callers) and _FlowPenalty (ffr_fast.penalty, below).
+# the op (torch.ops callers) and _FlowPenalty (ffr_fast.flow.penalty, below).
 def _save_features(ctx, inputs, output):
     features, lengths = inputs[0], inputs[1]
     ctx.save_for_backward(*features)
@@ -237,7 +237,7 @@ def _flow_penalty_backward(ctx, grad_penalty, _grad_sums):
 
 
 class _FlowPenalty(torch.autograd.Function):
-    """ffr_fast.penalty's entry point to flow_penalty: the op's backward, without the
+    """ffr_fast.flow.penalty's entry point to flow_penalty: the op's backward, without the
     registered autograd's cost per call. That one goes through torch.library's tensor-list
     support, which flattens and rebuilds every argument with pytree on each call: measured
     side by side (bench/bench_penalty.py::test_autograd_paths_at_batch_2, ResNet-56's 27
@@ -265,7 +265,7 @@ HIGHER_ORDER_MESSAGE = (
     "ffr_fast: the flow penalty supports first-order reverse-mode gradients only: a second "
     "backward (create_graph=True, e.g. a gradient penalty) and forward-mode AD "
     "(torch.func.jvp, torch.autograd.forward_ad) are not implemented. Use "
-    "ffr_fast.reference.flow_penalty, plain PyTorch, for higher-order derivatives.")
+    "ffr_fast.flow.reference.flow_penalty, plain PyTorch, for higher-order derivatives.")
 
 
 def _refuse_double_backward(ctx, *grads):
@@ -364,7 +364,7 @@ def flow_penalty(features: Sequence[Tensor], lengths: List[int], chain_weights: 
                  grad_weight: float, curv_weight: float, norm: str, curvature: str, eps: float,
                  delta: float) -> Tensor:
     """The op ffr_fast::flow_penalty's penalty, differentiable with respect to the features
-    (one autograd node). Options are not validated here: see ffr_fast.penalty."""
+    (one autograd node). Options are not validated here: see ffr_fast.flow.penalty."""
     refuse_forward_mode(features)
     options = (chain_weights, grad_weight, curv_weight, norm, curvature, eps, delta)
     return _FlowPenalty.apply(lengths, options, *features)

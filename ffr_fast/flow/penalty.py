@@ -1,5 +1,5 @@
 """The FFR penalty of a forward's chains: validate their layout once, then one call of the
-fused op ffr_fast::flow_penalty for all of them (see ffr_fast.ops)."""
+fused op ffr_fast::flow_penalty for all of them (see ffr_fast.flow.ops)."""
 import math
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
@@ -7,8 +7,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ffr_fast import ops
-from ffr_fast.reference import CURVATURES, NORMS
+from ffr_fast.flow import ops
+from ffr_fast.flow.reference import CURVATURES, NORMS
 
 
 def check_chain(features: Sequence[Tensor], name: str = "chain") -> None:
@@ -152,7 +152,7 @@ def flow_penalty(features: Sequence[Tensor], grad_weight: float = 1.0, curv_weig
                  norm: str = "squared", curvature: str = "diff", eps: float = 1e-8,
                  delta: float = 1e-6) -> Tensor:
     """The FFR penalty of one chain of same-shape features x_0 .. x_{K-1}
-    (ffr_fast.reference states the math): flow_penalty_chains for a single chain.
+    (ffr_fast.flow.reference states the math): flow_penalty_chains for a single chain.
 
     Returns a 0-dim tensor in float32 (float64 for float64 features), differentiable with
     respect to every feature. The features are read in place when they share one layout
