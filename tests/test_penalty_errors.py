@@ -9,11 +9,11 @@ import torch
 
 from ffr_fast.flow import ops, penalty, reference
 from ffr_fast.flow.penalty import flow_penalty, flow_penalty_chains
+from ffr_fast.testing import random_chain
 
 
 def chain(K=3, shape=(2, 3, 4, 4), dtype=torch.float32):
-    generator = torch.Generator().manual_seed(0)
-    return [torch.randn(shape, generator=generator).to(dtype) for _ in range(K)]
+    return random_chain(K, shape, dtype)
 
 
 def assert_rejected(features, error, match, **options):
