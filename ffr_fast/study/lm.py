@@ -392,10 +392,13 @@ def _cuts(model, config: LMConfig, corpus: Corpus, windows: Windows, seed: int, 
     The healed models come along under "_models" (left out of the JSON)."""
     results: Dict[str, dict] = dict(done or {})
     for fraction in fractions:
-        plan = layers_to_remove(model, windows.probe, removed_count(config.layers, fraction))
+        keys = {rule: f"{fraction:g}/{rule}" for rule in RULES}
+        plan = ({rule: results[key]["removed"] for rule, key in keys.items()}
+                if all(key in results for key in keys.values()) else
+                layers_to_remove(model, windows.probe, removed_count(config.layers, fraction)))
         by_layers: Dict[Tuple[str, ...], dict] = {}
-        for rule in RULES:
-            key, names = f"{fraction:g}/{rule}", tuple(plan[rule])
+        for rule, key in keys.items():
+            names = tuple(plan[rule])
             if key not in results and names in by_layers:
                 results[key] = by_layers[names]
             elif key not in results:
@@ -460,7 +463,8 @@ def run_seed(config: LMConfig, corpus: Corpus, seed: int, progress=print) -> dic
                     candidate["score"] = _selection_score(candidate["cuts"])
                 candidates.append((candidate, model))
                 progress(f"seed {seed} {arm.name} lr {lr:g} weight {weight:g}: val bpb "
-                         f"{candidate['unpruned']['val']:.3f}, score {candidate['score']:.3f}")
+                         f"{candidate['unpruned']['val']:.3f}, score {candidate['score']:.3f} "
+                         f"({time.process_time() / config.threads:.0f} CPU s per thread)")
         best, model = min(candidates, key=lambda pair: pair[0]["score"])
         if not arm.layers:  # the chosen model's remaining budgets and distillation
             more = _cuts(model, config, corpus, windows, seed, REMOVED_FRACTIONS, HEALINGS,
@@ -526,10 +530,12 @@ def run(config: LMConfig, out: Optional[str] = None, seeds: Sequence[int] = (0,)
                 say(f"seed {seed}: read back from {path} (same settings and corpus)")
                 records.append(stored)
                 continue
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         record = run_seed(config, corpus, seed, say)
         record["settings"] = settings
         record["seconds"] = time.perf_counter() - started
+        # the CPU time over the threads: the wall time on cores nothing else shares
+        record["cpu_seconds_per_thread"] = (time.process_time() - cpu_started) / config.threads
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write_json(path, record)
         records.append(record)
@@ -631,7 +637,8 @@ def report(config: LMConfig, records: Sequence[dict], out: Path) -> dict:
         *[f"- {line}" for line in comparisons(rows)], "",
         "Greedy generate() tokens/s (batch 1, FFR arm): "
         + ", ".join(f"{depth} layers {speed:.0f}" for depth, speed in speeds.items()),
-        "", "Seconds per seed: " + ", ".join(str(round(r["seconds"])) for r in records), ""]
+        "", "Seconds per seed, wall (CPU per thread): " + ", ".join(
+            f"{r['seconds']:.0f} ({r['cpu_seconds_per_thread']:.0f})" for r in records), ""]
     table = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table)
