@@ -13,8 +13,12 @@ depth-pruning baselines.
 
 Every arm gets the same training tokens and the same learning-rate grid; the learning rate,
 FFR's weight and LayerDrop's rate are chosen by one rule for all: the lowest validation bits
-per byte of the model as deployed at the 50% budget (best rule, fine-tune healed); a
-scratch-trained model, deployed as it is, by its own validation bits per byte. Pruning goes
+per byte of the model as deployed at the 50% budget (cut by the rule best on validation
+straight after removal, then fine-tune healed; healing every rule of every candidate would
+not fit the time budget); a scratch-trained model, deployed as it is, by its own validation
+bits per byte. The chosen model of each arm is then cut by every rule at both budgets and
+healed both ways; the rule reported per arm and budget is the one best on validation after
+fine-tune healing. Pruning goes
 through the library (residual_branches, prune(remove_branches=...)), so every pruned model
 is a real, smaller LlamaForCausalLM.
 """
