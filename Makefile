@@ -9,8 +9,9 @@ BUILD_INPUTS := setup.py $(wildcard csrc/*.cpp csrc/*.h)
 STUDY_INSTALLED := $(VENV)/.ffr_fast-study
 TEST_INSTALLED := $(VENV)/.ffr_fast-test
 BENCH_INSTALLED := $(VENV)/.ffr_fast-bench
+LM_INSTALLED := $(VENV)/.ffr_fast-lm
 
-.PHONY: demo demo-vit test bench sweep sweep-vit clean
+.PHONY: demo demo-vit demo-lm test bench sweep sweep-vit clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +38,15 @@ demo: $(STUDY_INSTALLED)
 
 demo-vit: $(STUDY_INSTALLED)
 	$(BIN)/python -m ffr_fast demo --model vit_tiny
+
+# The language-model story needs transformers (the lm extra); one seed by default, the
+# README gives the three-seed command.
+$(LM_INSTALLED): $(STUDY_INSTALLED)
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[lm]" $(PINS)
+	touch $@
+
+demo-lm: $(LM_INSTALLED)
+	$(BIN)/python -m ffr_fast demo-lm
 
 # The linter (settings in pyproject.toml) first: a lint error fails the run before the tests.
 test: $(TEST_INSTALLED)

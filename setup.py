@@ -73,6 +73,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.2"],
         "study": STUDY_REQUIRES,
+        # the language-model story (`ffr-fast demo-lm`): a LlamaForCausalLM built from a config
+        "lm": STUDY_REQUIRES + ["transformers>=5,<6"],
         # transformers and timm: real models, built from configs in the tests (no download)
         "test": STUDY_REQUIRES + ["triton>=3.2", "pytest>=8", "pytest-benchmark>=4",
                                   "transformers>=5,<6", "timm>=1.0,<1.1", "ruff>=0.6"],

@@ -1,4 +1,4 @@
-"""`python -m ffr_fast` / `ffr-fast`: demo, train, prune, finetune, sweep, bench, report.
+"""`python -m ffr_fast` / `ffr-fast`: demo, demo-lm, train, prune, finetune, sweep, bench, report.
 
 Progress bars go to stderr; `--json` prints one JSON object on stdout (rank 0 only under
 torchrun). A failure prints `ffr-fast: error: ...` and exits 2; Ctrl-C exits 130 after
@@ -16,7 +16,7 @@ from ffr_fast import metrics, models
 from ffr_fast.flow.reference import CURVATURES, NORMS
 from ffr_fast.pruning.importance import IMPORTANCES
 from ffr_fast.pruning.pruner import SCOPES
-from ffr_fast.study import checkpoint, data, demo, pipeline, regularizers, sweep, train
+from ffr_fast.study import checkpoint, data, demo, lm, pipeline, regularizers, sweep, train
 
 PRUNED_FILENAME = "pruned.pt"
 
@@ -87,6 +87,28 @@ def _add_training_options(parser, defaults: train.TrainConfig, finetune: bool = 
                        help="curv_weight = weight * ratio")
 
 
+def _add_lm_options(parser, defaults: lm.LMConfig) -> None:
+    parser.add_argument("--data", default=defaults.data, choices=lm.DATA_SOURCES,
+                        help="stdlib: this interpreter's standard library sources; text: "
+                        "every UTF-8 file under --data-root")
+    parser.add_argument("--data-root", default=None, help="the folder for --data text")
+    parser.add_argument("--out", default=None, help="default: results/demo-lm")
+    parser.add_argument("--seed", type=non_negative_int, nargs="+", default=[0],
+                        help="training seeds (default 0; the README's three: 0 1 2); a seed "
+                        "whose JSON in --out has the same settings is read back, not rerun")
+    for name in ("layers", "hidden", "heads", "kv_heads", "window", "batch_size", "steps",
+                 "heal_steps", "eval_windows", "generate_tokens", "threads"):
+        parser.add_argument("--" + name.replace("_", "-"), type=positive_int,
+                            default=getattr(defaults, name),
+                            help=f"default {getattr(defaults, name)}")
+    parser.add_argument("--heal-lr", type=float, default=defaults.heal_lr)
+    for name in ("lrs", "ffr_weights", "layerdrop_rates"):
+        parser.add_argument("--" + name.replace("_", "-"), type=float, nargs="+",
+                            default=list(getattr(defaults, name)),
+                            help="the grid (default "
+                                 f"{' '.join(map(str, getattr(defaults, name)))})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
@@ -122,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                                help="the first weight of each method only (a smoke run)")
     sweep_command.add_argument("--keep", type=open_fraction, nargs="+", default=None,
                        help="FLOPs budgets, as fractions kept (default: the story's)")
+
+    _add_lm_options(command("demo-lm", help="a byte-level LlamaForCausalLM on real text made "
+                            "shallower: FFR against depth-pruning baselines"), lm.LMConfig())
 
     _add_training_options(command("train", help="train a model"), train.TrainConfig())
 
@@ -368,6 +393,12 @@ def cmd_demo(args):
                     progress=not args.no_progress)
 
 
+def cmd_demo_lm(args):
+    config = lm.LMConfig(**{f.name: tuple(v) if isinstance(v, list) else v
+                            for f in fields(lm.LMConfig) for v in [getattr(args, f.name)]})
+    return lm.run(config, args.out, seeds=args.seed, progress=not args.no_progress)
+
+
 def cmd_sweep(args):
     return sweep.run(args.model, args.out, seeds=args.seed, split_seed=args.split_seed,
                      epochs=args.epochs, finetune_epochs=args.finetune_epochs,
@@ -375,7 +406,8 @@ def cmd_sweep(args):
                      progress=not args.no_progress)
 
 
-COMMANDS = {"demo": cmd_demo, "train": cmd_train, "prune": cmd_prune, "finetune": cmd_finetune,
+COMMANDS = {"demo": cmd_demo, "demo-lm": cmd_demo_lm, "train": cmd_train, "prune": cmd_prune,
+            "finetune": cmd_finetune,
             "sweep": cmd_sweep, "bench": cmd_bench, "report": cmd_report}
 
 
