@@ -28,6 +28,11 @@ def flat_leaves(value) -> list:
     return tree_leaves(value)
 
 
+def flat_tensors(value) -> List[torch.Tensor]:
+    """The tensors of `value` (a model's output, a call's arguments), in flattening order."""
+    return [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
+
+
 class UncapturableModelError(RuntimeError):
     """torch.export could not capture the model; the message names the failing module."""
 

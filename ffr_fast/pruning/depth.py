@@ -20,12 +20,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..capture import Capture, capture
+from ..capture import Capture, capture, flat_tensors
 from ..flow.chains import residual_units
 from ..metrics import count_params, flops_of
 from ..modes import evaluating
 from .blocks import ResidualBranch, block_influence
-from .report import PruneReport
+from .report import PruneReport, max_abs_diff
 
 # The relative difference to the zeroed original above which a removal is not exact: float32
 # rounding of a deep network stays far below it; a block that is not x + f(x) (a post-norm
@@ -73,16 +73,6 @@ def _run(model: nn.Module, args, kwargs):
         return model(*args, **kwargs)
 
 
-def _tensors(output) -> List[torch.Tensor]:
-    """The tensors of a model's output (a tensor, a tuple, a Hugging Face ModelOutput)."""
-    if isinstance(output, torch.Tensor):
-        return [output]
-    values = output.values() if isinstance(output, dict) else output
-    if isinstance(values, (tuple, list)) or isinstance(output, dict):
-        return [t for v in values for t in _tensors(v)]
-    return []
-
-
 def measure(model: nn.Module, args, kwargs, names: Sequence[str]) -> List[ResidualBranch]:
     """Each removable block as a ResidualBranch: the FLOPs removing it saves and its Block
     Influence on the example, from one forward."""
@@ -90,7 +80,7 @@ def measure(model: nn.Module, args, kwargs, names: Sequence[str]) -> List[Residu
 
     def watch(name):
         def hook(module, args, kwargs, output):
-            ends[name] = [_tensors([*args, kwargs])[0], _tensors(output)[0]]
+            ends[name] = [flat_tensors([*args, kwargs])[0], flat_tensors(output)[0]]
         return hook
 
     handles = [model.get_submodule(name).register_forward_hook(watch(name), with_kwargs=True)
@@ -162,9 +152,9 @@ def remove(model: nn.Module, args, kwargs, names: Sequence[str]) -> Tuple[nn.Mod
         params_after=count_params(pruned), flops_before=flops_before, flops_after=flops_after,
         channels={}, removed_classes=0, prunable_classes=0,
         removed_blocks=[{"block": name, "add": "", "shortcut": "input"} for name in names],
-        max_abs_diff=_max_diff(new, reference),
-        reference_max_abs=max(float(t.float().abs().max()) for t in _tensors(reference)),
-        max_abs_diff_original=_max_diff(new, original))
+        max_abs_diff=max_abs_diff(new, reference),
+        reference_max_abs=max(float(t.float().abs().max()) for t in flat_tensors(reference)),
+        max_abs_diff_original=max_abs_diff(new, original))
     if report.relative_diff > EXACT:
         raise ValueError(
             f"removing {list(names)} is not exact: the pruned model's output differs from the "
@@ -207,7 +197,3 @@ def _update_config(config, container: nn.Module, old_length: int, removed: List[
         for module in layer.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = index
-
-
-def _max_diff(a, b) -> float:
-    return max(float((x.float() - y.float()).abs().max()) for x, y in zip(_tensors(a), _tensors(b)))

@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..capture import flat_leaves
+from ..capture import flat_tensors
 from ..metrics import count_params
 from ..modes import evaluating, restore_training_flags, training_flags
 from . import depth
@@ -24,7 +24,7 @@ from .importance import Scorer, class_scores, scorer_for
 from .inplace import adds_in_place
 from .inputs import as_inputs, check_model, resolve_ignored, run_checked
 from .plan import make_plan
-from .report import PruneReport
+from .report import PruneReport, max_abs_diff
 from .surgery import (
     apply_plan,
     renormalized_layers,
@@ -303,10 +303,10 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
         removed_blocks=blocks, unpruned=plan.unpruned, opaque_ops=cg.unknown_ops,
         approximate=approximate,
         folded_bn=folded,
-        score_cutoff=plan.cutoff, max_abs_diff=_max_diff(pruned, reference),
+        score_cutoff=plan.cutoff, max_abs_diff=max_abs_diff(pruned, reference),
         warnings=[emit_note] if emit_note else [],
-        reference_max_abs=max(float(t.abs().max()) for t in _tensors(reference)),
-        max_abs_diff_original=_max_diff(pruned, original))
+        reference_max_abs=max(float(t.abs().max()) for t in flat_tensors(reference)),
+        max_abs_diff_original=max_abs_diff(pruned, original))
     return PruneResult(out, report, structure)
 
 
@@ -407,12 +407,3 @@ def _at_most(score: Optional[float], threshold: float) -> bool:
 def _label(importance: Union[str, Callable]) -> str:
     return importance if isinstance(importance, str) else getattr(
         importance, "__qualname__", repr(importance))
-
-
-def _tensors(output):
-    return [t for t in flat_leaves(output) if isinstance(t, torch.Tensor)]
-
-
-def _max_diff(a, b) -> float:
-    return max(float((x.double() - y.double()).abs().max()) for x, y in
-               zip(_tensors(a), _tensors(b)))

@@ -3,6 +3,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from ..capture import flat_tensors
+
+
+def max_abs_diff(a, b) -> float:
+    """Max |a - b| over the tensors of two outputs of one model (verification)."""
+    return max(float((x.double() - y.double()).abs().max())
+               for x, y in zip(flat_tensors(a), flat_tensors(b)))
+
 
 @dataclass
 class PruneReport:
