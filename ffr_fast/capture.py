@@ -3,7 +3,7 @@
 `capture(model, args, kwargs)` exports the model (non-strict, in eval mode) with the call
 signature of every submodule call preserved, so the graph says, for each node, which module
 calls it ran in and, for each module call, which values went in and came out. FFRLoss's
-chain discovery reads it (ffr_fast.flow.chains); docs/export-design.md says why this is the one
+chain discovery reads it (ffr_fast.flow.stream); docs/export-design.md says why this is the one
 intermediate representation and how the pruner moves onto it.
 """
 import inspect

@@ -7,7 +7,8 @@ from torch import nn
 from ffr_fast import FFRLoss, models
 from ffr_fast.capture import UncapturableModelError
 from ffr_fast.flow import reference
-from ffr_fast.flow.chains import residual_blocks, split_into_chains
+from ffr_fast.flow.chains import split_into_chains
+from ffr_fast.flow.stream import residual_blocks
 from ffr_fast.testing import counted_forward_hooks
 
 

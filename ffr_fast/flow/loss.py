@@ -16,17 +16,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ffr_fast.capture import flat_leaves
 from ffr_fast.flow.chains import (
-    RESIDUAL_RULE,
     CapturePoint,
     Chain,
     ChainInfo,
     LayerSpec,
-    auto_layers,
     resolve_layers,
     split_into_chains,
     version_of,
 )
 from ffr_fast.flow.penalty import check_chain_weights, check_options, flow_penalty_chains
+from ffr_fast.flow.stream import RESIDUAL_RULE, auto_layers
 
 # What ffr() finds, as the forwards since the last ffr() left it: none yet; a training forward
 # that started and did not finish; training forwards ready to penalise; nothing new since
@@ -99,7 +98,7 @@ class FFRLoss(nn.Module):
             defaults (1e-3 each) make the penalty of a freshly initialised CIFAR ResNet-20/56
             about 0.01-0.05, a few percent of a 10-class cross-entropy; raise them for more
             structured sparsity.
-        layers: "auto" (the rules in ffr_fast.flow.chains: the residual stream of the model's
+        layers: "auto" (the rules in ffr_fast.flow.stream: the residual stream of the model's
             torch.export graph, or conv-norm-activation units of a plain net), or a list of
             submodule names and/or modules. The order of the list does not matter: features
             are taken in the order the forward produces them, and a module called twice in

@@ -3,7 +3,7 @@ or nn.Sequential that holds them, and the model keeps its own class; a Hugging F
 keeps its config (`num_hidden_layers`, `layer_types`) and its layers' `layer_idx` in step.
 
 A *removable block* is a member of a ModuleList or Sequential whose call hands out the
-residual stream (ffr_fast.flow.chains: the value of a residual block inside or equal to it) and
+residual stream (ffr_fast.flow.stream: the value of a residual block inside or equal to it) and
 keeps its input's shape: a decoder layer, a ViT or ConvNeXt block, a ResNet block without
 downsampling. Removing it is exact when the block with its parameters zeroed passes its
 input through (x + f(x) with f = 0; also relu(x + f(x)) after a ReLU), and every removal is
@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..capture import Capture, capture, flat_tensors
-from ..flow.chains import residual_units
+from ..flow.stream import residual_units
 from ..metrics import count_params, flops_of
 from ..modes import evaluating
 from .blocks import ResidualBranch, block_influence

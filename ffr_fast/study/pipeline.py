@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ffr_fast import metrics, models
-from ffr_fast.flow.chains import residual_blocks
+from ffr_fast.flow.stream import residual_blocks
 from ffr_fast.pruning import FlopsTargetWarning, prune, recalibrate_bn, residual_branches
 from ffr_fast.study import data, train
 
@@ -182,7 +182,7 @@ def _uninterrupted(result):
 @torch.no_grad()
 def feature_flow(model: nn.Module, dataset, batch_size: int = 256,
                  max_batches: Optional[int] = None) -> Dict[str, Optional[float]]:
-    """Per residual block (ffr_fast.flow.chains.residual_blocks, in forward order), the
+    """Per residual block (ffr_fast.flow.stream.residual_blocks, in forward order), the
     feature flow's step ||x_out - x_in|| / ||x_in|| (per image, features flattened) averaged
     over `dataset`: how far each block moves the stream, the quantity FFR's gradient term
     shrinks. None for a block whose output shape differs from its input's."""

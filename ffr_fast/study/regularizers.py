@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ffr_fast import metrics
-from ffr_fast.flow.chains import residual_blocks
+from ffr_fast.flow.stream import residual_blocks
 
 REGULARIZERS = ("none", "slimming", "ffr", "layerdrop")
 
@@ -57,7 +57,7 @@ class BatchNormL1:
 
 
 class LayerDrop:
-    """LayerDrop: during training, each residual block (ffr_fast.flow.chains.residual_blocks: a
+    """LayerDrop: during training, each residual block (ffr_fast.flow.stream.residual_blocks: a
     ResNet's blocks, a ViT's encoder blocks, found on the first forward's call) is skipped, its
     output replaced by its input,
     with probability `rate`, drawn per block and per batch from torch's generator (so a
