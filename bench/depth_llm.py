@@ -9,7 +9,6 @@ generate() tokens/s of the pruned model against the unpruned one, timed in inter
 Writes bench/results/depth_llm.json and .md. Channel and KV-group pruning of the same model
 waits for the channel analysis on the export capture (docs/export-design.md, stage 2).
 """
-import argparse
 import resource
 import time
 
@@ -18,8 +17,8 @@ import torch
 import ffr_fast
 from ffr_fast.torchvision_loader import load_torchvision
 
-from results_io import write_results
-from timing import interleaved_medians
+from results_io import publish_results
+from timing import interleaved_medians, table_parser
 
 load_torchvision()
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402  (after the loader)
@@ -33,12 +32,10 @@ def peak_rss_bytes() -> int:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser = table_parser(__doc__, threads=2, rounds=3)
     parser.add_argument("--remove", type=int, default=4, help="layers removed")
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -94,8 +91,7 @@ def main():
         f"{tokens_per_s['unpruned']:.2f} tok/s, pruned {tokens_per_s['pruned']:.2f} tok/s "
         f"({data['speedup']:.2f}x) |", "",
         f"Rerun: `{data['rerun']}`", ""])
-    write_results("depth_llm", data, markdown)
-    print(markdown)
+    publish_results("depth_llm", data, markdown)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ one; at B = 128, the op <= the compiled reference and within 1.2x of the traffic
 
 writes bench/results/overhead.json and bench/results/overhead.md.
 """
-import argparse
 import os
 import platform
 import statistics
@@ -37,8 +36,8 @@ from ffr_fast.flow import ops, reference
 from ffr_fast.flow.penalty import flow_penalty_chains
 
 from penalty_table import CHAIN_LENGTH, CHAIN_SHAPES, copy_bandwidth
-from results_io import write_results
-from timing import interleaved_medians
+from results_io import publish_results, target_lines
+from timing import interleaved_medians, table_parser
 
 BATCHES = (1, 2, 8, 128)
 OPTIONS = dict(grad_weight=1e-3, curv_weight=1e-3)
@@ -179,7 +178,7 @@ def markdown(report: dict) -> str:
         f"{b128 / report['traffic_floor_b128_s']:.2f}x of it.",
         "",
         "Targets (the README's measured-speed table):",
-        *[f"- {name}: {'met' if met else 'NOT met'}" for name, met in report["targets"].items()],
+        *target_lines(report["targets"]),
         "",
         f"The machine is shared (1-minute load average {report['load_average_1min']:.1f} at the "
         "end of the run); ratios come from interleaved rounds of one run.",
@@ -191,15 +190,9 @@ def markdown(report: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: the 2-core machine is shared)")
-    args = parser.parse_args()
+    args = table_parser(__doc__, threads=1).parse_args()
     report = measure(args.rounds, args.threads)
-    text = markdown(report)
-    write_results("overhead", report, text)
-    print(text)
+    publish_results("overhead", report, markdown(report))
 
 
 if __name__ == "__main__":

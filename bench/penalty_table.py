@@ -20,7 +20,6 @@ within 3.5x of the traffic floor.
 
 writes bench/results/penalty_cpu.json and bench/results/penalty_cpu.md.
 """
-import argparse
 import ctypes
 import gc
 import os
@@ -35,7 +34,8 @@ import torch
 from ffr_fast.flow import ops, reference
 from ffr_fast.flow.penalty import flow_penalty_chains
 
-from results_io import write_results
+from results_io import publish_results, target_lines
+from timing import table_parser
 
 CHAIN_SHAPES = [(16, 32, 32), (32, 16, 16), (64, 8, 8)]  # ResNet-56 stages, per sample
 CHAIN_LENGTH = 9
@@ -195,7 +195,7 @@ def markdown(report: dict) -> str:
         f"the gradients alone are {report['gradient_bytes'] / mb:.0f} MB",
         "",
         "Targets:",
-        *[f"- {name}: {'met' if met else 'NOT met'}" for name, met in report["targets"].items()],
+        *target_lines(report["targets"]),
         "",
         *_speed_targets_against_floor(report),
         "",
@@ -215,17 +215,10 @@ def markdown(report: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="torch threads (default: torch's choice)")
-    args = parser.parse_args()
+    args = table_parser(__doc__, threads=None, batch=128).parse_args()
     torch.set_num_threads(args.threads)
     report = measure(args.rounds, args.batch)
-    text = markdown(report)
-    write_results("penalty_cpu", report, text)
-    print(text)
+    publish_results("penalty_cpu", report, markdown(report))
 
 
 if __name__ == "__main__":

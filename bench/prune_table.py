@@ -11,7 +11,6 @@ Two starting points:
   are zero. Pruned with `threshold=0` (exact: the output does not change), with and
   without block removal, and with BN folding.
 """
-import argparse
 import platform
 import statistics
 import time
@@ -22,7 +21,8 @@ from ffr_fast import models, prune
 from ffr_fast.metrics import count_flops, count_params, measure_latency
 from ffr_fast.testing import look_trained
 
-from results_io import write_results  # bench/ is the script's folder
+from results_io import publish_results  # bench/ is the script's folder
+from timing import table_parser
 
 INPUT = (3, 32, 32)
 
@@ -149,13 +149,9 @@ def markdown(table: dict) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=7)
-    args = parser.parse_args(argv)
+    args = table_parser(__doc__, threads=1).parse_args(argv)
     table = measure(args.threads, args.rounds)
-    write_results("prune_resnet56", table, markdown(table))
-    print(markdown(table))
+    publish_results("prune_resnet56", table, markdown(table))
 
 
 if __name__ == "__main__":

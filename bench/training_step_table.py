@@ -11,7 +11,6 @@ median and, per round, the ratio to the unregularized step.
 
 writes bench/results/training_step.json and bench/results/training_step.md.
 """
-import argparse
 import os
 import platform
 import statistics
@@ -22,8 +21,8 @@ import torch.nn.functional as F
 from ffr_fast import FFRLoss, models
 from ffr_fast.flow import ops, reference
 
-from results_io import write_results
-from timing import interleaved_medians
+from results_io import publish_results
+from timing import interleaved_medians, table_parser
 
 # name -> (whether FFRLoss is on, its penalty_fn: None is the shipped one-call op)
 VARIANTS = {
@@ -105,12 +104,7 @@ def markdown(report: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="torch threads (default: torch's choice)")
-    args = parser.parse_args()
+    args = table_parser(__doc__, threads=None, batch=128).parse_args()
     torch.set_num_threads(args.threads)
     load_before = [round(x, 2) for x in os.getloadavg()]
     variants = measure(args.rounds, args.batch)
@@ -133,9 +127,8 @@ def main() -> None:
     report["target_met"] = (None if report["target_overhead"] is None
                             else overhead <= report["target_overhead"])
     table = markdown(report)
-    write_results("training_step" if args.batch == 128 else f"training_step_b{args.batch}",
-                  report, table)
-    print(table)
+    publish_results("training_step" if args.batch == 128 else f"training_step_b{args.batch}",
+                    report, table)
 
 
 if __name__ == "__main__":

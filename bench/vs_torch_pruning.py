@@ -29,7 +29,7 @@ import ffr_fast
 from ffr_fast.metrics import count_flops, count_params, measure_latency
 from ffr_fast.torchvision_loader import load_torchvision
 
-from results_io import write_results  # bench/ is the script's folder
+from results_io import publish_results  # bench/ is the script's folder
 
 LATENCY_MODELS = ("resnet50", "mobilenet_v2", "efficientnet_b0", "convnext_tiny")
 
@@ -168,10 +168,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     command = "python bench/vs_torch_pruning.py " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in vars(args).items())
-    write_results(args.out, dict(settings=vars(args), torch=torch.__version__,
-                                 torch_pruning=tp.__version__, rows=rows),
-                  markdown(rows, args, command))
-    print(markdown(rows, args, command))
+    publish_results(args.out, dict(settings=vars(args), torch=torch.__version__,
+                                   torch_pruning=tp.__version__, rows=rows),
+                    markdown(rows, args, command))
 
 
 if __name__ == "__main__":

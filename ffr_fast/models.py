@@ -19,8 +19,27 @@ def conv_bn(in_channels: int, out_channels: int, kernel_size: int = 3, stride: i
     )
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions and a shortcut; a 1x1 conv+BN shortcut when the shape changes."""
+class ResidualBlock(nn.Module):
+    """What BasicBlock and Bottleneck share: a branch (their `branch` method) summed in place
+    onto a shortcut, then a ReLU. The shortcut is the identity, or a 1x1 conv+BN where the
+    shape changes; `add_shortcut` registers it and the ReLU after the branch's layers, so
+    that the modules keep torchvision's order."""
+
+    def add_shortcut(self, in_channels: int, out_channels: int, stride: int) -> None:
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = conv_bn(in_channels, out_channels, 1, stride)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.branch(x)
+        out += identity
+        return self.relu(out)
+
+
+class BasicBlock(ResidualBlock):
+    """Two 3x3 convolutions and a shortcut."""
 
     expansion = 1
 
@@ -30,20 +49,13 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(channels)
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or in_channels != channels:
-            self.downsample = conv_bn(in_channels, channels, 1, stride)
+        self.add_shortcut(in_channels, channels, stride)
 
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += identity
-        return self.relu(out)
+    def branch(self, x):
+        return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(ResidualBlock):
     """1x1 reduce, 3x3, 1x1 expand (x4), as in torchvision's ResNet-50."""
 
     expansion = 4
@@ -57,18 +69,12 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(channels)
         self.conv3 = nn.Conv2d(channels, out_channels, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or in_channels != out_channels:
-            self.downsample = conv_bn(in_channels, out_channels, 1, stride)
+        self.add_shortcut(in_channels, out_channels, stride)
 
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
+    def branch(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        out += identity
-        return self.relu(out)
+        return self.bn3(self.conv3(out))
 
 
 def make_stage(block, in_channels: int, channels: int, blocks: int, stride: int):

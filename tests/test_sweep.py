@@ -3,8 +3,8 @@ from ffr_fast.study.sweep import Point, choose_weights
 
 
 def point(method, weight, finetuned, pruned, seed=0, keep=0.5):
-    return Point(method, weight, seed, keep, trained=0.99, pruned=pruned, finetuned=finetuned,
-                 flops_kept=keep - 0.01, branches_removed=0, seconds=1.0)
+    return Point(method, seed, keep, trained=0.99, pruned=pruned, finetuned=finetuned,
+                 flops_kept=keep - 0.01, branches_removed=0, weight=weight, seconds=1.0)
 
 
 def test_a_tie_within_one_image_goes_to_the_model_removal_hurt_least():

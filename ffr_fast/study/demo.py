@@ -100,17 +100,9 @@ IMPORTANCE = "l2"  # the threshold rule's unit: filter L2 norm with BatchNorm fo
 
 
 @dataclass
-class SeedResult:
-    """One method on one seed at one budget: test accuracies and what the cut reached."""
-    method: str
-    seed: int
-    keep: float
-    trained: float
-    pruned: float  # straight after removal, BatchNorm recalibrated
-    finetuned: float
-    flops_kept: float
+class SeedResult(pipeline.CutScores):
+    """One method on one seed at one budget, on the test split, and the cut model's size."""
     params: int
-    branches_removed: int
 
 
 @dataclass
@@ -232,10 +224,8 @@ def run(model: str = "resnet20", out: Optional[str] = None, seeds: Sequence[int]
                 for keep in story.keep:
                     cut = pipeline.cut(trained, splits, method.removal, keep, finetune,
                                        IMPORTANCE, progress=progress)
-                    results.append(SeedResult(
-                        method.name, seed, keep, trained.accuracy["test"], cut.pruned["test"],
-                        cut.finetuned["test"], cut.flops_kept, cut.params,
-                        len(cut.branches_removed)))
+                    results.append(SeedResult.of(method.name, trained, cut, "test",
+                                                 params=cut.params))
                     if seed == seeds[0]:
                         first_seed[(method.name, keep)] = (trained, cut)
                         histories[method.name] = trained.history + cut.finetune_history

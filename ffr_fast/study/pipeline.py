@@ -61,6 +61,30 @@ class Cut:
     model: nn.Module = field(repr=False)
 
 
+@dataclass
+class CutScores:
+    """One method on one seed at one budget, as numbers on one split: the accuracy trained,
+    straight after removal (BatchNorm recalibrated) and fine-tuned, and what the cut reached.
+    The demo's per-seed results and the sweep's points extend it."""
+    method: str
+    seed: int
+    keep: float
+    trained: float
+    pruned: float
+    finetuned: float
+    flops_kept: float
+    branches_removed: int
+
+    @classmethod
+    def of(cls, method: str, trained: Trained, cut: Cut, split: str, **extra):
+        """The scores on `split` of `cut` (made from `trained`); `extra`: a subclass's
+        fields."""
+        return cls(method=method, seed=trained.config.seed, keep=cut.keep,
+                   trained=trained.accuracy[split], pruned=cut.pruned[split],
+                   finetuned=cut.finetuned[split], flops_kept=cut.flops_kept,
+                   branches_removed=len(cut.branches_removed), **extra)
+
+
 def load_splits(config) -> "data.Splits":
     """The data a config trains on, split by its split_seed."""
     return data.load(config.data, config.data_root, config.split_seed, config.image_size)

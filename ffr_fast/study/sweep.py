@@ -27,17 +27,9 @@ SEEDS = (0,)  # the sweep's default: weights are chosen on one seed (the demo ru
 
 
 @dataclass
-class Point:
-    """One method at one weight, seed and budget: validation accuracies and the cut."""
-    method: str
+class Point(pipeline.CutScores):
+    """One method at one weight, seed and budget, on the validation split."""
     weight: float
-    seed: int
-    keep: float
-    trained: float
-    pruned: float  # straight after removal, BatchNorm recalibrated
-    finetuned: float
-    flops_kept: float
-    branches_removed: int
     seconds: float  # training and cut of this point's training, shared by its budgets
 
 
@@ -181,9 +173,8 @@ def _train_and_cut(story, config, regularizer, weight, splits, keep, finetune_ep
             for method in story.methods if method.regularizer == regularizer
             for level in keep]
     seconds = time.perf_counter() - started
-    return [Point(method.name, weight, config.seed, cut.keep, trained.accuracy["val"],
-                  cut.pruned["val"], cut.finetuned["val"], cut.flops_kept,
-                  len(cut.branches_removed), seconds) for method, cut in cuts]
+    return [Point.of(method.name, trained, cut, "val", weight=weight, seconds=seconds)
+            for method, cut in cuts]
 
 
 def _previous_points(path: Path, settings: dict) -> List[Point]:
