@@ -10,8 +10,12 @@ from ffr_fast.study import cli, lm
 
 pytest.importorskip("transformers")
 
-TINY = dict(layers=4, hidden=16, heads=4, kv_heads=2, window=32, batch_size=2, steps=3,
-            heal_steps=2, eval_windows=4, generate_tokens=4)
+# The smallest story: four layers (the least the two budgets allow), width 8 (head size 2,
+# the least rotary embeddings take), one torch thread (as conftest.py sets for every test:
+# the run sets the threads it is given). What remains of the end-to-end test's time is
+# torch.export: one capture per residual_branches() and per prune() of each arm and rule.
+TINY = dict(layers=4, hidden=8, heads=4, kv_heads=2, window=16, batch_size=1, steps=2,
+            heal_steps=1, eval_windows=2, generate_tokens=2, threads=1)
 
 
 def write_text_folder(root, count=40):

@@ -106,7 +106,9 @@ def test_chains_of_different_dtypes_are_rejected():
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
-@pytest.mark.parametrize("K", [2, 3, 32])
+# K = 9: a ResNet-56 stage's chain; test_long_chain takes K = 64 (the interpreter's time grows
+# with K times the elements, so the long chain is the one of small features).
+@pytest.mark.parametrize("K", [2, 3, 9])
 def test_matches_reference(K, dtype):
     check_against_reference(random_chain(K, dtype=dtype), TOLERANCE[dtype])
 
