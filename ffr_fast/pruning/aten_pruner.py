@@ -72,7 +72,8 @@ def _run(model: nn.Module, args, kwargs):
 
 def prune_on_capture(model: nn.Module, args, kwargs: Optional[dict], *, threshold, ratio,
                      importance, scope, min_channels, min_fraction, round_to, why: str):
-    """prune() with the ATen analysis (pruner.py says when); returns (model, report)."""
+    """prune() with the ATen analysis (pruner.py says when); returns the pruned model, its
+    report and the kept positions of every cut tensor (kept_positions)."""
     start = time.perf_counter()
     if importance not in IMPORTANCES:
         raise ValueError(f"importance={importance!r} needs the torch.fx analysis, which cannot "
@@ -132,4 +133,4 @@ def prune_on_capture(model: nn.Module, args, kwargs: Optional[dict], *, threshol
             "a layer's code reads a size the slicing did not fix (register_size_rule teaches "
             "it one); please report the model")
     report.seconds = time.perf_counter() - start
-    return pruned, report
+    return pruned, report, keep

@@ -92,24 +92,27 @@ def _norm(m):
 
 
 def _attention_heads(m) -> dict:
-    """A Hugging Face decoder attention (q_proj, k_proj, head_dim): its head counts."""
+    """A Hugging Face decoder attention (q_proj, k_proj, head_dim): its head counts, and
+    its head size, which it reads as config.head_dim where the config has one."""
     heads, kv_heads = m.q_proj.weight.shape[0] // m.head_dim, m.k_proj.weight.shape[0] // m.head_dim
     for attr, value in (("num_heads", heads), ("num_key_value_heads", kv_heads)):
         if hasattr(m, attr):
             setattr(m, attr, value)
-    return {"num_attention_heads": heads, "num_key_value_heads": kv_heads}
+    return {"num_attention_heads": heads, "num_key_value_heads": kv_heads,
+            "head_dim": m.head_dim}
 
 
 def _bert_attention(m) -> dict:
     m.all_head_size = m.query.weight.shape[0]
     m.num_attention_heads = m.all_head_size // m.attention_head_size
-    return {"num_attention_heads": m.num_attention_heads}
+    return {"num_attention_heads": m.num_attention_heads,
+            "derived_head_dim": m.attention_head_size}
 
 
 def _gpt2_attention(m) -> dict:
     m.split_size = m.c_attn.weight.shape[1] // 3
     m.num_heads = m.split_size // m.head_dim
-    return {"num_attention_heads": m.num_heads}
+    return {"num_attention_heads": m.num_heads, "derived_head_dim": m.head_dim}
 
 
 def _timm_attention(m):
@@ -144,9 +147,10 @@ SIZE_RULES: Dict[str, SizeRule] = {
     "Qwen3Attention": _attention_heads, "MistralAttention": _attention_heads,
     "LlamaMLP": _gated_mlp, "Qwen2MLP": _gated_mlp, "Qwen3MLP": _gated_mlp,
     "MistralMLP": _gated_mlp,
-    "BertSelfAttention": _bert_attention, "ViTSelfAttention": _bert_attention,
+    "ViTAttention": _attention_heads,
+    "ViTMLP": lambda m: {"intermediate_size": m.fc1.weight.shape[0]},
+    "BertSelfAttention": _bert_attention,
     "BertIntermediate": lambda m: {"intermediate_size": m.dense.weight.shape[0]},
-    "ViTIntermediate": lambda m: {"intermediate_size": m.dense.weight.shape[0]},
     "GPT2Attention": _gpt2_attention,
     "GPT2MLP": lambda m: {"n_inner": m.c_fc.weight.shape[1]},
     "Attention": _timm_attention,  # timm's ViT attention: qkv, num_heads, head_dim
@@ -178,17 +182,29 @@ def fix_sizes(model: nn.Module, changed: set) -> Dict[str, List[int]]:
 
 def update_config(model: nn.Module, implied: Dict[str, List[int]]) -> List[str]:
     """A Hugging Face model's config in step with the cut: every field the modules imply
-    one value for, and `hidden_size` from the input embeddings. Returns warnings for the
-    fields whose values differ per layer (the config cannot say so)."""
+    one value for, and `hidden_size` from the input embeddings (`head_dim` is written where
+    the attention reads it from the config, so that fewer heads keep their size). Returns
+    warnings for what the config cannot say: widths that differ per layer, heads cut where
+    the head size is hidden_size / num_attention_heads."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return []
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None:
-        implied = dict(implied, hidden_size=[embeddings.weight.shape[1]])
+    weight = getattr(embeddings, "weight", None)  # ViT's patch embedding holds a conv
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        implied = dict(implied, hidden_size=[weight.shape[1]])
     warnings = []
+    heads, head_dims = implied.get("num_attention_heads"), implied.pop("derived_head_dim", None)
+    if heads and head_dims and any(
+            getattr(config, "hidden_size", None) != h * d for h, d in zip(heads, head_dims)):
+        del implied["num_attention_heads"]
+        warnings.append(
+            f"{type(config).__name__} derives the head size from hidden_size / "
+            "num_attention_heads, so it cannot say that heads were cut and their size kept: "
+            "config.num_attention_heads is left as it was, and save_pretrained/"
+            "from_pretrained would not rebuild this model (torch.save or save_pruned does)")
     for field, values in implied.items():
-        if getattr(config, field, None) is None and field != "n_inner":
+        if getattr(config, field, None) is None and field not in ("n_inner", "head_dim"):
             continue
         if len(set(values)) == 1:
             setattr(config, field, values[0])
