@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..capture import flat_tensors
+from ..capture import UncapturableModelError, flat_tensors
 from ..metrics import count_params
 from ..modes import evaluating, restore_training_flags, training_flags
 from . import depth
@@ -171,10 +171,14 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
         if analysis == "fx":
             raise
         if cuts_channels:
-            return _prune_on_export(model, inputs, None, threshold, ratio, flops_target,
-                                    importance, scope, min_channels, min_fraction, round_to,
-                                    remove_branches, fold_bn, ignored, inplace, emit,
-                                    f"torch.fx cannot trace the model: {error}", start)
+            try:
+                return _prune_on_export(model, inputs, None, threshold, ratio, flops_target,
+                                        importance, scope, min_channels, min_fraction,
+                                        round_to, remove_branches, fold_bn, ignored, inplace,
+                                        emit, f"torch.fx cannot trace the model: {error}", start)
+            except UncapturableModelError as export_error:
+                raise UntraceableModelError(f"{error}; torch.export cannot capture it either: "
+                                            f"{export_error}") from export_error
         return _remove_blocks_on_capture(model, inputs, list(remove_branches), inplace, start)
     options["trains_differently"] = reads_flag
     if flops_target is None:
