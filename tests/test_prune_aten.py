@@ -189,3 +189,18 @@ def test_export_analysis_refuses_what_only_fx_does():
     with pytest.raises(ValueError, match="save_pruned cannot yet replay"):
         ffr_fast.save_pruned(ffr_fast.prune(model, x, ratio=0.5, analysis="export"),
                              "unused.pt")
+
+
+def test_example_kwargs_reach_the_model():
+    model = build(*ENCODERS["bert"])
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0  # padding in the second sequence changes its output
+    result = ffr_fast.prune(model, ids, ratio=0.5, scope="layer",
+                            example_kwargs={"attention_mask": mask})
+    reference = zeroed_original(model, result.structure)
+    with torch.no_grad():
+        pruned = result.model(ids, attention_mask=mask).logits
+        torch.testing.assert_close(pruned, reference(ids, attention_mask=mask).logits)
+        assert not torch.allclose(pruned, result.model(ids).logits)
+    assert result.report.relative_diff < 1e-5
