@@ -10,13 +10,15 @@ branches leave the model, which comes back compact and verified.
 
 Modules: rules (the one table of layer types and functions; register_rule), tracing
 (torch.fx), graph (channel dependencies), layout (ids through ops that move dimensions) and
-channels (what it produces), importance (scores), plan (what goes), blocks (residual
-branches: found, measured, removed), depth (whole blocks out of their containers, on the
-torch.export capture, for models torch.fx cannot trace), surgery (slicing), attention
-(head-pruned attention
-layers), fold (BN folding), emit (the model's own class or the GraphModule), inplace
-(residual adds written in place in an emitted GraphModule), inputs (checks of what the
-caller passes), report, serialize, recalibrate (BatchNorm statistics after pruning).
+channels (what it produces); aten, aten_ops and aten_layout (the same analysis on
+torch.export's ATen graph, analysis="export"), slicing (tensors cut by name, size
+attributes fixed; register_size_rule) and aten_pruner (that path of prune()); importance
+(scores), plan (what goes), blocks (residual branches: found, measured, removed), depth
+(whole blocks out of their containers, on the torch.export capture, for models torch.fx
+cannot trace), surgery (slicing), attention (head-pruned attention layers), fold (BN
+folding), emit (the model's own class or the GraphModule), inplace (residual adds written
+in place in an emitted GraphModule), inputs (checks of what the caller passes), report,
+serialize, recalibrate (BatchNorm statistics after pruning).
 """
 from .blocks import ResidualBranch
 from .inputs import ExampleInputError, PrunedModelError
@@ -25,8 +27,10 @@ from .recalibrate import recalibrate_bn
 from .report import PruneReport
 from .rules import Rule, register_rule
 from .serialize import load_pruned, save_pruned
+from .slicing import register_size_rule
 from .tracing import UntraceableModelError
 
 __all__ = ["prune", "PruneResult", "PruneReport", "residual_branches", "ResidualBranch",
            "save_pruned", "load_pruned", "recalibrate_bn", "UntraceableModelError",
-           "ExampleInputError", "PrunedModelError", "FlopsTargetWarning", "Rule", "register_rule"]
+           "ExampleInputError", "PrunedModelError", "FlopsTargetWarning", "Rule", "register_rule",
+           "register_size_rule"]

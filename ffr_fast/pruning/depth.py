@@ -9,9 +9,10 @@ downsampling. Removing it is exact when the block with its parameters zeroed pas
 input through (x + f(x) with f = 0; also relu(x + f(x)) after a ReLU), and every removal is
 verified against that zeroed original on the example inputs.
 
-This is the depth half of stage 3 of docs/export-design.md. prune() and residual_branches()
-take this path for the models the torch.fx trace cannot read (transformers 5, models with
-functional layers), until the channel analysis moves onto the same capture.
+This is the depth half of stage 3 of docs/export-design.md. prune(remove_branches=[...])
+and residual_branches() take this path for the models the torch.fx trace cannot read
+(transformers 5, models with functional layers); their channels are cut on the same
+capture by aten_pruner.py.
 """
 import copy
 from typing import Dict, List, Sequence, Tuple

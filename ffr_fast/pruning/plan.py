@@ -46,8 +46,10 @@ def written_layers(cg: ChannelGraph) -> List[Tuple[str, np.ndarray]]:
             for entry in mc.written()]
 
 
-def find_groups(cg: ChannelGraph) -> List[Group]:
-    layers = written_layers(cg)
+Layers = List[Tuple[str, np.ndarray]]  # (layer name, ids of the channels it writes)
+
+
+def find_groups(cg: ChannelGraph, layers: Layers) -> List[Group]:
     owner: Dict[int, int] = {}  # class root -> index of a layer, merged by union-find
     parent = list(range(len(layers)))
 
@@ -78,8 +80,11 @@ def find_groups(cg: ChannelGraph) -> List[Group]:
 
 
 def make_plan(cg: ChannelGraph, scores: Dict[int, float], *, threshold=None, ratio=None,
-              scope="global", min_channels=1, min_fraction=0.0, round_to=None) -> Plan:
-    groups = find_groups(cg)
+              scope="global", min_channels=1, min_fraction=0.0, round_to=None,
+              layers: Optional[Layers] = None) -> Plan:
+    """The plan over `layers` (default: the producers of the torch.fx analysis)."""
+    layers = written_layers(cg) if layers is None else layers
+    groups = find_groups(cg, layers)
     for group in groups:  # a class nothing scores (importance "bn" without a BN) stays
         for root in group.roots:
             if root not in scores:
@@ -99,7 +104,7 @@ def make_plan(cg: ChannelGraph, scores: Dict[int, float], *, threshold=None, rat
             candidates = sorted((r for r in g.roots if r not in g.pinned), key=scores.get)
             removed.update(candidates[:int(ratio * len(g.roots))])
     floor = min_fraction if ratio is not None and scope == "global" else 0.0
-    _give_back(cg, removed, scores, min_channels, floor, round_to)
+    _give_back(cg, layers, removed, scores, min_channels, floor, round_to)
     cutoff = max((scores[r] for r in removed), default=None)
     return Plan(removed, groups, _unpruned(groups), cutoff)
 
@@ -115,20 +120,20 @@ def _relative_to_group(groups: List[Group], scores: Dict[int, float]) -> Dict[in
     return relative
 
 
-def _give_back(cg, removed: Set[int], scores, min_channels: int, min_fraction: float,
-               round_to) -> None:
+def _give_back(cg, layers: Layers, removed: Set[int], scores, min_channels: int,
+               min_fraction: float, round_to) -> None:
     """Return removed classes (highest score first) to layers below their floor until every
     layer keeps at least `min_channels` classes and the fraction `min_fraction` of them
     (rounded up) and, with `round_to`, a number of channels that is a multiple of it (or
     all): a head of 64 channels counts 64."""
-    layers = []
-    for _, ids in written_layers(cg):
-        roots, sizes = np.unique(cg.roots(ids), return_counts=True)
-        layers.append(dict(zip(roots.tolist(), sizes.tolist())))
+    sizes = []
+    for _, ids in layers:
+        roots, counts = np.unique(cg.roots(ids), return_counts=True)
+        sizes.append(dict(zip(roots.tolist(), counts.tolist())))
     changed = True
     while changed:  # giving back to one layer can unround another that shares classes
         changed = False
-        for size in layers:
+        for size in sizes:
             back = sorted((r for r in size if r in removed), key=scores.get, reverse=True)
             kept = [r for r in size if r not in removed]
             floor = max(min_channels, math.ceil(min_fraction * len(size)))

@@ -11,10 +11,12 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..capture import flat_tensors
+from ..capture import UncapturableModelError, flat_tensors
 from ..metrics import count_params
 from ..modes import evaluating, restore_training_flags, training_flags
 from . import depth
+from .aten_pruner import STRUCTURE_FORMAT as EXPORT_FORMAT
+from .aten_pruner import prune_on_capture
 from .blocks import ResidualBranch, branch_score, find_branches, measure_branches, select_branches
 from .blocks import remove_branches as remove_from_graph
 from .emit import EMITS, adopt, attach_structure, own_forward, own_training_forward_fails
@@ -37,6 +39,7 @@ from .surgery import (
 from .tracing import UntraceableModelError, reads_training_flag, trace
 
 SCOPES = ("global", "layer")
+ANALYSES = ("auto", "fx", "export")
 FLOPS_SEARCHES = ("threshold", "ratio")
 STRUCTURE_FORMAT = "ffr_fast.pruned/4"  # 4: the model's own class or a GraphModule
 
@@ -90,7 +93,8 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
           round_to: Optional[int] = None,
           remove_blocks: Optional[bool] = None, remove_branches: Sequence[str] = (),
           fold_bn: bool = False, ignored: Sequence[Any] = (), inplace: bool = False,
-          emit: str = "auto") -> PruneResult:
+          emit: str = "auto", analysis: str = "auto",
+          example_kwargs: Optional[dict] = None) -> PruneResult:
     """Remove filters and residual branches from `model`; return a new compact model.
 
     What goes, at most one of:
@@ -126,13 +130,33 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
     `inplace=False` the model is not modified at all; with `inplace=True` it is not copied:
     its modules are replaced and reused, and only `result.model` should be used afterwards
     (a GraphModule was emitted: the model's own forward may still call removed branches).
+
+    `analysis` says which capture the channel analysis reads: "fx" (the torch.fx trace and
+    its rule table: everything above), "export" (torch.export's ATen graph, aten.py: every
+    op seen, so functional layers such as timm's BatchNormAct2d and every Hugging Face
+    transformer are cut; threshold= or ratio= with importance "l2" or "l1", the model's own
+    class back, a Hugging Face config in step) or "auto": "fx" where torch.fx can trace the
+    model, "export" where it cannot. `example_kwargs` (attention_mask=...) are passed to the
+    model with the example inputs, by the "export" analysis only. The report's
+    settings["path"] says which ran.
     """
     start = time.perf_counter()
     check_model(model, "prune")
     _check_settings(threshold, ratio, flops_target, flops_search, flops_tolerance,
                     flops_search_steps, importance, scope, min_channels, min_fraction,
                     round_to, remove_blocks, remove_branches, emit)
+    if analysis not in ANALYSES:
+        raise ValueError(f"analysis must be one of {ANALYSES}, got {analysis!r}")
     inputs = as_inputs(example_inputs)
+    cuts_channels = threshold is not None or ratio is not None or flops_target is not None
+    if analysis == "export" or (example_kwargs and analysis == "auto"):
+        return _prune_on_export(model, inputs, example_kwargs, threshold, ratio, flops_target,
+                                importance, scope, min_channels, min_fraction, round_to,
+                                remove_branches, fold_bn, ignored, inplace, emit,
+                                f"analysis={analysis!r}", start)
+    if example_kwargs:
+        raise ValueError("example_kwargs are passed by the torch.export analysis only; "
+                         "analysis='fx' traces the model with positional inputs")
     if remove_blocks is None:  # a user who names branches means those branches
         remove_blocks = not remove_branches
     options = dict(importance=importance, scope=scope, min_channels=min_channels,
@@ -144,12 +168,17 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
     try:
         reads_flag = reads_training_flag(model, options["ignored"])
     except UntraceableModelError as error:
-        if threshold is not None or ratio is not None or flops_target is not None:
-            raise UntraceableModelError(
-                f"{error}. Depth pruning alone (prune(model, x, remove_branches=[...]), names "
-                "from residual_branches()) reads torch.export's capture and works on such "
-                "models; the channel pruner moves onto it next (docs/export-design.md)."
-            ) from error
+        if analysis == "fx":
+            raise
+        if cuts_channels:
+            try:
+                return _prune_on_export(model, inputs, None, threshold, ratio, flops_target,
+                                        importance, scope, min_channels, min_fraction,
+                                        round_to, remove_branches, fold_bn, ignored, inplace,
+                                        emit, f"torch.fx cannot trace the model: {error}", start)
+            except UncapturableModelError as export_error:
+                raise UntraceableModelError(f"{error}; torch.export cannot capture it either: "
+                                            f"{export_error}") from export_error
         return _remove_blocks_on_capture(model, inputs, list(remove_branches), inplace, start)
     options["trains_differently"] = reads_flag
     if flops_target is None:
@@ -176,6 +205,32 @@ def _remove_blocks_on_capture(model: nn.Module, inputs, names: List[str], inplac
     pruned, report = depth.remove(model, inputs, {}, names)
     report.seconds = time.perf_counter() - start
     structure = {"format": depth.STRUCTURE_FORMAT, "removed_blocks": names}
+    attach_structure(pruned, structure)
+    return PruneResult(pruned, report, structure)
+
+
+def _prune_on_export(model, inputs, kwargs, threshold, ratio, flops_target, importance,
+                     scope, min_channels, min_fraction, round_to, remove_branches, fold_bn,
+                     ignored, inplace, emit, why: str, start: float) -> PruneResult:
+    """Channels cut on torch.export's capture (aten_pruner.py); the options only the torch.fx
+    path has are refused by name."""
+    fx_only = [name for name, asked in (
+        ("flops_target", flops_target is not None), ("remove_branches", bool(remove_branches)),
+        ("fold_bn", fold_bn), ("ignored", bool(ignored)), ("inplace", inplace),
+        ("emit='graph'", emit == "graph")) if asked]
+    if fx_only:
+        raise ValueError(f"{fx_only} need the torch.fx analysis, which cannot serve here "
+                         f"({why}); the torch.export analysis takes threshold= or ratio=")
+    if threshold is None and ratio is None:
+        raise ValueError("the torch.export analysis needs threshold= or ratio=")
+    pruned, report, keep = prune_on_capture(model, inputs, kwargs, threshold=threshold, ratio=ratio,
+                                      importance=importance, scope=scope,
+                                      min_channels=min_channels, min_fraction=min_fraction,
+                                      round_to=round_to, why=why)
+    report.seconds = time.perf_counter() - start
+    structure = {"format": EXPORT_FORMAT, "kept": {  # per cut tensor, per dim: positions kept
+        name: [None if index is None else index.tolist() for index in dims]
+        for name, dims in keep.items()}}
     attach_structure(pruned, structure)
     return PruneResult(pruned, report, structure)
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..modes import restore_training_flags, training_flags
 from . import depth
+from .aten_pruner import STRUCTURE_FORMAT as EXPORT_FORMAT
 from .blocks import ResidualBranch, remove_branches
 from .emit import attach_structure, structure_of
 from .fold import bypass_batchnorm
@@ -60,6 +61,10 @@ def save_pruned(result_or_model: Union[PruneResult, nn.Module], path) -> None:
     if structure is None:
         raise ValueError("save_pruned needs a PruneResult or the model prune() returned; "
                          f"got a {type(model).__name__} without pruning structure")
+    if structure.get("format") == EXPORT_FORMAT:
+        raise ValueError("save_pruned cannot yet replay a model pruned on the torch.export "
+                         "capture (analysis='export'); save it with torch.save(model), or "
+                         "save_pretrained for a Hugging Face model")
     structure = dict(structure, training=training_flags(model))
     torch.save({"structure": structure, "state_dict": model.state_dict()}, path)
 

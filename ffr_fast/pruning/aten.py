@@ -1,0 +1,207 @@
+"""Channel classes on torch.export's ATen graph (stage 2 of docs/export-design.md).
+
+Every dimension of every tensor in the graph (activations, parameters, buffers) carries one
+channel id per position. An op ties the ids of the dimensions it maps onto each other
+(ChannelGraph's union-find), so a parameter's dimensions get their roles from the ops that
+read it and no layer needs a rule: a class of ids is a set of positions, across tensors,
+that are removed together. Ids that must stay are *pinned* (with the reason): the model's
+inputs and outputs, spatial and sequence dimensions, what an op outside the table touches.
+
+How ids flow, each op described once in OPS below:
+- linear / addmm / mm / matmul / bmm: the contracted dimensions are tied; the output takes the
+  row dims of the first operand and the column dim of the second (GPT-2's Conv1D is
+  addmm(b, x, W): W is (in, out)); a contraction between two activations also pins it.
+- convolution: the input's channels tie to the weight's dim 1 (depthwise: output c*m+j to
+  input c; grouped: position p of every group tied across groups), the output's channels
+  are the weight's dim 0 (dim 1 transposed); spatial dims fresh and pinned.
+- embedding: the output's last dim is the weight's dim 1; the rows (vocabulary) are pinned.
+- batch_norm: its parameters and running statistics tie to the channel dim.
+- layer_norm, group_norm, rms_norm, reductions and softmax / cumsum over a dim: the
+  normalised or reduced dims are *whole*: their ids form one class, pinned (a removed
+  channel would change the statistics of the others: RMSNorm's pow/mean/rsqrt/mul chain
+  is a mean over the channels), so the result stays exact.
+- element-wise ops broadcast: dims of equal size are tied (an RMSNorm weight, a layer-scale
+  gamma or a bias takes the ids of the dims it broadcasts against); scalars are ignored.
+- view / reshape / flatten: dims are matched by their sizes; merged dims keep one carrier
+  (the first whose ids are not pinned, the others pinned: (H, D) -> H*D repeats the head
+  ids), a split C -> (H, D) gives fresh head ids, each head owning its D channels, D pinned.
+  permute / transpose / unsqueeze / squeeze / expand move ids (expanded dims fresh, pinned:
+  GQA's expand + reshape of the KV heads ties each query head to its KV head).
+- cat concatenates ids; split / chunk into equal pieces ties the pieces position by
+  position; select, slice (other than whole), unbind, flip, roll, index pin the dim.
+- scaled_dot_product_attention ties q, k, v heads (grouped: each query head to its KV
+  group) and batch dims; head dims and the key length are pinned.
+Any other op pins every id it reads and writes and is named (analysis.unknown_ops).
+
+The result is exact by construction against the original with every removed position of
+every parameter zeroed: every op computes a kept position from kept positions only, or from
+removed ones through a zeroed parameter (a linear layer's zeroed columns).
+"""
+import operator
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from ..capture import Capture
+from .aten_layout import LAYOUT_OPS
+from .aten_ops import OPS as COMPUTE_OPS
+from .aten_ops import Ids, op_name, shape_of
+from .channels import ChannelGraph
+
+
+@dataclass
+class Producer:
+    """A parameter that writes channels: `dim` of `weight` holds them (a linear layer's rows),
+    `bias` (or None) adds to them. `layer` names it in the report and the plan."""
+    layer: str
+    weight: str
+    dim: int
+    bias: Optional[str]
+
+
+@dataclass
+class Analysis:
+    cg: ChannelGraph
+    tensors: Dict[str, Ids]  # parameter or buffer name -> ids of its dims
+    producers: List[Producer] = field(default_factory=list)
+    unknown_ops: List[dict] = field(default_factory=list)
+
+    def layers(self) -> List[Tuple[str, np.ndarray]]:
+        """(layer, ids) of every producer: the layers the plan keeps floors for."""
+        return [(p.layer, self.tensors[p.weight][p.dim]) for p in self.producers]
+
+
+OPS = {**COMPUTE_OPS, **LAYOUT_OPS}  # op name -> rule(analyzer, node) -> the output's ids
+
+
+class _Analyzer:
+    def __init__(self, cap: Capture):
+        self.cap, self.cg = cap, ChannelGraph()
+        self.values: Dict[fx.Node, object] = {}  # Ids, a tuple of Ids, or None
+        self.result = Analysis(self.cg, {})
+
+    # -- ids ------------------------------------------------------------------------------
+    def fresh(self, shape, reason: Optional[str] = None) -> Ids:
+        ids = [self.cg.fresh(size) for size in shape]
+        if reason:
+            for dim in ids:
+                self.cg.pin(dim, reason)
+        return ids
+
+    def whole(self, ids: np.ndarray, reason: str) -> None:
+        """All of `ids` one class, pinned: normalised or reduced over together."""
+        if len(ids) > 1:
+            self.cg.union(ids[:-1], ids[1:])
+        self.cg.pin(ids[:1], reason)
+
+    def tie(self, a: np.ndarray, b: np.ndarray) -> None:
+        if len(a) == len(b):
+            self.cg.union(a, b)
+        else:  # internal sizes disagree: keep both rather than guess
+            self.cg.pin(a, "sizes do not match")
+            self.cg.pin(b, "sizes do not match")
+
+    def pinned(self, ids: np.ndarray) -> bool:
+        return all(int(i) in self.cg.pins for i in ids)
+
+    def ids(self, arg) -> Optional[Ids]:
+        value = self.values.get(arg) if isinstance(arg, fx.Node) else None
+        return value if isinstance(value, list) else None
+
+    def pin_value(self, value, reason: str) -> None:
+        if isinstance(value, tuple):
+            for item in value:
+                self.pin_value(item, reason)
+        elif isinstance(value, list):
+            for dim in value:
+                self.cg.pin(dim, reason)
+
+    # -- the walk -------------------------------------------------------------------------
+    def run(self) -> Analysis:
+        for node in self.cap.graph.nodes:
+            if node.op == "placeholder":
+                self.values[node] = self.placeholder(node)
+            elif node.op == "output":
+                for arg in node.all_input_nodes:
+                    self.pin_value(self.values.get(arg), "feeds the model output")
+            elif node.op == "call_function":
+                self.values[node] = self.call(node)
+        return self.result
+
+    def placeholder(self, node: fx.Node):
+        shape = shape_of(node)
+        if shape is None:
+            return None
+        name = self.cap.parameters.get(node.name) or self.cap.buffers.get(node.name)
+        if name is None:
+            return self.fresh(shape, "model input or constant")
+        ids = self.fresh(shape)
+        self.result.tensors[name] = ids
+        return ids
+
+    def call(self, node: fx.Node):
+        value = node.meta.get("val")
+        if not isinstance(value, (torch.Tensor, tuple, list)):
+            return None  # assertions, sizes: no tensor comes out
+        if node.target is operator.getitem:
+            source = self.values.get(node.args[0])
+            return source[node.args[1]] if isinstance(source, tuple) else None
+        rule = OPS.get(op_name(node))
+        out = rule(self, node) if rule is not None else None
+        if out is None:
+            out = self.unknown(node)
+        return out
+
+    def unknown(self, node: fx.Node):
+        reason = f"op {op_name(node)} (node {node.name}) is outside the channel analysis"
+        inputs = [self.values.get(a) for a in node.all_input_nodes]
+        for value in inputs:
+            self.pin_value(value, reason)
+        self.result.unknown_ops.append({"op": f"{op_name(node)} (node {node.name})",
+                                        "reason": "outside the channel analysis: the channels "
+                                                  "it reads and writes are kept",
+                                        "ids": [d for v in inputs if isinstance(v, list)
+                                                for d in v]})
+        return self.fresh_like(node, reason)
+
+    def fresh_like(self, node: fx.Node, reason: str):
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor):
+            return self.fresh(value.shape, reason)
+        return tuple(self.fresh(v.shape, reason) if isinstance(v, torch.Tensor) else None
+                     for v in value)
+
+    def parameter(self, arg) -> Optional[str]:
+        """The parameter name of a placeholder argument, or None."""
+        if isinstance(arg, fx.Node) and arg.op == "placeholder":
+            return self.cap.parameters.get(arg.name)
+        return None
+
+    def produces(self, weight, dim: int, bias=None) -> None:
+        name = self.parameter(weight)
+        if name is not None:
+            layer = name[:-len(".weight")] if name.endswith(".weight") else name
+            self.result.producers.append(Producer(layer, name, dim, self.parameter(bias)))
+
+    def broadcast(self, out_shape, operands: List[Ids], shapes) -> Ids:
+        """Ids of an element-wise result: every operand's dims of the output's size tied."""
+        out: List[Optional[np.ndarray]] = [None] * len(out_shape)
+        for ids, shape in zip(operands, shapes):
+            offset = len(out_shape) - len(shape)
+            for dim, size in enumerate(shape):
+                if size != out_shape[offset + dim]:
+                    continue
+                if out[offset + dim] is None:
+                    out[offset + dim] = ids[dim]
+                else:
+                    self.tie(out[offset + dim], ids[dim])
+        return [dim if dim is not None else self.fresh([size], "broadcast")[0]
+                for dim, size in zip(out, out_shape)]
+
+
+def analyze(cap: Capture) -> Analysis:
+    """The channel classes of the captured model (module docstring)."""
+    return _Analyzer(cap).run()

@@ -1,0 +1,236 @@
+"""The rules of the ATen channel analysis for ops that only move dimensions: views,
+permutes, expand, cat / stack, split / chunk / unbind and indexing (aten.py says how)."""
+from typing import Callable, Dict, List
+
+import numpy as np
+
+from .aten_ops import Ids, _arg, registrar, shape_of
+
+LAYOUT_OPS: Dict[str, Callable] = {}
+rule = registrar(LAYOUT_OPS)
+
+
+def _merge(a, parts: List[np.ndarray]) -> np.ndarray:
+    """One id per position of dims merged into one: the first dim whose ids are not all
+    pinned carries them (repeated over the others, which are pinned)."""
+    sizes = [len(p) for p in parts]
+    if not parts:
+        return a.fresh([1], "size-1 dimension")[0]
+    carrier = next((i for i, p in enumerate(parts) if len(p) > 1 and not a.pinned(p)), 0)
+    for i, part in enumerate(parts):
+        if i != carrier:
+            a.cg.pin(part, "merged into a dimension another one carries")
+    grid = np.broadcast_to(parts[carrier].reshape(
+        [len(p) if i == carrier else 1 for i, p in enumerate(parts)]), sizes)
+    return grid.ravel().copy()
+
+
+def _split(a, flat: np.ndarray, sizes: List[int]) -> Ids:
+    """Ids of dims split from one: the first dim of size > 1 gets fresh ids, each owning its
+    block of the flat ids (heads from H*D); the others are fresh and pinned."""
+    big = [i for i, s in enumerate(sizes) if s > 1]
+    if len(big) <= 1:
+        return [flat if i in big else a.fresh([s], "size-1 dimension")[0]
+                for i, s in enumerate(sizes)]
+    lead = big[0]
+    out = []
+    for i, size in enumerate(sizes):
+        if i == lead:
+            heads = a.cg.fresh(size)
+            grid = np.moveaxis(flat.reshape(sizes), lead, 0).reshape(size, -1)
+            a.cg.union(np.repeat(heads, grid.shape[1]), grid.ravel())
+            out.append(heads)
+        else:
+            out.append(a.fresh([size], "the inner part of a split dimension (a head's "
+                                       "channels) stays whole")[0])
+    return out
+
+
+def _reshaped(a, ids: Ids, old, new) -> Ids:
+    """Ids through a view from shape `old` to `new`: dims matched into groups of equal
+    product, each group merged then split."""
+    out: Ids = []
+    i = j = 0
+    while i < len(old) or j < len(new):
+        group_in, group_out, p_in, p_out = [], [], 1, 1
+        if i < len(old):
+            group_in.append(i)
+            p_in *= old[i]
+            i += 1
+        if j < len(new):
+            group_out.append(j)
+            p_out *= new[j]
+            j += 1
+        while p_in != p_out:
+            if p_in < p_out and i < len(old):
+                group_in.append(i)
+                p_in *= old[i]
+                i += 1
+            elif j < len(new):
+                group_out.append(j)
+                p_out *= new[j]
+                j += 1
+            else:
+                return None
+        sizes_out = [new[k] for k in group_out]
+        if len(group_in) == 1 and sizes_out == [old[group_in[0]]]:
+            out.append(ids[group_in[0]])
+            continue
+        if not group_out:
+            continue
+        flat = _merge(a, [ids[k] for k in group_in if old[k] > 1])
+        out.extend(_split(a, flat, sizes_out))
+    return out
+
+
+@rule("view", "reshape", "_unsafe_view", "flatten", "unflatten", "view_as", "reshape_as",
+      "squeeze", "unsqueeze")
+def view(a, node):
+    x = a.ids(node.args[0])
+    if x is None:
+        return None
+    return _reshaped(a, x, shape_of(node.args[0]), shape_of(node))
+
+
+@rule("permute")
+def permute(a, node):
+    x = a.ids(node.args[0])
+    return None if x is None else [x[d % len(x)] for d in node.args[1]]
+
+
+@rule("transpose", "t", "swapaxes", "movedim")
+def transpose(a, node):
+    x = a.ids(node.args[0])
+    if x is None:
+        return None
+    if len(x) < 2:
+        return x
+    d0, d1 = (_arg(node, 1, "dim0", 0) % len(x), _arg(node, 2, "dim1", 1) % len(x))
+    out = list(x)
+    if node.target.name().endswith("movedim.int"):
+        out.insert(d1, out.pop(d0))
+    else:
+        out[d0], out[d1] = out[d1], out[d0]
+    return out
+
+
+@rule("expand", "expand_as", "broadcast_to")
+def expand(a, node):
+    x = a.ids(node.args[0])
+    if x is None:
+        return None
+    shape = shape_of(node)
+    x = [a.fresh([1], "size-1 dimension")[0] for _ in range(len(shape) - len(x))] + list(x)
+    return [d if len(d) == size else a.fresh([size], "expanded from size 1")[0]
+            for d, size in zip(x, shape)]
+
+
+def _without(x: Ids, dim: int) -> Ids:
+    return x[:dim] + x[dim + 1:]
+
+
+@rule("select", "unbind")
+def select(a, node):
+    """Positions picked by a constant index: the dim stays whole."""
+    x = a.ids(node.args[0])
+    if x is None:
+        return None
+    dim = _arg(node, 1, "dim", 0) % len(x)
+    a.whole(x[dim], f"{node.target.name()} picks positions by a constant index")
+    value = node.meta["val"]
+    return tuple(_without(x, dim) for _ in value) if isinstance(value, (tuple, list)) else (
+        _without(x, dim))
+
+
+@rule("slice", "narrow")
+def slice_(a, node):
+    """A slice with constant bounds: a whole slice changes nothing, any other keeps the dim
+    whole (its bounds would not follow a cut)."""
+    x = a.ids(node.args[0])
+    if x is None:
+        return None
+    dim = _arg(node, 1, "dim", 0) % len(x)
+    start = _arg(node, 2, "start", 0) or 0
+    if node.target.name().startswith("aten::narrow"):
+        stop, step = start + node.args[3], 1
+    else:
+        stop, step = _arg(node, 3, "end", None), _arg(node, 4, "step", 1) or 1
+    if shape_of(node) == shape_of(node.args[0]):
+        return x
+    a.whole(x[dim], "sliced with constant bounds")
+    return x[:dim] + [x[dim][slice(start, stop, step)]] + x[dim + 1:]
+
+
+@rule("index_select", "gather")
+def gathered(a, node):
+    """Positions picked by data along a dim: it stays whole."""
+    x = a.ids(node.args[0])
+    if x is None:
+        return None
+    dim = node.args[1] % len(x)
+    a.whole(x[dim], f"{node.target.name()} picks positions by data")
+    shape = shape_of(node)
+    return [d if i != dim and len(d) == shape[i] else a.fresh([shape[i]], "gathered")[0]
+            for i, d in enumerate(x)]
+
+
+@rule("constant_pad_nd")
+def pad(a, node):
+    x = a.ids(node.args[0])
+    if x is None:
+        return None
+    widths = node.args[1]
+    out = list(x)
+    for k in range(len(widths) // 2):
+        dim = len(x) - 1 - k
+        if widths[2 * k] or widths[2 * k + 1]:
+            a.whole(x[dim], "padded")
+            out[dim] = a.fresh([shape_of(node)[dim]], "padded")[0]
+    return out
+
+
+@rule("cat", "concat", "concatenate")
+def cat(a, node):
+    parts = [(a.ids(t), shape_of(t)) for t in node.args[0]]
+    parts = [(ids, shape) for ids, shape in parts if ids is not None and 0 not in shape]
+    if not parts or len(parts) != len([t for t in node.args[0] if 0 not in shape_of(t)]):
+        return None
+    dim = _arg(node, 1, "dim", 0) % len(parts[0][0])
+    out = list(parts[0][0])
+    for ids, _ in parts[1:]:
+        for d in range(len(out)):
+            if d != dim:
+                a.tie(out[d], ids[d])
+    out[dim] = np.concatenate([ids[dim] for ids, _ in parts])
+    return out
+
+
+@rule("stack")
+def stack(a, node):
+    parts = [a.ids(t) for t in node.args[0]]
+    if any(p is None for p in parts):
+        return None
+    dim = _arg(node, 1, "dim", 0) % (len(parts[0]) + 1)
+    for other in parts[1:]:
+        for d0, d1 in zip(parts[0], other):
+            a.tie(d0, d1)
+    return parts[0][:dim] + a.fresh([len(parts)], "stacked") + parts[0][dim:]
+
+
+@rule("split", "split_with_sizes", "chunk", "unsafe_split", "tensor_split")
+def split(a, node):
+    """Pieces along a dim: equal pieces are tied position by position (they shrink alike);
+    unequal ones keep the dim whole."""
+    x = a.ids(node.args[0])
+    if x is None:
+        return None
+    dim = _arg(node, 2, "dim", 0) % len(x)
+    sizes = [int(v.shape[dim]) for v in node.meta["val"]]
+    bounds = np.cumsum([0] + sizes)
+    pieces = [x[dim][bounds[i]:bounds[i + 1]] for i in range(len(sizes))]
+    if len(set(sizes)) == 1:
+        for piece in pieces[1:]:
+            a.tie(pieces[0], piece)
+    else:
+        a.whole(x[dim], "split into unequal pieces")
+    return tuple(x[:dim] + [piece] + x[dim + 1:] for piece in pieces)

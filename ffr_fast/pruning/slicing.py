@@ -1,0 +1,216 @@
+"""Surgery for the ATen analysis: the model's own parameters and buffers sliced by name, and
+the size attributes its code reads fixed from one small per-type table.
+
+`slice_tensors` cuts every tensor of a model (a deep copy) to the kept positions of each of
+its dimensions; a tensor reached under several names (tied weights) is sliced once and stays
+one tensor. `fix_sizes` then sets, per module type, the attributes that say how wide the
+module is (`in_features`, `out_channels`, `groups`, `num_heads`, `split_size`, ...), from
+the sliced tensors, and returns what they imply for a Hugging Face config
+(`num_attention_heads`, `num_key_value_heads`, `intermediate_size`, `hidden_size`).
+`register_size_rule(type_name, rule)` adds a type: `rule(module) -> {config field: value}`
+or None, called after its tensors are sliced with its attributes still the old ones.
+"""
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+Keep = Dict[str, List[Optional[torch.Tensor]]]  # tensor name -> kept positions per dim
+SizeRule = Callable[[nn.Module], Optional[dict]]
+
+
+def _owners(model: nn.Module) -> Dict[int, list]:
+    """id(tensor) -> every (module, attribute, is_parameter) that holds it."""
+    owners: Dict[int, list] = {}
+    for module in model.modules():
+        for attr, tensor in module._parameters.items():
+            if tensor is not None:
+                owners.setdefault(id(tensor), []).append((module, attr, True))
+        for attr, tensor in module._buffers.items():
+            if tensor is not None:
+                owners.setdefault(id(tensor), []).append((module, attr, False))
+    return owners
+
+
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    path, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(path) if path else model, attr)
+
+
+def slice_tensors(model: nn.Module, keep: Keep) -> None:
+    """Cut, in place, every tensor named in `keep` to its kept positions."""
+    owners = _owners(model)
+    with torch.no_grad():
+        for name, dims in keep.items():
+            old = _tensor(model, name)
+            new = old.detach()
+            for dim, index in enumerate(dims):
+                if index is not None:
+                    new = new.index_select(dim, index.to(new.device))
+            if isinstance(old, nn.Parameter):  # one Parameter for every owner: still tied
+                new = nn.Parameter(new, requires_grad=old.requires_grad)
+            for module, attr, is_parameter in owners[id(old)]:
+                (module._parameters if is_parameter else module._buffers)[attr] = new
+
+
+def zeroed(model: nn.Module, keep: Keep) -> Dict[str, torch.Tensor]:
+    """The parameters of `model` that `keep` cuts, with every removed position zeroed (for
+    torch.func.functional_call): the original the pruned model must equal."""
+    out = {}
+    for name, dims in keep.items():
+        tensor = _tensor(model, name)
+        if not isinstance(tensor, nn.Parameter):
+            continue
+        twin = tensor.detach().clone()
+        for dim, index in enumerate(dims):
+            if index is not None:
+                gone = torch.ones(tensor.shape[dim], dtype=torch.bool)
+                gone[index] = False
+                twin.index_fill_(dim, torch.nonzero(gone).flatten().to(twin.device), 0)
+        out[name] = twin
+    return out
+
+
+def _linear(m):
+    m.out_features, m.in_features = m.weight.shape
+
+
+def _conv(m):
+    shape = m.weight.shape
+    if m.transposed:
+        m.in_channels, m.out_channels = shape[0], shape[1] * m.groups
+    elif m.groups > 1 and m.groups == m.in_channels:  # depthwise stays depthwise
+        multiplier = m.out_channels // m.groups
+        m.out_channels = shape[0]
+        m.groups = m.in_channels = shape[0] // multiplier
+    else:
+        m.in_channels, m.out_channels = shape[1] * m.groups, shape[0]
+
+
+def _norm(m):
+    m.num_features = len(m.running_mean if m.running_mean is not None else m.weight)
+
+
+def _attention_heads(m) -> dict:
+    """A Hugging Face decoder attention (q_proj, k_proj, head_dim): its head counts, and
+    its head size, which it reads as config.head_dim where the config has one."""
+    heads, kv_heads = m.q_proj.weight.shape[0] // m.head_dim, m.k_proj.weight.shape[0] // m.head_dim
+    for attr, value in (("num_heads", heads), ("num_key_value_heads", kv_heads)):
+        if hasattr(m, attr):
+            setattr(m, attr, value)
+    return {"num_attention_heads": heads, "num_key_value_heads": kv_heads,
+            "head_dim": m.head_dim}
+
+
+def _bert_attention(m) -> dict:
+    m.all_head_size = m.query.weight.shape[0]
+    m.num_attention_heads = m.all_head_size // m.attention_head_size
+    return {"num_attention_heads": m.num_attention_heads,
+            "derived_head_dim": m.attention_head_size}
+
+
+def _gpt2_attention(m) -> dict:
+    m.split_size = m.c_attn.weight.shape[1] // 3
+    m.num_heads = m.split_size // m.head_dim
+    return {"num_attention_heads": m.num_heads, "derived_head_dim": m.head_dim}
+
+
+def _timm_attention(m):
+    m.num_heads = m.qkv.weight.shape[0] // (3 * m.head_dim)
+
+
+def _conv1d(m):
+    m.nx, m.nf = m.weight.shape
+
+
+def _gated_mlp(m) -> dict:
+    if hasattr(m, "intermediate_size"):
+        m.intermediate_size = m.up_proj.weight.shape[0]
+    return {"intermediate_size": m.up_proj.weight.shape[0]}
+
+
+def _embedding(m) -> dict:
+    m.embedding_dim = m.weight.shape[1]
+    return {}
+
+
+# type name (the class or any base class) -> rule; keyed by name so that no library needs
+# to be imported to describe its layers
+SIZE_RULES: Dict[str, SizeRule] = {
+    "Linear": _linear, "_ConvNd": _conv, "_NormBase": _norm, "Embedding": _embedding,
+    "LayerNorm": lambda m: setattr(m, "normalized_shape", tuple(m.weight.shape))
+    if m.weight is not None else None,
+    "GroupNorm": lambda m: setattr(m, "num_channels", len(m.weight)) if m.weight is not None
+    else None,
+    "Conv1D": _conv1d,  # transformers' GPT-2 layer: weight (in, out)
+    "LlamaAttention": _attention_heads, "Qwen2Attention": _attention_heads,
+    "Qwen3Attention": _attention_heads, "MistralAttention": _attention_heads,
+    "LlamaMLP": _gated_mlp, "Qwen2MLP": _gated_mlp, "Qwen3MLP": _gated_mlp,
+    "MistralMLP": _gated_mlp,
+    "ViTAttention": _attention_heads,
+    "ViTMLP": lambda m: {"intermediate_size": m.fc1.weight.shape[0]},
+    "BertSelfAttention": _bert_attention,
+    "BertIntermediate": lambda m: {"intermediate_size": m.dense.weight.shape[0]},
+    "GPT2Attention": _gpt2_attention,
+    "GPT2MLP": lambda m: {"n_inner": m.c_fc.weight.shape[1]},
+    "Attention": _timm_attention,  # timm's ViT attention: qkv, num_heads, head_dim
+}
+
+
+def register_size_rule(type_name: str, size_rule: SizeRule) -> None:
+    """Teach fix_sizes a module type (by class name): `size_rule(module)` sets its size
+    attributes from its sliced tensors, and may return the config fields they imply."""
+    SIZE_RULES[type_name] = size_rule
+
+
+def fix_sizes(model: nn.Module, changed: set) -> Dict[str, List[int]]:
+    """Size attributes of every module in `changed` (paths) set from its sliced tensors;
+    returns config field -> the values the modules imply (one per module)."""
+    implied: Dict[str, List[int]] = {}
+    for path, module in model.named_modules():
+        if path not in changed:
+            continue
+        for cls in type(module).__mro__:
+            size_rule = SIZE_RULES.get(cls.__name__)
+            if size_rule is not None and not (cls.__name__ == "Attention" and not hasattr(
+                    module, "qkv")):
+                for field, value in (size_rule(module) or {}).items():
+                    implied.setdefault(field, []).append(value)
+                break
+    return implied
+
+
+def update_config(model: nn.Module, implied: Dict[str, List[int]]) -> List[str]:
+    """A Hugging Face model's config in step with the cut: every field the modules imply
+    one value for, and `hidden_size` from the input embeddings (`head_dim` is written where
+    the attention reads it from the config, so that fewer heads keep their size). Returns
+    warnings for what the config cannot say: widths that differ per layer, heads cut where
+    the head size is hidden_size / num_attention_heads."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return []
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)  # ViT's patch embedding holds a conv
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        implied = dict(implied, hidden_size=[weight.shape[1]])
+    warnings = []
+    heads, head_dims = implied.get("num_attention_heads"), implied.pop("derived_head_dim", None)
+    if heads and head_dims and any(
+            getattr(config, "hidden_size", None) != h * d for h, d in zip(heads, head_dims)):
+        del implied["num_attention_heads"]
+        warnings.append(
+            f"{type(config).__name__} derives the head size from hidden_size / "
+            "num_attention_heads, so it cannot say that heads were cut and their size kept: "
+            "config.num_attention_heads is left as it was, and save_pretrained/"
+            "from_pretrained would not rebuild this model (torch.save or save_pruned does)")
+    for field, values in implied.items():
+        if getattr(config, field, None) is None and field not in ("n_inner", "head_dim"):
+            continue
+        if len(set(values)) == 1:
+            setattr(config, field, values[0])
+        else:
+            warnings.append(
+                f"config.{field} cannot say the per-layer widths {values}: the pruned model "
+                "runs, but save_pretrained/from_pretrained would not rebuild it (prune with "
+                "scope='layer' for equal widths)")
+    return warnings
