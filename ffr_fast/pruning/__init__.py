@@ -21,8 +21,9 @@ in place in an emitted GraphModule), inputs (checks of what the caller passes), 
 serialize, recalibrate (BatchNorm statistics after pruning).
 """
 from .blocks import ResidualBranch
+from .flops_search import FlopsTargetWarning
 from .inputs import ExampleInputError, PrunedModelError
-from .pruner import FlopsTargetWarning, PruneResult, prune, residual_branches
+from .pruner import PruneResult, prune, residual_branches
 from .recalibrate import recalibrate_bn
 from .report import PruneReport
 from .rules import Rule, register_rule

@@ -1,6 +1,7 @@
 """The rules of the ATen channel analysis for ops that only move dimensions: views,
 permutes, expand, cat / stack, split / chunk / unbind and indexing (aten.py says how)."""
-from typing import Callable, Dict, List
+import math
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -46,32 +47,37 @@ def _split(a, flat: np.ndarray, sizes: List[int]) -> Ids:
     return out
 
 
+def _matched_groups(old, new) -> Optional[List[Tuple[List[int], List[int]]]]:
+    """The dims of shapes `old` and `new` matched, in order, into groups of equal product
+    (what a row-major view keeps together), or None where no such matching exists."""
+    groups = []
+    i = j = 0
+    while i < len(old) or j < len(new):
+        group_in, group_out = [], []
+        if i < len(old):
+            group_in, i = [i], i + 1
+        if j < len(new):
+            group_out, j = [j], j + 1
+        while (size_in := math.prod(old[k] for k in group_in)) != (
+                size_out := math.prod(new[k] for k in group_out)):
+            if size_in < size_out and i < len(old):
+                group_in, i = group_in + [i], i + 1
+            elif j < len(new):
+                group_out, j = group_out + [j], j + 1
+            else:
+                return None
+        groups.append((group_in, group_out))
+    return groups
+
+
 def _reshaped(a, ids: Ids, old, new) -> Ids:
     """Ids through a view from shape `old` to `new`: dims matched into groups of equal
     product, each group merged then split."""
+    groups = _matched_groups(old, new)
+    if groups is None:
+        return None
     out: Ids = []
-    i = j = 0
-    while i < len(old) or j < len(new):
-        group_in, group_out, p_in, p_out = [], [], 1, 1
-        if i < len(old):
-            group_in.append(i)
-            p_in *= old[i]
-            i += 1
-        if j < len(new):
-            group_out.append(j)
-            p_out *= new[j]
-            j += 1
-        while p_in != p_out:
-            if p_in < p_out and i < len(old):
-                group_in.append(i)
-                p_in *= old[i]
-                i += 1
-            elif j < len(new):
-                group_out.append(j)
-                p_out *= new[j]
-                j += 1
-            else:
-                return None
+    for group_in, group_out in groups:
         sizes_out = [new[k] for k in group_out]
         if len(group_in) == 1 and sizes_out == [old[group_in[0]]]:
             out.append(ids[group_in[0]])

@@ -2,9 +2,8 @@
 residual_branches(): the branches prune() can remove, measured on the example inputs."""
 import copy
 import time
-import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -20,6 +19,7 @@ from .aten_pruner import prune_on_capture
 from .blocks import ResidualBranch, branch_score, find_branches, measure_branches, select_branches
 from .blocks import remove_branches as remove_from_graph
 from .emit import EMITS, adopt, attach_structure, own_forward, own_training_forward_fails
+from .flops_search import search_flops
 from .fold import fold_batchnorms, foldable_pairs
 from .graph import analyze
 from .importance import Scorer, class_scores, scorer_for
@@ -48,10 +48,6 @@ TRAINING_FLAG_NOTE = (
     "the model's traced forward reads self.training (torch.fx keeps the value it had when "
     "traced, eval): the pruned model runs eval-mode code there even in training mode; make "
     "such a module a leaf (ignored=[...] or register_rule) to keep its training behaviour")
-
-
-class FlopsTargetWarning(UserWarning):
-    """prune(flops_target=...) could not land within the tolerance; the report says where."""
 
 
 @dataclass
@@ -184,8 +180,8 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
     if flops_target is None:
         result = _prune_once(model, inputs, threshold, ratio, inplace, **options)
     else:
-        result = _prune_to_flops(model, inputs, flops_target, flops_search, flops_tolerance,
-                                 flops_search_steps, inplace, options)
+        result = search_flops(_prune_once, model, inputs, flops_target, flops_search,
+                              flops_tolerance, flops_search_steps, inplace, options)
     if reads_flag and isinstance(result.model, fx.GraphModule):
         result.report.warnings.insert(0, TRAINING_FLAG_NOTE)
     result.report.seconds = time.perf_counter() - start
@@ -392,67 +388,6 @@ def _emitted(work: nn.Module, gm: fx.GraphModule, folded, inputs, emit: str,
     if emit == "module":
         raise ValueError(f"emit='module': {message}; pass emit='auto' or 'graph'")
     return gm, f"{message}; a torch.fx.GraphModule was emitted instead", None
-
-
-def _prune_to_flops(model, inputs, target: float, search: str, tolerance: float,
-                    steps: int, inplace: bool, options: Dict) -> PruneResult:
-    """Search `search` ("threshold" or "ratio") until the FLOPs kept fall in
-    [target - tolerance, target]: the value is raised (a threshold doubled, since its scale
-    is the model's) until the budget is met, then bisected (geometrically for a threshold).
-    Every candidate prunes a copy; the chosen one is redone with `inplace` if asked."""
-    low, high = 0.0, None  # kept(low) > target >= kept(high)
-    value = 1 - target ** 0.5 if search == "ratio" else 1.0
-    tried: List[tuple] = []  # (kept, value)
-    for _ in range(steps):
-        result = _prune_once(model, inputs, **{search: value}, **_other(search),
-                             inplace=False, **options)
-        kept = result.report.flops_after / result.report.flops_before
-        tried.append((kept, value, result))
-        if target - tolerance <= kept <= target:
-            break
-        if kept <= target:
-            high = value
-        else:
-            low = value
-        value = _next_value(low, high, search)
-        if value is None:
-            break
-    under = [t for t in tried if t[0] <= target]
-    kept, value, result = (max(under, key=lambda t: t[0]) if under
-                           else min(tried, key=lambda t: t[0]))
-    if inplace:
-        result = _prune_once(model, inputs, **{search: value}, **_other(search), inplace=True,
-                             **options)
-    report = result.report
-    report.settings.update(flops_target=target, flops_search=search,
-                           flops_tolerance=tolerance)
-    if not target - tolerance <= kept <= target:
-        near = sorted(t[0] for t in tried)
-        below = max((k for k in near if k <= target), default=None)
-        above = min((k for k in near if k > target), default=None)
-        message = (f"flops_target={target:.1%} (tolerance {tolerance:.1%}) not reached by the "
-                   f"{search} search: kept {kept:.1%} of the FLOPs ({search}={value:.4g}); "
-                   f"the nearest candidates kept {_pct(below)} and {_pct(above)}")
-        report.warnings.append(message)
-        warnings.warn(message, FlopsTargetWarning, stacklevel=3)
-    return result
-
-
-def _other(search: str) -> dict:
-    return {"ratio": None} if search == "threshold" else {"threshold": None}
-
-
-def _next_value(low: float, high: Optional[float], search: str) -> Optional[float]:
-    if search == "ratio":
-        value = (low + (0.99 if high is None else high)) / 2
-        return None if high is None and low >= 0.98 else value
-    if high is None:
-        return 2 * low if low < 1e12 else None
-    return (low * high) ** 0.5 if low > 0 else high / 2
-
-
-def _pct(fraction: Optional[float]) -> str:
-    return "nothing" if fraction is None else f"{fraction:.1%}"
 
 
 def _at_most(score: Optional[float], threshold: float) -> bool:
