@@ -13,7 +13,8 @@ Modules: rules (the one table of layer types and functions; register_rule), trac
 channels (what it produces); aten, aten_ops and aten_layout (the same analysis on
 torch.export's ATen graph, analysis="export"), slicing (tensors cut by name, size
 attributes fixed; register_size_rule) and aten_pruner (that path of prune()); importance
-(scores), plan (what goes), blocks (residual branches: found, measured, removed), depth
+(scores), plan (what goes), flops_search (the search behind flops_target), blocks
+(residual branches: found, measured, removed), depth
 (whole blocks out of their containers, on the torch.export capture, for models torch.fx
 cannot trace), surgery (slicing), attention (head-pruned attention layers), fold (BN
 folding), emit (the model's own class or the GraphModule), inplace (residual adds written
