@@ -7,6 +7,7 @@ for a moment (FLOP counting, latency, pruning, BatchNorm recalibration) goes thr
 import contextlib
 from typing import Dict, Iterator
 
+import torch
 from torch import nn
 
 
@@ -30,3 +31,10 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         restore_training_flags(model, flags)
+
+
+def run_evaluating(model: nn.Module, args, kwargs):
+    """`model(*args, **kwargs)` in eval mode without gradients, every flag restored after
+    (what prune() measures and verifies with; flops_of counts it)."""
+    with evaluating(model), torch.no_grad():
+        return model(*args, **kwargs)

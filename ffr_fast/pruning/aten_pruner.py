@@ -22,7 +22,7 @@ from torch import nn
 
 from ..capture import capture, flat_tensors
 from ..metrics import count_params, flops_of
-from ..modes import evaluating
+from ..modes import evaluating, run_evaluating
 from .aten import Analysis, analyze
 from .inputs import PrunedModelError
 from .plan import make_plan
@@ -65,11 +65,6 @@ def kept_positions(analysis: Analysis, removed: set) -> Keep:
     return keep
 
 
-def _run(model: nn.Module, args, kwargs):
-    with evaluating(model), torch.no_grad():
-        return model(*args, **kwargs)
-
-
 def prune_on_capture(model: nn.Module, args, kwargs: Optional[dict], *, threshold, ratio,
                      importance, scope, min_channels, min_fraction, round_to, why: str):
     """prune() with the ATen analysis (pruner.py says when); returns the pruned model, its
@@ -96,9 +91,9 @@ def prune_on_capture(model: nn.Module, args, kwargs: Optional[dict], *, threshol
     with evaluating(model), torch.no_grad():
         reference = torch.func.functional_call(model, zeroed(model, keep), tuple(args), kwargs,
                                                strict=False)
-    original, flops_before = flops_of(_run, model, args, kwargs)
+    original, flops_before = flops_of(run_evaluating, model, args, kwargs)
     try:
-        new, flops_after = flops_of(_run, pruned, args, kwargs)
+        new, flops_after = flops_of(run_evaluating, pruned, args, kwargs)
     except Exception as error:
         raise PrunedModelError(f"the pruned {type(model).__name__} failed on the example call "
                                f"the original ran: {type(error).__name__}: {error}. A layer's "

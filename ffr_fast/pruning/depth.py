@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..capture import Capture, capture, flat_tensors
 from ..flow.stream import residual_units
 from ..metrics import count_params, flops_of
-from ..modes import evaluating
+from ..modes import evaluating, run_evaluating
 from .blocks import ResidualBranch, block_influence
 from .report import PruneReport, max_abs_diff
 
@@ -69,11 +69,6 @@ def removable_blocks(model: nn.Module, cap: Capture) -> List[str]:
     return found
 
 
-def _run(model: nn.Module, args, kwargs):
-    with evaluating(model), torch.no_grad():
-        return model(*args, **kwargs)
-
-
 def measure(model: nn.Module, args, kwargs, names: Sequence[str]) -> List[ResidualBranch]:
     """Each removable block as a ResidualBranch: the FLOPs removing it saves and its Block
     Influence on the example, from one forward."""
@@ -88,7 +83,7 @@ def measure(model: nn.Module, args, kwargs, names: Sequence[str]) -> List[Residu
                for name in names]
     try:
         with FlopCounterMode(display=False) as counter:
-            _run(model, args, kwargs)
+            run_evaluating(model, args, kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -146,8 +141,8 @@ def remove(model: nn.Module, args, kwargs, names: Sequence[str]) -> Tuple[nn.Mod
              for key, parameter in model.get_submodule(name).named_parameters()}
     with evaluating(model), torch.no_grad():
         reference = torch.func.functional_call(model, zeros, tuple(args), kwargs, strict=False)
-    original, flops_before = flops_of(_run, model, args, kwargs)
-    new, flops_after = flops_of(_run, pruned, args, kwargs)
+    original, flops_before = flops_of(run_evaluating, model, args, kwargs)
+    new, flops_after = flops_of(run_evaluating, pruned, args, kwargs)
     report = PruneReport(
         settings={"remove_branches": list(names)}, params_before=count_params(model),
         params_after=count_params(pruned), flops_before=flops_before, flops_after=flops_after,
