@@ -1,13 +1,15 @@
-"""Depth pruning of a TinyLlama-1.1B-shaped LlamaForCausalLM (22 layers, hidden 2048, 32
-heads, 4 KV heads, intermediate 5632; random init, float32): the 4 layers of lowest Block
-Influence removed through residual_branches() and prune(remove_branches=...), with the time
-each call takes, the process's peak memory against the model's own size, and greedy
-generate() tokens/s of the pruned model against the unpruned one, timed in interleaved rounds.
+"""Depth and width pruning of a TinyLlama-1.1B-shaped LlamaForCausalLM (22 layers, hidden
+2048, 32 heads, 4 KV heads, intermediate 5632; random init, float32) in one prune() call: the
+4 layers of lowest Block Influence (residual_branches()) removed and, with `--ratio 0.25`, a
+quarter of every MLP's channels and of every layer's KV groups cut (scope="layer", L2), with
+the time each call takes, the process's peak memory against the model's own size, and
+greedy generate() tokens/s of the pruned model against the unpruned one, timed in
+interleaved rounds.
 
-    .venv/bin/python bench/depth_llm.py --threads 2        # about 3 minutes, ~10 GB
+    .venv/bin/python bench/depth_llm.py --threads 2             # depth and width
+    .venv/bin/python bench/depth_llm.py --threads 2 --ratio 0   # depth only
 
-Writes bench/results/depth_llm.json and .md. Channel and KV-group pruning of the same model
-waits for the channel analysis on the export capture (docs/export-design.md, stage 2).
+Writes bench/results/depth_llm.json and .md.
 """
 import resource
 import time
@@ -34,6 +36,8 @@ def peak_rss_bytes() -> int:
 def main():
     parser = table_parser(__doc__, threads=2, rounds=3)
     parser.add_argument("--remove", type=int, default=4, help="layers removed")
+    parser.add_argument("--ratio", type=float, default=0.25,
+                        help="fraction of each layer's MLP channels and KV groups cut (0: none)")
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=16)
     args = parser.parse_args()
@@ -50,7 +54,8 @@ def main():
     listing = time.perf_counter() - start
     removed = [b.name for b in sorted(branches, key=lambda b: b.influence)[:args.remove]]
     start = time.perf_counter()
-    result = ffr_fast.prune(model, ids, remove_branches=removed)
+    width = dict(ratio=args.ratio, scope="layer") if args.ratio else {}
+    result = ffr_fast.prune(model, ids, remove_branches=removed, **width)
     pruning = time.perf_counter() - start
     peak = peak_rss_bytes()
 
@@ -64,7 +69,10 @@ def main():
     tokens_per_s = {name: args.new_tokens / s for name, s in seconds.items()}
     report = result.report
     data = dict(
-        model=TINYLLAMA, threads=args.threads, removed=removed,
+        model=TINYLLAMA, threads=args.threads, removed=removed, ratio=args.ratio,
+        config_after={k: getattr(result.model.config, k) for k in (
+            "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "hidden_size")},
         seconds_residual_branches=listing, seconds_prune=pruning,
         model_gib=model_bytes / 2**30, peak_rss_gib=peak / 2**30,
         rss_before_pruning_gib=baseline / 2**30, peak_over_model=peak / model_bytes,
@@ -75,12 +83,13 @@ def main():
         rerun="python bench/depth_llm.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
     markdown = "\n".join([
-        "# Depth pruning of a TinyLlama-1.1B-shaped LlamaForCausalLM", "",
+        "# Depth and width pruning of a TinyLlama-1.1B-shaped LlamaForCausalLM", "",
         f"{args.threads} threads, random init, float32; removed (lowest Block Influence on a "
-        f"{args.prompt}-token prompt): {', '.join(removed)}", "",
+        f"{args.prompt}-token prompt): {', '.join(removed)}; ratio {args.ratio} of each "
+        f"layer's MLP channels and KV groups; config after: {data['config_after']}", "",
         "| | value |", "|---|---:|",
         f"| residual_branches() | {listing:.1f} s |",
-        f"| prune(remove_branches=...) | {pruning:.1f} s |",
+        f"| prune(remove_branches=..., ratio={args.ratio}) | {pruning:.1f} s |",
         f"| model size | {data['model_gib']:.2f} GiB |",
         f"| peak process memory (model included) | {data['peak_rss_gib']:.2f} GiB "
         f"({data['peak_over_model']:.2f}x the model) |",

@@ -186,9 +186,6 @@ def test_export_analysis_refuses_what_only_fx_does():
         ffr_fast.prune(model, x, ratio=0.5, analysis="export", fold_bn=True)
     with pytest.raises(ValueError, match="analysis must be one of"):
         ffr_fast.prune(model, x, ratio=0.5, analysis="onnx")
-    with pytest.raises(ValueError, match="save_pruned cannot yet replay"):
-        ffr_fast.save_pruned(ffr_fast.prune(model, x, ratio=0.5, analysis="export"),
-                             "unused.pt")
 
 
 def test_example_kwargs_reach_the_model():

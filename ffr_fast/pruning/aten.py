@@ -55,11 +55,27 @@ from .channels import ChannelGraph
 @dataclass
 class Producer:
     """A parameter that writes channels: `dim` of `weight` holds them (a linear layer's rows),
-    `bias` (or None) adds to them. `layer` names it in the report and the plan."""
+    `bias` (or None) adds to them. `layer` names it in the report and the plan; `output` is
+    the node it writes (a batch norm that alone reads it folds into its scores)."""
     layer: str
     weight: str
     dim: int
     bias: Optional[str]
+    output: str
+
+
+@dataclass
+class Affine:
+    """An eval-mode batch norm, y = (x - mean) / sqrt(var + eps) * weight + bias, on the
+    channels of its `input` node (`sole_reader`: the only op that reads that node). Any of
+    the tensor names may be None (affine=False, track_running_stats=False)."""
+    input: str
+    sole_reader: bool
+    weight: Optional[str]
+    bias: Optional[str]
+    mean: Optional[str]
+    var: Optional[str]
+    eps: float
 
 
 @dataclass
@@ -67,6 +83,9 @@ class Analysis:
     cg: ChannelGraph
     tensors: Dict[str, Ids]  # parameter or buffer name -> ids of its dims
     producers: List[Producer] = field(default_factory=list)
+    affines: List[Affine] = field(default_factory=list)
+    shifts: List[str] = field(default_factory=list)  # parameters added to activations
+    values: Dict[str, object] = field(default_factory=dict)  # node name -> ids of its value
     unknown_ops: List[dict] = field(default_factory=list)
 
     def layers(self) -> List[Tuple[str, np.ndarray]]:
@@ -129,6 +148,7 @@ class _Analyzer:
                     self.pin_value(self.values.get(arg), "feeds the model output")
             elif node.op == "call_function":
                 self.values[node] = self.call(node)
+        self.result.values = {node.name: value for node, value in self.values.items()}
         return self.result
 
     def placeholder(self, node: fx.Node):
@@ -180,11 +200,32 @@ class _Analyzer:
             return self.cap.parameters.get(arg.name)
         return None
 
-    def produces(self, weight, dim: int, bias=None) -> None:
+    def produces(self, node: fx.Node, weight, dim: int, bias=None) -> None:
         name = self.parameter(weight)
         if name is not None:
             layer = name[:-len(".weight")] if name.endswith(".weight") else name
-            self.result.producers.append(Producer(layer, name, dim, self.parameter(bias)))
+            self.result.producers.append(Producer(layer, name, dim, self.parameter(bias),
+                                                  node.name))
+
+    def tensor_name(self, arg) -> Optional[str]:
+        """The parameter or buffer name of a placeholder argument, or None."""
+        if isinstance(arg, fx.Node) and arg.op == "placeholder":
+            return self.cap.parameters.get(arg.name) or self.cap.buffers.get(arg.name)
+        return None
+
+    def affine(self, node: fx.Node, weight, bias, mean, var, eps: float) -> None:
+        source = node.args[0]
+        self.result.affines.append(Affine(
+            source.name, len(source.users) == 1, self.tensor_name(weight),
+            self.tensor_name(bias), self.tensor_name(mean), self.tensor_name(var), float(eps)))
+
+    def shifts(self, node: fx.Node) -> None:
+        """Record the parameters an add or sub adds to an activation (a bias written as
+        `x + self.bias`): what a channel emits when its producers' rows are zero."""
+        for arg in node.args[:2]:
+            name = self.parameter(arg)
+            if name is not None:
+                self.result.shifts.append(name)
 
     def broadcast(self, out_shape, operands: List[Ids], shapes) -> Ids:
         """Ids of an element-wise result: every operand's dims of the output's size tied."""

@@ -68,6 +68,8 @@ def elementwise(a, node):
     operands += [(a.ids(v), shape_of(v)) for v in node.kwargs.values() if a.ids(v) is not None]
     if not operands:
         return a.fresh(shape_of(node), "computed from constants")
+    if op_name(node) in ("add", "sub", "rsub"):
+        a.shifts(node)
     return a.broadcast(shape_of(node), [o[0] for o in operands], [o[1] for o in operands])
 
 
@@ -105,7 +107,7 @@ def matmul(a, node):
     if x is None or w is None:
         return None
     if len(w) >= 2:
-        a.produces(node.args[1], len(w) - 1)
+        a.produces(node, node.args[1], len(w) - 1)
     return _contract(a, x, w, node.args[0], node.args[1], shape_of(node))
 
 
@@ -117,7 +119,7 @@ def linear(a, node):
     a.tie(x[-1], w[1])
     if b is not None:
         a.tie(b[0], w[0])
-    a.produces(node.args[1], 0, _arg(node, 2, "bias"))
+    a.produces(node, node.args[1], 0, _arg(node, 2, "bias"))
     return x[:-1] + [w[0]]
 
 
@@ -129,7 +131,7 @@ def addmm(a, node):
     out = _contract(a, x, w, node.args[1], node.args[2], shape_of(node))
     if b is not None:
         out = a.broadcast(shape_of(node), [out, b], [shape_of(node), shape_of(node.args[0])])
-    a.produces(node.args[2], 1, node.args[0])
+    a.produces(node, node.args[2], 1, node.args[0])
     return out
 
 
@@ -162,7 +164,7 @@ def convolution(a, node):
         a.tie(per_in[0], w[1])
     if b is not None:
         a.tie(b[0], w[out_dim])
-    a.produces(node.args[1], out_dim, _arg(node, 2, "bias"))
+    a.produces(node, node.args[1], out_dim, _arg(node, 2, "bias"))
     spatial = a.fresh(shape_of(node)[2:], "spatial dimension")
     return [x[0], w[out_dim]] + spatial
 
@@ -173,11 +175,20 @@ def embedding(a, node):
     if w is None or idx is None:
         return None
     a.cg.pin(w[0], "embedding rows are looked up by data")
-    a.produces(node.args[0], 1)
+    a.produces(node, node.args[0], 1)
     return idx + [w[1]]
 
 
 # -- normalisation ----------------------------------------------------------------------------
+# The batch norms whose eval-mode affine map scores a channel: (training?, index of eps).
+EVAL_BATCH_NORMS = {
+    "batch_norm": (lambda node: node.args[5], 7),
+    "native_batch_norm": (lambda node: node.args[5], 7),
+    "_native_batch_norm_legit": (lambda node: node.args[5], 7),
+    "_native_batch_norm_legit_no_training": (lambda node: False, 6),
+}
+
+
 @rule("batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
       "native_batch_norm", "instance_norm")
 def batch_norm(a, node):
@@ -188,8 +199,11 @@ def batch_norm(a, node):
         stats = a.ids(arg)
         if stats is not None:
             a.tie(stats[0], x[1])
-    if op_name(node) == "instance_norm":
+    name = op_name(node)
+    if name == "instance_norm":
         a.whole(x[1], "instance_norm normalises its channels together")
+    elif name in EVAL_BATCH_NORMS and not EVAL_BATCH_NORMS[name][0](node):
+        a.affine(node, *node.args[1:5], node.args[EVAL_BATCH_NORMS[name][1]])
     if isinstance(node.meta.get("val"), torch.Tensor):
         return x
     return tuple([x] if i == 0 else [x[1]] for i in range(len(node.meta["val"])))

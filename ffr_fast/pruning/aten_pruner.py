@@ -1,54 +1,96 @@
-"""prune() on torch.export's capture: the ATen channel analysis (aten.py), the plan
-(plan.py), the model's own tensors sliced by name (slicing.py), verified.
+"""prune() on torch.export's capture: residual blocks out of their containers (depth.py),
+then channels cut by the ATen analysis (aten.py) and its plan (plan.py), the model's own
+tensors sliced by name (slicing.py), each step verified.
 
-Importance (`importance="l2"` or "l1") of a channel class: the largest norm of a row of a
-parameter that writes it (a producer: a linear layer's or convolution's output row, with its
-bias; an embedding's column), so an attention head, whose class holds its q, k and v rows,
-scores by them. Normalisation affines are not folded in.
+The model is captured and analysed once per step (a *Study*): every candidate of a FLOPs
+search plans on the same study. Importance (`importance=` "l2", "l1" or "bn") is what each
+channel emits (aten_importance.py), on the scale the torch.fx path uses, so a threshold
+compares channels and residual blocks in one unit.
 
-The result is the model's own class, a deep copy with its tensors sliced and its size
-attributes (and a Hugging Face config) fixed, verified on the example call against the
-original with every removed position of every parameter zeroed: it must agree to float32
+The result is the model's own class, a deep copy with its blocks removed, its tensors sliced
+and its size attributes (and a Hugging Face config) fixed. The blocks' removal is verified
+against the original with the removed blocks zeroed (depth.py); the channel cut against the
+model it cut with every removed position of every parameter zeroed: it must agree to float32
 rounding (the analysis keeps renormalised channels whole, so it is exact), else
 PrunedModelError.
 """
 import copy
-import time
-from typing import Dict, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..capture import capture, flat_tensors
+from ..capture import Capture, capture, flat_tensors
 from ..metrics import count_params, flops_of
-from ..modes import evaluating, run_evaluating
+from ..modes import run_evaluating
+from . import depth
 from .aten import Analysis, analyze
+from .aten_importance import Emitter, block_score, class_scores, emitters
 from .inputs import PrunedModelError
 from .plan import make_plan
 from .report import PruneReport, max_abs_diff
-from .slicing import Keep, fix_sizes, slice_tensors, update_config, zeroed
+from .slicing import Keep, fix_sizes, slice_tensors, update_config, zero_removed
 
 EXACT = 1e-4  # relative difference to the zeroed original that float32 rounding stays under
 STRUCTURE_FORMAT = "ffr_fast.aten/1"
-IMPORTANCES = {"l2": 2, "l1": 1}
 
 
-def class_scores(analysis: Analysis, tensors: Dict[str, torch.Tensor], order: int
-                 ) -> Dict[int, float]:
-    """Score of every channel class a producer writes (module docstring)."""
-    scores: Dict[int, float] = {}
-    for producer in analysis.producers:
-        weight = tensors[producer.weight].detach()
-        rows = weight.movedim(producer.dim, 0).flatten(1)
-        norms = torch.linalg.vector_norm(rows, ord=order, dim=1, dtype=torch.float64)
-        if producer.bias is not None:
-            bias = tensors[producer.bias].detach().double().abs()
-            norms = norms + bias if order == 1 else torch.sqrt(norms ** 2 + bias ** 2)
-        ids = analysis.tensors[producer.weight][producer.dim]
-        for root, value in zip(analysis.cg.roots(ids).tolist(), norms.tolist()):
-            scores[root] = max(scores.get(root, 0.0), value)
-    return scores
+@dataclass
+class Study:
+    """One capture of a model, analysed and scored once."""
+    model: nn.Module
+    args: tuple
+    kwargs: dict
+    capture: Capture
+    analysis: Analysis
+    emitters: List[Emitter]
+    scores: Dict[int, float]  # channel class root -> importance
+
+
+def study(model: nn.Module, args, kwargs: dict, importance: str, ignored: Sequence[str]
+          ) -> Study:
+    """The model captured on the example call, its channel classes (the channels of every
+    module in `ignored` pinned) and their scores."""
+    cap = capture(model, args, kwargs)
+    analysis = analyze(cap)
+    _pin_ignored(analysis, cap, ignored)
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    found = emitters(analysis, tensors, importance)
+    return Study(model, tuple(args), kwargs, cap, analysis, found,
+                 class_scores(analysis, found))
+
+
+def _pin_ignored(analysis: Analysis, cap: Capture, ignored: Sequence[str]) -> None:
+    """Keep every channel a module of `ignored` holds, reads or writes (what the torch.fx
+    path does by tracing it as a leaf)."""
+    if not ignored:
+        return
+    reason = "read or written by an ignored module"
+    for name, ids in analysis.tensors.items():
+        if depth.inside(name.rpartition(".")[0], ignored):
+            for dim in ids:
+                analysis.cg.pin(dim, reason)
+    for node in cap.graph.nodes:
+        if not any(depth.inside(cap.calls[call].path, ignored) for call in cap.call_stack(node)):
+            continue
+        for value in [analysis.values.get(node.name)] + [
+                analysis.values.get(arg.name) for arg in node.all_input_nodes]:
+            for ids in (value if isinstance(value, list) else []):
+                analysis.cg.pin(ids, reason)
+
+
+def removable_blocks(work: Study, ignored: Sequence[str]) -> Dict[str, Optional[float]]:
+    """Every block depth.py can remove (outside `ignored`), in forward order, with its score:
+    the largest that its branch's last layers emit into the stream (None: nothing scores it)."""
+    out = {}
+    for block in depth.removable_blocks(work.model, work.capture):
+        if not depth.inside(block, ignored):
+            output = work.capture.calls[block].outputs[0]
+            out[block] = block_score(work.analysis, work.emitters, block, output)
+    return out
 
 
 def kept_positions(analysis: Analysis, removed: set) -> Keep:
@@ -65,33 +107,32 @@ def kept_positions(analysis: Analysis, removed: set) -> Keep:
     return keep
 
 
-def prune_on_capture(model: nn.Module, args, kwargs: Optional[dict], *, threshold, ratio,
-                     importance, scope, min_channels, min_fraction, round_to, why: str):
-    """prune() with the ATen analysis (pruner.py says when); returns the pruned model, its
-    report and the kept positions of every cut tensor (kept_positions)."""
-    start = time.perf_counter()
-    if importance not in IMPORTANCES:
-        raise ValueError(f"importance={importance!r} needs the torch.fx analysis, which cannot "
-                         f"serve here ({why}); the torch.export analysis scores by "
-                         f"{sorted(IMPORTANCES)}")
-    kwargs = dict(kwargs or {})
-    analysis = analyze(capture(model, args, kwargs))
-    tensors = dict(model.named_parameters(remove_duplicate=False))
-    tensors.update(model.named_buffers(remove_duplicate=False))
-    layers = analysis.layers()
-    plan = make_plan(analysis.cg, class_scores(analysis, tensors, IMPORTANCES[importance]),
-                     threshold=threshold, ratio=ratio, scope=scope, min_channels=min_channels,
-                     min_fraction=min_fraction, round_to=round_to, layers=layers)
-    keep = kept_positions(analysis, plan.removed)
-    pruned = copy.deepcopy(model)
-    slice_tensors(pruned, keep)
+def apply_keep(model: nn.Module, keep: Keep) -> List[str]:
+    """Slice `model`'s tensors to `keep` in place and fix the sizes its modules (and a Hugging
+    Face config) state; returns the config warnings (what pruning and load_pruned both do)."""
+    slice_tensors(model, keep)
     changed = {name.rpartition(".")[0] for name in keep}
     changed |= {path.rpartition(".")[0] for path in changed if path}  # attention, MLP blocks
-    warnings = update_config(pruned, fix_sizes(pruned, changed))
-    with evaluating(model), torch.no_grad():
-        reference = torch.func.functional_call(model, zeroed(model, keep), tuple(args), kwargs,
-                                               strict=False)
+    return update_config(model, fix_sizes(model, changed))
+
+
+def cut_channels(work: Study, *, threshold, ratio, scope, min_channels, min_fraction,
+                 round_to, in_place: bool = False) -> Tuple[nn.Module, PruneReport, Keep]:
+    """The studied model with the planned channel classes cut, verified: a copy, or with
+    `in_place` the study's own model (a copy prune() made and needs no more), so that the
+    peak memory is two models, not three."""
+    model, args, kwargs, analysis = work.model, work.args, work.kwargs, work.analysis
+    layers = analysis.layers()
+    plan = make_plan(analysis.cg, work.scores, threshold=threshold, ratio=ratio, scope=scope,
+                     min_channels=min_channels, min_fraction=min_fraction, round_to=round_to,
+                     layers=layers)
+    keep = kept_positions(analysis, plan.removed)
+    params_before = count_params(model)
     original, flops_before = flops_of(run_evaluating, model, args, kwargs)
+    pruned = model if in_place else copy.deepcopy(model)
+    zero_removed(pruned, keep)  # slicing drops exactly the zeroed positions
+    reference = run_evaluating(pruned, args, kwargs)
+    warnings = apply_keep(pruned, keep)
     try:
         new, flops_after = flops_of(run_evaluating, pruned, args, kwargs)
     except Exception as error:
@@ -100,20 +141,15 @@ def prune_on_capture(model: nn.Module, args, kwargs: Optional[dict], *, threshol
                                "code reads a size the slicing did not fix (register_size_rule "
                                "teaches it one); please report the model") from error
     roots = analysis.cg.roots
-    channels = {}
-    for name, ids in layers:
-        channels[name] = (len(ids), int(np.isin(roots(ids), list(plan.removed),
-                                                invert=True).sum()))
+    channels = {name: (len(ids), int(np.isin(roots(ids), list(plan.removed), invert=True).sum()))
+                for name, ids in layers}
     layer_roots = set(np.concatenate([roots(ids) for _, ids in layers]).tolist()) if layers \
         else set()
     opaque = [{"op": op["op"], "reason": op["reason"]} for op in analysis.unknown_ops
               if op["ids"] and layer_roots & set(np.concatenate(
                   [roots(d) for d in op["ids"]]).tolist())]
     report = PruneReport(
-        settings=dict(path="torch.export", why=why, threshold=threshold, ratio=ratio,
-                      importance=importance, scope=scope, min_channels=min_channels,
-                      min_fraction=min_fraction, round_to=round_to),
-        params_before=count_params(model), params_after=count_params(pruned),
+        settings={}, params_before=params_before, params_after=count_params(pruned),
         flops_before=flops_before, flops_after=flops_after, channels=channels,
         removed_classes=len(plan.removed),
         prunable_classes=sum(len(g.roots) - len(g.pinned) for g in plan.groups),
@@ -127,5 +163,23 @@ def prune_on_capture(model: nn.Module, args, kwargs: Optional[dict], *, threshol
             f"channels zeroed by {report.relative_diff:.3g} (relative) on the example call: "
             "a layer's code reads a size the slicing did not fix (register_size_rule teaches "
             "it one); please report the model")
-    report.seconds = time.perf_counter() - start
     return pruned, report, keep
+
+
+def after_blocks(channel_report: PruneReport, block_report: PruneReport,
+                 diff_to_original: float) -> PruneReport:
+    """The channel cut's report on a model whose blocks were removed first, counted from the
+    original: its parameters, FLOPs, blocks and the output's max difference to it."""
+    channel_report.params_before = block_report.params_before
+    channel_report.flops_before = block_report.flops_before
+    channel_report.removed_blocks = block_report.removed_blocks
+    channel_report.max_abs_diff_original = diff_to_original
+    return channel_report
+
+
+def structure(removed_blocks: Sequence[str], keep: Keep) -> dict:
+    """What save_pruned stores: the blocks removed, then per cut tensor and per dim the
+    positions kept (load_pruned replays both on the original architecture)."""
+    return {"format": STRUCTURE_FORMAT, "removed_blocks": list(removed_blocks),
+            "kept": {name: [None if index is None else index.tolist() for index in dims]
+                     for name, dims in keep.items()}}

@@ -15,7 +15,7 @@ and residual_branches() take this path for the models the torch.fx trace cannot 
 capture by aten_pruner.py.
 """
 import copy
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -94,10 +94,18 @@ def measure(model: nn.Module, args, kwargs, names: Sequence[str]) -> List[Residu
                            modules=(name,), tail=None) for name in names]
 
 
-def find(model: nn.Module, args, kwargs=None) -> List[ResidualBranch]:
-    """The removable blocks of `model` on the example call, measured (residual_branches())."""
+def find(model: nn.Module, args, kwargs=None, ignored: Sequence[str] = ()
+         ) -> List[ResidualBranch]:
+    """The removable blocks of `model` on the example call outside the modules `ignored`,
+    measured (residual_branches())."""
     kwargs = kwargs or {}
-    return measure(model, args, kwargs, removable_blocks(model, capture(model, args, kwargs)))
+    blocks = removable_blocks(model, capture(model, args, kwargs))
+    return measure(model, args, kwargs, [b for b in blocks if not inside(b, ignored)])
+
+
+def inside(path: str, modules: Sequence[str]) -> bool:
+    """Whether module `path` is one of `modules` or inside one."""
+    return any(path == m or path.startswith(m + ".") for m in modules)
 
 
 def _stack_config(model: nn.Module, container: nn.Module, old_length: int):
@@ -119,12 +127,14 @@ def _stack_config(model: nn.Module, container: nn.Module, old_length: int):
     return config
 
 
-def remove(model: nn.Module, args, kwargs, names: Sequence[str]) -> Tuple[nn.Module, PruneReport]:
-    """A copy of `model` without the removable blocks `names`, verified against the original
+def remove(model: nn.Module, args, kwargs, names: Sequence[str],
+           removable: Optional[Sequence[str]] = None) -> Tuple[nn.Module, PruneReport]:
+    """A copy of `model` without the removable blocks `names` (`removable`: the model's
+    removable blocks where the caller found them already), verified against the original
     with those blocks' parameters zeroed; `model` is left as it was."""
     kwargs = kwargs or {}
-    cap = capture(model, args, kwargs)
-    removable = removable_blocks(model, cap)
+    if removable is None:
+        removable = removable_blocks(model, capture(model, args, kwargs))
     unknown = [name for name in names if name not in removable]
     if unknown or len(set(names)) != len(names):
         raise ValueError(

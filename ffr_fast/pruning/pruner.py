@@ -2,7 +2,6 @@
 residual_branches(): the branches prune() can remove, measured on the example inputs."""
 import copy
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
@@ -12,10 +11,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..capture import UncapturableModelError, flat_tensors
 from ..metrics import count_params
-from ..modes import evaluating, restore_training_flags, training_flags
-from . import depth
-from .aten_pruner import STRUCTURE_FORMAT as EXPORT_FORMAT
-from .aten_pruner import prune_on_capture
+from ..modes import evaluating, restore_training_flags, run_evaluating, training_flags
+from . import aten_pruner, depth
 from .blocks import ResidualBranch, branch_score, find_branches, measure_branches, select_branches
 from .blocks import remove_branches as remove_from_graph
 from .emit import EMITS, adopt, attach_structure, own_forward, own_training_forward_fails
@@ -26,7 +23,7 @@ from .importance import Scorer, class_scores, scorer_for
 from .inplace import adds_in_place
 from .inputs import as_inputs, check_model, resolve_ignored, run_checked
 from .plan import make_plan
-from .report import PruneReport, max_abs_diff
+from .report import PruneReport, PruneResult, max_abs_diff
 from .surgery import (
     apply_plan,
     renormalized_layers,
@@ -50,30 +47,32 @@ TRAINING_FLAG_NOTE = (
     "such a module a leaf (ignored=[...] or register_rule) to keep its training behaviour")
 
 
-@dataclass
-class PruneResult:
-    model: nn.Module  # the model's own class, or a torch.fx.GraphModule (emit.py)
-    report: PruneReport
-    structure: dict  # what save_pruned stores to rebuild `model` from the original architecture
-
-    def __str__(self) -> str:
-        return str(self.report)
-
-
-def residual_branches(model: nn.Module, example_inputs, ignored: Sequence[Any] = ()
+def residual_branches(model: nn.Module, example_inputs, ignored: Sequence[Any] = (), *,
+                      analysis: str = "auto", example_kwargs: Optional[dict] = None
                       ) -> List[ResidualBranch]:
     """The residual branches of `model` that prune(remove_branches=[...]) can remove, in
     forward order, each with its stable `name`, the `flops` removing it saves and its Block
-    Influence (ShortGPT) on `example_inputs` (blocks.ResidualBranch). The model runs in
-    eval mode and is left exactly as it was (every submodule's training flag included)."""
+    Influence (ShortGPT) on `example_inputs` (blocks.ResidualBranch). `analysis` and
+    `example_kwargs` as in prune(): on the torch.export capture a branch is a whole block
+    (a decoder layer) named by its module path. The model runs in eval mode and is left
+    exactly as it was (every submodule's training flag included)."""
     check_model(model, "residual_branches")
+    if analysis not in ANALYSES:
+        raise ValueError(f"analysis must be one of {ANALYSES}, got {analysis!r}")
     inputs = as_inputs(example_inputs)
     ignored = resolve_ignored(model, ignored)
+    if analysis == "export" or (example_kwargs and analysis == "auto"):
+        return depth.find(model, inputs, example_kwargs, ignored)
+    if example_kwargs:
+        raise ValueError("example_kwargs are passed by the torch.export analysis only; "
+                         "analysis='fx' traces the model with positional inputs")
     with evaluating(model), torch.no_grad():
         try:
             gm = trace(model, ignored)
         except UntraceableModelError:  # the blocks torch.export's capture finds instead
-            return depth.find(model, inputs)
+            if analysis == "fx":
+                raise
+            return depth.find(model, inputs, None, ignored)
         run_checked(gm, inputs, ShapeProp(gm).propagate)
         branches = find_branches(gm, ignored)
         measure_branches(gm, inputs, branches)
@@ -127,14 +126,16 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
     its modules are replaced and reused, and only `result.model` should be used afterwards
     (a GraphModule was emitted: the model's own forward may still call removed branches).
 
-    `analysis` says which capture the channel analysis reads: "fx" (the torch.fx trace and
-    its rule table: everything above), "export" (torch.export's ATen graph, aten.py: every
-    op seen, so functional layers such as timm's BatchNormAct2d and every Hugging Face
-    transformer are cut; threshold= or ratio= with importance "l2" or "l1", the model's own
-    class back, a Hugging Face config in step) or "auto": "fx" where torch.fx can trace the
-    model, "export" where it cannot. `example_kwargs` (attention_mask=...) are passed to the
-    model with the example inputs, by the "export" analysis only. The report's
-    settings["path"] says which ran.
+    `analysis` says which capture the analysis reads: "fx" (the torch.fx trace and its rule
+    table), "export" (torch.export's ATen graph, aten_pruner.py: every op seen, so functional
+    layers such as timm's BatchNormAct2d and every Hugging Face transformer are cut; all of
+    the above except `fold_bn`, `inplace`, `emit="graph"` and a callable importance, which
+    it refuses by name; residual branches are whole blocks, members of an nn.ModuleList or
+    nn.Sequential, named by module path; the result is always the model's own class, a
+    Hugging Face config in step) or "auto": "fx" where torch.fx can trace the model,
+    "export" where it cannot or where `example_kwargs` are given. `example_kwargs`
+    (attention_mask=..., use_cache=False) are passed to the model with the example inputs,
+    by the "export" analysis only. The report's settings["path"] says which ran.
     """
     start = time.perf_counter()
     check_model(model, "prune")
@@ -144,17 +145,20 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
     if analysis not in ANALYSES:
         raise ValueError(f"analysis must be one of {ANALYSES}, got {analysis!r}")
     inputs = as_inputs(example_inputs)
-    cuts_channels = threshold is not None or ratio is not None or flops_target is not None
+    if remove_blocks is None:  # a user who names branches means those branches
+        remove_blocks = not remove_branches
+    on_export = dict(threshold=threshold, ratio=ratio, flops_target=flops_target,
+                     flops_search=flops_search, flops_tolerance=flops_tolerance,
+                     flops_search_steps=flops_search_steps, importance=importance, scope=scope,
+                     min_channels=min_channels, min_fraction=min_fraction, round_to=round_to,
+                     remove_blocks=remove_blocks, remove_branches=remove_branches,
+                     fold_bn=fold_bn, ignored=ignored, inplace=inplace, emit=emit)
     if analysis == "export" or (example_kwargs and analysis == "auto"):
-        return _prune_on_export(model, inputs, example_kwargs, threshold, ratio, flops_target,
-                                importance, scope, min_channels, min_fraction, round_to,
-                                remove_branches, fold_bn, ignored, inplace, emit,
-                                f"analysis={analysis!r}", start)
+        return _timed(_prune_on_export(model, inputs, example_kwargs, **on_export,
+                                       why=f"analysis={analysis!r}"), start)
     if example_kwargs:
         raise ValueError("example_kwargs are passed by the torch.export analysis only; "
                          "analysis='fx' traces the model with positional inputs")
-    if remove_blocks is None:  # a user who names branches means those branches
-        remove_blocks = not remove_branches
     options = dict(importance=importance, scope=scope, min_channels=min_channels,
                    min_fraction=min_fraction, round_to=round_to, remove_blocks=remove_blocks,
                    remove_branches=list(remove_branches), fold_bn=fold_bn,
@@ -166,16 +170,13 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
     except UntraceableModelError as error:
         if analysis == "fx":
             raise
-        if cuts_channels:
-            try:
-                return _prune_on_export(model, inputs, None, threshold, ratio, flops_target,
-                                        importance, scope, min_channels, min_fraction,
-                                        round_to, remove_branches, fold_bn, ignored, inplace,
-                                        emit, f"torch.fx cannot trace the model: {error}", start)
-            except UncapturableModelError as export_error:
-                raise UntraceableModelError(f"{error}; torch.export cannot capture it either: "
-                                            f"{export_error}") from export_error
-        return _remove_blocks_on_capture(model, inputs, list(remove_branches), inplace, start)
+        try:
+            return _timed(_prune_on_export(model, inputs, None, **on_export,
+                                           why=f"torch.fx cannot trace the model: {error}"),
+                          start)
+        except UncapturableModelError as export_error:
+            raise UntraceableModelError(f"{error}; torch.export cannot capture it either: "
+                                        f"{export_error}") from export_error
     options["trains_differently"] = reads_flag
     if flops_target is None:
         result = _prune_once(model, inputs, threshold, ratio, inplace, **options)
@@ -184,51 +185,74 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
                               flops_tolerance, flops_search_steps, inplace, options)
     if reads_flag and isinstance(result.model, fx.GraphModule):
         result.report.warnings.insert(0, TRAINING_FLAG_NOTE)
+    return _timed(result, start)
+
+
+def _timed(result: PruneResult, start: float) -> PruneResult:
     result.report.seconds = time.perf_counter() - start
     return result
 
 
-def _remove_blocks_on_capture(model: nn.Module, inputs, names: List[str], inplace: bool,
-                              start: float) -> PruneResult:
-    """Whole blocks removed from their containers (depth.py), for a model that the torch.fx
-    trace cannot read: the model's own class (a Hugging Face config in step)."""
-    if not names:
-        raise ValueError("this model can only be depth-pruned for now: name the blocks to "
-                         f"remove, remove_branches=[...], from {depth.find(model, inputs)}")
-    if inplace:
-        raise ValueError("inplace=True is not supported for depth pruning on the torch.export "
-                         "capture; the pruned copy is result.model")
-    pruned, report = depth.remove(model, inputs, {}, names)
-    report.seconds = time.perf_counter() - start
-    structure = {"format": depth.STRUCTURE_FORMAT, "removed_blocks": names}
-    attach_structure(pruned, structure)
-    return PruneResult(pruned, report, structure)
-
-
-def _prune_on_export(model, inputs, kwargs, threshold, ratio, flops_target, importance,
-                     scope, min_channels, min_fraction, round_to, remove_branches, fold_bn,
-                     ignored, inplace, emit, why: str, start: float) -> PruneResult:
-    """Channels cut on torch.export's capture (aten_pruner.py); the options only the torch.fx
-    path has are refused by name."""
+def _prune_on_export(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
+                     flops_target, flops_search, flops_tolerance, flops_search_steps,
+                     importance, scope, min_channels, min_fraction, round_to, remove_blocks,
+                     remove_branches, fold_bn, ignored, inplace, emit, why: str
+                     ) -> PruneResult:
+    """prune() on torch.export's capture (aten_pruner.py): residual blocks out of their
+    containers, then channels; the options only the torch.fx path has are refused by name."""
     fx_only = [name for name, asked in (
-        ("flops_target", flops_target is not None), ("remove_branches", bool(remove_branches)),
-        ("fold_bn", fold_bn), ("ignored", bool(ignored)), ("inplace", inplace),
-        ("emit='graph'", emit == "graph")) if asked]
+        ("fold_bn", fold_bn), ("inplace", inplace), ("emit='graph'", emit == "graph"),
+        ("a callable importance", callable(importance))) if asked]
     if fx_only:
         raise ValueError(f"{fx_only} need the torch.fx analysis, which cannot serve here "
-                         f"({why}); the torch.export analysis takes threshold= or ratio=")
-    if threshold is None and ratio is None:
-        raise ValueError("the torch.export analysis needs threshold= or ratio=")
-    pruned, report, keep = prune_on_capture(model, inputs, kwargs, threshold=threshold, ratio=ratio,
-                                      importance=importance, scope=scope,
-                                      min_channels=min_channels, min_fraction=min_fraction,
-                                      round_to=round_to, why=why)
-    report.seconds = time.perf_counter() - start
-    structure = {"format": EXPORT_FORMAT, "kept": {  # per cut tensor, per dim: positions kept
-        name: [None if index is None else index.tolist() for index in dims]
-        for name, dims in keep.items()}}
-    attach_structure(pruned, structure)
-    return PruneResult(pruned, report, structure)
+                         f"({why})")
+    kwargs = dict(kwargs or {})
+    ignored = resolve_ignored(model, ignored)
+    first = aten_pruner.study(model, inputs, kwargs, importance, ignored)
+    chosen = list(remove_branches)
+    if chosen or remove_blocks:
+        blocks = aten_pruner.removable_blocks(first, ignored)
+        unknown = [name for name in chosen if name not in blocks]
+        if unknown:
+            raise ValueError(f"remove_branches: no residual branch named {unknown}; the "
+                             f"model's branches are {list(blocks)}")
+        if remove_blocks:  # without a threshold: the blocks that emit exactly zero
+            limit = threshold or 0.0
+            chosen += [b for b, score in blocks.items()
+                       if b not in chosen and score is not None and score <= limit]
+        chosen.sort(key=list(blocks).index)
+    work_model, block_report = model, None
+    if chosen:
+        work_model, block_report = depth.remove(model, inputs, kwargs, chosen, list(blocks))
+    if threshold is None and ratio is None and flops_target is None:
+        result = PruneResult(work_model, block_report, aten_pruner.structure(chosen, {}))
+    else:
+        work = aten_pruner.study(work_model, inputs, kwargs, importance, ignored) \
+            if chosen else first
+        original = run_evaluating(model, inputs, kwargs) if chosen else None
+
+        def cut(_model, _inputs, threshold, ratio, inplace):
+            pruned, report, keep = aten_pruner.cut_channels(
+                work, threshold=threshold, ratio=ratio, scope=scope,
+                min_channels=min_channels, min_fraction=min_fraction, round_to=round_to,
+                in_place=inplace)
+            if chosen:
+                aten_pruner.after_blocks(report, block_report, max_abs_diff(
+                    run_evaluating(pruned, inputs, kwargs), original))
+            return PruneResult(pruned, report, aten_pruner.structure(chosen, keep))
+
+        if flops_target is None:  # the blocks' step made a copy of its own to cut
+            result = cut(model, inputs, threshold, ratio, bool(chosen))
+        else:
+            result = search_flops(cut, model, inputs, flops_target, flops_search,
+                                  flops_tolerance, flops_search_steps, False, {})
+    result.report.settings.update(
+        path="torch.export", why=why, threshold=threshold, ratio=ratio, importance=importance,
+        scope=scope, min_channels=min_channels, min_fraction=min_fraction, round_to=round_to,
+        remove_blocks=bool(remove_blocks), remove_branches=list(remove_branches),
+        ignored=list(ignored))
+    attach_structure(result.model, result.structure)
+    return result
 
 
 def _check_settings(threshold, ratio, flops_target, flops_search, flops_tolerance,

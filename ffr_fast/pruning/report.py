@@ -1,7 +1,7 @@
 """What prune() did, verified on the example inputs: a dataclass, JSON-able and readable."""
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..capture import flat_tensors
 
@@ -99,3 +99,13 @@ class PruneReport:
         return "\n".join(lines)
 
     __str__ = to_markdown
+
+
+@dataclass
+class PruneResult:
+    model: Any  # the model's own class, or a torch.fx.GraphModule (emit.py)
+    report: PruneReport
+    structure: dict  # what save_pruned stores to rebuild `model` from the original architecture
+
+    def __str__(self) -> str:
+        return str(self.report)

@@ -19,11 +19,13 @@ from torch import nn
 from ..modes import restore_training_flags, training_flags
 from . import depth
 from .aten_pruner import STRUCTURE_FORMAT as EXPORT_FORMAT
+from .aten_pruner import apply_keep
 from .blocks import ResidualBranch, remove_branches
 from .emit import attach_structure, structure_of
 from .fold import bypass_batchnorm
 from .inplace import replay_adds_in_place
-from .pruner import STRUCTURE_FORMAT, PruneResult
+from .pruner import STRUCTURE_FORMAT
+from .report import PruneResult
 from .rules import resize_from_tensors
 from .surgery import replay_view_sizes, set_submodule
 from .tracing import trace
@@ -61,10 +63,6 @@ def save_pruned(result_or_model: Union[PruneResult, nn.Module], path) -> None:
     if structure is None:
         raise ValueError("save_pruned needs a PruneResult or the model prune() returned; "
                          f"got a {type(model).__name__} without pruning structure")
-    if structure.get("format") == EXPORT_FORMAT:
-        raise ValueError("save_pruned cannot yet replay a model pruned on the torch.export "
-                         "capture (analysis='export'); save it with torch.save(model), or "
-                         "save_pretrained for a Hugging Face model")
     structure = dict(structure, training=training_flags(model))
     torch.save({"structure": structure, "state_dict": model.state_dict()}, path)
 
@@ -88,6 +86,9 @@ def record_source(result_or_model: Union[PruneResult, nn.Module], source: nn.Mod
         result_or_model.structure = structure
 
 
+# Pruned on the torch.export capture: blocks removed, then tensors sliced by name (the
+# depth-only format of earlier releases is still read).
+CAPTURE_FORMATS = (EXPORT_FORMAT, depth.STRUCTURE_FORMAT)
 FORMAT_3 = "ffr_fast.pruned/3"  # still read: a GraphModule with these same fields
 REPLAY_FIELDS = ("format", "emitted", "ignored", "removed_blocks", "folded_bn",
                  "adds_in_place", "view_sizes")
@@ -111,10 +112,12 @@ def _read(path) -> Tuple[dict, dict]:
         raise ValueError(f"{path} is not a file written by save_pruned: it holds {what}, not "
                          "{'structure': ..., 'state_dict': ...}")
     structure = payload["structure"]
-    if isinstance(structure, dict) and structure.get("format") == depth.STRUCTURE_FORMAT:
-        if not isinstance(structure.get("removed_blocks"), list) or "training" not in structure:
-            raise ValueError(f"{path} is incomplete: its structure lacks the removed blocks "
-                             "or the training flags")
+    if isinstance(structure, dict) and structure.get("format") in CAPTURE_FORMATS:
+        kept = structure.get("kept", {}) if structure["format"] == EXPORT_FORMAT else {}
+        if (not isinstance(structure.get("removed_blocks"), list) or "training" not in structure
+                or not isinstance(kept, dict)):
+            raise ValueError(f"{path} is incomplete: its structure lacks the removed blocks, "
+                             "the kept positions or the training flags")
         return structure, payload["state_dict"]
     if isinstance(structure, dict) and structure.get("format") == FORMAT_3:
         structure = dict(structure, emitted="graph", view_sizes=[])  # a GraphModule, then
@@ -142,12 +145,15 @@ def _read(path) -> Tuple[dict, dict]:
 def _replay(structure: dict, model: nn.Module, path, architecture: str) -> nn.Module:
     """`model` with the edits `structure` records (its base's first), its tensors still of
     the shapes they had."""
-    if structure["format"] == depth.STRUCTURE_FORMAT:  # whole blocks left their containers
+    if structure["format"] in CAPTURE_FORMATS:  # blocks out of their containers, then slices
+        kept = {name: [None if index is None else torch.tensor(index, dtype=torch.long)
+                       for index in dims] for name, dims in structure.get("kept", {}).items()}
         try:
             depth.cut(model, structure["removed_blocks"])
-        except ValueError as error:
+            apply_keep(model, kept)
+        except (ValueError, AttributeError, IndexError, RuntimeError) as error:
             raise ValueError(f"{path} does not match the architecture of {architecture}: "
-                             f"{error}") from error
+                             f"{type(error).__name__}: {error}") from error
         return model
     if structure.get("base") is not None:
         model = _replay(structure["base"], model, path, architecture)

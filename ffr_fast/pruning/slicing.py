@@ -53,22 +53,19 @@ def slice_tensors(model: nn.Module, keep: Keep) -> None:
                 (module._parameters if is_parameter else module._buffers)[attr] = new
 
 
-def zeroed(model: nn.Module, keep: Keep) -> Dict[str, torch.Tensor]:
-    """The parameters of `model` that `keep` cuts, with every removed position zeroed (for
-    torch.func.functional_call): the original the pruned model must equal."""
-    out = {}
-    for name, dims in keep.items():
-        tensor = _tensor(model, name)
-        if not isinstance(tensor, nn.Parameter):
-            continue
-        twin = tensor.detach().clone()
-        for dim, index in enumerate(dims):
-            if index is not None:
-                gone = torch.ones(tensor.shape[dim], dtype=torch.bool)
-                gone[index] = False
-                twin.index_fill_(dim, torch.nonzero(gone).flatten().to(twin.device), 0)
-        out[name] = twin
-    return out
+def zero_removed(model: nn.Module, keep: Keep) -> None:
+    """Zero, in place, every removed position of every parameter `keep` cuts: the model the
+    pruned one must equal (buffers, such as running statistics, stay)."""
+    with torch.no_grad():
+        for name, dims in keep.items():
+            tensor = _tensor(model, name)
+            if not isinstance(tensor, nn.Parameter):
+                continue
+            for dim, index in enumerate(dims):
+                if index is not None:
+                    gone = torch.ones(tensor.shape[dim], dtype=torch.bool)
+                    gone[index] = False
+                    tensor.index_fill_(dim, torch.nonzero(gone).flatten().to(tensor.device), 0)
 
 
 def _linear(m):
