@@ -113,6 +113,7 @@ def test_decoder_is_cut_in_width_config_and_generate_in_step(name, tmp_path):
     if name != "gpt2":  # whole KV groups (GQA) went, and the config says so
         assert config.num_attention_heads == 2 and config.num_key_value_heads == 1
         assert config.intermediate_size == 64 and not result.report.warnings
+        assert config.hidden_size == 32  # through the RMS norms, rescaled
         round_trip(pruned, logits, tmp_path)
     else:
         assert config.n_inner == 128 and pruned.transformer.h[0].attn.num_heads == 2

@@ -195,3 +195,30 @@ def test_load_pruned_names_an_architecture_that_does_not_match(tmp_path):
         torch.testing.assert_close(loaded(image()), ffr_fast.load_pruned(path, model)(image()))
     with pytest.raises(ValueError, match="does not match the architecture"):
         ffr_fast.load_pruned(path, lambda: torchvision.models.resnet18())
+
+
+def test_the_hidden_size_is_cut_through_rms_norms_exactly(tmp_path):
+    """Llama's and Qwen's RMS norms lose channels with their weight and eps rescaled (the mean
+    of squares over the kept channels equals the original's over all, the removed ones
+    zero): the residual stream narrows and the cut stays exact."""
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    llama = tiny_llama()
+    result = ffr_fast.prune(llama, ids, ratio=0.5, scope="layer")
+    config = result.model.config
+    assert config.hidden_size == 32 and result.model.model.norm.weight.shape == (32,)
+    assert config.rms_norm_eps == pytest.approx(2 * llama.config.rms_norm_eps)
+    assert result.report.relative_diff < 1e-5 and not result.report.warnings
+    result.model.save_pretrained(tmp_path)
+    again = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, result.model(ids).logits)
+    torch.manual_seed(0)
+    qwen3 = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
+    result = ffr_fast.prune(qwen3, ids, ratio=0.5, scope="layer")
+    attention = result.model.model.layers[0].self_attn
+    assert result.model.config.hidden_size == 32 and attention.q_norm.weight.shape == (16,)
+    assert attention.q_norm.variance_epsilon == qwen3.config.rms_norm_eps  # head dim: kept
+    assert result.report.relative_diff < 1e-5
+    assert any("config.rms_norm_eps cannot say" in w for w in result.report.warnings)

@@ -19,7 +19,9 @@ How ids flow, each op described once in OPS below:
 - layer_norm, group_norm, rms_norm, reductions and softmax / cumsum over a dim: the
   normalised or reduced dims are *whole*: their ids form one class, pinned (a removed
   channel would change the statistics of the others: RMSNorm's pow/mean/rsqrt/mul chain
-  is a mean over the channels), so the result stays exact.
+  is a mean over the channels), so the result stays exact. The exception is an RMS norm
+  module the slicing knows (slicing.RMS_NORMS: Llama's, Qwen's, T5's, torch's): its
+  channels are cut, and its weight and eps rescaled so that it stays exact.
 - element-wise ops broadcast: dims of equal size are tied (an RMSNorm weight, a layer-scale
   gamma or a bias takes the ids of the dims it broadcasts against); scalars are ignored.
 - view / reshape / flatten: dims are matched by their sizes; merged dims keep one carrier
@@ -39,7 +41,7 @@ removed ones through a zeroed parameter (a linear layer's zeroed columns).
 """
 import operator
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -97,8 +99,9 @@ OPS = {**COMPUTE_OPS, **LAYOUT_OPS}  # op name -> rule(analyzer, node) -> the ou
 
 
 class _Analyzer:
-    def __init__(self, cap: Capture):
+    def __init__(self, cap: Capture, rms_norms: Sequence[str]):
         self.cap, self.cg = cap, ChannelGraph()
+        self.rms_norms = set(rms_norms)
         self.values: Dict[fx.Node, object] = {}  # Ids, a tuple of Ids, or None
         self.result = Analysis(self.cg, {})
 
@@ -115,6 +118,14 @@ class _Analyzer:
         if len(ids) > 1:
             self.cg.union(ids[:-1], ids[1:])
         self.cg.pin(ids[:1], reason)
+
+    def normalised(self, node: fx.Node, ids: np.ndarray, reason: str) -> None:
+        """Dims a norm or a reduction mixes: whole, unless `node` runs in an RMS norm that
+        the cut rescales (slicing.RMS_NORMS): its mean of squares over kept channels then
+        equals the original's over all channels, the removed ones being zero."""
+        calls = self.cap.call_stack(node)
+        if not (calls and self.cap.calls[calls[-1]].path in self.rms_norms):
+            self.whole(ids, reason)
 
     def tie(self, a: np.ndarray, b: np.ndarray) -> None:
         if len(a) == len(b):
@@ -243,6 +254,7 @@ class _Analyzer:
                 for dim, size in zip(out, out_shape)]
 
 
-def analyze(cap: Capture) -> Analysis:
-    """The channel classes of the captured model (module docstring)."""
-    return _Analyzer(cap).run()
+def analyze(cap: Capture, rms_norms: Sequence[str] = ()) -> Analysis:
+    """The channel classes of the captured model (module docstring); `rms_norms` are the
+    paths of the RMS norms whose channels may be cut (slicing.rms_norm_paths)."""
+    return _Analyzer(cap, rms_norms).run()

@@ -221,7 +221,7 @@ def layer_norm(a, node):
             for p, d in zip(param, x[-count:]):
                 a.tie(p, d)
     for d in x[-count:]:
-        a.whole(d, f"normalised together by {op_name(node)}")
+        a.normalised(node, d, f"normalised together by {op_name(node)}")
     return x
 
 
@@ -246,13 +246,15 @@ def reduction(a, node):
     x = a.ids(node.args[0])
     if x is None:
         return None
+    if isinstance(_arg(node, 1, "dim"), fx.Node):  # max(a, b), min(a, b): element-wise
+        return elementwise(a, node)
     value = node.meta["val"]
     out_shape = tuple((value[0] if isinstance(value, tuple) else value).shape)
     dims = _dims(_arg(node, 1, "dim"), len(x))
     if op_name(node) in ("norm", "linalg_vector_norm") and len(node.args) > 2:
         dims = _dims(_arg(node, 2, "dim"), len(x))
     for d in dims:
-        a.whole(x[d], f"reduced over by {op_name(node)}")
+        a.normalised(node, x[d], f"reduced over by {op_name(node)}")
     keep = len(out_shape) == len(x)
     ids = [d if i not in dims else a.fresh([1], "reduced")[0]
            for i, d in enumerate(x) if keep or i not in dims]

@@ -31,7 +31,16 @@ from .aten_importance import Emitter, block_score, class_scores, emitters
 from .inputs import PrunedModelError
 from .plan import make_plan
 from .report import PruneReport, max_abs_diff
-from .slicing import Keep, fix_sizes, slice_tensors, update_config, zero_removed
+from .slicing import (
+    Keep,
+    fix_sizes,
+    rescale_rms_norms,
+    rms_norm_eps,
+    rms_norm_paths,
+    slice_tensors,
+    update_config,
+    zero_removed,
+)
 
 EXACT = 1e-4  # relative difference to the zeroed original that float32 rounding stays under
 STRUCTURE_FORMAT = "ffr_fast.aten/1"
@@ -54,7 +63,7 @@ def study(model: nn.Module, args, kwargs: dict, importance: str, ignored: Sequen
     """The model captured on the example call, its channel classes (the channels of every
     module in `ignored` pinned) and their scores."""
     cap = capture(model, args, kwargs)
-    analysis = analyze(cap)
+    analysis = analyze(cap, rms_norm_paths(model))
     _pin_ignored(analysis, cap, ignored)
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
@@ -110,10 +119,11 @@ def kept_positions(analysis: Analysis, removed: set) -> Keep:
 def apply_keep(model: nn.Module, keep: Keep) -> List[str]:
     """Slice `model`'s tensors to `keep` in place and fix the sizes its modules (and a Hugging
     Face config) state; returns the config warnings (what pruning and load_pruned both do)."""
+    rescale_rms_norms(model, keep)
     slice_tensors(model, keep)
     changed = {name.rpartition(".")[0] for name in keep}
     changed |= {path.rpartition(".")[0] for path in changed if path}  # attention, MLP blocks
-    return update_config(model, fix_sizes(model, changed))
+    return update_config(model, {**fix_sizes(model, changed), **rms_norm_eps(model)})
 
 
 def cut_channels(work: Study, *, threshold, ratio, scope, min_channels, min_fraction,

@@ -61,11 +61,11 @@ def residual_branches(model: nn.Module, example_inputs, ignored: Sequence[Any] =
         raise ValueError(f"analysis must be one of {ANALYSES}, got {analysis!r}")
     inputs = as_inputs(example_inputs)
     ignored = resolve_ignored(model, ignored)
-    if analysis == "export" or (example_kwargs and analysis == "auto"):
-        return depth.find(model, inputs, example_kwargs, ignored)
-    if example_kwargs:
+    if example_kwargs and analysis == "fx":
         raise ValueError("example_kwargs are passed by the torch.export analysis only; "
                          "analysis='fx' traces the model with positional inputs")
+    if analysis == "export" or example_kwargs:
+        return depth.find(model, inputs, example_kwargs, ignored)
     with evaluating(model), torch.no_grad():
         try:
             gm = trace(model, ignored)
@@ -132,8 +132,10 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
     the above except `fold_bn`, `inplace`, `emit="graph"` and a callable importance, which
     it refuses by name; residual branches are whole blocks, members of an nn.ModuleList or
     nn.Sequential, named by module path; the result is always the model's own class, a
-    Hugging Face config in step) or "auto": "fx" where torch.fx can trace the model,
-    "export" where it cannot or where `example_kwargs` are given. `example_kwargs`
+    Hugging Face config in step) or "auto": "export" where torch.fx cannot trace the
+    model or where `example_kwargs` are given, "fx" otherwise (timm's models trace, but
+    their functional layers pin channels there: pass analysis="export"; docs/
+    export-design.md says why "auto" does not choose it for them yet). `example_kwargs`
     (attention_mask=..., use_cache=False) are passed to the model with the example inputs,
     by the "export" analysis only. The report's settings["path"] says which ran.
     """
@@ -153,12 +155,14 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
                      min_channels=min_channels, min_fraction=min_fraction, round_to=round_to,
                      remove_blocks=remove_blocks, remove_branches=remove_branches,
                      fold_bn=fold_bn, ignored=ignored, inplace=inplace, emit=emit)
-    if analysis == "export" or (example_kwargs and analysis == "auto"):
-        return _timed(_prune_on_export(model, inputs, example_kwargs, **on_export,
-                                       why=f"analysis={analysis!r}"), start)
-    if example_kwargs:
+    if example_kwargs and analysis == "fx":
         raise ValueError("example_kwargs are passed by the torch.export analysis only; "
                          "analysis='fx' traces the model with positional inputs")
+    why = ("analysis='export'" if analysis == "export" else
+           "example_kwargs are passed to the model" if example_kwargs else None)
+    if why:
+        return _timed(_prune_on_export(model, inputs, example_kwargs, **on_export, why=why),
+                      start)
     options = dict(importance=importance, scope=scope, min_channels=min_channels,
                    min_fraction=min_fraction, round_to=round_to, remove_blocks=remove_blocks,
                    remove_branches=list(remove_branches), fold_bn=fold_bn,
@@ -193,6 +197,13 @@ def _timed(result: PruneResult, start: float) -> PruneResult:
     return result
 
 
+def _needs_fx(fold_bn, inplace, emit, importance) -> List[str]:
+    """The options of a prune() call that only the torch.fx path has."""
+    return [name for name, asked in (
+        ("fold_bn", fold_bn), ("inplace", inplace), ("emit='graph'", emit == "graph"),
+        ("a callable importance", callable(importance))) if asked]
+
+
 def _prune_on_export(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
                      flops_target, flops_search, flops_tolerance, flops_search_steps,
                      importance, scope, min_channels, min_fraction, round_to, remove_blocks,
@@ -200,9 +211,7 @@ def _prune_on_export(model: nn.Module, inputs, kwargs: Optional[dict], *, thresh
                      ) -> PruneResult:
     """prune() on torch.export's capture (aten_pruner.py): residual blocks out of their
     containers, then channels; the options only the torch.fx path has are refused by name."""
-    fx_only = [name for name, asked in (
-        ("fold_bn", fold_bn), ("inplace", inplace), ("emit='graph'", emit == "graph"),
-        ("a callable importance", callable(importance))) if asked]
+    fx_only = _needs_fx(fold_bn, inplace, emit, importance)
     if fx_only:
         raise ValueError(f"{fx_only} need the torch.fx analysis, which cannot serve here "
                          f"({why})")

@@ -154,6 +154,60 @@ SIZE_RULES: Dict[str, SizeRule] = {
 }
 
 
+# RMS norms, y = weight * x / sqrt(mean(x^2) + eps) over the last dim, by type name -> the
+# attribute holding eps. Cutting k of n channels that are zero in x keeps the sum of squares,
+# so with weight * sqrt(n / k) and eps * n / k the cut norm equals the original exactly.
+# (Gemma's norm scales by 1 + weight and is not one of them.)
+RMS_NORMS: Dict[str, str] = {
+    "RMSNorm": "eps", "LlamaRMSNorm": "variance_epsilon", "Qwen2RMSNorm": "variance_epsilon",
+    "Qwen3RMSNorm": "variance_epsilon", "MistralRMSNorm": "variance_epsilon",
+    "T5LayerNorm": "variance_epsilon",
+}
+
+
+def _rms_eps_attribute(module: nn.Module) -> Optional[str]:
+    names = [RMS_NORMS.get(cls.__name__) for cls in type(module).__mro__]
+    attribute = next((name for name in names if name), None)
+    weight = getattr(module, "weight", None)
+    if attribute is None or not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return None
+    return attribute
+
+
+EPS_FIELDS = ("rms_norm_eps", "layer_norm_epsilon")
+
+
+def rms_norm_paths(model: nn.Module) -> List[str]:
+    """The paths of the RMS norms of `model` whose channels the analysis may cut."""
+    return [path for path, module in model.named_modules() if _rms_eps_attribute(module)]
+
+
+def rescale_rms_norms(model: nn.Module, keep: Keep) -> None:
+    """Before slicing: every RMS norm losing channels gets weight * sqrt(n / k) and
+    eps * n / k (RMS_NORMS), so that over its k kept channels it computes what it did over
+    all n with the removed ones zero."""
+    with torch.no_grad():
+        for path, module in model.named_modules():
+            attribute = _rms_eps_attribute(module)
+            dims = keep.get(f"{path}.weight" if path else "weight")
+            if attribute is None or dims is None or dims[0] is None:
+                continue
+            n, k = module.weight.shape[0], len(dims[0])
+            module.weight.mul_((n / k) ** 0.5)
+            eps = getattr(module, attribute)
+            if eps is None:  # torch's RMSNorm: the dtype's machine epsilon
+                eps = torch.finfo(module.weight.dtype).eps
+            setattr(module, attribute, eps * n / k)
+
+
+def rms_norm_eps(model: nn.Module) -> Dict[str, List[float]]:
+    """The config fields that hold an RMS norm's eps (Llama's `rms_norm_eps`, T5's
+    `layer_norm_epsilon`) -> the eps of every RMS norm of `model`, for update_config."""
+    values = [getattr(m, attr) for m in model.modules()
+              for attr in [_rms_eps_attribute(m)] if attr and getattr(m, attr) is not None]
+    return {"rms_norm_eps": values, "layer_norm_epsilon": values} if values else {}
+
+
 def register_size_rule(type_name: str, size_rule: SizeRule) -> None:
     """Teach fix_sizes a module type (by class name): `size_rule(module)` sets its size
     attributes from its sliced tensors, and may return the config fields they imply."""
@@ -205,6 +259,12 @@ def update_config(model: nn.Module, implied: Dict[str, List[int]]) -> List[str]:
             continue
         if len(set(values)) == 1:
             setattr(config, field, values[0])
+        elif field in EPS_FIELDS:
+            warnings.append(
+                f"config.{field} cannot say the eps of the RMS norms whose channels were cut "
+                f"(rescaled to {max(values):.3g}, the others {min(values):.3g}): "
+                "from_pretrained would rebuild them with the old eps, a relative change of "
+                "the output of the order of eps (torch.save or save_pruned keeps it exact)")
         else:
             warnings.append(
                 f"config.{field} cannot say the per-layer widths {values}: the pruned model "
