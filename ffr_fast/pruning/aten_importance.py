@@ -8,10 +8,11 @@ parameter added to an activation (`x + self.bias`). Under "l2" and "l1":
   reader of the producer's output, its eval-mode map is folded in:
       row_c = [s_c * W_c, s_c * b_c + t_c]     s = weight / sqrt(var + eps), t = bias - mean * s
 - an unfolded batch norm scores |t_c| (what it emits for a zero channel), an added
-  parameter |p_c|.
+  parameter |p_c|, and an op that turns a zero channel into a constant (x + 1, a sigmoid, a
+  hardtanh above 0) |that constant| where a producer or a norm reads it.
 A class scores the maximum over its emitters, so it scores 0 exactly when every emitter
-writes zeros to it. Zero-preserving ops (a layer scale, an activation) do not count: a
-dead channel stays dead through them.
+writes zeros to it. Zero-preserving ops (a layer scale, ReLU, GELU) do not count: a dead
+channel stays dead through them.
 Under "bn" (network slimming) a class scores |weight| of its batch norms; a class without
 one is not scored, so it is kept.
 
@@ -19,15 +20,21 @@ A residual block (depth.py) scores the maximum over the emitters inside it that 
 stream it hands out: its branch's last layers. It emits exactly zero into the stream when
 that is 0.
 """
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+import torch.fx as fx
 
+from ..capture import Capture
 from .aten import Affine, Analysis
+from .aten_layout import LAYOUT_OPS
+from .aten_ops import ELEMENTWISE, PRODUCERS, REDUCTIONS, op_name
 
 IMPORTANCES = {"l2": 2, "l1": 1, "bn": None}
+BOUNDLESS = 1e30  # the score of a channel that emits an infinite constant (1 / 0)
 
 
 @dataclass
@@ -62,8 +69,8 @@ def _module(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def emitters(analysis: Analysis, tensors: Dict[str, torch.Tensor], importance: str
-             ) -> List[Emitter]:
+def emitters(analysis: Analysis, cap: Capture, tensors: Dict[str, torch.Tensor],
+             importance: str) -> List[Emitter]:
     """Every emitter of the captured model with its per-position scores (module docstring)."""
     order = IMPORTANCES[importance]
     if order is None:  # "bn": the batch norms' weights alone
@@ -100,6 +107,59 @@ def emitters(analysis: Analysis, tensors: Dict[str, torch.Tensor], importance: s
                 others = [d for d in range(magnitude.ndim) if d != dim]
                 values = magnitude.amax(dim=others) if others else magnitude
                 out.append(Emitter(_module(name), ids, values.numpy()))
+    return out + _alive_at_zero(analysis, cap)
+
+
+def _dead_values(cap: Capture) -> Dict[str, float]:
+    """Node name -> the value a dead channel holds there, where the graph says: 0 at the
+    output of a producer (a matrix product, a convolution, an embedding), then carried
+    through views and reductions and computed through element-wise ops on those values
+    (x + 1, a sigmoid, a hardtanh above 0 turn 0 into a constant; x * anything keeps 0).
+    Values that mix in inputs or parameters are left out: their emitters count them."""
+    dead: Dict[str, float] = {}
+    for node in cap.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.meta.get("val"), torch.Tensor):
+            continue
+        name = op_name(node)
+        operands = [arg for arg in node.all_input_nodes
+                    if isinstance(arg.meta.get("val"), torch.Tensor)]
+        if name in PRODUCERS:
+            dead[node.name] = 0.0
+        elif name in LAYOUT_OPS or name in REDUCTIONS:
+            if operands and operands[0].name in dead:
+                dead[node.name] = dead[operands[0].name]
+        elif name in ELEMENTWISE and operands and all(a.name in dead for a in operands):
+            def abstract(arg):
+                return (torch.tensor(dead[arg.name], dtype=torch.float64)
+                        if isinstance(arg, fx.Node) and arg.name in dead else arg)
+            try:
+                value = node.target(*[abstract(a) for a in node.args],
+                                    **{k: abstract(v) for k, v in node.kwargs.items()})
+            except Exception:  # an op that will not run on a scalar: no claim
+                continue
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                dead[node.name] = float(value.double())
+    return dead
+
+
+def _alive_at_zero(analysis: Analysis, cap: Capture) -> List[Emitter]:
+    """A channel whose value is a non-zero constant where an op reads it (`_dead_values`)
+    still emits that constant when its producers' rows are zero: an emitter of |constant|
+    at every op other than an element-wise or layout one that reads it."""
+    dead = _dead_values(cap)
+    out = []
+    for node in cap.graph.nodes:
+        if node.op != "call_function" or op_name(node) in ELEMENTWISE or \
+                op_name(node) in LAYOUT_OPS:
+            continue
+        for arg in node.all_input_nodes:
+            constant = dead.get(arg.name, 0.0)
+            value = analysis.values.get(arg.name)
+            if constant != 0.0 and isinstance(value, list):
+                magnitude = abs(constant) if math.isfinite(constant) else BOUNDLESS
+                calls = cap.call_stack(node)
+                layer = cap.calls[calls[-1]].path if calls else ""
+                out += [Emitter(layer, ids, np.full(len(ids), magnitude)) for ids in value]
     return out
 
 

@@ -57,9 +57,20 @@ ELEMENTWISE = (
     "add sub rsub mul div true_divide where pow neg abs rsqrt sqrt exp log log1p reciprocal "
     "square relu relu6 gelu silu mish sigmoid hardsigmoid hardswish hardtanh tanh elu selu "
     "leaky_relu softplus erf cos sin clamp clamp_min clamp_max maximum minimum sign dropout "
+    "threshold hardshrink softshrink celu "
     "clone contiguous alias detach to _to_copy type_as lift_fresh_copy masked_fill eq ne lt le "
     "gt ge __and__ __or__ logical_not logical_and logical_or bitwise_not bitwise_and "
     "zeros_like ones_like full_like empty_like fill copy").split()
+
+
+# The ops that write fresh channels from a parameter: a dead channel is 0 at their output.
+PRODUCERS = ("linear", "addmm", "mm", "matmul", "bmm", "conv1d", "conv2d", "conv3d",
+             "convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+             "embedding")
+# Reductions whose result is the reduced values' constant when they all hold one.
+REDUCTIONS = ("mean", "amax", "amin", "max", "min", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+              "adaptive_avg_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d",
+              "max_pool2d", "max_pool3d")
 
 
 @rule(*ELEMENTWISE)

@@ -67,7 +67,7 @@ def study(model: nn.Module, args, kwargs: dict, importance: str, ignored: Sequen
     _pin_ignored(analysis, cap, ignored)
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
-    found = emitters(analysis, tensors, importance)
+    found = emitters(analysis, cap, tensors, importance)
     return Study(model, tuple(args), kwargs, cap, analysis, found,
                  class_scores(analysis, found))
 
