@@ -222,3 +222,32 @@ def test_the_hidden_size_is_cut_through_rms_norms_exactly(tmp_path):
     assert attention.q_norm.variance_epsilon == qwen3.config.rms_norm_eps  # head dim: kept
     assert result.report.relative_diff < 1e-5
     assert any("config.rms_norm_eps cannot say" in w for w in result.report.warnings)
+
+
+@pytest.mark.parametrize("name,options,size", [
+    ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2), 32),
+    ("swin_tiny_patch4_window7_224", dict(depths=(1, 1, 1, 1), embed_dim=24,
+                                          num_heads=(2, 2, 4, 4)), 224)])
+def test_timm_transformers_lose_heads_units_and_width(name, options, size, tmp_path):
+    """timm's ViT and Swin: heads (their q, k, v rows and relative position bias), MLP units
+    and the LayerNorm'd stream (renormalised over what stays: report.approximate), verified
+    against the original computing the same; saved, loaded and exported."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **options).eval()
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    result = ffr_fast.prune(model, x, ratio=0.5, scope="layer", analysis="export")
+    report = result.report
+
+    def heads(m):
+        return [a.num_heads for a in m.modules() if hasattr(a, "qkv")]
+
+    assert all(after < before for before, after in zip(heads(model), heads(result.model)))
+    assert report.flop_ratio > 1.8 and report.approximate and report.relative_diff < 1e-5
+    path = tmp_path / "pruned.pt"
+    ffr_fast.save_pruned(result, path)
+    loaded = ffr_fast.load_pruned(path, model)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), result.model(x))
+        exported = torch.export.export(result.model, (x,)).module()
+        torch.testing.assert_close(exported(x), result.model(x), rtol=1e-4, atol=1e-5)

@@ -16,7 +16,10 @@ How ids flow, each op described once in OPS below:
   are the weight's dim 0 (dim 1 transposed); spatial dims fresh and pinned.
 - embedding: the output's last dim is the weight's dim 1; the rows (vocabulary) are pinned.
 - batch_norm: its parameters and running statistics tie to the channel dim.
-- layer_norm, group_norm, rms_norm, reductions and softmax / cumsum over a dim: the
+- layer_norm over the last dim with a weight: its channels tie to the weight and bias and
+  may be cut; the cut model renormalises over the kept channels, an approximation of the
+  original that the report names (report.approximate).
+- group_norm, other norms, reductions and softmax / cumsum over a dim: the
   normalised or reduced dims are *whole*: their ids form one class, pinned (a removed
   channel would change the statistics of the others: RMSNorm's pow/mean/rsqrt/mul chain
   is a mean over the channels), so the result stays exact. The exception is an RMS norm
@@ -36,8 +39,9 @@ How ids flow, each op described once in OPS below:
 Any other op pins every id it reads and writes and is named (analysis.unknown_ops).
 
 The result is exact by construction against the original with every removed position of
-every parameter zeroed: every op computes a kept position from kept positions only, or from
-removed ones through a zeroed parameter (a linear layer's zeroed columns).
+every parameter zeroed, and every cut LayerNorm normalising over its kept channels only:
+every op computes a kept position from kept positions only, or from removed ones through a
+zeroed parameter (a linear layer's zeroed columns).
 """
 import operator
 from dataclasses import dataclass, field
@@ -87,6 +91,8 @@ class Analysis:
     producers: List[Producer] = field(default_factory=list)
     affines: List[Affine] = field(default_factory=list)
     shifts: List[str] = field(default_factory=list)  # parameters added to activations
+    # LayerNorms whose channels may be cut: (layer, weight name, ids of its channels)
+    renormalised: List[Tuple[str, str, np.ndarray]] = field(default_factory=list)
     values: Dict[str, object] = field(default_factory=dict)  # node name -> ids of its value
     unknown_ops: List[dict] = field(default_factory=list)
 
@@ -126,6 +132,14 @@ class _Analyzer:
         calls = self.cap.call_stack(node)
         if not (calls and self.cap.calls[calls[-1]].path in self.rms_norms):
             self.whole(ids, reason)
+
+    def renormalises(self, node: fx.Node, weight: str, ids: np.ndarray) -> None:
+        """A LayerNorm over the channels `ids` with the parameter `weight`: its channels may
+        be cut, and the cut model then normalises over the kept ones only (aten_pruner.py
+        verifies it against a reference that does the same)."""
+        calls = self.cap.call_stack(node)
+        layer = self.cap.calls[calls[-1]].path if calls else weight.rpartition(".")[0]
+        self.result.renormalised.append((layer, weight, ids))
 
     def tie(self, a: np.ndarray, b: np.ndarray) -> None:
         if len(a) == len(b):

@@ -27,13 +27,15 @@ def _merge(a, parts: List[np.ndarray]) -> np.ndarray:
 
 
 def _split(a, flat: np.ndarray, sizes: List[int]) -> Ids:
-    """Ids of dims split from one: the first dim of size > 1 gets fresh ids, each owning its
-    block of the flat ids (heads from H*D); the others are fresh and pinned."""
+    """Ids of dims split from one: the last but one dim of size > 1 gets fresh ids, each
+    owning its positions of the flat ids (heads from H*D; from a fused q, k, v projection's
+    (3, H, D) the heads too, each with its q, k and v rows); the others are fresh and
+    pinned."""
     big = [i for i, s in enumerate(sizes) if s > 1]
     if len(big) <= 1:
         return [flat if i in big else a.fresh([s], "size-1 dimension")[0]
                 for i, s in enumerate(sizes)]
-    lead = big[0]
+    lead = big[-2]
     out = []
     for i, size in enumerate(sizes):
         if i == lead:
@@ -180,7 +182,24 @@ def gathered(a, node):
             for i, d in enumerate(x)]
 
 
-@rule("constant_pad_nd")
+@rule("index")
+def indexed(a, node):
+    """x[i0, i1, ...] with index tensors for the leading dims: those dims stay whole and give
+    way to the index's dims (fresh, pinned); the dims after them pass (a relative position
+    bias table indexed by position pairs keeps its heads)."""
+    x = a.ids(node.args[0])
+    indices = node.args[1]
+    if x is None or any(i is None for i in indices):
+        return None
+    for dim in range(len(indices)):
+        a.whole(x[dim], "indexed by data")
+    shape = shape_of(node)
+    rest = x[len(indices):]
+    lead = a.fresh(shape[:len(shape) - len(rest)], "positions picked by an index")
+    return lead + rest if [len(d) for d in rest] == list(shape[len(lead):]) else None
+
+
+@rule("constant_pad_nd", "pad")
 def pad(a, node):
     x = a.ids(node.args[0])
     if x is None:

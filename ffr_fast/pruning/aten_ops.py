@@ -231,6 +231,10 @@ def layer_norm(a, node):
         if param is not None:
             for p, d in zip(param, x[-count:]):
                 a.tie(p, d)
+    weight = a.parameter(_arg(node, 2, "weight"))
+    if op_name(node) != "rms_norm" and count == 1 and weight is not None:
+        a.renormalises(node, weight, x[-1])  # cut, and renormalised over what stays
+        return x
     for d in x[-count:]:
         a.normalised(node, d, f"normalised together by {op_name(node)}")
     return x

@@ -20,7 +20,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..capture import Capture, capture, flat_tensors
 from ..metrics import count_params, flops_of
@@ -141,7 +143,9 @@ def cut_channels(work: Study, *, threshold, ratio, scope, min_channels, min_frac
     original, flops_before = flops_of(run_evaluating, model, args, kwargs)
     pruned = model if in_place else copy.deepcopy(model)
     zero_removed(pruned, keep)  # slicing drops exactly the zeroed positions
-    reference = run_evaluating(pruned, args, kwargs)
+    renormalised = cut_layer_norms(analysis, plan.removed)
+    with KeptChannelNorms(pruned, renormalised):
+        reference = run_evaluating(pruned, args, kwargs)
     warnings = apply_keep(pruned, keep)
     try:
         new, flops_after = flops_of(run_evaluating, pruned, args, kwargs)
@@ -164,6 +168,7 @@ def cut_channels(work: Study, *, threshold, ratio, scope, min_channels, min_frac
         removed_classes=len(plan.removed),
         prunable_classes=sum(len(g.roots) - len(g.pinned) for g in plan.groups),
         unpruned=plan.unpruned, opaque_ops=opaque, score_cutoff=plan.cutoff,
+        approximate=sorted({layer for layer, _, _ in renormalised}),
         max_abs_diff=max_abs_diff(new, reference),
         reference_max_abs=max(float(t.float().abs().max()) for t in flat_tensors(reference)),
         max_abs_diff_original=max_abs_diff(new, original), warnings=warnings)
@@ -174,6 +179,52 @@ def cut_channels(work: Study, *, threshold, ratio, scope, min_channels, min_frac
             "a layer's code reads a size the slicing did not fix (register_size_rule teaches "
             "it one); please report the model")
     return pruned, report, keep
+
+
+def cut_layer_norms(analysis: Analysis, removed: set) -> List[Tuple[str, str, torch.Tensor]]:
+    """(layer, weight name, kept positions) of every LayerNorm that loses channels."""
+    removed_ids = np.array(sorted(removed), dtype=np.int64)
+    out = []
+    for layer, weight, ids in analysis.renormalised:
+        gone = np.isin(analysis.cg.roots(ids), removed_ids)
+        if gone.any():
+            out.append((layer, weight, torch.from_numpy(np.flatnonzero(~gone))))
+    return out
+
+
+class KeptChannelNorms(TorchFunctionMode):
+    """While active, a layer_norm whose weight is one of the cut LayerNorms' (of `model`)
+    normalises over that norm's kept channels only and writes zeros elsewhere: what the cut
+    model computes, on the original's shapes, so the cut is verified exactly."""
+
+    def __init__(self, model: nn.Module, norms: Sequence[Tuple[str, str, torch.Tensor]]):
+        super().__init__()
+        tensors = dict(model.named_parameters(remove_duplicate=False))
+        self.kept = {id(tensors[weight]): kept for _, weight, kept in norms}
+
+    def __enter__(self):
+        return super().__enter__() if self.kept else self
+
+    def __exit__(self, *exc):
+        return super().__exit__(*exc) if self.kept else None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (F.layer_norm, torch.layer_norm):
+            x, shape, weight, bias, eps = _layer_norm_args(*args, **kwargs)
+            kept = self.kept.get(id(weight))
+            if kept is not None:
+                kept = kept.to(x.device)
+                out = torch.zeros_like(x)
+                out[..., kept] = F.layer_norm(
+                    x[..., kept], (len(kept),), weight[kept],
+                    None if bias is None else bias[kept], eps)
+                return out
+        return func(*args, **kwargs)
+
+
+def _layer_norm_args(input, normalized_shape, weight=None, bias=None, eps=1e-5, *_):
+    return input, normalized_shape, weight, bias, eps
 
 
 def after_blocks(channel_report: PruneReport, block_report: PruneReport,

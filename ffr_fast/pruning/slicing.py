@@ -114,6 +114,13 @@ def _gpt2_attention(m) -> dict:
 
 def _timm_attention(m):
     m.num_heads = m.qkv.weight.shape[0] // (3 * m.head_dim)
+    if hasattr(m, "attn_dim"):  # the width its output is reshaped to
+        m.attn_dim = m.num_heads * m.head_dim
+
+
+def _window_attention(m):
+    if hasattr(m, "relative_position_bias_table"):  # (positions, heads): sliced by head
+        m.num_heads = m.relative_position_bias_table.shape[-1]
 
 
 def _conv1d(m):
@@ -151,6 +158,7 @@ SIZE_RULES: Dict[str, SizeRule] = {
     "GPT2Attention": _gpt2_attention,
     "GPT2MLP": lambda m: {"n_inner": m.c_fc.weight.shape[1]},
     "Attention": _timm_attention,  # timm's ViT attention: qkv, num_heads, head_dim
+    "WindowAttention": _window_attention,  # timm's Swin attention
 }
 
 
@@ -241,13 +249,19 @@ def update_config(model: nn.Module, implied: Dict[str, List[int]]) -> List[str]:
     if config is None or not hasattr(config, "to_dict"):
         return []
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    weight = getattr(embeddings, "weight", None)  # ViT's patch embedding holds a conv
+    weight = getattr(embeddings, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.dim() == 2:
         implied = dict(implied, hidden_size=[weight.shape[1]])
+    elif isinstance(embeddings, nn.Module):  # ViT's patch embedding holds a convolution
+        convs = [m for m in embeddings.modules()
+                 if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+        if len(convs) == 1:
+            implied = dict(implied, hidden_size=[convs[0].weight.shape[0]])
     warnings = []
     heads, head_dims = implied.get("num_attention_heads"), implied.pop("derived_head_dim", None)
-    if heads and head_dims and any(
-            getattr(config, "hidden_size", None) != h * d for h, d in zip(heads, head_dims)):
+    hidden = implied.get("hidden_size", [getattr(config, "hidden_size", None)])
+    if heads and head_dims and (len(set(hidden)) != 1 or any(
+            hidden[0] != h * d for h, d in zip(heads, head_dims))):
         del implied["num_attention_heads"]
         warnings.append(
             f"{type(config).__name__} derives the head size from hidden_size / "
