@@ -251,3 +251,25 @@ def test_timm_transformers_lose_heads_units_and_width(name, options, size, tmp_p
         torch.testing.assert_close(loaded(x), result.model(x))
         exported = torch.export.export(result.model, (x,)).module()
         torch.testing.assert_close(exported(x), result.model(x), rtol=1e-4, atol=1e-5)
+
+
+class NormalizedNet(nn.Module):
+    """F.normalize over the channels (a vector norm with an `ord` before its dims): those
+    channels stay whole; the ones before the norm's producer are cut."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = nn.functional.normalize(self.c2(torch.relu(self.c1(x))), dim=1)
+        return self.head(y.mean((2, 3)))
+
+
+def test_a_vector_norm_over_the_channels_keeps_them_whole():
+    torch.manual_seed(0)
+    result = ffr_fast.prune(NormalizedNet().eval(), image(), ratio=0.5, scope="layer",
+                            analysis="export")
+    assert result.report.channels["c1"] == (8, 4) and result.report.channels["c2"] == (8, 8)
+    assert result.report.relative_diff < 1e-5

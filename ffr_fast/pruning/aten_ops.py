@@ -265,9 +265,10 @@ def reduction(a, node):
         return elementwise(a, node)
     value = node.meta["val"]
     out_shape = tuple((value[0] if isinstance(value, tuple) else value).shape)
-    dims = _dims(_arg(node, 1, "dim"), len(x))
-    if op_name(node) in ("norm", "linalg_vector_norm") and len(node.args) > 2:
+    if op_name(node) in ("norm", "linalg_vector_norm"):  # (x, ord, dim, ...): all dims if none
         dims = _dims(_arg(node, 2, "dim"), len(x))
+    else:
+        dims = _dims(_arg(node, 1, "dim"), len(x))
     for d in dims:
         a.normalised(node, x[d], f"reduced over by {op_name(node)}")
     keep = len(out_shape) == len(x)
