@@ -1,7 +1,8 @@
 """Depth and width pruning of a TinyLlama-1.1B-shaped LlamaForCausalLM (22 layers, hidden
 2048, 32 heads, 4 KV heads, intermediate 5632; random init, float32) in one prune() call: the
 4 layers of lowest Block Influence (residual_branches()) removed and, with `--ratio 0.25`, a
-quarter of every MLP's channels and of every layer's KV groups cut (scope="layer", L2), with
+quarter of every MLP's channels, of every layer's KV groups and of the hidden size cut
+(scope="layer", L2), with
 the time each call takes, the process's peak memory against the model's own size, and
 greedy generate() tokens/s of the pruned model against the unpruned one, timed in
 interleaved rounds.
@@ -37,7 +38,8 @@ def main():
     parser = table_parser(__doc__, threads=2, rounds=3)
     parser.add_argument("--remove", type=int, default=4, help="layers removed")
     parser.add_argument("--ratio", type=float, default=0.25,
-                        help="fraction of each layer's MLP channels and KV groups cut (0: none)")
+                        help="fraction of each channel group cut: MLP, KV groups, hidden size "
+                             "(0: none)")
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=16)
     args = parser.parse_args()
@@ -86,7 +88,8 @@ def main():
         "# Depth and width pruning of a TinyLlama-1.1B-shaped LlamaForCausalLM", "",
         f"{args.threads} threads, random init, float32; removed (lowest Block Influence on a "
         f"{args.prompt}-token prompt): {', '.join(removed)}; ratio {args.ratio} of each "
-        f"layer's MLP channels and KV groups; config after: {data['config_after']}", "",
+        f"channel group (every layer's MLP channels and KV groups, and the hidden size); "
+        f"config after: {data['config_after']}", "",
         "| | value |", "|---|---:|",
         f"| residual_branches() | {listing:.1f} s |",
         f"| prune(remove_branches=..., ratio={args.ratio}) | {pruning:.1f} s |",
