@@ -273,3 +273,20 @@ def test_a_vector_norm_over_the_channels_keeps_them_whole():
                             analysis="export")
     assert result.report.channels["c1"] == (8, 4) and result.report.channels["c2"] == (8, 8)
     assert result.report.relative_diff < 1e-5
+
+
+def test_a_model_pruned_twice_reloads_from_the_original(tmp_path):
+    """Pruned on the export capture, then pruned again: record_source keeps the first
+    pruning as the base, and load_pruned replays both on the original architecture."""
+    model = stack_net()
+    first = ffr_fast.prune(model, image(), ratio=0.25, scope="layer", analysis="export",
+                           remove_blocks=False)
+    second = ffr_fast.prune(first.model, image(), ratio=0.25, scope="layer",
+                            analysis="export", remove_branches=["blocks.2"])
+    ffr_fast.pruning.serialize.record_source(second, first.model)
+    path = tmp_path / "twice.pt"
+    ffr_fast.save_pruned(second, path)
+    loaded = ffr_fast.load_pruned(path, stack_net)
+    assert len(loaded.blocks) == 2 and loaded.stem.out_channels < 6
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(image()), second.model(image()))

@@ -92,7 +92,6 @@ CAPTURE_FORMATS = (EXPORT_FORMAT, depth.STRUCTURE_FORMAT)
 FORMAT_3 = "ffr_fast.pruned/3"  # still read: a GraphModule with these same fields
 REPLAY_FIELDS = ("format", "emitted", "ignored", "removed_blocks", "folded_bn",
                  "adds_in_place", "view_sizes")
-STRUCTURE_FIELDS = REPLAY_FIELDS + ("training",)  # a base is only replayed: no flags
 
 
 def _read(path) -> Tuple[dict, dict]:
@@ -112,39 +111,44 @@ def _read(path) -> Tuple[dict, dict]:
         raise ValueError(f"{path} is not a file written by save_pruned: it holds {what}, not "
                          "{'structure': ..., 'state_dict': ...}")
     structure = payload["structure"]
-    if isinstance(structure, dict) and structure.get("format") in CAPTURE_FORMATS:
-        kept = structure.get("kept", {}) if structure["format"] == EXPORT_FORMAT else {}
-        if (not isinstance(structure.get("removed_blocks"), list) or "training" not in structure
-                or not isinstance(kept, dict)):
-            raise ValueError(f"{path} is incomplete: its structure lacks the removed blocks, "
-                             "the kept positions or the training flags")
-        return structure, payload["state_dict"]
     if isinstance(structure, dict) and structure.get("format") == FORMAT_3:
-        structure = dict(structure, emitted="graph", view_sizes=[])  # a GraphModule, then
-    elif not isinstance(structure, dict) or structure.get("format") != STRUCTURE_FORMAT:
-        found = structure.get("format") if isinstance(structure, dict) else structure
-        raise ValueError(f"{path} is not a file written by save_pruned (format {found!r}, "
-                         f"expected {STRUCTURE_FORMAT!r})")
-    missing = [key for key in STRUCTURE_FIELDS if key not in structure]
-    if missing:
-        raise ValueError(f"{path} is incomplete: its structure lacks {missing}")
+        structure = dict(structure, format=STRUCTURE_FORMAT, emitted="graph",  # a GraphModule
+                         view_sizes=[])
+    _check(structure, path, top=True)
     base = structure.get("base")
-    while base is not None:
-        if not isinstance(base, dict) or base.get("format") != STRUCTURE_FORMAT:
-            found = base.get("format") if isinstance(base, dict) else type(base).__name__
-            raise ValueError(f"{path} is damaged: the structure it was pruned from has format "
-                             f"{found!r}, expected {STRUCTURE_FORMAT!r}")
-        missing = [key for key in REPLAY_FIELDS if key not in base]
-        if missing:
-            raise ValueError(f"{path} is incomplete: the structure it was pruned from lacks "
-                             f"{missing}")
+    while base is not None:  # what the pruned model was pruned from, replayed first
+        _check(base, path, top=False)
         base = base.get("base")
     return structure, payload["state_dict"]
+
+
+def _check(structure, path, top: bool) -> None:
+    """A ValueError naming what is wrong unless `structure` is one save_pruned writes (`top`)
+    or one it records as a base (no training flags)."""
+    whose = "its structure" if top else "the structure it was pruned from"
+    formats = (STRUCTURE_FORMAT,) + CAPTURE_FORMATS
+    if not isinstance(structure, dict) or structure.get("format") not in formats:
+        found = structure.get("format") if isinstance(structure, dict) else type(structure)
+        raise ValueError(f"{path} is not a file written by save_pruned: {whose} has format "
+                         f"{found!r}, expected one of {formats}")
+    if structure["format"] in CAPTURE_FORMATS:
+        fields = ["removed_blocks"] + (["kept"] if structure["format"] == EXPORT_FORMAT else [])
+    else:
+        fields = list(REPLAY_FIELDS)
+    missing = [key for key in fields + (["training"] if top else []) if key not in structure]
+    if missing:
+        raise ValueError(f"{path} is incomplete: {whose} lacks {missing}")
+    if not isinstance(structure["removed_blocks"], list) or not isinstance(
+            structure.get("kept", {}), dict):
+        raise ValueError(f"{path} is damaged: {whose} holds removed blocks or kept positions "
+                         "of the wrong type")
 
 
 def _replay(structure: dict, model: nn.Module, path, architecture: str) -> nn.Module:
     """`model` with the edits `structure` records (its base's first), its tensors still of
     the shapes they had."""
+    if structure.get("base") is not None:
+        model = _replay(structure["base"], model, path, architecture)
     if structure["format"] in CAPTURE_FORMATS:  # blocks out of their containers, then slices
         kept = {name: [None if index is None else torch.tensor(index, dtype=torch.long)
                        for index in dims] for name, dims in structure.get("kept", {}).items()}
@@ -155,8 +159,6 @@ def _replay(structure: dict, model: nn.Module, path, architecture: str) -> nn.Mo
             raise ValueError(f"{path} does not match the architecture of {architecture}: "
                              f"{type(error).__name__}: {error}") from error
         return model
-    if structure.get("base") is not None:
-        model = _replay(structure["base"], model, path, architecture)
     gm = trace(model, structure["ignored"])
     nodes = {n.name: n for n in gm.graph.nodes}
     needed = [name for name, _ in structure["removed_blocks"]]
