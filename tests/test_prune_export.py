@@ -144,7 +144,7 @@ def test_an_ignored_module_keeps_its_channels_on_the_export_capture():
 
 def test_the_export_analysis_refuses_what_only_fx_does():
     model = stack_net()
-    for option in (dict(fold_bn=True), dict(inplace=True), dict(emit="graph"),
+    for option in (dict(inplace=True), dict(emit="graph"),
                    dict(importance=lambda module, bn: None)):
         with pytest.raises(ValueError, match="need the torch.fx analysis"):
             ffr_fast.prune(model, image(), ratio=0.5, analysis="export", **option)
@@ -290,3 +290,22 @@ def test_a_model_pruned_twice_reloads_from_the_original(tmp_path):
     assert len(loaded.blocks) == 2 and loaded.stem.out_channels < 6
     with torch.no_grad():
         torch.testing.assert_close(loaded(image()), second.model(image()))
+
+
+def test_fold_bn_on_the_export_path_folds_each_batch_norm_its_producer_alone_feeds(tmp_path):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    plain = ffr_fast.prune(model, x, ratio=0.5, analysis="export")
+    folded = ffr_fast.prune(model, x, ratio=0.5, analysis="export", fold_bn=True)
+    pairs = folded.report.folded_bn
+    assert len(pairs) == 20 and ("conv1", "bn1") in [tuple(p) for p in pairs]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.model.modules())
+    assert isinstance(model.bn1, nn.BatchNorm2d)  # the user's model keeps its own
+    with torch.no_grad():
+        torch.testing.assert_close(folded.model(x), plain.model(x), rtol=1e-4, atol=1e-5)
+    path = tmp_path / "folded.pt"
+    ffr_fast.save_pruned(folded, path)
+    loaded = ffr_fast.load_pruned(path, torchvision.models.resnet18)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), folded.model(x))

@@ -240,7 +240,8 @@ def after_blocks(channel_report: PruneReport, block_report: PruneReport,
 
 def structure(removed_blocks: Sequence[str], keep: Keep) -> dict:
     """What save_pruned stores: the blocks removed, then per cut tensor and per dim the
-    positions kept (load_pruned replays both on the original architecture)."""
-    return {"format": STRUCTURE_FORMAT, "removed_blocks": list(removed_blocks),
+    positions kept, then the BatchNorms folded (fold_bn fills them in; load_pruned replays
+    all three on the original architecture)."""
+    return {"format": STRUCTURE_FORMAT, "removed_blocks": list(removed_blocks), "folded_bn": [],
             "kept": {name: [None if index is None else index.tolist() for index in dims]
                      for name, dims in keep.items()}}

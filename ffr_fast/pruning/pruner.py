@@ -12,7 +12,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..capture import UncapturableModelError, flat_tensors
 from ..metrics import count_params
 from ..modes import evaluating, restore_training_flags, run_evaluating, training_flags
-from . import aten_pruner, depth
+from . import aten_fold, aten_pruner, depth
 from .blocks import ResidualBranch, branch_score, find_branches, measure_branches, select_branches
 from .blocks import remove_branches as remove_from_graph
 from .emit import EMITS, adopt, attach_structure, own_forward, own_training_forward_fails
@@ -129,7 +129,7 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
     `analysis` says which capture the analysis reads: "fx" (the torch.fx trace and its rule
     table), "export" (torch.export's ATen graph, aten_pruner.py: every op seen, so functional
     layers such as timm's BatchNormAct2d and every Hugging Face transformer are cut; all of
-    the above except `fold_bn`, `inplace`, `emit="graph"` and a callable importance, which
+    the above except `inplace`, `emit="graph"` and a callable importance, which
     it refuses by name; residual branches are whole blocks, members of an nn.ModuleList or
     nn.Sequential, named by module path; the result is always the model's own class, a
     Hugging Face config in step) or "auto": "export" where torch.fx cannot trace the
@@ -197,10 +197,10 @@ def _timed(result: PruneResult, start: float) -> PruneResult:
     return result
 
 
-def _needs_fx(fold_bn, inplace, emit, importance) -> List[str]:
+def _needs_fx(inplace, emit, importance) -> List[str]:
     """The options of a prune() call that only the torch.fx path has."""
     return [name for name, asked in (
-        ("fold_bn", fold_bn), ("inplace", inplace), ("emit='graph'", emit == "graph"),
+        ("inplace", inplace), ("emit='graph'", emit == "graph"),
         ("a callable importance", callable(importance))) if asked]
 
 
@@ -211,7 +211,7 @@ def _prune_on_export(model: nn.Module, inputs, kwargs: Optional[dict], *, thresh
                      ) -> PruneResult:
     """prune() on torch.export's capture (aten_pruner.py): residual blocks out of their
     containers, then channels; the options only the torch.fx path has are refused by name."""
-    fx_only = _needs_fx(fold_bn, inplace, emit, importance)
+    fx_only = _needs_fx(inplace, emit, importance)
     if fx_only:
         raise ValueError(f"{fx_only} need the torch.fx analysis, which cannot serve here "
                          f"({why})")
@@ -255,8 +255,12 @@ def _prune_on_export(model: nn.Module, inputs, kwargs: Optional[dict], *, thresh
         else:
             result = search_flops(cut, model, inputs, flops_target, flops_search,
                                   flops_tolerance, flops_search_steps, False, {})
+    if fold_bn:
+        result.report.folded_bn = aten_fold.fold_batch_norms(result.model, inputs, kwargs)
+        result.structure["folded_bn"] = [list(pair) for pair in result.report.folded_bn]
     result.report.settings.update(
-        path="torch.export", why=why, threshold=threshold, ratio=ratio, importance=importance,
+        path="torch.export", why=why, fold_bn=fold_bn, threshold=threshold, ratio=ratio,
+        importance=importance,
         scope=scope, min_channels=min_channels, min_fraction=min_fraction, round_to=round_to,
         remove_blocks=bool(remove_blocks), remove_branches=list(remove_branches),
         ignored=list(ignored))

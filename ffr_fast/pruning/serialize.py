@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..modes import restore_training_flags, training_flags
-from . import depth
+from . import aten_fold, depth
 from .aten_pruner import STRUCTURE_FORMAT as EXPORT_FORMAT
 from .aten_pruner import apply_keep
 from .blocks import ResidualBranch, remove_branches
@@ -155,6 +155,7 @@ def _replay(structure: dict, model: nn.Module, path, architecture: str) -> nn.Mo
         try:
             depth.cut(model, structure["removed_blocks"])
             apply_keep(model, kept)
+            aten_fold.fold(model, structure.get("folded_bn", []))
         except (ValueError, AttributeError, IndexError, RuntimeError) as error:
             raise ValueError(f"{path} does not match the architecture of {architecture}: "
                              f"{type(error).__name__}: {error}") from error
