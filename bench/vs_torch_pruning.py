@@ -40,7 +40,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-import timm_hf_models as zoo  # bench/ is the script's folder
 import torch
 import torch_pruning as tp
 from torch import nn
@@ -50,6 +49,7 @@ from ffr_fast.metrics import count_flops, count_params, flops_of, measure_latenc
 from ffr_fast.modes import run_evaluating
 from ffr_fast.torchvision_loader import load_torchvision
 
+import timm_hf_models as zoo  # bench/ is the script's folder
 from results_io import publish_results  # bench/ is the script's folder
 
 LATENCY_MODELS = ("resnet50", "mobilenet_v2", "efficientnet_b0", "convnext_tiny")

@@ -379,7 +379,8 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
                  "adds_in_place": [list(a) for a in in_place], "view_sizes": view_sizes}
     attach_structure(out, structure)
     report = PruneReport(
-        settings=dict(threshold=threshold, ratio=ratio, importance=_label(importance),
+        settings=dict(path="torch.fx", threshold=threshold, ratio=ratio,
+                      importance=_label(importance),
                       scope=scope, min_channels=min_channels, min_fraction=min_fraction,
                       round_to=round_to,
                       remove_blocks=remove_blocks, remove_branches=list(remove_branches),
