@@ -20,15 +20,12 @@ SizeRule = Callable[[nn.Module], Optional[dict]]
 
 
 def _owners(model: nn.Module) -> Dict[int, list]:
-    """id(tensor) -> every (module, attribute, is_parameter) that holds it."""
+    """id(tensor) -> every (module, attribute) that holds it as a parameter or buffer."""
     owners: Dict[int, list] = {}
     for module in model.modules():
-        for attr, tensor in module._parameters.items():
-            if tensor is not None:
-                owners.setdefault(id(tensor), []).append((module, attr, True))
-        for attr, tensor in module._buffers.items():
-            if tensor is not None:
-                owners.setdefault(id(tensor), []).append((module, attr, False))
+        for attr, tensor in [*module.named_parameters(recurse=False),
+                             *module.named_buffers(recurse=False)]:
+            owners.setdefault(id(tensor), []).append((module, attr))
     return owners
 
 
@@ -49,8 +46,8 @@ def slice_tensors(model: nn.Module, keep: Keep) -> None:
                     new = new.index_select(dim, index.to(new.device))
             if isinstance(old, nn.Parameter):  # one Parameter for every owner: still tied
                 new = nn.Parameter(new, requires_grad=old.requires_grad)
-            for module, attr, is_parameter in owners[id(old)]:
-                (module._parameters if is_parameter else module._buffers)[attr] = new
+            for module, attr in owners[id(old)]:
+                setattr(module, attr, new)  # a Parameter stays one; a buffer stays a buffer
 
 
 def zero_removed(model: nn.Module, keep: Keep) -> None:
