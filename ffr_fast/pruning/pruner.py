@@ -230,9 +230,19 @@ def _prune_on_export(model: nn.Module, inputs, kwargs: Optional[dict], *, thresh
             chosen += [b for b, score in blocks.items()
                        if b not in chosen and score is not None and score <= limit]
         chosen.sort(key=list(blocks).index)
-    work_model, block_report = model, None
+    work_model, block_report, notes = model, None, []
     if chosen:
-        work_model, block_report = depth.remove(model, inputs, kwargs, chosen, list(blocks))
+        try:
+            work_model, block_report = depth.remove(model, inputs, kwargs, chosen, list(blocks))
+        except ValueError as error:  # a block the scores chose is no identity when zeroed
+            scored = [b for b in chosen if b not in remove_branches]
+            if not scored:
+                raise
+            notes.append(f"the blocks {scored} score at most the threshold but stay: {error}")
+            chosen = list(remove_branches)
+            if chosen:
+                work_model, block_report = depth.remove(model, inputs, kwargs, chosen,
+                                                        list(blocks))
     if threshold is None and ratio is None and flops_target is None:
         result = PruneResult(work_model, block_report, aten_pruner.structure(chosen, {}))
     else:
@@ -255,6 +265,7 @@ def _prune_on_export(model: nn.Module, inputs, kwargs: Optional[dict], *, thresh
         else:
             result = search_flops(cut, model, inputs, flops_target, flops_search,
                                   flops_tolerance, flops_search_steps, False, {})
+    result.report.warnings[:0] = notes
     if fold_bn:
         result.report.folded_bn = aten_fold.fold_batch_norms(result.model, inputs, kwargs)
         result.structure["folded_bn"] = [list(pair) for pair in result.report.folded_bn]
