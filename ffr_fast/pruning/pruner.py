@@ -189,6 +189,12 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
                               flops_tolerance, flops_search_steps, inplace, options)
     if reads_flag and isinstance(result.model, fx.GraphModule):
         result.report.warnings.insert(0, TRAINING_FLAG_NOTE)
+    if analysis == "auto" and result.report.opaque_ops and not _needs_fx(inplace, emit,
+                                                                          importance):
+        result.report.warnings.append(
+            f"the torch.fx rule table does not understand {len(result.report.opaque_ops)} ops "
+            "of this model and kept the channels they touch; analysis='export' reads every "
+            "ATen op (timm's models: see the README's table)")
     return _timed(result, start)
 
 
