@@ -329,3 +329,19 @@ def test_a_block_that_scores_zero_but_is_no_identity_stays_and_the_report_says_w
     assert any("['encoder.layer.1'] score at most the threshold but stay" in w
                for w in result.report.warnings)
     assert result.report.relative_diff < 1e-5
+
+
+def test_timm_branches_are_its_blocks_and_removing_two_saves_their_flops():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                              patch_size=8, depth=4).eval()
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    branches = ffr_fast.residual_branches(model, x, analysis="export")
+    assert [b.name for b in branches] == [f"blocks.{i}" for i in range(4)]
+    gone = [b for b in branches if b.name in ("blocks.1", "blocks.2")]
+    result = ffr_fast.prune(model, x, remove_branches=[b.name for b in gone],
+                            analysis="export")
+    report = result.report
+    assert len(result.model.blocks) == 2 and report.relative_diff < 1e-5
+    assert report.flops_before - report.flops_after == sum(b.flops for b in gone)
