@@ -8,11 +8,12 @@ channel emits (aten_importance.py), on the scale the torch.fx path uses, so a th
 compares channels and residual blocks in one unit.
 
 The result is the model's own class, a deep copy with its blocks removed, its tensors sliced
-and its size attributes (and a Hugging Face config) fixed. The blocks' removal is verified
-against the original with the removed blocks zeroed (depth.py); the channel cut against the
-model it cut with every removed position of every parameter zeroed: it must agree to float32
-rounding (the analysis keeps renormalised channels whole, so it is exact), else
-PrunedModelError.
+and its size attributes (and a Hugging Face config) fixed, with `fold_bn` its BatchNorms
+folded (aten_fold.py). The blocks' removal is verified against the original with the removed
+blocks zeroed (depth.py); the channel cut against the model it cut with every removed
+position of every parameter zeroed and every cut LayerNorm normalising over its kept
+channels (KeptChannelNorms): it must agree to float32 rounding, else PrunedModelError.
+`prune` at the end of this file is the whole path, step by step.
 """
 import copy
 from dataclasses import dataclass
@@ -27,12 +28,14 @@ from torch.overrides import TorchFunctionMode
 from ..capture import Capture, capture, flat_tensors
 from ..metrics import count_params, flops_of
 from ..modes import run_evaluating
-from . import depth
+from . import aten_fold, depth
 from .aten import Analysis, analyze
 from .aten_importance import Emitter, block_score, class_scores, emitters
-from .inputs import PrunedModelError
+from .emit import attach_structure
+from .flops_search import search_flops
+from .inputs import PrunedModelError, resolve_ignored
 from .plan import make_plan
-from .report import PruneReport, max_abs_diff
+from .report import PruneReport, PruneResult, max_abs_diff
 from .slicing import (
     Keep,
     fix_sizes,
@@ -245,3 +248,86 @@ def structure(removed_blocks: Sequence[str], keep: Keep) -> dict:
     return {"format": STRUCTURE_FORMAT, "removed_blocks": list(removed_blocks), "folded_bn": [],
             "kept": {name: [None if index is None else index.tolist() for index in dims]
                      for name, dims in keep.items()}}
+
+
+def needs_fx(inplace, emit, importance) -> List[str]:
+    """The options of a prune() call that only the torch.fx path has."""
+    return [name for name, asked in (
+        ("inplace", inplace), ("emit='graph'", emit == "graph"),
+        ("a callable importance", callable(importance))) if asked]
+
+
+def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
+                     flops_target, flops_search, flops_tolerance, flops_search_steps,
+                     importance, scope, min_channels, min_fraction, round_to, remove_blocks,
+                     remove_branches, fold_bn, ignored, inplace, emit, why: str
+                     ) -> PruneResult:
+    """prune() on torch.export's capture (module docstring), its arguments as prune()'s:
+    residual blocks out of their containers, then channels; the options only the torch.fx
+    path has are refused by name."""
+    fx_only = needs_fx(inplace, emit, importance)
+    if fx_only:
+        raise ValueError(f"{fx_only} need the torch.fx analysis, which cannot serve here "
+                         f"({why})")
+    kwargs = dict(kwargs or {})
+    ignored = resolve_ignored(model, ignored)
+    first = study(model, inputs, kwargs, importance, ignored)
+    chosen = list(remove_branches)
+    if chosen or remove_blocks:
+        blocks = removable_blocks(first, ignored)
+        unknown = [name for name in chosen if name not in blocks]
+        if unknown:
+            raise ValueError(f"remove_branches: no residual branch named {unknown}; the "
+                             f"model's branches are {list(blocks)}")
+        if remove_blocks:  # without a threshold: the blocks that emit exactly zero
+            limit = threshold or 0.0
+            chosen += [b for b, score in blocks.items()
+                       if b not in chosen and score is not None and score <= limit]
+        chosen.sort(key=list(blocks).index)
+    work_model, block_report, notes = model, None, []
+    if chosen:
+        try:
+            work_model, block_report = depth.remove(model, inputs, kwargs, chosen, list(blocks))
+        except ValueError as error:  # a block the scores chose is no identity when zeroed
+            scored = [b for b in chosen if b not in remove_branches]
+            if not scored:
+                raise
+            notes.append(f"the blocks {scored} score at most the threshold but stay: {error}")
+            chosen = list(remove_branches)
+            if chosen:
+                work_model, block_report = depth.remove(model, inputs, kwargs, chosen,
+                                                        list(blocks))
+    if threshold is None and ratio is None and flops_target is None:
+        result = PruneResult(work_model, block_report, structure(chosen, {}))
+    else:
+        work = study(work_model, inputs, kwargs, importance, ignored) \
+            if chosen else first
+        original = run_evaluating(model, inputs, kwargs) if chosen else None
+
+        def cut(_model, _inputs, threshold, ratio, inplace):
+            pruned, report, keep = cut_channels(
+                work, threshold=threshold, ratio=ratio, scope=scope,
+                min_channels=min_channels, min_fraction=min_fraction, round_to=round_to,
+                in_place=inplace)
+            if chosen:
+                after_blocks(report, block_report, max_abs_diff(
+                    run_evaluating(pruned, inputs, kwargs), original))
+            return PruneResult(pruned, report, structure(chosen, keep))
+
+        if flops_target is None:  # the blocks' step made a copy of its own to cut
+            result = cut(model, inputs, threshold, ratio, bool(chosen))
+        else:
+            result = search_flops(cut, model, inputs, flops_target, flops_search,
+                                  flops_tolerance, flops_search_steps, False, {})
+    result.report.warnings[:0] = notes
+    if fold_bn:
+        result.report.folded_bn = aten_fold.fold_batch_norms(result.model, inputs, kwargs)
+        result.structure["folded_bn"] = [list(pair) for pair in result.report.folded_bn]
+    result.report.settings.update(
+        path="torch.export", why=why, fold_bn=fold_bn, threshold=threshold, ratio=ratio,
+        importance=importance,
+        scope=scope, min_channels=min_channels, min_fraction=min_fraction, round_to=round_to,
+        remove_blocks=bool(remove_blocks), remove_branches=list(remove_branches),
+        ignored=list(ignored))
+    attach_structure(result.model, result.structure)
+    return result

@@ -11,8 +11,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..capture import UncapturableModelError, flat_tensors
 from ..metrics import count_params
-from ..modes import evaluating, restore_training_flags, run_evaluating, training_flags
-from . import aten_fold, aten_pruner, depth
+from ..modes import evaluating, restore_training_flags, training_flags
+from . import aten_pruner, depth
 from .blocks import ResidualBranch, branch_score, find_branches, measure_branches, select_branches
 from .blocks import remove_branches as remove_from_graph
 from .emit import EMITS, adopt, attach_structure, own_forward, own_training_forward_fails
@@ -161,7 +161,7 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
     why = ("analysis='export'" if analysis == "export" else
            "example_kwargs are passed to the model" if example_kwargs else None)
     if why:
-        return _timed(_prune_on_export(model, inputs, example_kwargs, **on_export, why=why),
+        return _timed(aten_pruner.prune(model, inputs, example_kwargs, **on_export, why=why),
                       start)
     options = dict(importance=importance, scope=scope, min_channels=min_channels,
                    min_fraction=min_fraction, round_to=round_to, remove_blocks=remove_blocks,
@@ -175,7 +175,7 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
         if analysis == "fx":
             raise
         try:
-            return _timed(_prune_on_export(model, inputs, None, **on_export,
+            return _timed(aten_pruner.prune(model, inputs, None, **on_export,
                                            why=f"torch.fx cannot trace the model: {error}"),
                           start)
         except UncapturableModelError as export_error:
@@ -189,7 +189,7 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
                               flops_tolerance, flops_search_steps, inplace, options)
     if reads_flag and isinstance(result.model, fx.GraphModule):
         result.report.warnings.insert(0, TRAINING_FLAG_NOTE)
-    if analysis == "auto" and result.report.opaque_ops and not _needs_fx(inplace, emit,
+    if analysis == "auto" and result.report.opaque_ops and not aten_pruner.needs_fx(inplace, emit,
                                                                           importance):
         result.report.warnings.append(
             f"the torch.fx rule table does not understand {len(result.report.opaque_ops)} ops "
@@ -200,88 +200,6 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
 
 def _timed(result: PruneResult, start: float) -> PruneResult:
     result.report.seconds = time.perf_counter() - start
-    return result
-
-
-def _needs_fx(inplace, emit, importance) -> List[str]:
-    """The options of a prune() call that only the torch.fx path has."""
-    return [name for name, asked in (
-        ("inplace", inplace), ("emit='graph'", emit == "graph"),
-        ("a callable importance", callable(importance))) if asked]
-
-
-def _prune_on_export(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
-                     flops_target, flops_search, flops_tolerance, flops_search_steps,
-                     importance, scope, min_channels, min_fraction, round_to, remove_blocks,
-                     remove_branches, fold_bn, ignored, inplace, emit, why: str
-                     ) -> PruneResult:
-    """prune() on torch.export's capture (aten_pruner.py): residual blocks out of their
-    containers, then channels; the options only the torch.fx path has are refused by name."""
-    fx_only = _needs_fx(inplace, emit, importance)
-    if fx_only:
-        raise ValueError(f"{fx_only} need the torch.fx analysis, which cannot serve here "
-                         f"({why})")
-    kwargs = dict(kwargs or {})
-    ignored = resolve_ignored(model, ignored)
-    first = aten_pruner.study(model, inputs, kwargs, importance, ignored)
-    chosen = list(remove_branches)
-    if chosen or remove_blocks:
-        blocks = aten_pruner.removable_blocks(first, ignored)
-        unknown = [name for name in chosen if name not in blocks]
-        if unknown:
-            raise ValueError(f"remove_branches: no residual branch named {unknown}; the "
-                             f"model's branches are {list(blocks)}")
-        if remove_blocks:  # without a threshold: the blocks that emit exactly zero
-            limit = threshold or 0.0
-            chosen += [b for b, score in blocks.items()
-                       if b not in chosen and score is not None and score <= limit]
-        chosen.sort(key=list(blocks).index)
-    work_model, block_report, notes = model, None, []
-    if chosen:
-        try:
-            work_model, block_report = depth.remove(model, inputs, kwargs, chosen, list(blocks))
-        except ValueError as error:  # a block the scores chose is no identity when zeroed
-            scored = [b for b in chosen if b not in remove_branches]
-            if not scored:
-                raise
-            notes.append(f"the blocks {scored} score at most the threshold but stay: {error}")
-            chosen = list(remove_branches)
-            if chosen:
-                work_model, block_report = depth.remove(model, inputs, kwargs, chosen,
-                                                        list(blocks))
-    if threshold is None and ratio is None and flops_target is None:
-        result = PruneResult(work_model, block_report, aten_pruner.structure(chosen, {}))
-    else:
-        work = aten_pruner.study(work_model, inputs, kwargs, importance, ignored) \
-            if chosen else first
-        original = run_evaluating(model, inputs, kwargs) if chosen else None
-
-        def cut(_model, _inputs, threshold, ratio, inplace):
-            pruned, report, keep = aten_pruner.cut_channels(
-                work, threshold=threshold, ratio=ratio, scope=scope,
-                min_channels=min_channels, min_fraction=min_fraction, round_to=round_to,
-                in_place=inplace)
-            if chosen:
-                aten_pruner.after_blocks(report, block_report, max_abs_diff(
-                    run_evaluating(pruned, inputs, kwargs), original))
-            return PruneResult(pruned, report, aten_pruner.structure(chosen, keep))
-
-        if flops_target is None:  # the blocks' step made a copy of its own to cut
-            result = cut(model, inputs, threshold, ratio, bool(chosen))
-        else:
-            result = search_flops(cut, model, inputs, flops_target, flops_search,
-                                  flops_tolerance, flops_search_steps, False, {})
-    result.report.warnings[:0] = notes
-    if fold_bn:
-        result.report.folded_bn = aten_fold.fold_batch_norms(result.model, inputs, kwargs)
-        result.structure["folded_bn"] = [list(pair) for pair in result.report.folded_bn]
-    result.report.settings.update(
-        path="torch.export", why=why, fold_bn=fold_bn, threshold=threshold, ratio=ratio,
-        importance=importance,
-        scope=scope, min_channels=min_channels, min_fraction=min_fraction, round_to=round_to,
-        remove_blocks=bool(remove_blocks), remove_branches=list(remove_branches),
-        ignored=list(ignored))
-    attach_structure(result.model, result.structure)
     return result
 
 
