@@ -31,10 +31,8 @@ Writes bench/results/OUT.json and .md. Needs the bench extra
 """
 import argparse
 import copy
-import multiprocessing
 import platform
 import re
-import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -50,6 +48,7 @@ from ffr_fast.modes import run_evaluating
 from ffr_fast.torchvision_loader import load_torchvision
 
 import timm_hf_models as zoo  # bench/ is the script's folder
+from isolation import isolated  # bench/ is the script's folder
 from results_io import publish_results  # bench/ is the script's folder
 
 LATENCY_MODELS = ("resnet50", "mobilenet_v2", "efficientnet_b0", "convnext_tiny")
@@ -226,7 +225,7 @@ def ffr_fast_case(analysis: str) -> CaseTool:
                                 analysis=analysis, example_kwargs=case.kwargs or None)
         report = result.report
         return result.model.eval(), dict(
-            path=report.settings.get("path", "torch.fx"), relative_diff=report.relative_diff,
+            path=report.settings["path"], relative_diff=report.relative_diff,
             warnings=report.warnings,  # first clause of each in the table
             # residual branches removed whole (the fx path takes those that emit exactly zero:
             # timm's ResNet zero-initialises each block's last BatchNorm)
@@ -277,32 +276,6 @@ def case_row(family_name: str, name: str, tool: str, args) -> dict:
     except Exception as error:  # the table reports a tool that fails, with its reason
         row["error"] = error_text(error)
     return row
-
-
-def isolated(job: Callable[[], dict], seconds: float, memory_gb: float) -> dict:
-    """job()'s row, computed in a forked child process held to `seconds` and `memory_gb` of
-    address space, or (the child killed or dead) a row naming why there is none."""
-    context = multiprocessing.get_context("fork")
-    receiver, sender = context.Pipe(duplex=False)
-
-    def child() -> None:
-        limit = int(memory_gb * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        sender.send(job())
-
-    process = context.Process(target=child)
-    process.start()
-    sender.close()
-    try:
-        if not receiver.poll(seconds):
-            process.kill()
-            return dict(error=f"timed out: no result after {seconds:.0f} s")
-        return receiver.recv()
-    except EOFError:  # the child died without a row (killed for memory, a crash)
-        process.join()
-        return dict(error=f"the process died (exit code {process.exitcode})")
-    finally:
-        process.join()
 
 
 def compare_cases(family_name: str, name: str, args) -> List[dict]:
