@@ -105,6 +105,11 @@ class Capture:
         ids = [self._derived_ids.get(key) or _call_id(key, path) for key, path in _stack(node)]
         return [call for call in ids if call in self.calls]
 
+    def module_path(self, node: fx.Node) -> str:
+        """The path of the innermost module `node` ran in ("" for the root)."""
+        calls = self.call_stack(node)
+        return self.calls[calls[-1]].path if calls else ""
+
     def reads_parameter(self, node: fx.Node) -> bool:
         """Whether a call node takes a parameter (a weight, a bias, a scale) as an operand."""
         return node.op == "call_function" and any(

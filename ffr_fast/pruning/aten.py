@@ -129,16 +129,14 @@ class _Analyzer:
         """Dims a norm or a reduction mixes: whole, unless `node` runs in an RMS norm that
         the cut rescales (slicing.RMS_NORMS): its mean of squares over kept channels then
         equals the original's over all channels, the removed ones being zero."""
-        calls = self.cap.call_stack(node)
-        if not (calls and self.cap.calls[calls[-1]].path in self.rms_norms):
+        if self.cap.module_path(node) not in self.rms_norms:
             self.whole(ids, reason)
 
     def renormalises(self, node: fx.Node, weight: str, ids: np.ndarray) -> None:
         """A LayerNorm over the channels `ids` with the parameter `weight`: its channels may
         be cut, and the cut model then normalises over the kept ones only (aten_pruner.py
         verifies it against a reference that does the same)."""
-        calls = self.cap.call_stack(node)
-        layer = self.cap.calls[calls[-1]].path if calls else weight.rpartition(".")[0]
+        layer = self.cap.module_path(node) or weight.rpartition(".")[0]
         self.result.renormalised.append((layer, weight, ids))
 
     def tie(self, a: np.ndarray, b: np.ndarray) -> None:

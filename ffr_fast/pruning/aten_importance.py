@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 
 from ..capture import Capture
+from . import depth
 from .aten import Affine, Analysis
 from .aten_layout import LAYOUT_OPS
 from .aten_ops import ELEMENTWISE, PRODUCERS, REDUCTIONS, op_name
@@ -157,9 +158,8 @@ def _alive_at_zero(analysis: Analysis, cap: Capture) -> List[Emitter]:
             value = analysis.values.get(arg.name)
             if constant != 0.0 and isinstance(value, list):
                 magnitude = abs(constant) if math.isfinite(constant) else BOUNDLESS
-                calls = cap.call_stack(node)
-                layer = cap.calls[calls[-1]].path if calls else ""
-                out += [Emitter(layer, ids, np.full(len(ids), magnitude)) for ids in value]
+                out += [Emitter(cap.module_path(node), ids, np.full(len(ids), magnitude))
+                        for ids in value]
     return out
 
 
@@ -180,7 +180,7 @@ def block_score(analysis: Analysis, found: List[Emitter], block: str, output: st
     if not isinstance(value, list):
         return None
     stream = set(np.concatenate([analysis.cg.roots(ids) for ids in value]).tolist())
-    inside = [e for e in found if e.layer == block or e.layer.startswith(block + ".")]
+    inside = [e for e in found if depth.inside(e.layer, [block])]
     written = [float(s) for e in inside
                for root, s in zip(analysis.cg.roots(e.ids).tolist(), e.scores.tolist())
                if root in stream]
