@@ -8,15 +8,15 @@ is an nn.Conv1d/2d/3d or nn.Linear writing its output rows, and the BatchNorm is
 nn.BatchNorm1d/2d/3d itself (a subclass that does more, such as timm's BatchNormAct2d,
 stays). The arithmetic is torch's own (`torch.nn.utils.fusion`).
 """
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from ..capture import capture, flat_tensors
+from ..capture import Capture, capture, flat_tensors
 from ..modes import run_evaluating
-from .aten import analyze
+from .aten import Analysis, analyze
 from .report import max_abs_diff
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -24,10 +24,10 @@ BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 EXACT = 1e-4  # relative change that float32 rounding of the fold stays under
 
 
-def foldable_pairs(model: nn.Module, args, kwargs: dict) -> List[Tuple[str, str]]:
-    """(producer path, BatchNorm path) of every pair that folds (module docstring)."""
-    cap = capture(model, args, kwargs)
-    analysis = analyze(cap)
+def foldable_pairs(model: nn.Module, cap: Capture, analysis: Analysis) -> List[Tuple[str, str]]:
+    """(producer path, BatchNorm path) of every pair of `model` that folds (module
+    docstring), read off a capture of it (or of the model it was cut from: slicing keeps
+    every module and op where it was)."""
     modules = dict(model.named_modules())
     norms = {a.input: a for a in analysis.affines if a.sole_reader and a.mean is not None}
     pairs = []
@@ -55,10 +55,15 @@ def fold(model: nn.Module, pairs: Sequence[Tuple[str, str]]) -> None:
         setattr(model.get_submodule(parent) if parent else model, name, nn.Identity())
 
 
-def fold_batch_norms(model: nn.Module, args, kwargs: dict) -> List[Tuple[str, str]]:
+def fold_batch_norms(model: nn.Module, args, kwargs: dict,
+                     seen: Optional[Tuple[Capture, Analysis]] = None) -> List[Tuple[str, str]]:
     """Fold every foldable pair of `model` (pruned, our own copy) in place and put it in eval
-    mode; returns the pairs. Raises if the folded model's output moved beyond rounding."""
-    pairs = foldable_pairs(model, args, kwargs)
+    mode; returns the pairs. `seen`: a capture and analysis of the model it was cut from,
+    else it is captured here. Raises if the folded model's output moved beyond rounding."""
+    if seen is None:
+        cap = capture(model, args, kwargs)
+        seen = cap, analyze(cap)
+    pairs = foldable_pairs(model, *seen)
     with torch.no_grad():
         before = run_evaluating(model, args, kwargs)
         fold(model, pairs)

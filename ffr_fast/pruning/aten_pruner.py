@@ -297,11 +297,13 @@ def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
             if chosen:
                 work_model, block_report = depth.remove(model, inputs, kwargs, chosen,
                                                         list(blocks))
+    seen = None  # a capture of the model the result was cut from, for fold_bn
     if threshold is None and ratio is None and flops_target is None:
         result = PruneResult(work_model, block_report, structure(chosen, {}))
     else:
         work = study(work_model, inputs, kwargs, importance, ignored) \
             if chosen else first
+        seen = work.capture, work.analysis
         original = run_evaluating(model, inputs, kwargs) if chosen else None
 
         def cut(_model, _inputs, threshold, ratio, inplace):
@@ -321,7 +323,8 @@ def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
                                   flops_tolerance, flops_search_steps, False, {})
     result.report.warnings[:0] = notes
     if fold_bn:
-        result.report.folded_bn = aten_fold.fold_batch_norms(result.model, inputs, kwargs)
+        result.report.folded_bn = aten_fold.fold_batch_norms(result.model, inputs, kwargs,
+                                                              seen)
         result.structure["folded_bn"] = [list(pair) for pair in result.report.folded_bn]
     result.report.settings.update(
         path="torch.export", why=why, fold_bn=fold_bn, threshold=threshold, ratio=ratio,
