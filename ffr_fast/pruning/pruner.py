@@ -64,7 +64,7 @@ def residual_branches(model: nn.Module, example_inputs, ignored: Sequence[Any] =
     if example_kwargs and analysis == "fx":
         raise ValueError("example_kwargs are passed by the torch.export analysis only; "
                          "analysis='fx' traces the model with positional inputs")
-    if analysis == "export" or example_kwargs:
+    if analysis != "fx" or example_kwargs:
         return depth.find(model, inputs, example_kwargs, ignored)
     with evaluating(model), torch.no_grad():
         try:
@@ -158,8 +158,10 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
     if example_kwargs and analysis == "fx":
         raise ValueError("example_kwargs are passed by the torch.export analysis only; "
                          "analysis='fx' traces the model with positional inputs")
+    fx_only = aten_pruner.needs_fx(inplace, emit, importance)
     why = ("analysis='export'" if analysis == "export" else
-           "example_kwargs are passed to the model" if example_kwargs else None)
+           "example_kwargs are passed to the model" if example_kwargs else
+           "analysis='auto'" if analysis == "auto" and not fx_only else None)
     if why:
         return _timed(aten_pruner.prune(model, inputs, example_kwargs, **on_export, why=why),
                       start)
