@@ -182,12 +182,11 @@ def test_timm_convnet_is_cut_where_the_fx_table_pins_it(name):
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     result = ffr_fast.prune(model, x, ratio=0.5, analysis="export")
     check_pruned(model, result, lambda m: m(x), 2.0)
-    old = ffr_fast.prune(model, x, ratio=0.5).report  # "auto" takes torch.fx: it traces
+    old = ffr_fast.prune(model, x, ratio=0.5, analysis="fx").report
     print(f"{name}: torch.fx path {old.param_ratio:.2f}x, torch.export path "
           f"{result.report.param_ratio:.2f}x")
     assert result.report.param_ratio > 1.5 * old.param_ratio
-    assert old.settings["path"] == "torch.fx"  # and says what it did not understand
-    assert any("analysis='export' reads every ATen op" in w for w in old.warnings)
+    assert old.opaque_ops  # the functional batch norms the torch.fx table does not know
 
 
 class PixelShuffleNet(nn.Module):

@@ -84,7 +84,9 @@ def test_stochastic_depth_still_drops_paths_after_pruning(emit):
     an emitted GraphModule)."""
     torch.manual_seed(0)
     setting = [tv.models.convnext.CNBlockConfig(16, None, 3)]
-    model = tv.models.ConvNeXt(setting, stochastic_depth_prob=0.9, num_classes=10).eval()
+    # layer_scale=1: at torchvision's 1e-6 a dropped path moves the output by float rounding
+    model = tv.models.ConvNeXt(setting, stochastic_depth_prob=0.9, layer_scale=1.0,
+                               num_classes=10).eval()
     x = torch.randn(2, 3, 16, 16)
     pruned = prune(model, x, ratio=0.5, scope="layer", emit=emit).model
     assert isinstance(pruned, torch.fx.GraphModule) == (emit == "graph")

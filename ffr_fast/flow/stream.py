@@ -84,7 +84,7 @@ def _fork(cap: Capture, a: fx.Node, b: fx.Node) -> Tuple[Optional[fx.Node], List
     return None, []
 
 
-def _residual_fork(cap: Capture, node: fx.Node) -> Optional[fx.Node]:
+def residual_fork(cap: Capture, node: fx.Node) -> Optional[fx.Node]:
     """The value a residual add's shortcut starts from, or None if `node` is no residual add
     (rule 1 of the module docstring)."""
     if _op(node) not in _ADDS or len(node.args) < 2:
@@ -185,7 +185,7 @@ def residual_units(model: nn.Module, cap: Capture) -> List[StreamUnit]:
     order: residual blocks, and residual adds that no module hands out."""
     forks = {}
     for node in cap.graph.nodes:
-        fork = _residual_fork(cap, node)
+        fork = residual_fork(cap, node)
         if fork is not None:
             forks[node] = fork
     blocks: Dict[str, StreamUnit] = {}

@@ -16,20 +16,17 @@ channel stays dead through them.
 Under "bn" (network slimming) a class scores |weight| of its batch norms; a class without
 one is not scored, so it is kept.
 
-A residual block (depth.py) scores the maximum over the emitters inside it that write the
-stream it hands out: its branch's last layers. It emits exactly zero into the stream when
-that is 0.
+A residual block scores what its branches' tails emit (aten_branches.py), in this unit.
 """
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch
 import torch.fx as fx
 
 from ..capture import Capture
-from . import depth
 from .aten import Affine, Analysis
 from .aten_layout import LAYOUT_OPS
 from .aten_ops import ELEMENTWISE, PRODUCERS, REDUCTIONS, op_name
@@ -43,6 +40,9 @@ class Emitter:
     layer: str  # the module path of the tensor that writes
     ids: np.ndarray  # the channel ids it writes, one per position
     scores: np.ndarray  # float64, one per position
+    # what writes: the producer node, the batch norm's input node, the added parameter's
+    # name, the node that reads a dead constant (aten_branches reads a branch's tail by it)
+    source: str = ""
 
 
 def _row_norms(rows: torch.Tensor, bias: torch.Tensor, order: int) -> np.ndarray:
@@ -76,7 +76,7 @@ def emitters(analysis: Analysis, cap: Capture, tensors: Dict[str, torch.Tensor],
     order = IMPORTANCES[importance]
     if order is None:  # "bn": the batch norms' weights alone
         return [Emitter(_module(a.weight), analysis.tensors[a.weight][0],
-                        tensors[a.weight].detach().double().abs().cpu().numpy())
+                        tensors[a.weight].detach().double().abs().cpu().numpy(), a.input)
                 for a in analysis.affines if a.weight is not None]
     sole_readers = {a.input: a for a in analysis.affines if a.sole_reader}
     folded = set()
@@ -93,21 +93,21 @@ def emitters(analysis: Analysis, cap: Capture, tensors: Dict[str, torch.Tensor],
             bias = bias.double() * scale + shift
             folded.add(id(affine))
         ids = analysis.tensors[producer.weight][producer.dim]
-        out.append(Emitter(producer.layer, ids, _row_norms(rows, bias, order)))
+        out.append(Emitter(producer.layer, ids, _row_norms(rows, bias, order), producer.output))
     for affine in analysis.affines:
         channel_tensor = affine.bias or affine.mean
         if id(affine) in folded or channel_tensor is None:
             continue
         ids = analysis.tensors[channel_tensor][0]
         _, shift = _scale_shift(affine, tensors, len(ids))
-        out.append(Emitter(_module(channel_tensor), ids, shift.abs().numpy()))
+        out.append(Emitter(_module(channel_tensor), ids, shift.abs().numpy(), affine.input))
     for name in dict.fromkeys(analysis.shifts):
         magnitude = tensors[name].detach().double().abs().cpu()
         for dim, ids in enumerate(analysis.tensors[name]):
             if magnitude.shape[dim] > 1:  # the dims a bias spans; a scalar shifts no class
                 others = [d for d in range(magnitude.ndim) if d != dim]
                 values = magnitude.amax(dim=others) if others else magnitude
-                out.append(Emitter(_module(name), ids, values.numpy()))
+                out.append(Emitter(_module(name), ids, values.numpy(), name))
     return out + _alive_at_zero(analysis, cap)
 
 
@@ -158,8 +158,8 @@ def _alive_at_zero(analysis: Analysis, cap: Capture) -> List[Emitter]:
             value = analysis.values.get(arg.name)
             if constant != 0.0 and isinstance(value, list):
                 magnitude = abs(constant) if math.isfinite(constant) else BOUNDLESS
-                out += [Emitter(cap.module_path(node), ids, np.full(len(ids), magnitude))
-                        for ids in value]
+                out += [Emitter(cap.module_path(node), ids, np.full(len(ids), magnitude),
+                                node.name) for ids in value]
     return out
 
 
@@ -170,18 +170,3 @@ def class_scores(analysis: Analysis, found: List[Emitter]) -> Dict[int, float]:
         for root, value in zip(analysis.cg.roots(emitter.ids).tolist(), emitter.scores.tolist()):
             scores[root] = max(scores.get(root, 0.0), value)
     return scores
-
-
-def block_score(analysis: Analysis, found: List[Emitter], block: str, output: str
-                ) -> Optional[float]:
-    """The score of residual block `block`, whose call hands out node `output`: the largest
-    score an emitter inside it writes into the stream (None: nothing inside writes it)."""
-    value = analysis.values.get(output)
-    if not isinstance(value, list):
-        return None
-    stream = set(np.concatenate([analysis.cg.roots(ids) for ids in value]).tolist())
-    inside = [e for e in found if depth.inside(e.layer, [block])]
-    written = [float(s) for e in inside
-               for root, s in zip(analysis.cg.roots(e.ids).tolist(), e.scores.tolist())
-               if root in stream]
-    return max(written) if written else None

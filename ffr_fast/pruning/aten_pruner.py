@@ -30,7 +30,8 @@ from ..metrics import count_params, flops_of
 from ..modes import run_evaluating
 from . import aten_fold, depth
 from .aten import Analysis, analyze
-from .aten_importance import Emitter, block_score, class_scores, emitters
+from .aten_branches import block_score, dead_branches
+from .aten_importance import Emitter, class_scores, emitters
 from .emit import attach_structure
 from .flops_search import search_flops
 from .inputs import PrunedModelError, resolve_ignored
@@ -49,6 +50,12 @@ from .slicing import (
 
 EXACT = 1e-4  # relative difference to the zeroed original that float32 rounding stays under
 STRUCTURE_FORMAT = "ffr_fast.aten/1"
+
+
+class NotABlockError(ValueError):
+    """remove_branches names a branch that is not a whole removable block of the capture (a
+    sub-branch of a block, a block with a projection shortcut): only the torch.fx path's
+    rewired graph can remove it."""
 
 
 @dataclass
@@ -98,13 +105,10 @@ def _pin_ignored(analysis: Analysis, cap: Capture, ignored: Sequence[str]) -> No
 
 def removable_blocks(work: Study, ignored: Sequence[str]) -> Dict[str, Optional[float]]:
     """Every block depth.py can remove (outside `ignored`), in forward order, with its score:
-    the largest that its branch's last layers emit into the stream (None: nothing scores it)."""
-    out = {}
-    for block in depth.removable_blocks(work.model, work.capture):
-        if not depth.inside(block, ignored):
-            output = work.capture.calls[block].outputs[0]
-            out[block] = block_score(work.analysis, work.emitters, block, output)
-    return out
+    the largest that its branches' tails emit into the stream (None: nothing scores it)."""
+    return {block: block_score(work.capture, work.analysis, work.emitters, block)
+            for block in depth.removable_blocks(work.model, work.capture)
+            if not depth.inside(block, ignored)}
 
 
 def kept_positions(analysis: Analysis, removed: set) -> Keep:
@@ -260,11 +264,13 @@ def needs_fx(inplace, emit, importance) -> List[str]:
 def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
                      flops_target, flops_search, flops_tolerance, flops_search_steps,
                      importance, scope, min_channels, min_fraction, round_to, remove_blocks,
-                     remove_branches, fold_bn, ignored, inplace, emit, why: str
-                     ) -> PruneResult:
+                     remove_branches, fold_bn, ignored, inplace, emit, why: str,
+                     fallback: bool = False) -> PruneResult:
     """prune() on torch.export's capture (module docstring), its arguments as prune()'s:
     residual blocks out of their containers, then channels; the options only the torch.fx
-    path has are refused by name."""
+    path has are refused by name. A branch that scores at most the threshold but is no
+    whole block (an attention sub-branch, a downsampling block) stays with a report
+    warning, or with `fallback` raises NotABlockError (the torch.fx path can remove it)."""
     fx_only = needs_fx(inplace, emit, importance)
     if fx_only:
         raise ValueError(f"{fx_only} need the torch.fx analysis, which cannot serve here "
@@ -272,19 +278,27 @@ def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
     kwargs = dict(kwargs or {})
     ignored = resolve_ignored(model, ignored)
     first = study(model, inputs, kwargs, importance, ignored)
-    chosen = list(remove_branches)
+    chosen, notes = list(remove_branches), []
     if chosen or remove_blocks:
         blocks = removable_blocks(first, ignored)
         unknown = [name for name in chosen if name not in blocks]
         if unknown:
-            raise ValueError(f"remove_branches: no residual branch named {unknown}; the "
+            raise NotABlockError(f"remove_branches: no residual branch named {unknown}; the "
                              f"model's branches are {list(blocks)}")
         if remove_blocks:  # without a threshold: the blocks that emit exactly zero
             limit = threshold or 0.0
             chosen += [b for b, score in blocks.items()
                        if b not in chosen and score is not None and score <= limit]
+            stranded = dead_branches(first.capture, first.analysis, first.emitters, limit,
+                                     chosen + list(ignored))
+            if stranded:
+                message = (f"residual branches added in {stranded} emit at most the threshold "
+                           "but are no whole removable blocks, so they stay")
+                if fallback:
+                    raise NotABlockError(message)
+                notes.append(message)
         chosen.sort(key=list(blocks).index)
-    work_model, block_report, notes = model, None, []
+    work_model, block_report = model, None
     if chosen:
         try:
             work_model, block_report = depth.remove(model, inputs, kwargs, chosen, list(blocks))

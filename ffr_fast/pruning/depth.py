@@ -157,7 +157,8 @@ def remove(model: nn.Module, args, kwargs, names: Sequence[str],
         settings={"remove_branches": list(names)}, params_before=count_params(model),
         params_after=count_params(pruned), flops_before=flops_before, flops_after=flops_after,
         channels={}, removed_classes=0, prunable_classes=0,
-        removed_blocks=[{"block": name, "add": "", "shortcut": "input"} for name in names],
+        removed_blocks=[{"block": name, "add": "", "shortcut": "identity (the block's input)"}
+                        for name in names],
         max_abs_diff=max_abs_diff(new, reference),
         reference_max_abs=max(float(t.float().abs().max()) for t in flat_tensors(reference)),
         max_abs_diff_original=max_abs_diff(new, original))

@@ -21,7 +21,7 @@ from .fold import fold_batchnorms, foldable_pairs
 from .graph import analyze
 from .importance import Scorer, class_scores, scorer_for
 from .inplace import adds_in_place
-from .inputs import as_inputs, check_model, resolve_ignored, run_checked
+from .inputs import PrunedModelError, as_inputs, check_model, resolve_ignored, run_checked
 from .plan import make_plan
 from .report import PruneReport, PruneResult, max_abs_diff
 from .surgery import (
@@ -64,7 +64,7 @@ def residual_branches(model: nn.Module, example_inputs, ignored: Sequence[Any] =
     if example_kwargs and analysis == "fx":
         raise ValueError("example_kwargs are passed by the torch.export analysis only; "
                          "analysis='fx' traces the model with positional inputs")
-    if analysis != "fx" or example_kwargs:
+    if analysis == "export" or example_kwargs:
         return depth.find(model, inputs, example_kwargs, ignored)
     with evaluating(model), torch.no_grad():
         try:
@@ -159,12 +159,18 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
         raise ValueError("example_kwargs are passed by the torch.export analysis only; "
                          "analysis='fx' traces the model with positional inputs")
     fx_only = aten_pruner.needs_fx(inplace, emit, importance)
-    why = ("analysis='export'" if analysis == "export" else
-           "example_kwargs are passed to the model" if example_kwargs else
-           "analysis='auto'" if analysis == "auto" and not fx_only else None)
-    if why:
+    if analysis == "export" or example_kwargs:
+        why = "analysis='export'" if analysis == "export" else \
+            "example_kwargs are passed to the model"
         return _timed(aten_pruner.prune(model, inputs, example_kwargs, **on_export, why=why),
                       start)
+    export_failure = None  # why the torch.export path could not serve "auto"
+    if analysis == "auto" and not fx_only:
+        try:
+            return _timed(aten_pruner.prune(model, inputs, None, **on_export,
+                                           why="analysis='auto'", fallback=True), start)
+        except (PrunedModelError, UncapturableModelError, aten_pruner.NotABlockError) as error:
+            export_failure = error
     options = dict(importance=importance, scope=scope, min_channels=min_channels,
                    min_fraction=min_fraction, round_to=round_to, remove_blocks=remove_blocks,
                    remove_branches=list(remove_branches), fold_bn=fold_bn,
@@ -174,9 +180,16 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
     try:
         reads_flag = reads_training_flag(model, options["ignored"])
     except UntraceableModelError as error:
+        if isinstance(export_failure, aten_pruner.NotABlockError):
+            # the branches torch.fx would have removed stay (or the named ones are refused)
+            return _timed(aten_pruner.prune(model, inputs, None, **on_export,
+                                           why="analysis='auto'"), start)
+        if export_failure is not None:
+            raise type(export_failure)(f"{export_failure}; torch.fx cannot trace the model "
+                                       f"either: {error}") from error
         if analysis == "fx":
             raise
-        try:
+        try:  # fx-only options asked: the export path refuses them by name
             return _timed(aten_pruner.prune(model, inputs, None, **on_export,
                                            why=f"torch.fx cannot trace the model: {error}"),
                           start)
@@ -191,12 +204,10 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
                               flops_tolerance, flops_search_steps, inplace, options)
     if reads_flag and isinstance(result.model, fx.GraphModule):
         result.report.warnings.insert(0, TRAINING_FLAG_NOTE)
-    if analysis == "auto" and result.report.opaque_ops and not aten_pruner.needs_fx(inplace, emit,
-                                                                          importance):
-        result.report.warnings.append(
-            f"the torch.fx rule table does not understand {len(result.report.opaque_ops)} ops "
-            "of this model and kept the channels they touch; analysis='export' reads every "
-            "ATen op (timm's models: see the README's table)")
+    if export_failure is not None:
+        result.report.warnings.insert(0, (
+            f"the torch.export analysis could not prune this model "
+            f"({type(export_failure).__name__}: {export_failure}); the torch.fx analysis did"))
     return _timed(result, start)
 
 
