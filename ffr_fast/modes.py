@@ -5,7 +5,7 @@ inside a training model would come back training. Whatever runs a user's model i
 for a moment (FLOP counting, latency, pruning, BatchNorm recalibration) goes through here.
 """
 import contextlib
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Optional
 
 import torch
 from torch import nn
@@ -38,3 +38,20 @@ def run_evaluating(model: nn.Module, args, kwargs):
     (what prune() measures and verifies with; flops_of counts it)."""
     with evaluating(model), torch.no_grad():
         return model(*args, **kwargs)
+
+
+def training_failure(model: nn.Module, args, kwargs) -> Optional[Exception]:
+    """What `model(*args, **kwargs)` raises in training mode (None if it runs), run without
+    gradients on copies of its buffers and a forked random state, so that neither the
+    running statistics nor the caller's random stream move; every flag restored after."""
+    flags = training_flags(model)
+    buffers = {name: b.clone() for name, b in model.named_buffers(remove_duplicate=False)}
+    model.train()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.func.functional_call(model, buffers, tuple(args), kwargs, strict=False)
+    except Exception as error:
+        return error
+    finally:
+        restore_training_flags(model, flags)
+    return None

@@ -2,6 +2,7 @@
 changed, the GraphModule when residual branches were rewired, and never a model whose own
 forward disagrees with its pruned graph."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -16,6 +17,9 @@ from ffr_fast.torchvision_loader import load_torchvision
 from nets import kill_channels, look_trained
 
 X = torch.randn(2, 3, 32, 32)
+# emit= chooses what the torch.fx path hands back; the export path always gives the
+# model's own class (a training-only branch it cannot serve falls back to torch.fx, below).
+prune_fx = functools.partial(prune, analysis="fx")
 
 
 def sparse_resnet20():
@@ -28,7 +32,7 @@ def sparse_resnet20():
 @pytest.mark.parametrize("fold_bn", [False, True])
 def test_pruning_channels_only_gives_the_models_own_class(fold_bn, tmp_path):
     model = sparse_resnet20()
-    result = prune(model, X, ratio=0.4, fold_bn=fold_bn)
+    result = prune_fx(model, X, ratio=0.4, fold_bn=fold_bn)
     pruned = result.model
     assert type(pruned) is type(model) and not isinstance(pruned, fx.GraphModule)
     assert result.structure["emitted"] == "module"
@@ -48,19 +52,19 @@ def test_pruning_channels_only_gives_the_models_own_class(fold_bn, tmp_path):
 
 def test_removed_branches_give_the_graph_module_and_emit_module_refuses_them():
     model = sparse_resnet20()
-    result = prune(model, X, remove_branches=["layer2.1"])
+    result = prune_fx(model, X, remove_branches=["layer2.1"])
     assert isinstance(result.model, fx.GraphModule)
     assert result.structure["emitted"] == "graph"
     with pytest.raises(ValueError, match=r"emit='module'.*residual branch layer2.1"):
-        prune(model, X, remove_branches=["layer2.1"], emit="module")
+        prune_fx(model, X, remove_branches=["layer2.1"], emit="module")
     with pytest.raises(ValueError, match="emit must be one of"):
-        prune(model, X, ratio=0.5, emit="eager")
+        prune_fx(model, X, ratio=0.5, emit="eager")
 
 
 def test_inplace_prunes_the_callers_own_model():
     model = sparse_resnet20()
-    expected = outputs(prune(model, X, ratio=0.4).model, X)
-    result = prune(model, X, ratio=0.4, inplace=True)
+    expected = outputs(prune_fx(model, X, ratio=0.4).model, X)
+    result = prune_fx(model, X, ratio=0.4, inplace=True)
     assert result.model is model
     torch.testing.assert_close(outputs(model, X), expected, rtol=0, atol=0)
 
@@ -84,12 +88,12 @@ class LastDimNorm(nn.Module):
 def test_a_forward_that_reads_a_stale_width_falls_back_to_the_graph():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), LastDimNorm(8), nn.Conv2d(8, 4, 3)).eval()
-    result = prune(model, X, ratio=0.5)
+    result = prune_fx(model, X, ratio=0.5)
     assert isinstance(result.model, fx.GraphModule)
     assert "own forward cannot serve" in result.report.warnings[0]
     assert result.model(X).shape == (2, 4, 28, 28)
     with pytest.raises(ValueError, match="emit='module'.*own forward cannot serve"):
-        prune(model, X, ratio=0.5, emit="module")
+        prune_fx(model, X, ratio=0.5, emit="module")
     assert model[1].width == 8 and model[0].out_channels == 8  # the caller's model untouched
 
 
@@ -112,7 +116,7 @@ def test_convnext_keeps_its_class_and_its_layer_norms_read_their_new_width(tmp_p
 
 def test_files_of_the_previous_format_still_load(tmp_path):
     model = sparse_resnet20()
-    result = prune(model, X, ratio=0.4, emit="graph")
+    result = prune_fx(model, X, ratio=0.4, emit="graph")
     structure = {k: v for k, v in result.structure.items() if k != "emitted"}
     structure.update(format="ffr_fast.pruned/3", training={})
     torch.save({"structure": structure, "state_dict": result.model.state_dict()},
@@ -139,11 +143,11 @@ class AuxiliaryHead(nn.Module):
 def test_a_training_only_branch_that_reads_pruned_channels_gives_the_graph():
     torch.manual_seed(0)
     model = AuxiliaryHead().eval()
-    result = prune(model, X, ratio=0.5)
+    result = prune_fx(model, X, ratio=0.5)
     assert isinstance(result.model, fx.GraphModule)
     assert "in training mode it raised" in " ".join(result.report.warnings)
     assert any("reads self.training" in w for w in result.report.warnings)
     result.model.train()(X)  # the graph runs the eval-mode code it was traced with
     with pytest.raises(ValueError, match="in training mode it raised"):
-        prune(model, X, ratio=0.5, emit="module")
+        prune_fx(model, X, ratio=0.5, emit="module")
     assert not any(m.training for m in model.modules())  # the trial ran on a copy

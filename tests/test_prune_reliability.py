@@ -125,10 +125,10 @@ def test_bad_pruned_files_are_named_errors(saved, tmp_path):
                                          "holds a Tensor"):
         load_pruned(tmp_path / "tensor.pt", models.resnet20)
     payload = torch.load(saved, weights_only=True)
-    del payload["structure"]["ignored"]
+    del payload["structure"]["kept"]
     torch.save(payload, tmp_path / "partial.pt")
     with pytest.raises(ValueError, match=r"partial.pt is incomplete: its structure lacks "
-                                         r"\['ignored'\]"):
+                                         r"\['kept'\]"):
         load_pruned(tmp_path / "partial.pt", models.resnet20)
     torch.save({"state_dict": {}}, tmp_path / "dict.pt")
     with pytest.raises(ValueError, match=r"dict.pt is not a file written by save_pruned: it "
@@ -305,11 +305,13 @@ def unsliced_rule():
 
 
 def test_a_layer_the_pruner_broke_is_not_blamed_on_the_inputs(unsliced_rule):
+    """On the torch.fx path, whose rule table the user's rule entered (the export path reads
+    the layer's own ops and needs no rule)."""
     model = nn.Sequential(nn.Conv2d(3, 8, 3), UnslicedScale(8), nn.Conv2d(8, 4, 1))
     with pytest.raises(PrunedModelError, match=r"the pruned model failed in module '1' "
                                                r"\(UnslicedScale\).*the original model ran.*"
                                                r"ignored=\['1'\]") as caught:
-        prune(model, torch.randn(1, 3, 8, 8), ratio=0.5)
+        prune(model, torch.randn(1, 3, 8, 8), ratio=0.5, analysis="fx")
     assert not isinstance(caught.value, ExampleInputError)
 
 

@@ -27,14 +27,14 @@ from torch.overrides import TorchFunctionMode
 
 from ..capture import Capture, capture, flat_tensors
 from ..metrics import count_params, flops_of
-from ..modes import run_evaluating
+from ..modes import run_evaluating, training_failure
 from . import aten_fold, depth
 from .aten import Analysis, analyze
 from .aten_branches import block_score, dead_branches
 from .aten_importance import Emitter, class_scores, emitters
 from .emit import attach_structure
 from .flops_search import search_flops
-from .inputs import PrunedModelError, resolve_ignored
+from .inputs import PrunedModelError, resolve_ignored, run_checked
 from .plan import make_plan
 from .report import PruneReport, PruneResult, max_abs_diff
 from .slicing import (
@@ -68,6 +68,7 @@ class Study:
     analysis: Analysis
     emitters: List[Emitter]
     scores: Dict[int, float]  # channel class root -> importance
+    trains: bool  # the model runs in training mode on the example call
 
 
 def study(model: nn.Module, args, kwargs: dict, importance: str, ignored: Sequence[str]
@@ -81,7 +82,7 @@ def study(model: nn.Module, args, kwargs: dict, importance: str, ignored: Sequen
     tensors.update(model.named_buffers(remove_duplicate=False))
     found = emitters(analysis, cap, tensors, importance)
     return Study(model, tuple(args), kwargs, cap, analysis, found,
-                 class_scores(analysis, found))
+                 class_scores(analysis, found), training_failure(model, args, kwargs) is None)
 
 
 def _pin_ignored(analysis: Analysis, cap: Capture, ignored: Sequence[str]) -> None:
@@ -185,6 +186,13 @@ def cut_channels(work: Study, *, threshold, ratio, scope, min_channels, min_frac
             f"channels zeroed by {report.relative_diff:.3g} (relative) on the example call: "
             "a layer's code reads a size the slicing did not fix (register_size_rule teaches "
             "it one); please report the model")
+    failure = training_failure(pruned, args, kwargs) if work.trains else None
+    if failure is not None:  # code that runs in training only, which the capture never saw
+        raise PrunedModelError(
+            f"the pruned {type(model).__name__} fails in training mode, where the original "
+            f"runs: {type(failure).__name__}: {failure}. Code that runs only in training (an "
+            "auxiliary head) reads channels the eval-mode capture did not see (analysis='fx' "
+            "can emit the pruned graph instead)") from failure
     return pruned, report, keep
 
 
@@ -277,6 +285,9 @@ def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
                          f"({why})")
     kwargs = dict(kwargs or {})
     ignored = resolve_ignored(model, ignored)
+    # the inputs' fault named as such (the capture runs on fake tensors, which miss some)
+    run_checked(model, inputs, lambda *args: run_evaluating(model, args, kwargs),
+                count_flops=False)
     first = study(model, inputs, kwargs, importance, ignored)
     chosen, notes = list(remove_branches), []
     if chosen or remove_blocks:
@@ -340,6 +351,7 @@ def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
         result.report.folded_bn = aten_fold.fold_batch_norms(result.model, inputs, kwargs,
                                                               seen)
         result.structure["folded_bn"] = [list(pair) for pair in result.report.folded_bn]
+        result.report.params_after = count_params(result.model)  # the BatchNorms' are gone
     result.report.settings.update(
         path="torch.export", why=why, fold_bn=fold_bn, threshold=threshold, ratio=ratio,
         importance=importance,

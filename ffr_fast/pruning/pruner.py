@@ -184,9 +184,11 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
             # the branches torch.fx would have removed stay (or the named ones are refused)
             return _timed(aten_pruner.prune(model, inputs, None, **on_export,
                                            why="analysis='auto'"), start)
+        if isinstance(export_failure, UncapturableModelError):
+            raise UntraceableModelError(f"{error}; torch.export cannot capture it either: "
+                                        f"{export_failure}") from export_failure
         if export_failure is not None:
-            raise type(export_failure)(f"{export_failure}; torch.fx cannot trace the model "
-                                       f"either: {error}") from error
+            raise export_failure from error
         if analysis == "fx":
             raise
         try:  # fx-only options asked: the export path refuses them by name
