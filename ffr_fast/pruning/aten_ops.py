@@ -90,6 +90,19 @@ def creation(a, node):
     return a.fresh_like(node, "created inside the model")
 
 
+@rule("prelu", "_prelu_kernel")
+def prelu(a, node):
+    """max(0, x) + weight * min(0, x): a slope per channel ties to the channel dim (dim 1,
+    or the only dim of a 1-d input), a single slope broadcasts."""
+    x, w = a.ids(node.args[0]), a.ids(node.args[1])
+    if x is None or w is None:
+        return None
+    if len(w) == 1 and len(w[0]) > 1:
+        a.tie(w[0], x[1 if len(x) > 1 else 0])
+        return x
+    return a.broadcast(shape_of(node), [x, w], [shape_of(node.args[0]), shape_of(node.args[1])])
+
+
 # -- matrix products ------------------------------------------------------------------------
 def _contract(a, x: Ids, w: Ids, first, second, out_shape) -> Ids:
     """x @ w with broadcast batch dims; 1-D operands as torch.matmul treats them."""
