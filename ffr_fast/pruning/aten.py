@@ -19,7 +19,10 @@ How ids flow, each op described once in OPS below:
 - layer_norm over the last dim with a weight: its channels tie to the weight and bias and
   may be cut; the cut model renormalises over the kept channels, an approximation of the
   original that the report names (report.approximate).
-- group_norm, other norms, reductions and softmax / cumsum over a dim: the
+- group_norm with a weight: position p of every group is tied across the groups (each
+  group loses as many, the group count stays); cut, each group renormalised over its kept
+  channels (report.approximate, like a LayerNorm); without a weight its channels are whole.
+- other norms, reductions and softmax / cumsum over a dim: the
   normalised or reduced dims are *whole*: their ids form one class, pinned (a removed
   channel would change the statistics of the others: RMSNorm's pow/mean/rsqrt/mul chain
   is a mean over the channels), so the result stays exact. The exception is an RMS norm
@@ -42,9 +45,9 @@ How ids flow, each op described once in OPS below:
 Any other op pins every id it reads and writes and is named (analysis.unknown_ops).
 
 The result is exact by construction against the original with every removed position of
-every parameter zeroed, and every cut LayerNorm normalising over its kept
-channels only: every op computes a kept position from kept positions only, or from removed
-ones through a zeroed parameter (a linear layer's zeroed columns).
+every parameter zeroed, and every cut LayerNorm (GroupNorm: every group) normalising over
+its kept channels only: every op computes a kept position from kept positions only, or
+from removed ones through a zeroed parameter (a linear layer's zeroed columns).
 """
 import operator
 from dataclasses import dataclass, field
