@@ -234,16 +234,29 @@ class TransposedNet(nn.Module):
         return self.conv2(torch.relu(self.up(torch.relu(self.conv1(x)))))
 
 
+@torch.library.custom_op("ffr_tests::channel_softmax", mutates_args=())
+def channel_softmax(x: torch.Tensor) -> torch.Tensor:
+    """A user's op (torch.library.custom_op) that mixes the channels: the export capture
+    keeps it as one node that no table of the pruner describes."""
+    return torch.softmax(x, 1)
+
+
+@channel_softmax.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
 class SoftmaxNet(nn.Module):
-    """nn.Softmax2d mixes channels and has no rule: it pins them, the rest is pruned."""
+    """A custom op mixes conv2's channels and has no rule: it pins them, the rest is
+    pruned."""
 
     def __init__(self):
         super().__init__()
         self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
-        self.mix, self.conv3 = nn.Softmax2d(), nn.Conv2d(8, 4, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 4, 3, padding=1)
 
     def forward(self, x):
-        return self.conv3(self.mix(self.conv2(torch.relu(self.conv1(x)))))
+        return self.conv3(channel_softmax(self.conv2(torch.relu(self.conv1(x)))))
 
 
 class ChannelScale(nn.Module):

@@ -1,16 +1,16 @@
-"""One small net per rule of the table (rules.py, graph.py): channels followed through
-permute, a channels-last MLP, channel shuffle written out, squeeze-excitation gates, layer
-scales, GroupNorm, Conv1d, PReLU, ConvTranspose2d; an op without a rule pins its channels
-and is named; register_rule teaches the pruner a user's layer."""
+"""One small net per family of the ATen op table (aten_ops.py, aten_layout.py): channels
+followed through permute, a channels-last MLP, channel shuffle written out, squeeze-excitation
+gates, layer scales, GroupNorm, Conv1d, PReLU, ConvTranspose2d; an op outside the table pins
+its channels and is named; a user's layer in plain torch needs no rule, only its size
+attributes a size rule (register_size_rule)."""
 import pytest
 import torch
 from torch import nn
 
-from ffr_fast.pruning import Rule, load_pruned, prune, register_rule, save_pruned
-from ffr_fast.pruning.rules import RULES
+from ffr_fast.pruning import load_pruned, prune, register_size_rule, save_pruned
+from ffr_fast.pruning.slicing import SIZE_RULES
 
 from nets import (
-    ChannelScale,
     ChannelsLastMLP,
     Conv1dNet,
     FixedView,
@@ -75,10 +75,34 @@ def test_rule_prunes_exactly(case):
 
 
 def test_channel_shuffle_ties_positions_across_groups():
-    """Channel 1 alone is not removed: after the shuffle it shares a slot with channel 5."""
+    """Channel 1 alone is not removed: after the shuffle it shares a slot with channel 5
+    (position 1 of both groups), and the shuffle's group count stays."""
     model = look_trained(TracedShuffle())
     kill(model, {"conv1.0": [1]})
     assert prune(model, X, threshold=0.0).report.channels["conv1.0"] == (8, 8)
+    kill(model, {"conv1.0": [5]})
+    result = prune(model, X, threshold=0.0)
+    assert result.report.channels["conv1.0"] == (8, 6)
+    assert result.report.relative_diff <= 1e-5
+
+
+def test_a_split_whose_lead_is_merged_back_outermost_cuts_whole_groups():
+    """The same view without the transpose ((B, C) -> (B, C / 4, 4) -> (B, C), heads of 4)
+    cuts whole groups and keeps the group's size, which the code says as a constant."""
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = torch.relu(self.conv1(x))
+            b, c, h, w = y.shape
+            return self.conv2(y.view(b, c // 4, 4, h, w).softmax(2).reshape(b, c, h, w))
+
+    torch.manual_seed(0)
+    result = prune(Heads(), X, ratio=0.5, scope="layer")
+    assert result.report.channels["conv1"] == (8, 4) and result.report.relative_diff <= 1e-5
+    assert result.structure["kept"]["conv1.weight"][0] in ([0, 1, 2, 3], [4, 5, 6, 7])
 
 
 def test_squeeze_excitation_gate_is_tied_to_its_channels():
@@ -99,30 +123,35 @@ def test_group_norm_keeps_its_groups_and_says_it_is_approximate():
 
 
 def test_op_without_a_rule_pins_its_channels_and_is_named():
+    """The capture names the ATen op (here a user's custom op) and its node."""
     model = SoftmaxNet()
     result = prune(model, X, ratio=0.5, scope="layer")
-    assert [o["op"] for o in result.report.opaque_ops] == ["module 'mix' (Softmax2d)"]
-    assert "register_rule" in result.report.opaque_ops[0]["reason"]
-    assert result.report.channels["conv2"] == (8, 8)  # read by the softmax: kept
+    assert [o["op"] for o in result.report.opaque_ops] == [
+        "channel_softmax (node channel_softmax)"]
+    assert "outside the channel analysis" in result.report.opaque_ops[0]["reason"]
+    assert result.report.channels["conv2"] == (8, 8)  # read by the custom op: kept
     assert result.report.channels["conv1"] == (8, 4)  # elsewhere: pruned
     assert result.report.relative_diff <= 1e-5
 
 
-@pytest.fixture
-def scale_rule():
-    register_rule(ChannelScale, Rule(
-        "channelwise", dim=1, params={"weight": ("out",)},
-        resize=lambda m: setattr(m, "channels", m.weight.shape[0])))
-    yield
-    del RULES[ChannelScale]
-
-
-def test_without_a_rule_a_user_layer_is_traced_and_its_view_pins():
+def test_without_a_rule_a_user_layer_is_read_through_its_ops():
+    """ChannelScale's `x * weight.view(1, -1, 1, 1)` is a view and a mul of the table: its
+    weight is sliced with conv1 and nothing is opaque; only its `channels` attribute, which
+    no op reads, keeps the old count without a size rule."""
     result = prune(ScaleNet(), X, ratio=0.5, scope="layer")
-    assert result.report.channels["conv1"] == (8, 8) and result.report.opaque_ops
+    assert result.report.opaque_ops == [] and result.report.channels["conv1"] == (8, 4)
+    assert result.model.scale.weight.shape == (4,) and result.model.scale.channels == 8
+    assert result.report.relative_diff <= 1e-5
 
 
-def test_register_rule_teaches_a_user_layer(scale_rule, tmp_path):
+@pytest.fixture
+def scale_size_rule():
+    register_size_rule("ChannelScale", lambda m: setattr(m, "channels", m.weight.shape[0]))
+    yield
+    del SIZE_RULES["ChannelScale"]  # slicing has no public unregister
+
+
+def test_register_size_rule_fixes_a_user_layer_s_sizes(scale_size_rule, tmp_path):
     model = ScaleNet()
     result = prune(model, X, ratio=0.5, scope="layer")
     assert result.report.opaque_ops == [] and result.report.channels["conv1"] == (8, 4)
@@ -132,15 +161,6 @@ def test_register_rule_teaches_a_user_layer(scale_rule, tmp_path):
     loaded = load_pruned(tmp_path / "p.pt", ScaleNet)
     assert loaded.scale.channels == 4
     torch.testing.assert_close(loaded(X), result.model(X))
-
-
-def test_register_rule_rejects_bad_arguments():
-    with pytest.raises(TypeError, match="nn.Module subclass"):
-        register_rule(int, Rule("channelwise"))
-    with pytest.raises(TypeError, match="needs a Rule"):
-        register_rule(ChannelScale, {"kind": "channelwise"})
-    with pytest.raises(ValueError, match="Rule.kind must be one of"):
-        Rule("mixer")
 
 
 def test_prelu_with_one_slope_is_not_sliced():

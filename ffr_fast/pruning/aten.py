@@ -19,17 +19,23 @@ How ids flow, each op described once in OPS below:
 - layer_norm over the last dim with a weight: its channels tie to the weight and bias and
   may be cut; the cut model renormalises over the kept channels, an approximation of the
   original that the report names (report.approximate).
-- group_norm, other norms, reductions and softmax / cumsum over a dim: the
+- group_norm with a weight: position p of every group is tied across the groups (each
+  group loses as many, the group count stays); cut, each group renormalised over its kept
+  channels (report.approximate, like a LayerNorm); without a weight its channels are whole.
+- other norms, reductions and softmax / cumsum over a dim: the
   normalised or reduced dims are *whole*: their ids form one class, pinned (a removed
   channel would change the statistics of the others: RMSNorm's pow/mean/rsqrt/mul chain
   is a mean over the channels), so the result stays exact. The exception is an RMS norm
   module the slicing knows (slicing.RMS_NORMS: Llama's, Qwen's, T5's, torch's): its
   channels are cut, and its weight and eps rescaled so that it stays exact.
-- element-wise ops broadcast: dims of equal size are tied (an RMSNorm weight, a layer-scale
-  gamma or a bias takes the ids of the dims it broadcasts against); scalars are ignored.
+- element-wise ops (and prelu, whose per-channel slope ties to dim 1) broadcast: dims of
+  equal size are tied (an RMSNorm weight, a layer-scale gamma or a bias takes the ids of
+  the dims it broadcasts against); scalars are ignored.
 - view / reshape / flatten: dims are matched by their sizes; merged dims keep one carrier
   (the first whose ids are not pinned, the others pinned: (H, D) -> H*D repeats the head
-  ids), a split C -> (H, D) gives fresh head ids, each head owning its D channels, D pinned.
+  ids); a split C -> (H, D) gives head ids, each head owning its D channels, D pinned,
+  unless H is merged back later as an inner dim (a shuffle: view (G, C/G), transpose,
+  view): then position i of every group is one class and G stays (aten_layout.Split).
   permute / transpose / unsqueeze / squeeze / expand move ids (expanded dims fresh, pinned:
   GQA's expand + reshape of the KV heads ties each query head to its KV head).
 - cat concatenates ids; split / chunk into equal pieces ties the pieces position by
@@ -39,9 +45,9 @@ How ids flow, each op described once in OPS below:
 Any other op pins every id it reads and writes and is named (analysis.unknown_ops).
 
 The result is exact by construction against the original with every removed position of
-every parameter zeroed, and every cut LayerNorm normalising over its kept channels only:
-every op computes a kept position from kept positions only, or from removed ones through a
-zeroed parameter (a linear layer's zeroed columns).
+every parameter zeroed, and every cut LayerNorm (GroupNorm: every group) normalising over
+its kept channels only: every op computes a kept position from kept positions only, or
+from removed ones through a zeroed parameter (a linear layer's zeroed columns).
 """
 import operator
 from dataclasses import dataclass, field
@@ -52,7 +58,7 @@ import torch
 import torch.fx as fx
 
 from ..capture import Capture
-from .aten_layout import LAYOUT_OPS
+from .aten_layout import LAYOUT_OPS, Split
 from .aten_ops import OPS as COMPUTE_OPS
 from .aten_ops import Ids, op_name, shape_of
 from .channels import ChannelGraph
@@ -109,6 +115,7 @@ class _Analyzer:
         self.cap, self.cg = cap, ChannelGraph()
         self.rms_norms = set(rms_norms)
         self.values: Dict[fx.Node, object] = {}  # Ids, a tuple of Ids, or None
+        self.splits: Dict[int, Split] = {}  # a split's lead dim's first id -> the split
         self.result = Analysis(self.cg, {})
 
     # -- ids ------------------------------------------------------------------------------
@@ -171,6 +178,8 @@ class _Analyzer:
                     self.pin_value(self.values.get(arg), "feeds the model output")
             elif node.op == "call_function":
                 self.values[node] = self.call(node)
+        for split in self.splits.values():
+            split.resolve(self)
         self.result.values = {node.name: value for node, value in self.values.items()}
         return self.result
 

@@ -1,6 +1,7 @@
 """The rules of the ATen channel analysis for ops that only move dimensions: views,
 permutes, expand, cat / stack, split / chunk / unbind and indexing (aten.py says how)."""
 import math
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -11,12 +12,48 @@ LAYOUT_OPS: Dict[str, Callable] = {}
 rule = registrar(LAYOUT_OPS)
 
 
+@dataclass
+class Split:
+    """One dim split into several of size > 1 by a view: `flat` the split dim's ids, `dims`
+    the new dims' ids (sizes `sizes`). Of the last two, `lead` and `inner` (indices), one
+    carries the flat ids, the other and any before them are whole. Which one is known once
+    the walk has seen how the split is merged again (`shuffled`), so `resolve` ties them
+    after the walk."""
+    flat: np.ndarray
+    sizes: List[int]
+    dims: Ids
+    lead: int
+    inner: int
+    shuffled: bool = False
+
+    def resolve(self, a) -> None:
+        """Heads (the lead carries, each owning its inner positions): a view to (H, D) keeps
+        D, the head size, which attention code reads as a constant or an attribute. A
+        shuffle (the lead merged back as the inner dim: view (G, C/G), transpose, view) keeps
+        G instead, ShuffleNet's constant group count: position i of every group is one
+        class, so the cut is the same in every group and the shuffle still interleaves them
+        as before. A code whose constant is the other one fails the verification."""
+        carrier = self.inner if self.shuffled else self.lead
+        whole = self.lead if self.shuffled else self.inner
+        a.cg.pin(self.dims[whole], "a shuffle's groups stay (its group count is the code's)"
+                 if self.shuffled else "the inner part of a split dimension (a head's "
+                                       "channels) stays whole")
+        grid = np.moveaxis(self.flat.reshape(self.sizes), carrier, 0).reshape(
+            self.sizes[carrier], -1)
+        a.cg.union(np.repeat(self.dims[carrier], grid.shape[1]), grid.ravel())
+
+
 def _merge(a, parts: List[np.ndarray]) -> np.ndarray:
     """One id per position of dims merged into one: the first dim whose ids are not all
-    pinned carries them (repeated over the others, which are pinned)."""
+    pinned carries them (repeated over the others, which are pinned). A split's lead dim
+    merged after another is a shuffle (Split.resolve)."""
     sizes = [len(p) for p in parts]
     if not parts:
         return a.fresh([1], "size-1 dimension")[0]
+    for part in parts[1:]:
+        split = a.splits.get(int(part[0]))
+        if split is not None and np.array_equal(split.dims[split.lead], part):
+            split.shuffled = True
     carrier = next((i for i, p in enumerate(parts) if len(p) > 1 and not a.pinned(p)), 0)
     for i, part in enumerate(parts):
         if i != carrier:
@@ -27,26 +64,20 @@ def _merge(a, parts: List[np.ndarray]) -> np.ndarray:
 
 
 def _split(a, flat: np.ndarray, sizes: List[int]) -> Ids:
-    """Ids of dims split from one: the last but one dim of size > 1 gets fresh ids, each
-    owning its positions of the flat ids (heads from H*D; from a fused q, k, v projection's
-    (3, H, D) the heads too, each with its q, k and v rows); the others are fresh and
-    pinned."""
+    """Ids of dims split from one: with two or more of size > 1, the last two are a pending
+    Split (heads from H*D; from a fused q, k, v projection's (3, H, D) the heads too, each
+    with its q, k and v rows; a shuffle's groups), the others fresh and pinned."""
     big = [i for i, s in enumerate(sizes) if s > 1]
     if len(big) <= 1:
         return [flat if i in big else a.fresh([s], "size-1 dimension")[0]
                 for i, s in enumerate(sizes)]
-    lead = big[-2]
-    out = []
-    for i, size in enumerate(sizes):
-        if i == lead:
-            heads = a.cg.fresh(size)
-            grid = np.moveaxis(flat.reshape(sizes), lead, 0).reshape(size, -1)
-            a.cg.union(np.repeat(heads, grid.shape[1]), grid.ravel())
-            out.append(heads)
-        else:
-            out.append(a.fresh([size], "the inner part of a split dimension (a head's "
-                                       "channels) stays whole")[0])
-    return out
+    lead, inner = big[-2:]
+    dims = [a.cg.fresh(size) if i in (lead, inner) else a.fresh(
+        [size], "the outer part of a split dimension stays whole")[0]
+        for i, size in enumerate(sizes)]
+    split = Split(flat, list(sizes), dims, lead, inner)
+    a.splits[int(dims[lead][0])] = split
+    return dims
 
 
 def _matched_groups(old, new) -> Optional[List[Tuple[List[int], List[int]]]]:

@@ -90,6 +90,19 @@ def creation(a, node):
     return a.fresh_like(node, "created inside the model")
 
 
+@rule("prelu", "_prelu_kernel")
+def prelu(a, node):
+    """max(0, x) + weight * min(0, x): a slope per channel ties to the channel dim (dim 1,
+    or the only dim of a 1-d input), a single slope broadcasts."""
+    x, w = a.ids(node.args[0]), a.ids(node.args[1])
+    if x is None or w is None:
+        return None
+    if len(w) == 1 and len(w[0]) > 1:
+        a.tie(w[0], x[1 if len(x) > 1 else 0])
+        return x
+    return a.broadcast(shape_of(node), [x, w], [shape_of(node.args[0]), shape_of(node.args[1])])
+
+
 # -- matrix products ------------------------------------------------------------------------
 def _contract(a, x: Ids, w: Ids, first, second, out_shape) -> Ids:
     """x @ w with broadcast batch dims; 1-D operands as torch.matmul treats them."""
@@ -242,14 +255,25 @@ def layer_norm(a, node):
 
 @rule("group_norm")
 def group_norm(a, node):
+    """Position p of every group is one class, so every group keeps as many channels as the
+    others and the group count stays; with a weight the cut norm renormalises each group
+    over its kept channels (report.approximate), without one the channels stay whole."""
     x = a.ids(node.args[0])
     if x is None:
         return None
+    groups = node.args[1]
     for arg in node.args[2:4]:
         param = a.ids(arg)
         if param is not None:
             a.tie(param[0], x[1])
-    a.whole(x[1], "normalised together by group_norm")
+    weight = a.parameter(_arg(node, 2, "weight"))
+    if weight is None:
+        a.whole(x[1], "normalised together by group_norm")
+        return x
+    per_group = x[1].reshape(groups, -1)
+    for g in range(1, groups):
+        a.tie(per_group[0], per_group[g])
+    a.renormalises(node, weight, x[1])
     return x
 
 
