@@ -191,14 +191,17 @@ def test_class_token_and_position_embedding_are_sliced_with_the_channels():
 
 @pytest.mark.parametrize("literal", [True, False])
 def test_a_view_to_a_constant_channel_count_shrinks_with_the_channels(literal, tmp_path):
-    """x.view(n, 8, -1): the graph's 8 becomes the kept count, which only the emitted
-    GraphModule holds (the model's own forward still says 8)."""
+    """x.view(n, 8, -1): the graph's 8 becomes the kept count, which only torch.fx's emitted
+    GraphModule holds (the model's own forward still says 8, so the export path cannot
+    serve and says so); written as y.shape[1], the model's own class serves."""
     model = FixedView(literal)
     result = prune(model, X, ratio=0.5, scope="layer")
     assert result.report.channels["conv1"] == (8, 4) and not result.report.opaque_ops
     assert result.report.relative_diff <= 1e-5
     assert isinstance(result.model, torch.fx.GraphModule) == literal
-    assert result.structure["view_sizes"] == ([["view", 1, 4]] if literal else [])
+    if literal:
+        assert result.structure["view_sizes"] == [["view", 1, 4]]
+        assert "the torch.export analysis could not prune" in result.report.warnings[0]
     save_pruned(result, tmp_path / "p.pt")
     loaded = load_pruned(tmp_path / "p.pt", FixedView(literal))
     with torch.no_grad():
@@ -216,4 +219,4 @@ def test_a_view_splitting_the_channels_over_constants_pins_them():
             return self.fc(y.reshape(y.shape[0], y.shape[1], 2, 4)).mean((1, 2))
 
     result = prune(HeadsAsNumbers(), X, ratio=0.5, scope="layer")
-    assert result.report.channels["conv1"] == (8, 8) and result.report.opaque_ops
+    assert result.report.channels["conv1"] == (8, 8)  # the mean reads the heads' dims whole

@@ -151,7 +151,7 @@ def cut_channels(work: Study, *, threshold, ratio, scope, min_channels, min_frac
     original, flops_before = flops_of(run_evaluating, model, args, kwargs)
     pruned = model if in_place else copy.deepcopy(model)
     zero_removed(pruned, keep)  # slicing drops exactly the zeroed positions
-    renormalised = cut_layer_norms(analysis, plan.removed)
+    renormalised = cut_norms(analysis, plan.removed)
     with KeptChannelNorms(pruned, renormalised):
         reference = run_evaluating(pruned, args, kwargs)
     warnings = apply_keep(pruned, keep)
@@ -196,8 +196,9 @@ def cut_channels(work: Study, *, threshold, ratio, scope, min_channels, min_frac
     return pruned, report, keep
 
 
-def cut_layer_norms(analysis: Analysis, removed: set) -> List[Tuple[str, str, torch.Tensor]]:
-    """(layer, weight name, kept positions) of every LayerNorm that loses channels."""
+def cut_norms(analysis: Analysis, removed: set) -> List[Tuple[str, str, torch.Tensor]]:
+    """(layer, weight name, kept positions) of every LayerNorm or GroupNorm that loses
+    channels."""
     removed_ids = np.array(sorted(removed), dtype=np.int64)
     out = []
     for layer, weight, ids in analysis.renormalised:
@@ -208,9 +209,10 @@ def cut_layer_norms(analysis: Analysis, removed: set) -> List[Tuple[str, str, to
 
 
 class KeptChannelNorms(TorchFunctionMode):
-    """While active, a layer_norm whose weight is one of the cut LayerNorms' (of `model`)
-    normalises over that norm's kept channels only and writes zeros elsewhere: what the cut
-    model computes, on the original's shapes, so the cut is verified exactly."""
+    """While active, a layer_norm or group_norm whose weight is one of the cut norms' (of
+    `model`) normalises over that norm's kept channels only (a GroupNorm: each group over
+    its kept members, every group having lost as many) and writes zeros elsewhere: what the
+    cut model computes, on the original's shapes, so the cut is verified exactly."""
 
     def __init__(self, model: nn.Module, norms: Sequence[Tuple[str, str, torch.Tensor]]):
         super().__init__()
@@ -226,20 +228,25 @@ class KeptChannelNorms(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in (F.layer_norm, torch.layer_norm):
-            x, shape, weight, bias, eps = _layer_norm_args(*args, **kwargs)
-            kept = self.kept.get(id(weight))
-            if kept is not None:
-                kept = kept.to(x.device)
-                out = torch.zeros_like(x)
-                out[..., kept] = F.layer_norm(
-                    x[..., kept], (len(kept),), weight[kept],
-                    None if bias is None else bias[kept], eps)
-                return out
-        return func(*args, **kwargs)
+            x, _, weight, bias, eps = _norm_args(*args, **kwargs)
+            dim, norm = -1, lambda x, w, b: F.layer_norm(x, (len(w),), w, b, eps)
+        elif func in (F.group_norm, torch.group_norm):
+            x, groups, weight, bias, eps = _norm_args(*args, **kwargs)
+            dim, norm = 1, lambda x, w, b: F.group_norm(x, groups, w, b, eps)
+        else:
+            return func(*args, **kwargs)
+        kept = self.kept.get(id(weight))
+        if kept is None:
+            return func(*args, **kwargs)
+        kept = kept.to(x.device)
+        out = torch.zeros_like(x)
+        index = (slice(None),) * (dim % x.dim()) + (kept,)
+        out[index] = norm(x[index], weight[kept], None if bias is None else bias[kept])
+        return out
 
 
-def _layer_norm_args(input, normalized_shape, weight=None, bias=None, eps=1e-5, *_):
-    return input, normalized_shape, weight, bias, eps
+def _norm_args(input, shape_or_groups, weight=None, bias=None, eps=1e-5, *_):
+    return input, shape_or_groups, weight, bias, eps
 
 
 def after_blocks(channel_report: PruneReport, block_report: PruneReport,

@@ -126,18 +126,21 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
     its modules are replaced and reused, and only `result.model` should be used afterwards
     (a GraphModule was emitted: the model's own forward may still call removed branches).
 
-    `analysis` says which capture the analysis reads: "fx" (the torch.fx trace and its rule
-    table), "export" (torch.export's ATen graph, aten_pruner.py: every op seen, so functional
-    layers such as timm's BatchNormAct2d and every Hugging Face transformer are cut; all of
-    the above except `inplace`, `emit="graph"` and a callable importance, which
-    it refuses by name; residual branches are whole blocks, members of an nn.ModuleList or
-    nn.Sequential, named by module path; the result is always the model's own class, a
-    Hugging Face config in step) or "auto": "export" where torch.fx cannot trace the
-    model or where `example_kwargs` are given, "fx" otherwise (timm's models trace, but
-    their functional layers pin channels there: pass analysis="export"; docs/
-    export-design.md says why "auto" does not choose it for them yet). `example_kwargs`
-    (attention_mask=..., use_cache=False) are passed to the model with the example inputs,
-    by the "export" analysis only. The report's settings["path"] says which ran.
+    `analysis` says which capture the analysis reads: "export" (torch.export's ATen graph,
+    aten_pruner.py: every op seen, so functional layers such as timm's BatchNormAct2d and
+    every Hugging Face transformer are cut; all of the above except `inplace`,
+    `emit="graph"` and a callable importance, which it refuses by name; residual branches
+    are whole blocks, members of an nn.ModuleList or nn.Sequential, named by module path;
+    the result is always the model's own class, a Hugging Face config in step), "fx" (the
+    torch.fx trace and its rule table) or "auto": "export", falling back to "fx" where the
+    export path cannot serve and torch.fx traces the model (the report's warnings say why):
+    a model export cannot capture, a cut the model's own class cannot express (its code
+    reads a width the slicing does not fix, or code that runs in training only reads cut
+    channels), a named branch or a branch that emits at most the threshold that is no whole
+    block (an attention sub-branch, a downsampling block), or the options only torch.fx has.
+    `example_kwargs` (attention_mask=..., use_cache=False) are passed to the model with the
+    example inputs, by the "export" analysis only (with them "auto" is "export"). The
+    report's settings["path"] says which path ran.
     """
     start = time.perf_counter()
     check_model(model, "prune")
