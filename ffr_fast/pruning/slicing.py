@@ -161,6 +161,8 @@ SIZE_RULES: Dict[str, SizeRule] = {
     # the layers whose code ties the inner width to the input width become their head-pruned
     # replacements (attention.py) where the cut unties them; load_pruned replays the same
     "MultiheadAttention": attention.resize_attention,
+    "VisionTransformer": lambda m: setattr(m, "hidden_dim", m.conv_proj.weight.shape[0])
+    if hasattr(m, "conv_proj") else None,  # torchvision's: the width it reshapes patches to
     "ShiftedWindowAttention": attention.resize_window_attention,  # torchvision's Swin, V1, V2
     "RelativePositionalMultiHeadAttention": attention.resize_relative_attention,  # MaxViT
 }
