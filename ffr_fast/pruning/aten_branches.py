@@ -89,8 +89,8 @@ def block_branches(cap: Capture, block: str) -> Optional[List[fx.Node]]:
 
 def tail(cap: Capture, analysis: Analysis, branch: fx.Node) -> Optional[Set[str]]:
     """What residual branch `branch` emits from (module docstring): the names of the
-    producer nodes, batch-norm inputs and added parameters its value is made of through
-    zero-preserving ops, or None when it passes through any other op."""
+    producer, batch-norm and bias-add nodes its value is made of through zero-preserving
+    ops (the nodes an Emitter writes), or None when it passes through any other op."""
     producers = {p.output for p in analysis.producers}
     sources: Set[str] = set()
     pending = [branch]
@@ -103,12 +103,11 @@ def tail(cap: Capture, analysis: Analysis, branch: fx.Node) -> Optional[Set[str]
             return None
         name = op_name(node)
         operands = _activations(cap, node)
-        if name == "batch_norm":
-            sources.add(node.args[0].name)  # an unfolded shift, or the producer it folds into
+        if name == "batch_norm":  # its shift, or the producer it folds into
+            sources.add(node.name)
             pending += operands[:1]
         elif name in ("add", "sub") and len(operands) == 1:  # x + bias
-            sources.update(cap.parameters[a.name] for a in node.all_input_nodes
-                           if a.name in cap.parameters)
+            sources.add(node.name)
             pending += operands
         elif name in ("add", "sub", "cat") and operands:
             pending += operands  # two zero values add to zero
@@ -133,7 +132,8 @@ def block_score(cap: Capture, analysis: Analysis, found: List[Emitter], block: s
         if found_tail is None:
             return None
         sources |= found_tail
-    written = [float(e.scores.max()) for e in found if e.source in sources and len(e.scores)]
+    written = [float(e.scores.max()) for e in found if sources.intersection(e.nodes)
+               and len(e.scores)]
     return max(written) if written else None
 
 
@@ -151,8 +151,8 @@ def dead_branches(cap: Capture, analysis: Analysis, found: List[Emitter], limit:
         # a projection shortcut: either side may be the branch that went dead
         for branch in [split[1]] if split else node.args[:2]:
             sources = tail(cap, analysis, branch)
-            written = [float(e.scores.max()) for e in found if e.source in (sources or ())
-                       and len(e.scores)]
+            written = [float(e.scores.max()) for e in found
+                       if sources and sources.intersection(e.nodes) and len(e.scores)]
             if written and max(written) <= limit:
                 out.append(cap.module_path(node))
                 break

@@ -60,7 +60,7 @@ ELEMENTWISE = (
     "threshold hardshrink softshrink celu "
     "clone contiguous alias detach to _to_copy type_as lift_fresh_copy masked_fill eq ne lt le "
     "gt ge __and__ __or__ logical_not logical_and logical_or bitwise_not bitwise_and "
-    "zeros_like ones_like full_like empty_like fill copy").split()
+    "zeros_like ones_like full_like empty_like fill zero copy").split()
 
 
 # The ops that write fresh channels from a parameter: a dead channel is 0 at their output.
@@ -353,3 +353,33 @@ def attention(a, node):
                     [tuple(len(d) for d in scores), shape_of(node.args[3])])
     return q[:-1] + [v[-1]]
 
+
+
+@rule("einsum")
+def einsum(a, node):
+    """An einsum of activations (no parameter operand, no ellipsis, no repeated letter): a
+    letter's dims are tied across the operands (those of the output's size: a size-1 dim
+    broadcasts); a letter the output keeps carries them there, a summed one is whole, as
+    in a matmul between two activations."""
+    equation, tensors = node.args[0], node.args[1]
+    inputs, _, output = equation.replace(" ", "").partition("->")
+    operands = inputs.split(",")
+    ids = [a.ids(t) for t in tensors]
+    if "." in equation or not output or len(operands) != len(ids) or any(
+            a.parameter(t) is not None for t in tensors) or any(
+            x is None or len(x) != len(letters) or len(set(letters)) != len(letters)
+            for x, letters in zip(ids, operands)):
+        return None
+    out_shape = shape_of(node)
+    carriers = {}
+    for letter in dict.fromkeys("".join(operands)):
+        dims = [x[letters.index(letter)] for x, letters in zip(ids, operands) if letter in letters]
+        size = out_shape[output.index(letter)] if letter in output else max(map(len, dims))
+        dims = [d for d in dims if len(d) == size] or dims[:1]
+        for other in dims[1:]:
+            a.tie(dims[0], other)
+        if letter in output:
+            carriers[letter] = dims[0]
+        else:
+            a.whole(dims[0], "contracted between two activations")
+    return [carriers[letter] for letter in output]

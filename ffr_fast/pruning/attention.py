@@ -67,7 +67,7 @@ def resize_attention(mha: nn.MultiheadAttention) -> None:
     mha.num_heads = inner // mha.head_dim
     mha.kdim = mha.vdim = mha.in_proj_weight.shape[1]
     mha.embed_dim = mha.out_proj.weight.shape[0]
-    if not (inner == mha.embed_dim == mha.kdim):
+    if not (inner == mha.embed_dim == mha.kdim) and type(mha) is nn.MultiheadAttention:
         mha.__class__ = HeadPrunedMultiheadAttention
 
 
@@ -126,9 +126,19 @@ def _reduce_head_pruned(self, protocol):
     return (_new_head_pruned, (cls.__bases__[0], cls.forward)) + tuple(reduced[2:])
 
 
+# the classes whose forward the head-pruned forwards compute
+REPLACED = ("ShiftedWindowAttention", "ShiftedWindowAttentionV2",
+            "RelativePositionalMultiHeadAttention")
+
+
 def make_head_pruned(module: nn.Module, forward: Callable) -> None:
-    """Give `module` the head-pruned forward (a no-op when it has it already)."""
-    if type(module).forward is not forward:
+    """Give `module` the head-pruned forward (a no-op when it has it already). A subclass
+    that overrides torchvision's forward keeps its own: the replacement would drop what it
+    adds (its cut then fails the pruner's verification rather than change silently)."""
+    if type(module).forward is forward:
+        return
+    owner = next(cls for cls in type(module).__mro__ if "forward" in vars(cls))
+    if owner.__name__ in REPLACED:
         module.__class__ = head_pruned_class(type(module), forward)
 
 
