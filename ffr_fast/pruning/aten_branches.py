@@ -29,12 +29,12 @@ from .aten_layout import LAYOUT_OPS
 from .aten_ops import op_name
 
 # Element-wise ops that map 0 to 0 on the one activation they read.
-ZERO_PRESERVING = {"relu", "relu6", "gelu", "silu", "mish", "hardswish", "hardtanh", "tanh",
+KEEP_ZERO = {"relu", "relu6", "gelu", "silu", "mish", "hardswish", "hardtanh", "tanh",
                    "leaky_relu", "elu", "selu", "celu", "dropout", "clone", "contiguous",
                    "alias", "detach", "to", "_to_copy", "type_as", "neg"}
 # Ops that hand their one activation on unchanged in value or by an activation that maps 0
 # to 0; what a residual block may apply to `x + f(x)` before handing it out.
-PASS_THROUGH = ZERO_PRESERVING - {"neg"}
+PASS_THROUGH = KEEP_ZERO - {"neg"}
 
 
 def _activations(cap: Capture, node: fx.Node) -> List[fx.Node]:
@@ -111,7 +111,7 @@ def tail(cap: Capture, analysis: Analysis, branch: fx.Node) -> Optional[Set[str]
             pending += operands
         elif name in ("add", "sub", "cat") and operands:
             pending += operands  # two zero values add to zero
-        elif (name in ZERO_PRESERVING or name in LAYOUT_OPS or name in ("mul", "div")) \
+        elif (name in KEEP_ZERO or name in LAYOUT_OPS or name in ("mul", "div")) \
                 and len(operands) == 1:
             pending += operands
         else:

@@ -68,21 +68,27 @@ class Study:
     analysis: Analysis
     emitters: List[Emitter]
     scores: Dict[int, float]  # channel class root -> importance
+    output: object  # the model's output on the example call, eval mode
+    flops: int  # and its FLOPs
     trains: bool  # the model runs in training mode on the example call
 
 
 def study(model: nn.Module, args, kwargs: dict, importance: str, ignored: Sequence[str]
           ) -> Study:
     """The model captured on the example call, its channel classes (the channels of every
-    module in `ignored` pinned) and their scores."""
+    module in `ignored` pinned) and their scores; its output, FLOPs and whether it runs in
+    training mode (what every candidate cut of the model is measured against)."""
     cap = capture(model, args, kwargs)
     analysis = analyze(cap, rms_norm_paths(model))
     _pin_ignored(analysis, cap, ignored)
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
     found = emitters(analysis, cap, tensors, importance)
+    # the inputs' fault named as such (the capture runs on fake tensors, which miss some)
+    output, flops = run_checked(model, args, lambda *a: run_evaluating(model, a, kwargs))
     return Study(model, tuple(args), kwargs, cap, analysis, found,
-                 class_scores(analysis, found), training_failure(model, args, kwargs) is None)
+                 class_scores(analysis, found), output, flops,
+                 training_failure(model, args, kwargs) is None)
 
 
 def _pin_ignored(analysis: Analysis, cap: Capture, ignored: Sequence[str]) -> None:
@@ -148,7 +154,7 @@ def cut_channels(work: Study, *, threshold, ratio, scope, min_channels, min_frac
                      layers=layers)
     keep = kept_positions(analysis, plan.removed)
     params_before = count_params(model)
-    original, flops_before = flops_of(run_evaluating, model, args, kwargs)
+    original, flops_before = work.output, work.flops
     pruned = model if in_place else copy.deepcopy(model)
     zero_removed(pruned, keep)  # slicing drops exactly the zeroed positions
     renormalised = cut_norms(analysis, plan.removed)
@@ -186,14 +192,20 @@ def cut_channels(work: Study, *, threshold, ratio, scope, min_channels, min_frac
             f"channels zeroed by {report.relative_diff:.3g} (relative) on the example call: "
             "a layer's code reads a size the slicing did not fix (register_size_rule teaches "
             "it one); please report the model")
-    failure = training_failure(pruned, args, kwargs) if work.trains else None
-    if failure is not None:  # code that runs in training only, which the capture never saw
-        raise PrunedModelError(
-            f"the pruned {type(model).__name__} fails in training mode, where the original "
-            f"runs: {type(failure).__name__}: {failure}. Code that runs only in training (an "
-            "auxiliary head) reads channels the eval-mode capture did not see (analysis='fx' "
-            "can emit the pruned graph instead)") from failure
     return pruned, report, keep
+
+
+def check_training(work: Study, pruned: nn.Module) -> None:
+    """PrunedModelError if `pruned`, cut from the studied model, fails in training mode where
+    the studied model runs: code that runs only in training (an auxiliary head) reads
+    channels the eval-mode capture did not see."""
+    failure = training_failure(pruned, work.args, work.kwargs) if work.trains else None
+    if failure is not None:
+        raise PrunedModelError(
+            f"the pruned {type(work.model).__name__} fails in training mode, where the "
+            f"original runs: {type(failure).__name__}: {failure}. Code that runs only in "
+            "training (an auxiliary head) reads channels the eval-mode capture did not see "
+            "(analysis='fx' can emit the pruned graph instead)") from failure
 
 
 def cut_norms(analysis: Analysis, removed: set) -> List[Tuple[str, str, torch.Tensor]]:
@@ -292,9 +304,6 @@ def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
                          f"({why})")
     kwargs = dict(kwargs or {})
     ignored = resolve_ignored(model, ignored)
-    # the inputs' fault named as such (the capture runs on fake tensors, which miss some)
-    run_checked(model, inputs, lambda *args: run_evaluating(model, args, kwargs),
-                count_flops=False)
     first = study(model, inputs, kwargs, importance, ignored)
     chosen, notes = list(remove_branches), []
     if chosen or remove_blocks:
@@ -353,6 +362,8 @@ def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
         else:
             result = search_flops(cut, model, inputs, flops_target, flops_search,
                                   flops_tolerance, flops_search_steps, False, {})
+    if seen is not None:  # once, on the cut chosen (a FLOPs search tries many)
+        check_training(work, result.model)
     result.report.warnings[:0] = notes
     if fold_bn:
         result.report.folded_bn = aten_fold.fold_batch_norms(result.model, inputs, kwargs,
