@@ -74,10 +74,20 @@ def test_ignored_module_keeps_its_channels():
         assert result.report.relative_diff <= 1e-5
 
 
-def test_custom_mixing_op_is_named_and_left_alone():
+def test_a_custom_mixing_function_is_read_through_its_ops():
+    """The export path reads the channel shuffle's view, transpose and view (a shuffle keeps
+    its group count: aten_layout.Split) and cuts through it exactly."""
     model = look_trained(ShuffleNet())
     x = torch.randn(2, 3, 16, 16)
     result = prune(model, x, ratio=0.5)
+    assert result.report.opaque_ops == [] and result.report.channels["conv1.0"][1] < 16
+    assert result.report.relative_diff <= 1e-5
+
+
+def test_custom_mixing_op_is_named_and_left_alone_by_the_fx_table():
+    model = look_trained(ShuffleNet())
+    x = torch.randn(2, 3, 16, 16)
+    result = prune(model, x, ratio=0.5, analysis="fx")
     assert [o["op"] for o in result.report.opaque_ops] == [
         "call_function 'channel_shuffle' (node channel_shuffle)"]
     assert result.report.channels["conv1.0"] == (16, 16)
