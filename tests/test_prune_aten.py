@@ -180,7 +180,8 @@ def test_timm_convnet_is_cut_where_the_fx_table_pins_it(name):
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval()
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    result = ffr_fast.prune(model, x, ratio=0.5, analysis="export")
+    result = ffr_fast.prune(model, x, ratio=0.5)  # "auto": the export path
+    assert result.report.settings["path"] == "torch.export"
     check_pruned(model, result, lambda m: m(x), 2.0)
     old = ffr_fast.prune(model, x, ratio=0.5, analysis="fx").report
     print(f"{name}: torch.fx path {old.param_ratio:.2f}x, torch.export path "

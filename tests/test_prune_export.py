@@ -80,6 +80,39 @@ def test_a_block_that_emits_zero_goes_with_the_channel_cut():
         assert report.flops_after < kept_blocks.report.flops_after
 
 
+class Stage(nn.Module):
+    """Blocks held as attributes, not in a container (timm's RegNet stages)."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.b1, self.b2 = Block(width), Block(width)
+
+    def forward(self, x):
+        return self.b2(self.b1(x))
+
+
+def test_a_block_held_as_an_attribute_becomes_an_identity(tmp_path):
+    model = stack_net()
+    model.blocks[1] = Stage()
+    model.eval()
+    with torch.no_grad():  # the branch of blocks.1.b2 emits zero
+        dead = model.blocks[1].b2.bn
+        dead.weight.zero_()
+        dead.bias.zero_()
+        dead.running_mean.zero_()
+    x = image()
+    result = ffr_fast.prune(model, x, threshold=0.0)
+    assert result.report.settings["path"] == "torch.export"
+    assert [b["block"] for b in result.report.removed_blocks] == ["blocks.1.b2"]
+    assert isinstance(result.model.blocks[1].b2, nn.Identity)
+    assert result.report.relative_diff < 1e-5 and result.report.flops_after < \
+        result.report.flops_before
+    ffr_fast.save_pruned(result, tmp_path / "p.pt")
+    loaded = ffr_fast.load_pruned(tmp_path / "p.pt", model)
+    assert isinstance(loaded.blocks[1].b2, nn.Identity)
+    torch.testing.assert_close(loaded(x), result.model(x))
+
+
 def test_threshold_zero_removes_exactly_the_channels_that_emit_zero():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1))

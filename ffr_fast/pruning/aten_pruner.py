@@ -58,6 +58,11 @@ class NotABlockError(ValueError):
     rewired graph can remove it."""
 
 
+class DeadBranchesError(NotABlockError):
+    """Residual branches emit at most the threshold but are no whole blocks: torch.fx's
+    rewired graph could remove them (prune() tries both and keeps the cheaper result)."""
+
+
 @dataclass
 class Study:
     """One capture of a model, analysed and scored once."""
@@ -322,7 +327,7 @@ def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
                 message = (f"residual branches added in {stranded} emit at most the threshold "
                            "but are no whole removable blocks, so they stay")
                 if fallback:
-                    raise NotABlockError(message)
+                    raise DeadBranchesError(message)
                 notes.append(message)
         chosen.sort(key=list(blocks).index)
     work_model, block_report = model, None

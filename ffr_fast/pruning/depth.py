@@ -15,6 +15,7 @@ and residual_branches() take this path for the models the torch.fx trace cannot 
 capture by aten_pruner.py.
 """
 import copy
+from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -51,14 +52,21 @@ def _members(model: nn.Module) -> Dict[str, Tuple[nn.Module, int]]:
 
 
 def removable_blocks(model: nn.Module, cap: Capture) -> List[str]:
-    """The removable blocks of `model` (module docstring), in forward order."""
+    """The removable blocks of `model` (module docstring), in forward order: members of an
+    nn.ModuleList or nn.Sequential, and any other submodule called once with one tensor in
+    and one out (timm's RegNet blocks are attributes of their stage), which an nn.Identity
+    can stand for; a block holding another is not one (a stage of blocks)."""
     units = residual_units(model, cap)
     stream = {unit.value.name: cap.calls[unit.block].path if unit.block else ""
               for unit in units}
     members = _members(model)
+    calls = Counter(call.path for call in cap.calls.values())
     found = []
     for call in cap.calls.values():
-        if call.path not in members or call.index or not call.outputs or not call.inputs:
+        if not call.path or call.index or not call.outputs or not call.inputs:
+            continue
+        if call.path not in members and (calls[call.path] > 1 or len(call.inputs) != 1
+                                         or len(call.outputs) != 1):
             continue
         inner = stream.get(call.outputs[0])
         if inner is None or not (inner == call.path or inner.startswith(call.path + ".")):
@@ -66,7 +74,8 @@ def removable_blocks(model: nn.Module, cap: Capture) -> List[str]:
         source, result = cap.nodes.get(call.inputs[0]), cap.nodes[call.outputs[0]]
         if source is not None and cap.shape(source) == cap.shape(result):
             found.append(call.path)
-    return found
+    return [block for block in found if not any(
+        other != block and other.startswith(block + ".") for other in found)]
 
 
 def measure(model: nn.Module, args, kwargs, names: Sequence[str]) -> List[ResidualBranch]:
@@ -106,6 +115,14 @@ def find(model: nn.Module, args, kwargs=None, ignored: Sequence[str] = ()
 def inside(path: str, modules: Sequence[str]) -> bool:
     """Whether module `path` is one of `modules` or inside one."""
     return any(path == m or path.startswith(m + ".") for m in modules)
+
+
+def _is_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _stack_config(model: nn.Module, container: nn.Module, old_length: int):
@@ -172,15 +189,18 @@ def remove(model: nn.Module, args, kwargs, names: Sequence[str],
 
 
 def cut(model: nn.Module, names: Sequence[str]) -> None:
-    """Remove the members `names` from their containers, in place, and keep a Hugging Face
-    config and the kept layers' `layer_idx` in step (what remove() and load_pruned do)."""
+    """Remove the blocks `names`, in place: a member of a container leaves it (a Hugging Face
+    config and the kept layers' `layer_idx` kept in step), any other block becomes an
+    nn.Identity (what remove() and load_pruned do)."""
     members = _members(model)
-    unknown = [name for name in names if name not in members]
+    unknown = [name for name in names if not name or not _is_submodule(model, name)]
     if unknown:
-        raise ValueError(f"{unknown} are not members of an nn.ModuleList or nn.Sequential of "
-                         f"{type(model).__name__}")
+        raise ValueError(f"{unknown} are not submodules of {type(model).__name__}")
     by_container: Dict[int, Tuple[nn.Module, List[int]]] = {}
     for name in names:
+        if name not in members:
+            model.set_submodule(name, nn.Identity())
+            continue
         container, index = members[name]
         by_container.setdefault(id(container), (container, []))[1].append(index)
     for container, indices in by_container.values():

@@ -209,7 +209,18 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
                               flops_tolerance, flops_search_steps, inplace, options)
     if reads_flag and isinstance(result.model, fx.GraphModule):
         result.report.warnings.insert(0, TRAINING_FLAG_NOTE)
-    if export_failure is not None:
+    if isinstance(export_failure, aten_pruner.DeadBranchesError):
+        # the export path keeps those branches but may cut more channels: the cheaper wins
+        kept = aten_pruner.prune(model, inputs, None, **on_export, why="analysis='auto'")
+        if kept.report.flops_after <= result.report.flops_after:
+            kept.report.warnings.append(
+                f"torch.fx's graph that removes those branches would keep "
+                f"{result.report.flops_after:,} FLOPs, this result {kept.report.flops_after:,}")
+            return _timed(kept, start)
+        result.report.warnings.insert(0, (
+            f"{export_failure}; the export path that keeps them would keep "
+            f"{kept.report.flops_after:,} FLOPs, torch.fx's graph {result.report.flops_after:,}"))
+    elif export_failure is not None:
         result.report.warnings.insert(0, (
             f"the torch.export analysis could not prune this model "
             f"({type(export_failure).__name__}: {export_failure}); the torch.fx analysis did"))
