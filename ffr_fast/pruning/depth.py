@@ -1,18 +1,20 @@
 """Depth pruning on the torch.export capture: whole residual blocks leave the nn.ModuleList
-or nn.Sequential that holds them, and the model keeps its own class; a Hugging Face model
-keeps its config (`num_hidden_layers`, `layer_types`) and its layers' `layer_idx` in step.
+or nn.Sequential that holds them (a block held as an attribute becomes an nn.Identity), and
+the model keeps its own class; a Hugging Face model keeps its config (`num_hidden_layers`,
+`layer_types`) and its layers' `layer_idx` in step.
 
-A *removable block* is a member of a ModuleList or Sequential whose call hands out the
-residual stream (ffr_fast.flow.stream: the value of a residual block inside or equal to it) and
-keeps its input's shape: a decoder layer, a ViT or ConvNeXt block, a ResNet block without
-downsampling. Removing it is exact when the block with its parameters zeroed passes its
-input through (x + f(x) with f = 0; also relu(x + f(x)) after a ReLU), and every removal is
-verified against that zeroed original on the example inputs.
+A *removable block* is a submodule whose call hands out the residual stream
+(ffr_fast.flow.stream: the value of a residual block inside or equal to it) and keeps its
+input's shape, holding no other such block: a decoder layer, a ViT or ConvNeXt block, a
+ResNet block without downsampling. Outside a container it must be called once, with one
+tensor in and one out, for an nn.Identity to stand for it. Removing it is exact when the
+block with its parameters zeroed passes its input through (x + f(x) with f = 0; also
+relu(x + f(x)) after a ReLU), and every removal is verified against that zeroed original on
+the example inputs.
 
-This is the depth half of stage 3 of docs/export-design.md. prune(remove_branches=[...])
-and residual_branches() take this path for the models the torch.fx trace cannot read
-(transformers 5, models with functional layers); their channels are cut on the same
-capture by aten_pruner.py.
+This is the depth half of stage 3 of docs/export-design.md: prune() (aten_pruner.py) and
+residual_branches() with the export analysis remove blocks here, and cut channels on the
+same capture.
 """
 import copy
 from collections import Counter
