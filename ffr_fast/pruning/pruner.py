@@ -133,11 +133,8 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
     are whole blocks, members of an nn.ModuleList or nn.Sequential, named by module path;
     the result is always the model's own class, a Hugging Face config in step), "fx" (the
     torch.fx trace and its rule table) or "auto": "export", falling back to "fx" where the
-    export path cannot serve and torch.fx traces the model (the report's warnings say why):
-    a model export cannot capture, a cut the model's own class cannot express (its code
-    reads a width the slicing does not fix, or code that runs in training only reads cut
-    channels), a named branch or a branch that emits at most the threshold that is no whole
-    block (an attention sub-branch, a downsampling block), or the options only torch.fx has.
+    export path cannot serve and torch.fx traces the model (docs/export-design.md lists the
+    cases; the report's warnings say which).
     `example_kwargs` (attention_mask=..., use_cache=False) are passed to the model with the
     example inputs, by the "export" analysis only (with them "auto" is "export"). The
     report's settings["path"] says which path ran.
