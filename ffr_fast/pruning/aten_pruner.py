@@ -21,9 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from ..capture import Capture, capture, flat_tensors
 from ..metrics import count_params, flops_of
@@ -32,6 +30,7 @@ from . import aten_fold, depth
 from .aten import Analysis, analyze
 from .aten_branches import block_score, dead_branches
 from .aten_importance import Emitter, class_scores, emitters
+from .aten_norms import KeptChannelNorms, cut_norms
 from .emit import attach_structure
 from .flops_search import search_flops
 from .inputs import PrunedModelError, resolve_ignored, run_checked
@@ -213,59 +212,6 @@ def check_training(work: Study, pruned: nn.Module) -> None:
             "(analysis='fx' can emit the pruned graph instead)") from failure
 
 
-def cut_norms(analysis: Analysis, removed: set) -> List[Tuple[str, str, torch.Tensor]]:
-    """(layer, weight name, kept positions) of every LayerNorm or GroupNorm that loses
-    channels."""
-    removed_ids = np.array(sorted(removed), dtype=np.int64)
-    out = []
-    for layer, weight, ids in analysis.renormalised:
-        gone = np.isin(analysis.cg.roots(ids), removed_ids)
-        if gone.any():
-            out.append((layer, weight, torch.from_numpy(np.flatnonzero(~gone))))
-    return out
-
-
-class KeptChannelNorms(TorchFunctionMode):
-    """While active, a layer_norm or group_norm whose weight is one of the cut norms' (of
-    `model`) normalises over that norm's kept channels only (a GroupNorm: each group over
-    its kept members, every group having lost as many) and writes zeros elsewhere: what the
-    cut model computes, on the original's shapes, so the cut is verified exactly."""
-
-    def __init__(self, model: nn.Module, norms: Sequence[Tuple[str, str, torch.Tensor]]):
-        super().__init__()
-        tensors = dict(model.named_parameters(remove_duplicate=False))
-        self.kept = {id(tensors[weight]): kept for _, weight, kept in norms}
-
-    def __enter__(self):
-        return super().__enter__() if self.kept else self
-
-    def __exit__(self, *exc):
-        return super().__exit__(*exc) if self.kept else None
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in (F.layer_norm, torch.layer_norm):
-            x, _, weight, bias, eps = _norm_args(*args, **kwargs)
-            dim, norm = -1, lambda x, w, b: F.layer_norm(x, (len(w),), w, b, eps)
-        elif func in (F.group_norm, torch.group_norm):
-            x, groups, weight, bias, eps = _norm_args(*args, **kwargs)
-            dim, norm = 1, lambda x, w, b: F.group_norm(x, groups, w, b, eps)
-        else:
-            return func(*args, **kwargs)
-        kept = self.kept.get(id(weight))
-        if kept is None:
-            return func(*args, **kwargs)
-        kept = kept.to(x.device)
-        out = torch.zeros_like(x)
-        index = (slice(None),) * (dim % x.dim()) + (kept,)
-        out[index] = norm(x[index], weight[kept], None if bias is None else bias[kept])
-        return out
-
-
-def _norm_args(input, shape_or_groups, weight=None, bias=None, eps=1e-5, *_):
-    return input, shape_or_groups, weight, bias, eps
-
-
 def after_blocks(channel_report: PruneReport, block_report: PruneReport,
                  diff_to_original: float) -> PruneReport:
     """The channel cut's report on a model whose blocks were removed first, counted from the
@@ -310,69 +256,105 @@ def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
     kwargs = dict(kwargs or {})
     ignored = resolve_ignored(model, ignored)
     first = study(model, inputs, kwargs, importance, ignored)
-    chosen, notes = list(remove_branches), []
-    if chosen or remove_blocks:
-        blocks = removable_blocks(first, ignored)
-        unknown = [name for name in chosen if name not in blocks]
-        if unknown:
-            raise NotABlockError(f"remove_branches: no residual branch named {unknown}; the "
+    notes: List[str] = []
+    blocks = removable_blocks(first, ignored) if remove_branches or remove_blocks else {}
+    unknown = [name for name in remove_branches if name not in blocks]
+    if unknown:
+        raise NotABlockError(f"remove_branches: no residual branch named {unknown}; the "
                              f"model's branches are {list(blocks)}")
-        if remove_blocks:  # without a threshold: the blocks that emit exactly zero
-            limit = threshold or 0.0
-            chosen += [b for b, score in blocks.items()
-                       if b not in chosen and score is not None and score <= limit]
-            stranded = dead_branches(first.capture, first.analysis, first.emitters, limit,
-                                     chosen + list(ignored))
-            if stranded:
-                message = (f"residual branches added in {stranded} emit at most the threshold "
-                           "but are no whole removable blocks, so they stay")
-                if fallback:
-                    raise DeadBranchesError(message)
-                notes.append(message)
-        chosen.sort(key=list(blocks).index)
-    work_model, block_report = model, None
-    if chosen:
-        try:
-            work_model, block_report = depth.remove(model, inputs, kwargs, chosen, list(blocks))
-        except ValueError as error:  # a block the scores chose is no identity when zeroed
-            scored = [b for b in chosen if b not in remove_branches]
-            if not scored:
-                raise
-            notes.append(f"the blocks {scored} score at most the threshold but stay: {error}")
-            chosen = list(remove_branches)
+
+    def chosen_at(limit: float) -> Tuple[str, ...]:
+        """The named blocks and, with remove_blocks, those scoring at most `limit`."""
+        named = list(remove_branches)
+        scored = [b for b, score in blocks.items() if remove_blocks and b not in named
+                  and score is not None and score <= limit]
+        return tuple(sorted(named + scored, key=list(blocks).index))
+
+    limit = threshold or 0.0  # without a threshold: the blocks that emit exactly zero
+    if remove_blocks:
+        stranded = dead_branches(first.capture, first.analysis, first.emitters, limit,
+                                 list(chosen_at(limit)) + list(ignored))
+        if stranded:
+            message = (f"residual branches added in {stranded} emit at most the threshold "
+                       "but are no whole removable blocks, so they stay")
+            if fallback:
+                raise DeadBranchesError(message)
+            notes.append(message)
+    steps: Dict[Tuple[str, ...], tuple] = {}  # the last block step, by the blocks it chose
+
+    def without(chosen: Tuple[str, ...]):
+        """(blocks removed, the model without them, their report, notes), verified."""
+        if chosen not in steps:
+            steps.clear()  # one model copy at a time
+            removed, work_model, report, said = chosen, model, None, []
             if chosen:
-                work_model, block_report = depth.remove(model, inputs, kwargs, chosen,
-                                                        list(blocks))
-    seen = None  # a capture of the model the result was cut from, for fold_bn
+                try:
+                    work_model, report = depth.remove(model, inputs, kwargs, chosen,
+                                                      list(blocks))
+                except ValueError as error:  # a block the scores chose is no identity
+                    scored = [b for b in chosen if b not in remove_branches]
+                    if not scored:
+                        raise
+                    said.append(f"the blocks {scored} score at most the threshold but stay: "
+                                f"{error}")
+                    removed = tuple(remove_branches)
+                    if removed:
+                        work_model, report = depth.remove(model, inputs, kwargs, removed,
+                                                          list(blocks))
+                    else:
+                        work_model = model
+            steps[chosen] = (removed, work_model, report, said)
+        return steps[chosen]
+
+    studies: Dict[Tuple[str, ...], Study] = {}
+    work = None  # the study the result was cut from
+
+    def studied(removed, work_model) -> Study:
+        if removed not in studies:
+            studies.clear()
+            studies[removed] = study(work_model, inputs, kwargs, importance, ignored) \
+                if removed else first
+        return studies[removed]
+
     if threshold is None and ratio is None and flops_target is None:
-        result = PruneResult(work_model, block_report, structure(chosen, {}))
+        removed, work_model, block_report, said = without(chosen_at(limit))
+        notes += said
+        result = PruneResult(work_model, block_report, structure(removed, {}))
     else:
-        work = study(work_model, inputs, kwargs, importance, ignored) \
-            if chosen else first
-        seen = work.capture, work.analysis
-        original = run_evaluating(model, inputs, kwargs) if chosen else None
+        original = run_evaluating(model, inputs, kwargs) if blocks else None
 
         def cut(_model, _inputs, threshold, ratio, inplace):
+            """The channels cut at `threshold` or `ratio`, after the blocks scoring at most
+            that threshold (a FLOPs search on the threshold removes more blocks as it goes)."""
+            removed, work_model, block_report, said = without(chosen_at(threshold or 0.0))
             pruned, report, keep = cut_channels(
-                work, threshold=threshold, ratio=ratio, scope=scope,
+                studied(removed, work_model), threshold=threshold, ratio=ratio, scope=scope,
                 min_channels=min_channels, min_fraction=min_fraction, round_to=round_to,
-                in_place=inplace)
-            if chosen:
+                in_place=inplace and bool(removed))
+            if removed:
                 after_blocks(report, block_report, max_abs_diff(
                     run_evaluating(pruned, inputs, kwargs), original))
-            return PruneResult(pruned, report, structure(chosen, keep))
+            report.warnings[:0] = said
+            return PruneResult(pruned, report, structure(removed, keep))
 
         if flops_target is None:  # the blocks' step made a copy of its own to cut
-            result = cut(model, inputs, threshold, ratio, bool(chosen))
+            result = cut(model, inputs, threshold, ratio, True)
         else:
             result = search_flops(cut, model, inputs, flops_target, flops_search,
                                   flops_tolerance, flops_search_steps, False, {})
-    if seen is not None:  # once, on the cut chosen (a FLOPs search tries many)
+        removed = tuple(result.structure["removed_blocks"])
+        if removed and removed not in studies:  # the search's last try removed other blocks
+            studies.clear()
+            studies[removed] = study(depth.remove(model, inputs, kwargs, removed,
+                                                  list(blocks))[0], inputs, kwargs,
+                                     importance, ignored)
+        work = studies.get(removed, first)
+    if work is not None:  # once, on the cut chosen (a FLOPs search tries many)
         check_training(work, result.model)
     result.report.warnings[:0] = notes
     if fold_bn:
-        result.report.folded_bn = aten_fold.fold_batch_norms(result.model, inputs, kwargs,
-                                                              seen)
+        result.report.folded_bn = aten_fold.fold_batch_norms(
+            result.model, inputs, kwargs, None if work is None else (work.capture, work.analysis))
         result.structure["folded_bn"] = [list(pair) for pair in result.report.folded_bn]
         result.report.params_after = count_params(result.model)  # the BatchNorms' are gone
     result.report.settings.update(
