@@ -1,14 +1,15 @@
 """One capture of a model for everything that reads its structure: torch.export's ATen graph.
 
 `capture(model, args, kwargs)` exports the model (non-strict, in eval mode) with the call
-signature of every submodule call preserved, so the graph says, for each node, which module
-calls it ran in and, for each module call, which values went in and came out. FFRLoss's
+signature of every module that holds modules preserved, and the boundary of each leaf module
+read off its nodes, so the graph says, for each node, which module calls it ran in and, for
+each module call, which values went in and came out. FFRLoss's
 chain discovery reads it (ffr_fast.flow.stream); docs/export-design.md says why this is the one
 intermediate representation and how the pruner moves onto it.
 """
 import inspect
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -52,7 +53,8 @@ class ModuleCall:
 class Capture:
     """A model's ExportedProgram, with the module calls and parameter names looked up once."""
 
-    def __init__(self, program: torch.export.ExportedProgram, calls_made: Dict[str, int]):
+    def __init__(self, program: torch.export.ExportedProgram, calls_made: Dict[str, int],
+                 one_tensor: Set[str] = frozenset()):
         self.program = program
         self.graph: fx.Graph = program.graph
         self.nodes: Dict[str, fx.Node] = {node.name: node for node in self.graph.nodes}
@@ -68,15 +70,21 @@ class Capture:
                     tuple(getattr(a, "name", "") for a in entry.signature.inputs),
                     tuple(getattr(a, "name", "") for a in entry.signature.outputs))
         self._derived_ids: Dict[str, str] = {}  # stack key -> call id, for derived calls
-        self._derive_unpreserved_calls(calls_made)
+        self._derive_unpreserved_calls(calls_made, one_tensor)
         self.order = {node: i for i, node in enumerate(self.graph.nodes)}
 
-    def _derive_unpreserved_calls(self, calls_made: Dict[str, int]) -> None:
-        """Module calls whose signature export did not keep (the leaves a GraphModule calls
-        from its own code): their boundary read off the graph, values in by first use.
-        A GraphModule's nodes keep the module stacks of the model it was traced from, so the
-        calls are counted anew here, and the containers it never calls (`calls_made` counts
-        the calls during the export) are left out."""
+    def _derive_unpreserved_calls(self, calls_made: Dict[str, int], one_tensor: Set[str]
+                                  ) -> None:
+        """Module calls whose signature export did not keep: the leaf modules (capture()
+        preserves only the modules that hold modules, since each preserved signature costs
+        export time) and the leaves a GraphModule calls from its own code. Their nodes are
+        read off the graph; their boundary is kept only where it is certain: a module in
+        `one_tensor` (each call took one tensor and returned one) whose nodes read one value
+        and hand out one. Any other boundary is left empty rather than guessed, since the
+        order of a call's values is what a hook reads by. A GraphModule's nodes keep the
+        module stacks of the model it was traced from, so the calls are counted anew here,
+        and the containers it never calls (`calls_made` counts the calls during the export)
+        are left out."""
         members: Dict[Tuple[str, str], List[fx.Node]] = {}  # (stack key, path) -> nodes
         for node in self.graph.nodes:
             for key, path in _stack(node):
@@ -94,11 +102,13 @@ class Capture:
                     if (arg not in inside and arg.name not in inputs
                             and arg.name not in self.parameters and arg.name not in self.buffers):
                         inputs.append(arg.name)
-            outputs = tuple(node.name for node in nodes
-                            if any(user not in inside for user in node.users))
+            outputs = [node.name for node in nodes
+                       if any(user not in inside for user in node.users)]
+            certain = path in one_tensor and len(inputs) == 1 and len(outputs) == 1
             call_id = f"{path}@{index}" if index else path
             self._derived_ids[key] = call_id
-            self.calls[call_id] = ModuleCall(path, index, tuple(inputs), outputs)
+            self.calls[call_id] = ModuleCall(path, index, tuple(inputs) if certain else (),
+                                             tuple(outputs) if certain else ())
 
     def call_stack(self, node: fx.Node) -> List[str]:
         """The ids of the module calls `node` ran in, outermost first (the root excluded)."""
@@ -171,17 +181,25 @@ def capture(model: nn.Module, args: Sequence = (), kwargs: Optional[dict] = None
     paths = {module: name for name, module in model.named_modules(remove_duplicate=False)}
     running: List[str] = []
     calls_made: Dict[str, int] = {}
+    several: Set[str] = set()  # the modules called with or returning other than one tensor
 
-    def enter(module, _args):
+    def enter(module, args):
         running.append(paths.get(module, type(module).__name__))
         calls_made[running[-1]] = calls_made.get(running[-1], 0) + 1
+        if not _one_tensor(args):
+            several.add(running[-1])
 
-    def leave(module, _args, _output):
+    def leave(module, _args, output):
+        if not _one_tensor(output):
+            several.add(running[-1])
         running.pop()
 
     flags = training_flags(model)
-    called = [name for name, module in model.named_modules() if name
-              and type(module).forward is not nn.Module.forward]
+    # a signature is what the boundary of a module holding modules is read by (a block's
+    # tuple of outputs); a leaf's boundary is read off its nodes, at half the export's time
+    holders = [name for name, module in model.named_modules() if name
+               and type(module).forward is not nn.Module.forward
+               and next(module.children(), None) is not None]
     suspended = _suspend_hooks(model)
     hooks = [nn.modules.module.register_module_forward_pre_hook(enter),
              nn.modules.module.register_module_forward_hook(leave)]
@@ -189,7 +207,7 @@ def capture(model: nn.Module, args: Sequence = (), kwargs: Optional[dict] = None
         model.eval()
         with torch.no_grad():
             program = torch.export.export(model, tuple(args), kwargs, strict=False,
-                                          preserve_module_call_signature=tuple(called))
+                                          preserve_module_call_signature=tuple(holders))
     except Exception as error:
         where = (f"module '{running[-1]}' ({type(model.get_submodule(running[-1])).__name__})"
                  if running and running[-1] else f"the top-level forward of "
@@ -203,4 +221,11 @@ def capture(model: nn.Module, args: Sequence = (), kwargs: Optional[dict] = None
             hook.remove()
         _restore_hooks(suspended)
         restore_training_flags(model, flags)
-    return Capture(program, calls_made)
+    return Capture(program, calls_made,
+                   {path for path in calls_made if path not in several})
+
+
+def _one_tensor(value) -> bool:
+    """Whether a module call's arguments or output are one tensor (alone or in a 1-tuple)."""
+    leaves = tree_leaves(value)
+    return len(leaves) == 1 and isinstance(leaves[0], torch.Tensor)
