@@ -74,14 +74,13 @@ class Study:
     scores: Dict[int, float]  # channel class root -> importance
     output: object  # the model's output on the example call, eval mode
     flops: int  # and its FLOPs
-    trains: bool  # the model runs in training mode on the example call
 
 
 def study(model: nn.Module, args, kwargs: dict, importance: str, ignored: Sequence[str]
           ) -> Study:
     """The model captured on the example call, its channel classes (the channels of every
-    module in `ignored` pinned) and their scores; its output, FLOPs and whether it runs in
-    training mode (what every candidate cut of the model is measured against)."""
+    module in `ignored` pinned) and their scores; its output and FLOPs (what every candidate
+    cut of the model is measured against)."""
     cap = capture(model, args, kwargs)
     analysis = analyze(cap, rms_norm_paths(model))
     _pin_ignored(analysis, cap, ignored)
@@ -91,8 +90,7 @@ def study(model: nn.Module, args, kwargs: dict, importance: str, ignored: Sequen
     # the inputs' fault named as such (the capture runs on fake tensors, which miss some)
     output, flops = run_checked(model, args, lambda *a: run_evaluating(model, a, kwargs))
     return Study(model, tuple(args), kwargs, cap, analysis, found,
-                 class_scores(analysis, found), output, flops,
-                 training_failure(model, args, kwargs) is None)
+                 class_scores(analysis, found), output, flops)
 
 
 def _pin_ignored(analysis: Analysis, cap: Capture, ignored: Sequence[str]) -> None:
@@ -199,14 +197,14 @@ def cut_channels(work: Study, *, threshold, ratio, scope, min_channels, min_frac
     return pruned, report, keep
 
 
-def check_training(work: Study, pruned: nn.Module) -> None:
-    """PrunedModelError if `pruned`, cut from the studied model, fails in training mode where
-    the studied model runs: code that runs only in training (an auxiliary head) reads
-    channels the eval-mode capture did not see."""
-    failure = training_failure(pruned, work.args, work.kwargs) if work.trains else None
-    if failure is not None:
+def check_training(model: nn.Module, pruned: nn.Module, args, kwargs: dict) -> None:
+    """PrunedModelError if `pruned`, cut from `model`, fails in training mode where `model`
+    runs: code that runs only in training (an auxiliary head) reads channels the eval-mode
+    capture did not see. `model` is run in training mode only when `pruned` fails there."""
+    failure = training_failure(pruned, args, kwargs)
+    if failure is not None and training_failure(model, args, kwargs) is None:
         raise PrunedModelError(
-            f"the pruned {type(work.model).__name__} fails in training mode, where the "
+            f"the pruned {type(model).__name__} fails in training mode, where the "
             f"original runs: {type(failure).__name__}: {failure}. Code that runs only in "
             "training (an auxiliary head) reads channels the eval-mode capture did not see "
             "(analysis='fx' can emit the pruned graph instead)") from failure
@@ -307,7 +305,7 @@ def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
         return steps[chosen]
 
     studies: Dict[Tuple[str, ...], Study] = {}
-    work = None  # the study the result was cut from
+    work = None
 
     def studied(removed, work_model) -> Study:
         if removed not in studies:
@@ -342,15 +340,10 @@ def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
         else:
             result = search_flops(cut, model, inputs, flops_target, flops_search,
                                   flops_tolerance, flops_search_steps, False, {})
-        removed = tuple(result.structure["removed_blocks"])
-        if removed and removed not in studies:  # the search's last try removed other blocks
-            studies.clear()
-            studies[removed] = study(depth.remove(model, inputs, kwargs, removed,
-                                                  list(blocks))[0], inputs, kwargs,
-                                     importance, ignored)
-        work = studies.get(removed, first)
-    if work is not None:  # once, on the cut chosen (a FLOPs search tries many)
-        check_training(work, result.model)
+        # the study the result was cut from (None: the search's last try removed other
+        # blocks, so the folding captures the result itself)
+        work = studies.get(tuple(result.structure["removed_blocks"]))
+        check_training(model, result.model, inputs, kwargs)  # once, on the cut chosen
     result.report.warnings[:0] = notes
     if fold_bn:
         result.report.folded_bn = aten_fold.fold_batch_norms(
