@@ -69,8 +69,8 @@ def test_convnext_hidden_units_and_branches():
 
 def test_round_to_counts_channels_so_heads_still_go():
     """round_to=8 asks for multiples of 8 channels: a head of 8 channels is one such step.
-    On the torch.fx path: the export path does not cut nn.MultiheadAttention's heads yet (its
-    (L, N, E) -> (L, N * H, D) view merges the batch into the heads)."""
+    On the torch.fx path, whose report names the heads' channels (test_prune_mha_export.py
+    cuts nn.MultiheadAttention's heads on the export path)."""
     model = small_vit()
     result = prune(model, torch.randn(1, 3, 32, 32), ratio=0.5, scope="layer", round_to=8,
                    analysis="fx")

@@ -31,15 +31,21 @@ How ids flow, each op described once in OPS below:
 - element-wise ops (and prelu, whose per-channel slope ties to dim 1) broadcast: dims of
   equal size are tied (an RMSNorm weight, a layer-scale gamma or a bias takes the ids of
   the dims it broadcasts against); scalars are ignored.
-- view / reshape / flatten: dims are matched by their sizes; merged dims keep one carrier
-  (the first whose ids are not pinned, the others pinned: (H, D) -> H*D repeats the head
-  ids); a split C -> (H, D) gives head ids, each head owning its D channels, D pinned,
-  unless H is merged back later as an inner dim (a shuffle: view (G, C/G), transpose,
-  view): then position i of every group is one class and G stays (aten_layout.Split).
+- view / reshape / flatten: dims are matched by their sizes, through the finer shape both
+  shapes are merges of where one exists ((N, H*D) -> (N*H, D) is (N, H, D): the batch
+  nn.MultiheadAttention folds into its heads stays apart from them); merged dims keep one
+  carrier (the first whose ids are not pinned, the others pinned: (H, D) -> H*D repeats
+  the head ids), and a merge split back into its dims gets their ids again; a split
+  C -> (H, D) gives head ids, each head owning its D channels, D pinned, unless H is
+  merged back later as an inner dim (a shuffle: view (G, C/G), transpose, view) or picked
+  by a constant index (a packed q, k, v projection viewed to (3, E)): then position i of
+  every group is one class and G stays (aten_layout.Split).
   permute / transpose / unsqueeze / squeeze / expand move ids (expanded dims fresh, pinned:
   GQA's expand + reshape of the KV heads ties each query head to its KV head).
 - cat concatenates ids; split / chunk into equal pieces ties the pieces position by
   position; select, slice (other than whole), unbind, flip, roll, index pin the dim.
+- an nn.MultiheadAttention called with a mask or as cross-attention keeps every dim of
+  its tensors: the head-pruned layer it would become runs self-attention only.
 - scaled_dot_product_attention ties q, k, v heads (grouped: each query head to its KV
   group) and batch dims; head dims and the key length are pinned.
 Any other op pins every id it reads and writes and is named (analysis.unknown_ops).
@@ -116,6 +122,7 @@ class _Analyzer:
         self.rms_norms = set(rms_norms)
         self.values: Dict[fx.Node, object] = {}  # Ids, a tuple of Ids, or None
         self.splits: Dict[int, Split] = {}  # a split's lead dim's first id -> the split
+        self.merges: Dict[int, tuple] = {}  # id() of a merged dim's ids -> (them, its parts)
         self.result = Analysis(self.cg, {})
 
     # -- ids ------------------------------------------------------------------------------
@@ -154,6 +161,10 @@ class _Analyzer:
             self.cg.pin(b, "sizes do not match")
 
     def pinned(self, ids: np.ndarray) -> bool:
+        """Whether every id of `ids` is pinned itself, so far: not its class, which would
+        recompute the union-find at every merge (50 times the walk on MaxViT, and no pin
+        changed on the models measured). A merge's carrier whose class turns out pinned
+        pins the merged dim: channels kept that could go, never a wrong cut."""
         return all(int(i) in self.cg.pins for i in ids)
 
     def ids(self, arg) -> Optional[Ids]:
@@ -180,8 +191,26 @@ class _Analyzer:
                 self.values[node] = self.call(node)
         for split in self.splits.values():
             split.resolve(self)
+        self.keep_unsupported_attention()
         self.result.values = {node.name: value for node, value in self.values.items()}
         return self.result
+
+    def keep_unsupported_attention(self) -> None:
+        """Every dim of an nn.MultiheadAttention's tensors pinned where it is called other
+        than on one tensor (query, key and value) with no other tensor argument (a mask):
+        the layer it becomes once its widths change, attention.HeadPrunedMultiheadAttention,
+        runs that call only, as the torch.fx path's rule requires."""
+        types = {path: kind.rpartition(".")[2] for node in self.cap.graph.nodes
+                 for path, kind in (node.meta.get("nn_module_stack") or {}).values()}
+        for call in self.cap.calls.values():
+            if types.get(call.path) != "MultiheadAttention" or len(
+                    {name for name in call.inputs if name}) == 1:
+                continue
+            reason = (f"{call.path} is called with a mask or as cross-attention, which a "
+                      "head-pruned MultiheadAttention does not run")
+            for name, ids in self.result.tensors.items():
+                if name.startswith(f"{call.path}."):
+                    self.pin_value(ids, reason)
 
     def placeholder(self, node: fx.Node):
         shape = shape_of(node)

@@ -17,59 +17,81 @@ class Split:
     """One dim split into several of size > 1 by a view: `flat` the split dim's ids, `dims`
     the new dims' ids (sizes `sizes`). Of the last two, `lead` and `inner` (indices), one
     carries the flat ids, the other and any before them are whole. Which one is known once
-    the walk has seen how the split is merged again (`shuffled`), so `resolve` ties them
-    after the walk."""
+    the walk has seen what becomes of the lead (`lead_stays`: why it is whole, or None), so
+    `resolve` ties them after the walk."""
     flat: np.ndarray
     sizes: List[int]
     dims: Ids
     lead: int
     inner: int
-    shuffled: bool = False
+    lead_stays: Optional[str] = None
 
     def resolve(self, a) -> None:
         """Heads (the lead carries, each owning its inner positions): a view to (H, D) keeps
-        D, the head size, which attention code reads as a constant or an attribute. A
-        shuffle (the lead merged back as the inner dim: view (G, C/G), transpose, view) keeps
-        G instead, ShuffleNet's constant group count: position i of every group is one
-        class, so the cut is the same in every group and the shuffle still interleaves them
-        as before. A code whose constant is the other one fails the verification."""
-        carrier = self.inner if self.shuffled else self.lead
-        whole = self.lead if self.shuffled else self.inner
-        a.cg.pin(self.dims[whole], "a shuffle's groups stay (its group count is the code's)"
-                 if self.shuffled else "the inner part of a split dimension (a head's "
-                                       "channels) stays whole")
+        D, the head size, which attention code reads as a constant or an attribute. Where the
+        lead stays instead, position i of every lead position is one class and the count of
+        lead positions is kept: a shuffle (the lead merged back as the inner dim: view
+        (G, C/G), transpose, view) keeps G, ShuffleNet's constant group count, so the cut is
+        the same in every group and the shuffle still interleaves them as before; a lead
+        picked by a constant index (nn.MultiheadAttention's packed projection viewed to
+        (3, E), q, k and v selected) keeps its pieces, cut alike. A code whose constant is the
+        other one fails the verification."""
+        carrier = self.inner if self.lead_stays else self.lead
+        whole = self.lead if self.lead_stays else self.inner
+        a.cg.pin(self.dims[whole], self.lead_stays or "the inner part of a split dimension "
+                                                      "(a head's channels) stays whole")
         grid = np.moveaxis(self.flat.reshape(self.sizes), carrier, 0).reshape(
             self.sizes[carrier], -1)
         a.cg.union(np.repeat(self.dims[carrier], grid.shape[1]), grid.ravel())
 
 
+def lead_stays(a, ids: np.ndarray, reason: str) -> None:
+    """`ids`, where they are a pending split's lead dim, stay whole for `reason`."""
+    split = a.splits.get(int(ids[0])) if len(ids) else None
+    if split is not None and np.array_equal(split.dims[split.lead], ids):
+        split.lead_stays = reason
+
+
 def _merge(a, parts: List[np.ndarray]) -> np.ndarray:
     """One id per position of dims merged into one: the first dim whose ids are not all
     pinned carries them (repeated over the others, which are pinned). A split's lead dim
-    merged after another is a shuffle (Split.resolve)."""
+    merged after its own inner dim is a shuffle (Split.resolve). The merge is remembered, so
+    that a view splitting it into the same dims gets them back (`_split`)."""
     sizes = [len(p) for p in parts]
     if not parts:
         return a.fresh([1], "size-1 dimension")[0]
-    for part in parts[1:]:
+    if len(parts) == 1:
+        return parts[0]
+    for before, part in zip(parts, parts[1:]):
         split = a.splits.get(int(part[0]))
-        if split is not None and np.array_equal(split.dims[split.lead], part):
-            split.shuffled = True
+        if split is not None and np.array_equal(split.dims[split.lead], part) and (
+                np.array_equal(split.dims[split.inner], before)):
+            split.lead_stays = "a shuffle's groups stay (its group count is the code's)"
     carrier = next((i for i, p in enumerate(parts) if len(p) > 1 and not a.pinned(p)), 0)
     for i, part in enumerate(parts):
         if i != carrier:
             a.cg.pin(part, "merged into a dimension another one carries")
     grid = np.broadcast_to(parts[carrier].reshape(
         [len(p) if i == carrier else 1 for i, p in enumerate(parts)]), sizes)
-    return grid.ravel().copy()
+    merged = grid.ravel().copy()
+    a.merges[id(merged)] = (merged, parts)
+    return merged
 
 
 def _split(a, flat: np.ndarray, sizes: List[int]) -> Ids:
-    """Ids of dims split from one: with two or more of size > 1, the last two are a pending
-    Split (heads from H*D; from a fused q, k, v projection's (3, H, D) the heads too, each
-    with its q, k and v rows; a shuffle's groups), the others fresh and pinned."""
+    """Ids of dims split from one: a merge split back into its dims gets their ids (the
+    (N * H) dim attention code folds the batch into comes apart into batch and heads);
+    otherwise, with two or more of size > 1, the last two are a pending Split (heads from
+    H*D; from a fused q, k, v projection's (3, H, D) the heads too, each with its q, k and v
+    rows; a shuffle's groups), the others fresh and pinned."""
     big = [i for i, s in enumerate(sizes) if s > 1]
+    merged, parts = a.merges.get(id(flat), (None, None))
+    if merged is flat and [len(p) for p in parts] == [sizes[i] for i in big]:
+        unmerged = iter(parts)
+        return [next(unmerged) if i in big else a.fresh([1], "size-1 dimension")[0]
+                for i in range(len(sizes))]
     if len(big) <= 1:
-        return [flat if i in big else a.fresh([s], "size-1 dimension")[0]
+        return [flat if i in big else a.fresh([1], "size-1 dimension")[0]
                 for i, s in enumerate(sizes)]
     lead, inner = big[-2:]
     dims = [a.cg.fresh(size) if i in (lead, inner) else a.fresh(
@@ -103,22 +125,49 @@ def _matched_groups(old, new) -> Optional[List[Tuple[List[int], List[int]]]]:
     return groups
 
 
+def _refinement(old, new) -> Optional[Tuple[List[List[int]], List[List[int]]]]:
+    """Shapes `old` and `new` of equal product as one finer shape both are merges of, where
+    it exists: for each dim of each, the sizes of the finer dims it spans (none for a
+    size-1 dim). (N, H * D) -> (N * H, D), attention code folding the batch into the heads,
+    is (N, H, D) merged two ways; (4, 6) -> (6, 4) has no such shape (it returns None)."""
+    def bounds(shape):  # the stride of every dim, and 1: where its dims begin and end
+        return [math.prod(shape[k:]) for k in range(len(shape) + 1)]
+
+    cuts = sorted(set(bounds(old)) | set(bounds(new)), reverse=True)
+    if cuts[-1] == 0 or any(outer % inner for outer, inner in zip(cuts, cuts[1:])):
+        return None  # an empty tensor, or dims that straddle each other
+
+    def spans(shape):
+        ends = bounds(shape)
+        return [[cuts[k] // cuts[k + 1] for k in range(cuts.index(ends[d]),
+                                                        cuts.index(ends[d + 1]))]
+                for d in range(len(shape))]
+    return spans(old), spans(new)
+
+
 def _reshaped(a, ids: Ids, old, new) -> Ids:
     """Ids through a view from shape `old` to `new`: dims matched into groups of equal
-    product, each group merged then split."""
+    product; in each group every dim split into the finer dims of both shapes, which are
+    then merged into the new ones (all merged, then split, where no finer shape exists)."""
     groups = _matched_groups(old, new)
     if groups is None:
         return None
     out: Ids = []
     for group_in, group_out in groups:
-        sizes_out = [new[k] for k in group_out]
-        if len(group_in) == 1 and sizes_out == [old[group_in[0]]]:
-            out.append(ids[group_in[0]])
-            continue
+        sizes_in, sizes_out = [old[k] for k in group_in], [new[k] for k in group_out]
         if not group_out:
             continue
-        flat = _merge(a, [ids[k] for k in group_in if old[k] > 1])
-        out.extend(_split(a, flat, sizes_out))
+        finer = _refinement(sizes_in, sizes_out)
+        if finer is None:
+            flat = _merge(a, [ids[k] for k in group_in if old[k] > 1])
+            out.extend(_split(a, flat, sizes_out))
+            continue
+        spans_in, spans_out = finer
+        pieces = [piece for k, span in zip(group_in, spans_in) if span
+                  for piece in _split(a, ids[k], span)]
+        for span in spans_out:
+            out.append(_merge(a, pieces[:len(span)]))
+            pieces = pieces[len(span):]
     return out
 
 
@@ -170,11 +219,15 @@ def _without(x: Ids, dim: int) -> Ids:
 
 @rule("select", "unbind")
 def select(a, node):
-    """Positions picked by a constant index: the dim stays whole."""
+    """Positions picked by a constant index: the dim stays whole; where it is split from
+    another, position i of every piece is one class (q, k and v taken from a packed
+    projection's (3, E) view: Split.resolve)."""
     x = a.ids(node.args[0])
     if x is None:
         return None
     dim = _arg(node, 1, "dim", 0) % len(x)
+    lead_stays(a, x[dim], "pieces picked by a constant index (q, k and v of a packed "
+                          "projection) stay, cut alike")
     a.whole(x[dim], f"{node.target.name()} picks positions by a constant index")
     value = node.meta["val"]
     return tuple(_without(x, dim) for _ in value) if isinstance(value, (tuple, list)) else (
