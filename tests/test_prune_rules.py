@@ -146,9 +146,11 @@ def test_without_a_rule_a_user_layer_is_read_through_its_ops():
 
 @pytest.fixture
 def scale_size_rule():
-    register_size_rule("ChannelScale", lambda m: setattr(m, "channels", m.weight.shape[0]))
+    handle = register_size_rule("ChannelScale",
+                                lambda m: setattr(m, "channels", m.weight.shape[0]))
     yield
-    del SIZE_RULES["ChannelScale"]  # slicing has no public unregister
+    handle.remove()
+    assert "ChannelScale" not in SIZE_RULES
 
 
 def test_register_size_rule_fixes_a_user_layer_s_sizes(scale_size_rule, tmp_path):
@@ -220,3 +222,19 @@ def test_a_view_splitting_the_channels_over_constants_pins_them():
 
     result = prune(HeadsAsNumbers(), X, ratio=0.5, scope="layer")
     assert result.report.channels["conv1"] == (8, 8)  # the mean reads the heads' dims whole
+
+
+def test_a_size_rule_s_handle_puts_back_the_rule_it_replaced():
+    built_in = SIZE_RULES["Linear"]
+
+    def replacement(m):
+        return built_in(m)
+    handle = register_size_rule("Linear", replacement)
+    assert SIZE_RULES["Linear"] is replacement
+    handle.remove()
+    assert SIZE_RULES["Linear"] is built_in
+    handle.remove()  # a second remove changes nothing
+    assert SIZE_RULES["Linear"] is built_in
+    with pytest.raises(TypeError, match="must be a callable"):
+        register_size_rule("Linear", "not a rule")
+    assert SIZE_RULES["Linear"] is built_in

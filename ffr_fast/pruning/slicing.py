@@ -222,10 +222,32 @@ def rms_norm_eps(model: nn.Module) -> Dict[str, List[float]]:
     return {"rms_norm_eps": values, "layer_norm_epsilon": values} if values else {}
 
 
-def register_size_rule(type_name: str, size_rule: SizeRule) -> None:
+class SizeRuleHandle:
+    """What register_size_rule returns: `remove()` puts back the rule the type had before
+    (none, or a built-in one it replaced), as a hook's handle does."""
+
+    def __init__(self, type_name: str, size_rule: SizeRule, replaced: Optional[SizeRule]):
+        self.type_name, self.size_rule, self.replaced = type_name, size_rule, replaced
+
+    def remove(self) -> None:
+        if SIZE_RULES.get(self.type_name) is not self.size_rule:
+            return  # removed already, or registered over since: that rule stays
+        if self.replaced is None:
+            del SIZE_RULES[self.type_name]
+        else:
+            SIZE_RULES[self.type_name] = self.replaced
+
+
+def register_size_rule(type_name: str, size_rule: SizeRule) -> SizeRuleHandle:
     """Teach fix_sizes a module type (by class name): `size_rule(module)` sets its size
-    attributes from its sliced tensors, and may return the config fields they imply."""
+    attributes from its sliced tensors, and may return the config fields they imply. The
+    rule holds for every later prune() and load_pruned() until its handle's `remove()`."""
+    if not callable(size_rule):
+        raise TypeError(f"register_size_rule({type_name!r}, ...): the size rule must be a "
+                        f"callable taking the module, not {type(size_rule).__name__}")
+    handle = SizeRuleHandle(type_name, size_rule, SIZE_RULES.get(type_name))
     SIZE_RULES[type_name] = size_rule
+    return handle
 
 
 def fix_sizes(model: nn.Module, changed: set) -> Dict[str, List[int]]:
