@@ -42,6 +42,13 @@ def test_downsample_block_becomes_its_shortcut():
     kill_channels(model, "layer2.0.conv2", list(range(32)), "layer2.0.bn2")
     x = torch.randn(2, 3, 32, 32)
     result = prune(model, x, threshold=0.0)
+    # no whole block on the export path (its shortcut is a projection): "auto" prunes on
+    # both paths and keeps torch.fx's rewired graph, which is cheaper, saying so
+    exported = prune(model, x, threshold=0.0, analysis="export").report
+    assert exported.kept_dead_branches == ["layer2.0"] and not exported.removed_blocks
+    assert result.report.settings["path"] == "torch.fx"
+    assert f"would keep {exported.flops_after:,} FLOPs, torch.fx's graph " \
+        f"{result.report.flops_after:,}" in result.report.warnings[0]
     [block] = result.report.removed_blocks
     assert block["block"] == "layer2.0" and "layer2.0.downsample.1" in block["shortcut"]
     names = module_names(result.model)

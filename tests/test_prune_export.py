@@ -359,6 +359,8 @@ def test_a_block_that_scores_zero_but_is_no_identity_stays_and_the_report_says_w
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     result = ffr_fast.prune(bert, ids, ratio=0.25, scope="layer")
     assert not result.report.removed_blocks and len(result.model.encoder.layer) == 2
+    assert result.report.kept_dead_branches == ["encoder.layer.1.attention.output",
+                                                 "encoder.layer.1.output"]
     assert any("['encoder.layer.1.attention.output', 'encoder.layer.1.output'] emit at most "
                "the threshold" in w for w in result.report.warnings)
     assert result.report.relative_diff < 1e-5

@@ -57,11 +57,6 @@ class NotABlockError(ValueError):
     rewired graph can remove it."""
 
 
-class DeadBranchesError(NotABlockError):
-    """Residual branches emit at most the threshold but are no whole blocks: torch.fx's
-    rewired graph could remove them (prune() tries both and keeps the cheaper result)."""
-
-
 @dataclass
 class Study:
     """One capture of a model, analysed and scored once."""
@@ -240,13 +235,13 @@ def needs_fx(inplace, emit, importance) -> List[str]:
 def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
                      flops_target, flops_search, flops_tolerance, flops_search_steps,
                      importance, scope, min_channels, min_fraction, round_to, remove_blocks,
-                     remove_branches, fold_bn, ignored, inplace, emit, why: str,
-                     fallback: bool = False) -> PruneResult:
+                     remove_branches, fold_bn, ignored, inplace, emit, why: str
+                     ) -> PruneResult:
     """prune() on torch.export's capture (module docstring), its arguments as prune()'s:
     residual blocks out of their containers, then channels; the options only the torch.fx
     path has are refused by name. A branch that scores at most the threshold but is no
-    whole block (an attention sub-branch, a downsampling block) stays with a report
-    warning, or with `fallback` raises NotABlockError (the torch.fx path can remove it)."""
+    whole block (an attention sub-branch, a downsampling block) stays, listed in the
+    report's `kept_dead_branches` with a warning (torch.fx's rewired graph can remove it)."""
     fx_only = needs_fx(inplace, emit, importance)
     if fx_only:
         raise ValueError(f"{fx_only} need the torch.fx analysis, which cannot serve here "
@@ -269,15 +264,11 @@ def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
         return tuple(sorted(named + scored, key=list(blocks).index))
 
     limit = threshold or 0.0  # without a threshold: the blocks that emit exactly zero
-    if remove_blocks:
-        stranded = dead_branches(first.capture, first.analysis, first.emitters, limit,
-                                 list(chosen_at(limit)) + list(ignored))
-        if stranded:
-            message = (f"residual branches added in {stranded} emit at most the threshold "
-                       "but are no whole removable blocks, so they stay")
-            if fallback:
-                raise DeadBranchesError(message)
-            notes.append(message)
+    stranded = dead_branches(first.capture, first.analysis, first.emitters, limit,
+                             list(chosen_at(limit)) + list(ignored)) if remove_blocks else []
+    if stranded:
+        notes.append(f"residual branches added in {stranded} emit at most the threshold "
+                     "but are no whole removable blocks, so they stay")
     steps: Dict[Tuple[str, ...], tuple] = {}  # the last block step, by the blocks it chose
 
     def without(chosen: Tuple[str, ...]):
@@ -345,6 +336,7 @@ def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
         work = studies.get(tuple(result.structure["removed_blocks"]))
         check_training(model, result.model, inputs, kwargs)  # once, on the cut chosen
     result.report.warnings[:0] = notes
+    result.report.kept_dead_branches = list(stranded)
     if fold_bn:
         result.report.folded_bn = aten_fold.fold_batch_norms(
             result.model, inputs, kwargs, None if work is None else (work.capture, work.analysis))

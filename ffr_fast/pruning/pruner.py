@@ -165,12 +165,16 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
         return _timed(aten_pruner.prune(model, inputs, example_kwargs, **on_export, why=why),
                       start)
     export_failure = None  # why the torch.export path could not serve "auto"
+    exported = None  # its result, where it keeps dead branches torch.fx's graph can remove
     if analysis == "auto" and not fx_only:
         try:
-            return _timed(aten_pruner.prune(model, inputs, None, **on_export,
-                                           why="analysis='auto'", fallback=True), start)
+            exported = aten_pruner.prune(model, inputs, None, **on_export,
+                                         why="analysis='auto'")
         except (PrunedModelError, UncapturableModelError, aten_pruner.NotABlockError) as error:
             export_failure = error
+        else:
+            if not exported.report.kept_dead_branches:
+                return _timed(exported, start)
     options = dict(importance=importance, scope=scope, min_channels=min_channels,
                    min_fraction=min_fraction, round_to=round_to, remove_blocks=remove_blocks,
                    remove_branches=list(remove_branches), fold_bn=fold_bn,
@@ -180,10 +184,8 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
     try:
         reads_flag = reads_training_flag(model, options["ignored"])
     except UntraceableModelError as error:
-        if isinstance(export_failure, aten_pruner.NotABlockError):
-            # the branches torch.fx would have removed stay (or the named ones are refused)
-            return _timed(aten_pruner.prune(model, inputs, None, **on_export,
-                                           why="analysis='auto'"), start)
+        if exported is not None:  # the branches torch.fx would have removed stay
+            return _timed(exported, start)
         if isinstance(export_failure, UncapturableModelError):
             raise UntraceableModelError(f"{error}; torch.export cannot capture it either: "
                                         f"{export_failure}") from export_failure
@@ -206,17 +208,19 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
                               flops_tolerance, flops_search_steps, inplace, options)
     if reads_flag and isinstance(result.model, fx.GraphModule):
         result.report.warnings.insert(0, TRAINING_FLAG_NOTE)
-    if isinstance(export_failure, aten_pruner.DeadBranchesError):
+    if exported is not None:
         # the export path keeps those branches but may cut more channels: the cheaper wins
-        kept = aten_pruner.prune(model, inputs, None, **on_export, why="analysis='auto'")
-        if kept.report.flops_after <= result.report.flops_after:
-            kept.report.warnings.append(
+        if exported.report.flops_after <= result.report.flops_after:
+            exported.report.warnings.append(
                 f"torch.fx's graph that removes those branches would keep "
-                f"{result.report.flops_after:,} FLOPs, this result {kept.report.flops_after:,}")
-            return _timed(kept, start)
+                f"{result.report.flops_after:,} FLOPs, this result "
+                f"{exported.report.flops_after:,}")
+            return _timed(exported, start)
         result.report.warnings.insert(0, (
-            f"{export_failure}; the export path that keeps them would keep "
-            f"{kept.report.flops_after:,} FLOPs, torch.fx's graph {result.report.flops_after:,}"))
+            f"residual branches added in {exported.report.kept_dead_branches} emit at most "
+            "the threshold but are no whole blocks the export path can remove; its result, "
+            f"which keeps them, would keep {exported.report.flops_after:,} FLOPs, torch.fx's "
+            f"graph {result.report.flops_after:,}"))
     elif export_failure is not None:
         result.report.warnings.insert(0, (
             f"the torch.export analysis could not prune this model "

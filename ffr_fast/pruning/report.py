@@ -29,6 +29,9 @@ class PruneReport:
     # channels are normalised over fewer, so max_abs_diff measures an approximation there.
     approximate: List[str] = field(default_factory=list)
     folded_bn: List[Tuple[str, str]] = field(default_factory=list)
+    # Residual branches (where they are added) that emit at most the threshold but stay:
+    # no whole block the export path can remove (torch.fx's rewired graph can).
+    kept_dead_branches: List[str] = field(default_factory=list)
     score_cutoff: Optional[float] = None  # largest importance score removed
     # Max |new - reference| where the reference is the original (eval mode) with every
     # removed channel and dead branch zeroed: float rounding when the surgery is exact.
