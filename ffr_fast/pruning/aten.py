@@ -28,6 +28,9 @@ How ids flow, each op described once in OPS below:
   is a mean over the channels), so the result stays exact. The exception is an RMS norm
   module the slicing knows (slicing.RMS_NORMS: Llama's, Qwen's, T5's, torch's): its
   channels are cut, and its weight and eps rescaled so that it stays exact.
+- zeros / ones / full: one value at every position, so their dims take the ids they meet,
+  unpinned (T5's zero position bias of a cross-attention follows its heads); arange, empty
+  and random tensors are pinned (created inside the model).
 - element-wise ops (and prelu, whose per-channel slope ties to dim 1) broadcast: dims of
   equal size are tied (an RMSNorm weight, a layer-scale gamma or a bias takes the ids of
   the dims it broadcasts against); scalars are ignored.
