@@ -28,6 +28,9 @@ How ids flow, each op described once in OPS below:
   is a mean over the channels), so the result stays exact. The exception is an RMS norm
   module the slicing knows (slicing.RMS_NORMS: Llama's, Qwen's, T5's, torch's): its
   channels are cut, and its weight and eps rescaled so that it stays exact.
+- zeros / ones / full: one value at every position, so their dims take the ids they meet,
+  unpinned (T5's zero position bias of a cross-attention follows its heads); arange, empty
+  and random tensors are pinned (created inside the model).
 - element-wise ops (and prelu, whose per-channel slope ties to dim 1) broadcast: dims of
   equal size are tied (an RMSNorm weight, a layer-scale gamma or a bias takes the ids of
   the dims it broadcasts against); scalars are ignored.
@@ -113,6 +116,23 @@ class Analysis:
         return [(p.layer, self.tensors[p.weight][p.dim]) for p in self.producers]
 
 
+def output_names(program: torch.export.ExportedProgram) -> Dict[str, str]:
+    """Output node name -> where the model's output holds it (`encoder_last_hidden_state`
+    of T5's Seq2SeqLMOutput, `1` of a tuple), so that a pin says which output keeps it."""
+    def leaves(spec) -> List[str]:
+        if spec.is_leaf():
+            return [""]
+        keys = spec.context if isinstance(spec.context, list) and len(
+            spec.context) == spec.num_children else range(spec.num_children)
+        # torch 2.13 reads the children through children(); earlier releases hold a list
+        children = spec.children() if hasattr(spec, "children") else spec.children_specs
+        return [".".join(str(part) for part in (key, inner) if part != "")
+                for key, child in zip(keys, children) for inner in leaves(child)]
+    names = leaves(program.call_spec.out_spec)
+    users = program.graph_signature.user_outputs
+    return dict(zip(users, names)) if len(users) == len(names) else {}
+
+
 OPS = {**COMPUTE_OPS, **LAYOUT_OPS}  # op name -> rule(analyzer, node) -> the output's ids
 
 
@@ -185,8 +205,11 @@ class _Analyzer:
             if node.op == "placeholder":
                 self.values[node] = self.placeholder(node)
             elif node.op == "output":
+                names = output_names(self.cap.program)
                 for arg in node.all_input_nodes:
-                    self.pin_value(self.values.get(arg), "feeds the model output")
+                    name = names.get(arg.name)
+                    self.pin_value(self.values.get(arg), "feeds the model output"
+                                   + (f" ({name})" if name else ""))
             elif node.op == "call_function":
                 self.values[node] = self.call(node)
         for split in self.splits.values():
@@ -248,7 +271,7 @@ class _Analyzer:
                                                 for d in v]})
         return self.fresh_like(node, reason)
 
-    def fresh_like(self, node: fx.Node, reason: str):
+    def fresh_like(self, node: fx.Node, reason: Optional[str]):
         value = node.meta.get("val")
         if isinstance(value, torch.Tensor):
             return self.fresh(value.shape, reason)

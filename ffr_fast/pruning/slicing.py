@@ -122,6 +122,14 @@ def _window_attention(m):
         m.num_heads = m.relative_position_bias_table.shape[-1]
 
 
+def _t5_attention(m) -> dict:
+    """T5's attention: its head count (read for the zero position bias of a cross-attention)
+    and inner width from q; its head size is config.d_kv, which the config keeps."""
+    m.n_heads = m.q.weight.shape[0] // m.key_value_proj_dim
+    m.inner_dim = m.n_heads * m.key_value_proj_dim
+    return {"num_attention_heads": m.n_heads}
+
+
 def _conv1d(m):
     m.nx, m.nf = m.weight.shape
 
@@ -156,6 +164,9 @@ SIZE_RULES: Dict[str, SizeRule] = {
     "BertIntermediate": lambda m: {"intermediate_size": m.dense.weight.shape[0]},
     "GPT2Attention": _gpt2_attention,
     "GPT2MLP": lambda m: {"n_inner": m.c_fc.weight.shape[1]},
+    "T5Attention": _t5_attention,
+    "T5DenseActDense": lambda m: {"d_ff": m.wi.weight.shape[0]},
+    "T5DenseGatedActDense": lambda m: {"d_ff": m.wi_0.weight.shape[0]},
     "Attention": _timm_attention,  # timm's ViT attention: qkv, num_heads, head_dim
     "WindowAttention": _window_attention,  # timm's Swin attention
     # the layers whose code ties the inner width to the input width become their head-pruned
