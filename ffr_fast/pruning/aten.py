@@ -124,10 +124,8 @@ def output_names(program: torch.export.ExportedProgram) -> Dict[str, str]:
             return [""]
         keys = spec.context if isinstance(spec.context, list) and len(
             spec.context) == spec.num_children else range(spec.num_children)
-        # torch 2.13 reads the children through children(); earlier releases hold a list
-        children = spec.children() if hasattr(spec, "children") else spec.children_specs
         return [".".join(str(part) for part in (key, inner) if part != "")
-                for key, child in zip(keys, children) for inner in leaves(child)]
+                for key, child in zip(keys, spec.children()) for inner in leaves(child)]
     names = leaves(program.call_spec.out_spec)
     users = program.graph_signature.user_outputs
     return dict(zip(users, names)) if len(users) == len(names) else {}
