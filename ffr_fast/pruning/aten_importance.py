@@ -83,7 +83,7 @@ def emitters(analysis: Analysis, cap: Capture, tensors: Dict[str, torch.Tensor],
         return _gated(analysis, cap, tensors, [
             Emitter(_module(a.weight), analysis.tensors[a.weight][0],
                     tensors[a.weight].detach().double().abs().cpu().numpy(),
-                    _readers(cap, a.weight)) for a in analysis.affines if a.weight is not None])
+                    readers(cap, a.weight)) for a in analysis.affines if a.weight is not None])
     sole_readers = {a.input: a for a in analysis.affines if a.sole_reader}
     folded = set()
     out = []
@@ -108,18 +108,18 @@ def emitters(analysis: Analysis, cap: Capture, tensors: Dict[str, torch.Tensor],
         ids = analysis.tensors[channel_tensor][0]
         _, shift = _scale_shift(affine, tensors, len(ids))
         out.append(Emitter(_module(channel_tensor), ids, shift.abs().numpy(),
-                           _readers(cap, channel_tensor)))
+                           readers(cap, channel_tensor)))
     for name in dict.fromkeys(analysis.shifts):
         magnitude = tensors[name].detach().double().abs().cpu()
         for dim, ids in enumerate(analysis.tensors[name]):
             if magnitude.shape[dim] > 1:  # the dims a bias spans; a scalar shifts no class
                 others = [d for d in range(magnitude.ndim) if d != dim]
                 values = magnitude.amax(dim=others) if others else magnitude
-                out.append(Emitter(_module(name), ids, values.numpy(), _readers(cap, name)))
+                out.append(Emitter(_module(name), ids, values.numpy(), readers(cap, name)))
     return _gated(analysis, cap, tensors, out + _alive_at_zero(analysis, cap))
 
 
-def _readers(cap: Capture, tensor: str) -> Tuple[str, ...]:
+def readers(cap: Capture, tensor: str) -> Tuple[str, ...]:
     """The nodes that read the parameter or buffer named `tensor`."""
     return tuple(user.name for node in cap.graph.nodes if node.op == "placeholder" and tensor in (
         cap.parameters.get(node.name), cap.buffers.get(node.name)) for user in node.users)
@@ -223,6 +223,15 @@ def _gate(analysis: Analysis, node: fx.Node) -> Optional[Gate]:
                 _root_set(analysis, batch[0]) & _root_set(analysis, batch[1]))
 
 
+def gated_classes(analysis: Analysis, cap: Capture) -> Tuple[Dict[str, Gate], Set[int]]:
+    """Every Gate of the capture by node name, and the unpinned classes they gate: the
+    attention heads (a product's pinned batch dims are no class a cut can remove)."""
+    gates = {node.name: gate for node in cap.graph.nodes
+             for gate in [_gate(analysis, node)] if gate is not None}
+    pins = set(analysis.cg.pinned_roots())
+    return gates, set().union(*(g.classes for g in gates.values())) - pins if gates else set()
+
+
 # Ops whose output is zero for a class wherever all their tensor operands are (besides the
 # layout ops and the products): sums, means and extrema of zeros, pooling of zeros.
 ZERO_PRESERVING = ("sum", "mean", "amax", "amin", "max", "min", "getitem", "einsum",
@@ -305,10 +314,7 @@ def _gated(analysis: Analysis, cap: Capture, tensors: Dict[str, torch.Tensor],
     """`found` with the score of every position zeroed that cannot reach the output: every
     path from where the emitter writes it passes a Gate closed for its class, one whose other
     required operand is proven zero for it (_possibly_nonzero)."""
-    pins = set(analysis.cg.pinned_roots())
-    gates = {node.name: gate for node in cap.graph.nodes
-             for gate in [_gate(analysis, node)] if gate is not None}
-    gated = set().union(*(g.classes for g in gates.values())) - pins if gates else set()
+    gates, gated = gated_classes(analysis, cap)
     if not gated:
         return found
     present = {}  # node name -> the gated classes its value carries

@@ -5,7 +5,8 @@ tensors sliced by name (slicing.py), each step verified.
 The model is captured and analysed once per step (a *Study*): every candidate of a FLOPs
 search plans on the same study. Importance (`importance=` "l2", "l1" or "bn") is what each
 channel emits (aten_importance.py), on the scale the torch.fx path uses, so a threshold
-compares channels and residual blocks in one unit.
+compares channels and residual blocks in one unit; a callable importance scores the modules
+as on the torch.fx path (aten_scorer.py).
 
 The result is the model's own class, a deep copy with its blocks removed, its tensors sliced
 and its size attributes (and a Hugging Face config) fixed, with `fold_bn` its BatchNorms
@@ -17,7 +18,7 @@ channels (KeptChannelNorms): it must agree to float32 rounding, else PrunedModel
 """
 import copy
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -31,8 +32,10 @@ from .aten import Analysis, analyze
 from .aten_branches import block_score, dead_branches
 from .aten_importance import Emitter, class_scores, emitters
 from .aten_norms import KeptChannelNorms, cut_norms
+from .aten_scorer import scorer_emitters
 from .emit import attach_structure
 from .flops_search import search_flops
+from .importance import Scorer, label
 from .inputs import PrunedModelError, resolve_ignored, run_checked
 from .plan import make_plan
 from .report import PruneReport, PruneResult, max_abs_diff
@@ -71,8 +74,8 @@ class Study:
     flops: int  # and its FLOPs
 
 
-def study(model: nn.Module, args, kwargs: dict, importance: str, ignored: Sequence[str]
-          ) -> Study:
+def study(model: nn.Module, args, kwargs: dict, importance: Union[str, Scorer],
+          ignored: Sequence[str]) -> Study:
     """The model captured on the example call, its channel classes (the channels of every
     module in `ignored` pinned) and their scores; its output and FLOPs (what every candidate
     cut of the model is measured against)."""
@@ -81,7 +84,8 @@ def study(model: nn.Module, args, kwargs: dict, importance: str, ignored: Sequen
     _pin_ignored(analysis, cap, ignored)
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
-    found = emitters(analysis, cap, tensors, importance)
+    found = emitters(analysis, cap, tensors, importance) if isinstance(importance, str) \
+        else scorer_emitters(analysis, cap, model, tensors, importance)
     # the inputs' fault named as such (the capture runs on fake tensors, which miss some)
     output, flops = run_checked(model, args, lambda *a: run_evaluating(model, a, kwargs))
     return Study(model, tuple(args), kwargs, cap, analysis, found,
@@ -225,11 +229,10 @@ def structure(removed_blocks: Sequence[str], keep: Keep) -> dict:
                      for name, dims in keep.items()}}
 
 
-def needs_fx(inplace, emit, importance) -> List[str]:
+def needs_fx(inplace, emit) -> List[str]:
     """The options of a prune() call that only the torch.fx path has."""
     return [name for name, asked in (
-        ("inplace", inplace), ("emit='graph'", emit == "graph"),
-        ("a callable importance", callable(importance))) if asked]
+        ("inplace", inplace), ("emit='graph'", emit == "graph")) if asked]
 
 
 def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
@@ -242,7 +245,7 @@ def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
     path has are refused by name. A branch that scores at most the threshold but is no
     whole block (an attention sub-branch, a downsampling block) stays, listed in the
     report's `kept_dead_branches` with a warning (torch.fx's rewired graph can remove it)."""
-    fx_only = needs_fx(inplace, emit, importance)
+    fx_only = needs_fx(inplace, emit)
     if fx_only:
         raise ValueError(f"{fx_only} need the torch.fx analysis, which cannot serve here "
                          f"({why})")
@@ -344,7 +347,7 @@ def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
         result.report.params_after = count_params(result.model)  # the BatchNorms' are gone
     result.report.settings.update(
         path="torch.export", why=why, fold_bn=fold_bn, threshold=threshold, ratio=ratio,
-        importance=importance,
+        importance=label(importance),
         scope=scope, min_channels=min_channels, min_fraction=min_fraction, round_to=round_to,
         remove_blocks=bool(remove_blocks), remove_branches=list(remove_branches),
         ignored=list(ignored))

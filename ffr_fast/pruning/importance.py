@@ -85,13 +85,20 @@ def scorer_for(importance: Union[str, Scorer]) -> Scorer:
     return SCORERS[importance]
 
 
-def layer_scores(scorer: Scorer, module: nn.Module, bn: Optional[nn.Module], path: str
-                 ) -> Optional[torch.Tensor]:
-    """`scorer(module, bn)`, checked: None or one finite score >= 0 per output channel."""
+def label(importance: Union[str, Scorer]) -> str:
+    """How a report names the importance: the built-in's name, the callable's qualified name."""
+    return importance if isinstance(importance, str) else getattr(
+        importance, "__qualname__", repr(importance))
+
+
+def layer_scores(scorer: Scorer, module: nn.Module, bn: Optional[nn.Module], path: str,
+                 channels: Optional[int] = None) -> Optional[torch.Tensor]:
+    """`scorer(module, bn)`, checked: None or one finite score >= 0 per output channel
+    (`channels` of them; by default as many as the module's rule says it writes)."""
     scores = scorer(module, bn)
     if scores is None:
         return None
-    channels = out_channels(module)
+    channels = out_channels(module) if channels is None else channels
     if (not isinstance(scores, torch.Tensor) or scores.shape != (channels,)
             or not bool(torch.isfinite(scores).all()) or bool((scores < 0).any())):
         raise ValueError(f"the importance function returned {scores!r} for layer '{path}'; "

@@ -2,7 +2,7 @@
 residual_branches(): the branches prune() can remove, measured on the example inputs."""
 import copy
 import time
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -19,7 +19,7 @@ from .emit import EMITS, adopt, attach_structure, own_forward, own_training_forw
 from .flops_search import search_flops
 from .fold import fold_batchnorms, foldable_pairs
 from .graph import analyze
-from .importance import Scorer, class_scores, scorer_for
+from .importance import Scorer, class_scores, label, scorer_for
 from .inplace import adds_in_place
 from .inputs import PrunedModelError, as_inputs, check_model, resolve_ignored, run_checked
 from .plan import make_plan
@@ -128,9 +128,9 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
 
     `analysis` says which capture the analysis reads: "export" (torch.export's ATen graph,
     aten_pruner.py: every op seen, so functional layers such as timm's BatchNormAct2d and
-    every Hugging Face transformer are cut; all of the above except `inplace`,
-    `emit="graph"` and a callable importance, which it refuses by name; residual branches
-    are whole blocks, members of an nn.ModuleList or nn.Sequential, named by module path;
+    every Hugging Face transformer are cut; all of the above except `inplace` and
+    `emit="graph"`, which it refuses by name; residual branches are whole blocks, members
+    of an nn.ModuleList or nn.Sequential, named by module path;
     the result is always the model's own class, a Hugging Face config in step), "fx" (the
     torch.fx trace and its rule table) or "auto": "export", falling back to "fx" where the
     export path cannot serve and torch.fx traces the model (docs/export-design.md lists the
@@ -158,7 +158,7 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
     if example_kwargs and analysis == "fx":
         raise ValueError("example_kwargs are passed by the torch.export analysis only; "
                          "analysis='fx' traces the model with positional inputs")
-    fx_only = aten_pruner.needs_fx(inplace, emit, importance)
+    fx_only = aten_pruner.needs_fx(inplace, emit)
     if analysis == "export" or example_kwargs:
         why = "analysis='export'" if analysis == "export" else \
             "example_kwargs are passed to the model"
@@ -345,7 +345,7 @@ def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importan
     attach_structure(out, structure)
     report = PruneReport(
         settings=dict(path="torch.fx", threshold=threshold, ratio=ratio,
-                      importance=_label(importance),
+                      importance=label(importance),
                       scope=scope, min_channels=min_channels, min_fraction=min_fraction,
                       round_to=round_to,
                       remove_blocks=remove_blocks, remove_branches=list(remove_branches),
@@ -395,8 +395,3 @@ def _emitted(work: nn.Module, gm: fx.GraphModule, folded, inputs, emit: str,
 
 def _at_most(score: Optional[float], threshold: float) -> bool:
     return score is not None and score <= threshold
-
-
-def _label(importance: Union[str, Callable]) -> str:
-    return importance if isinstance(importance, str) else getattr(
-        importance, "__qualname__", repr(importance))
