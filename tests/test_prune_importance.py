@@ -9,6 +9,8 @@ from torch import nn
 import ffr_fast
 from ffr_fast.torchvision_loader import load_torchvision
 
+from nets import look_trained
+
 torchvision = load_torchvision()  # before transformers, on a CPU-only torch
 transformers = pytest.importorskip("transformers")
 
@@ -189,3 +191,16 @@ def test_a_decoder_is_cut_by_the_scorer_and_its_heads_by_the_l2_rule():
         assert kept[prefix + "self_attn.k_proj.weight"][0] == list(range(head_dim))
     out = result.model(ids).logits
     assert out.shape == (2, 8, 64) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("analysis", ["export", "fx"])
+def test_without_a_threshold_a_block_goes_only_if_it_emits_exactly_zero(analysis):
+    """Under "bn" a zero |gamma| scores 0, but the BatchNorm's shift still reaches the
+    stream: a ratio cut (no threshold) keeps the block on both paths."""
+    model = look_trained(ffr_fast.models.resnet20())
+    with torch.no_grad():
+        model.layer1[1].bn2.weight.zero_()  # its shift (bias - mean * 0) stays
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    result = ffr_fast.prune(model, x, ratio=0.25, importance="bn", analysis=analysis)
+    assert result.report.removed_blocks == []
+    assert result.report.relative_diff < 1e-5

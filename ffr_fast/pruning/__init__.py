@@ -12,7 +12,8 @@ Modules: rules (the one table of layer types and functions; register_rule), trac
 (torch.fx), graph (channel dependencies), layout (ids through ops that move dimensions) and
 channels (what it produces); aten, aten_ops and aten_layout (the same analysis on
 torch.export's ATen graph, the default), aten_importance (what each channel emits
-there), aten_scorer (a callable importance there), aten_branches (what a residual branch emits), aten_norms (cut norms verified),
+there), aten_scorer (a callable importance there), aten_branches (what a residual
+branch emits), aten_norms (cut norms verified),
 slicing (tensors cut by name, size attributes fixed; register_size_rule), aten_fold
 (BatchNorm folding there) and aten_pruner (that path of prune()); importance
 (scores), plan (what goes), flops_search (the search behind flops_target), blocks

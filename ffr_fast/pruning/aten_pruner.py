@@ -111,10 +111,21 @@ def _pin_ignored(analysis: Analysis, cap: Capture, ignored: Sequence[str]) -> No
                 analysis.cg.pin(ids, reason)
 
 
-def removable_blocks(work: Study, ignored: Sequence[str]) -> Dict[str, Optional[float]]:
+def exact_emitters(work: Study) -> List[Emitter]:
+    """The studied model's emitters in the "l2" unit, where a channel scores 0 only if it
+    emits exactly zero: what a block is judged by without a threshold, whatever
+    `importance` ranks channels by (a zero |gamma| under "bn" may still shift its channel)."""
+    tensors = dict(work.model.named_parameters(remove_duplicate=False))
+    tensors.update(work.model.named_buffers(remove_duplicate=False))
+    return emitters(work.analysis, work.capture, tensors, "l2")
+
+
+def removable_blocks(work: Study, ignored: Sequence[str], scored: List[Emitter]
+                     ) -> Dict[str, Optional[float]]:
     """Every block depth.py can remove (outside `ignored`), in forward order, with its score:
-    the largest that its branches' tails emit into the stream (None: nothing scores it)."""
-    return {block: block_score(work.capture, work.analysis, work.emitters, block)
+    the largest that its branches' tails emit into the stream by the emitters `scored`
+    (None: nothing scores it)."""
+    return {block: block_score(work.capture, work.analysis, scored, block)
             for block in depth.removable_blocks(work.model, work.capture)
             if not depth.inside(block, ignored)}
 
@@ -253,7 +264,13 @@ def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
     ignored = resolve_ignored(model, ignored)
     first = study(model, inputs, kwargs, importance, ignored)
     notes: List[str] = []
-    blocks = removable_blocks(first, ignored) if remove_branches or remove_blocks else {}
+    # a threshold (given, or tried by a FLOPs search) compares blocks in the importance's
+    # unit; without one a block goes only if it emits exactly zero
+    thresholded = threshold is not None or (flops_target is not None
+                                            and flops_search == "threshold")
+    scored = first.emitters if thresholded or importance == "l2" else exact_emitters(first)
+    blocks = removable_blocks(first, ignored, scored) if remove_branches or remove_blocks \
+        else {}
     unknown = [name for name in remove_branches if name not in blocks]
     if unknown:
         raise NotABlockError(f"remove_branches: no residual branch named {unknown}; the "
@@ -267,7 +284,7 @@ def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
         return tuple(sorted(named + scored, key=list(blocks).index))
 
     limit = threshold or 0.0  # without a threshold: the blocks that emit exactly zero
-    stranded = dead_branches(first.capture, first.analysis, first.emitters, limit,
+    stranded = dead_branches(first.capture, first.analysis, scored, limit,
                              list(chosen_at(limit)) + list(ignored)) if remove_blocks else []
     if stranded:
         notes.append(f"residual branches added in {stranded} emit at most the threshold "
