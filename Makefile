@@ -11,6 +11,11 @@ TEST_INSTALLED := $(VENV)/.ffr_fast-test
 BENCH_INSTALLED := $(VENV)/.ffr_fast-bench
 LM_INSTALLED := $(VENV)/.ffr_fast-lm
 
+# -P: the repository root stays off sys.path, so its top-level kernels/ (installed as
+# ffr_fast.kernels) never shadows Hugging Face's `kernels` package, which transformers
+# imports where it is installed (a fresh environment gets it with transformers 5.25).
+RUN := $(BIN)/python -P
+
 .PHONY: demo demo-vit demo-lm test bench sweep sweep-vit clean
 
 $(BIN)/python:
@@ -34,10 +39,10 @@ $(TEST_INSTALLED): $(STUDY_INSTALLED)
 # The ResNet-20 story over three seeds: 2.7 min measured from a fresh clone on 2 cores
 # (bootstrap aside). The ViT story is a second target: 3.4 min.
 demo: $(STUDY_INSTALLED)
-	$(BIN)/python -m ffr_fast demo
+	$(RUN) -m ffr_fast demo
 
 demo-vit: $(STUDY_INSTALLED)
-	$(BIN)/python -m ffr_fast demo --model vit_tiny
+	$(RUN) -m ffr_fast demo --model vit_tiny
 
 # The language-model story needs transformers (the lm extra); one seed by default, the
 # README gives the three-seed command.
@@ -46,12 +51,12 @@ $(LM_INSTALLED): $(STUDY_INSTALLED)
 	touch $@
 
 demo-lm: $(LM_INSTALLED)
-	$(BIN)/python -m ffr_fast demo-lm
+	$(RUN) -m ffr_fast demo-lm
 
 # The linter (settings in pyproject.toml) first: a lint error fails the run before the tests.
 test: $(TEST_INSTALLED)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q tests
+	$(RUN) -m pytest -q tests
 
 # The bench extra adds the reference pruning tool (Torch-Pruning) for bench/vs_torch_pruning.py.
 $(BENCH_INSTALLED): $(TEST_INSTALLED)
@@ -59,13 +64,13 @@ $(BENCH_INSTALLED): $(TEST_INSTALLED)
 	touch $@
 
 bench: $(BENCH_INSTALLED)
-	$(BIN)/python -m pytest -q --benchmark-only bench
+	$(RUN) -m pytest -q --benchmark-only bench
 
 sweep: $(STUDY_INSTALLED)
-	$(BIN)/python -m ffr_fast sweep
+	$(RUN) -m ffr_fast sweep
 
 sweep-vit: $(STUDY_INSTALLED)
-	$(BIN)/python -m ffr_fast sweep --model vit_tiny
+	$(RUN) -m ffr_fast sweep --model vit_tiny
 
 clean:
 	rm -rf $(VENV) build *.egg-info ffr_fast/*.so
