@@ -23,10 +23,9 @@ A producer of another module (an embedding's columns, GPT-2's Conv1D, a raw para
 any other parameter (a bias added as `x + b`, a PReLU) has no opinion, as on the torch.fx
 path, which passes no such layer to the scorer.
 
-A residual block scores what the scorer says of its branches' tails, with a threshold as on
-the torch.fx path, but also without one (aten_pruner's blocks "that emit exactly zero"),
-where the torch.fx path takes their L2 norms: a scorer that rates a tail 0 removes its
-block under `ratio=` too, as importance="bn" does on this path.
+A residual block scores what the scorer says of its branches' tails where a threshold is in
+play, as on the torch.fx path; without one a block goes only if its L2 norms say it emits
+exactly zero (aten_pruner.exact_emitters), whatever the scorer says.
 """
 from typing import Dict, List, Optional
 
