@@ -51,11 +51,12 @@ class ModuleCall:
 
 
 class Capture:
-    """A model's ExportedProgram, with the module calls and parameter names looked up once."""
+    """A model's ExportedProgram, with the module calls and parameter names looked up once.
+    The program itself is not kept: its state_dict holds every parameter of the model, which
+    a pruner slicing the model in place must let go of (its graph is all that is read)."""
 
     def __init__(self, program: torch.export.ExportedProgram, calls_made: Dict[str, int],
                  one_tensor: Set[str] = frozenset()):
-        self.program = program
         self.graph: fx.Graph = program.graph
         self.nodes: Dict[str, fx.Node] = {node.name: node for node in self.graph.nodes}
         signature = program.graph_signature
