@@ -177,7 +177,7 @@ def test_an_ignored_module_keeps_its_channels_on_the_export_capture():
 
 def test_the_export_analysis_refuses_what_only_fx_does():
     model = stack_net()
-    for option in (dict(inplace=True), dict(emit="graph"),
+    for option in (dict(emit="graph"),
                    dict(importance=lambda module, bn: None)):
         with pytest.raises(ValueError, match="need the torch.fx analysis"):
             ffr_fast.prune(model, image(), ratio=0.5, analysis="export", **option)

@@ -23,6 +23,7 @@ folding), emit (the model's own class or the GraphModule), inplace (residual add
 in place in an emitted GraphModule), inputs (checks of what the caller passes), report,
 serialize, recalibrate (BatchNorm statistics after pruning).
 """
+from .aten_pruner import PrunedInPlaceError
 from .blocks import ResidualBranch
 from .flops_search import FlopsTargetWarning
 from .inputs import ExampleInputError, PrunedModelError
@@ -36,5 +37,5 @@ from .tracing import UntraceableModelError
 
 __all__ = ["prune", "PruneResult", "PruneReport", "residual_branches", "ResidualBranch",
            "save_pruned", "load_pruned", "recalibrate_bn", "UntraceableModelError",
-           "ExampleInputError", "PrunedModelError", "FlopsTargetWarning", "Rule", "register_rule",
-           "register_size_rule"]
+           "ExampleInputError", "PrunedModelError", "PrunedInPlaceError", "FlopsTargetWarning",
+           "Rule", "register_rule", "register_size_rule"]

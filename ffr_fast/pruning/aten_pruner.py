@@ -7,14 +7,18 @@ search plans on the same study. Importance (`importance=` "l2", "l1" or "bn") is
 channel emits (aten_importance.py), on the scale the torch.fx path uses, so a threshold
 compares channels and residual blocks in one unit.
 
-The result is the model's own class, a deep copy with its blocks removed, its tensors sliced
-and its size attributes (and a Hugging Face config) fixed, with `fold_bn` its BatchNorms
-folded (aten_fold.py). The blocks' removal is verified against the original with the removed
-blocks zeroed (depth.py); the channel cut against the model it cut with every removed
-position of every parameter zeroed and every cut LayerNorm normalising over its kept
-channels (KeptChannelNorms): it must agree to float32 rounding, else PrunedModelError.
-`prune` at the end of this file is the whole path, step by step.
+The result is the model's own class, a deep copy (with `inplace` the model itself, never
+copied) with its blocks removed, its tensors sliced and its size attributes (and a Hugging
+Face config) fixed, with `fold_bn` its BatchNorms folded (aten_fold.py). The blocks'
+removal is verified against the original with the removed blocks zeroed (depth.py); the
+channel cut against the model it cut with every removed position of every parameter zeroed
+and every cut LayerNorm normalising over its kept channels (KeptChannelNorms): it must
+agree to float32 rounding, else PrunedModelError. In place, a block removal that fails gives
+the model its blocks back (the scores' choice falls back as on a copy); any later failure
+raises PrunedInPlaceError, the model left part-pruned. `prune` at the end of this file is
+the whole path, step by step.
 """
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -49,6 +53,27 @@ from .slicing import (
 
 EXACT = 1e-4  # relative difference to the zeroed original that float32 rounding stays under
 STRUCTURE_FORMAT = "ffr_fast.aten/1"
+
+
+class PrunedInPlaceError(PrunedModelError):
+    """prune(inplace=True) failed after it began changing the model: blocks removed, tensors
+    zeroed or sliced. The model is left in that state; the failure is chained as the cause."""
+
+
+@contextlib.contextmanager
+def changing(model: nn.Module, in_place: bool):
+    """With `in_place` (the caller's model is being pruned), a failure inside says that the
+    model is left part-pruned."""
+    try:
+        yield
+    except Exception as error:
+        if not in_place or isinstance(error, PrunedInPlaceError):
+            raise
+        raise PrunedInPlaceError(
+            f"pruning failed ({type(error).__name__}: {error}) after it began changing the "
+            f"{type(model).__name__}: the model was pruned in place and is now in an "
+            "inconsistent state (blocks removed, channels zeroed or sliced); load it again, "
+            "and prune a copy or use inplace=False") from error
 
 
 class NotABlockError(ValueError):
@@ -142,8 +167,8 @@ def apply_keep(model: nn.Module, keep: Keep) -> List[str]:
 def cut_channels(work: Study, *, threshold, ratio, scope, min_channels, min_fraction,
                  round_to, in_place: bool = False) -> Tuple[nn.Module, PruneReport, Keep]:
     """The studied model with the planned channel classes cut, verified: a copy, or with
-    `in_place` the study's own model (a copy prune() made and needs no more), so that the
-    peak memory is two models, not three."""
+    `in_place` the study's own model (a copy prune() made and needs no more, so that the peak
+    memory is two models, not three; or the caller's model, with prune(inplace=True))."""
     model, args, kwargs, analysis = work.model, work.args, work.kwargs, work.analysis
     layers = analysis.layers()
     plan = make_plan(analysis.cg, work.scores, threshold=threshold, ratio=ratio, scope=scope,
@@ -192,12 +217,18 @@ def cut_channels(work: Study, *, threshold, ratio, scope, min_channels, min_frac
     return pruned, report, keep
 
 
-def check_training(model: nn.Module, pruned: nn.Module, args, kwargs: dict) -> None:
+def check_training(model: nn.Module, pruned: nn.Module, args, kwargs: dict,
+                   model_trains: Optional[bool] = None) -> None:
     """PrunedModelError if `pruned`, cut from `model`, fails in training mode where `model`
     runs: code that runs only in training (an auxiliary head) reads channels the eval-mode
-    capture did not see. `model` is run in training mode only when `pruned` fails there."""
+    capture did not see. `model` is run in training mode only when `pruned` fails there,
+    unless `model_trains` says already (pruned in place, the original is gone)."""
     failure = training_failure(pruned, args, kwargs)
-    if failure is not None and training_failure(model, args, kwargs) is None:
+    if failure is None:
+        return
+    if model_trains is None:
+        model_trains = training_failure(model, args, kwargs) is None
+    if model_trains:
         raise PrunedModelError(
             f"the pruned {type(model).__name__} fails in training mode, where the "
             f"original runs: {type(failure).__name__}: {failure}. Code that runs only in "
@@ -225,10 +256,10 @@ def structure(removed_blocks: Sequence[str], keep: Keep) -> dict:
                      for name, dims in keep.items()}}
 
 
-def needs_fx(inplace, emit, importance) -> List[str]:
+def needs_fx(emit, importance) -> List[str]:
     """The options of a prune() call that only the torch.fx path has."""
     return [name for name, asked in (
-        ("inplace", inplace), ("emit='graph'", emit == "graph"),
+        ("emit='graph'", emit == "graph"),
         ("a callable importance", callable(importance))) if asked]
 
 
@@ -241,8 +272,12 @@ def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
     residual blocks out of their containers, then channels; the options only the torch.fx
     path has are refused by name. A branch that scores at most the threshold but is no
     whole block (an attention sub-branch, a downsampling block) stays, listed in the
-    report's `kept_dead_branches` with a warning (torch.fx's rewired graph can remove it)."""
-    fx_only = needs_fx(inplace, emit, importance)
+    report's `kept_dead_branches` with a warning (torch.fx's rewired graph can remove it).
+    With `inplace` the model itself is cut, never copied, and is the result's model; every
+    step verified as on a copy (each zeroed reference computed before the model changes), a
+    failure after it changed raises PrunedInPlaceError. A FLOPs search measures each
+    candidate on a copy, one at a time, and cuts the chosen one in place."""
+    fx_only = needs_fx(emit, importance)
     if fx_only:
         raise ValueError(f"{fx_only} need the torch.fx analysis, which cannot serve here "
                          f"({why})")
@@ -269,17 +304,20 @@ def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
     if stranded:
         notes.append(f"residual branches added in {stranded} emit at most the threshold "
                      "but are no whole removable blocks, so they stay")
-    steps: Dict[Tuple[str, ...], tuple] = {}  # the last block step, by the blocks it chose
+    steps: Dict[tuple, tuple] = {}  # the last block step, by the blocks it chose and in_place
+    studies: Dict[Tuple[str, ...], Study] = {}  # the last study, by the blocks its model lacks
 
-    def without(chosen: Tuple[str, ...]):
-        """(blocks removed, the model without them, their report, notes), verified."""
-        if chosen not in steps:
-            steps.clear()  # one model copy at a time
+    def without(chosen: Tuple[str, ...], in_place: bool):
+        """(blocks removed, the model without them, their report, notes), verified: a copy,
+        or with `in_place` the model itself (given its blocks back if they stay)."""
+        if (chosen, in_place) not in steps:
+            steps.clear()  # one model copy at a time, its study included
+            studies.clear()
             removed, work_model, report, said = chosen, model, None, []
             if chosen:
                 try:
                     work_model, report = depth.remove(model, inputs, kwargs, chosen,
-                                                      list(blocks))
+                                                      list(blocks), in_place)
                 except ValueError as error:  # a block the scores chose is no identity
                     scored = [b for b in chosen if b not in remove_branches]
                     if not scored:
@@ -289,57 +327,68 @@ def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
                     removed = tuple(remove_branches)
                     if removed:
                         work_model, report = depth.remove(model, inputs, kwargs, removed,
-                                                          list(blocks))
+                                                          list(blocks), in_place)
                     else:
                         work_model = model
-            steps[chosen] = (removed, work_model, report, said)
-        return steps[chosen]
+            steps[(chosen, in_place)] = (removed, work_model, report, said)
+        return steps[(chosen, in_place)]
 
-    studies: Dict[Tuple[str, ...], Study] = {}
     work = None
 
     def studied(removed, work_model) -> Study:
-        if removed not in studies:
+        """The study of `work_model`, the model without the blocks `removed` (the model
+        itself, removed in place, is studied again)."""
+        if removed not in studies or studies[removed].model is not work_model:
             studies.clear()
             studies[removed] = study(work_model, inputs, kwargs, importance, ignored) \
                 if removed else first
         return studies[removed]
 
     if threshold is None and ratio is None and flops_target is None:
-        removed, work_model, block_report, said = without(chosen_at(limit))
+        removed, work_model, block_report, said = without(chosen_at(limit), inplace)
         notes += said
         result = PruneResult(work_model, block_report, structure(removed, {}))
     else:
         original = run_evaluating(model, inputs, kwargs) if blocks else None
+        # in place, the original is gone by the time the cut is run in training mode
+        model_trains = training_failure(model, inputs, kwargs) is None if inplace else None
 
         def cut(_model, _inputs, threshold, ratio, inplace):
             """The channels cut at `threshold` or `ratio`, after the blocks scoring at most
-            that threshold (a FLOPs search on the threshold removes more blocks as it goes)."""
-            removed, work_model, block_report, said = without(chosen_at(threshold or 0.0))
-            pruned, report, keep = cut_channels(
-                studied(removed, work_model), threshold=threshold, ratio=ratio, scope=scope,
-                min_channels=min_channels, min_fraction=min_fraction, round_to=round_to,
-                in_place=inplace and bool(removed))
-            if removed:
-                after_blocks(report, block_report, max_abs_diff(
-                    run_evaluating(pruned, inputs, kwargs), original))
+            that threshold (a FLOPs search on the threshold removes more blocks as it goes):
+            on a copy, or with `inplace` on the model itself."""
+            removed, work_model, block_report, said = without(chosen_at(threshold or 0.0),
+                                                              inplace)
+            with changing(model, inplace):
+                pruned, report, keep = cut_channels(
+                    studied(removed, work_model), threshold=threshold, ratio=ratio,
+                    scope=scope, min_channels=min_channels, min_fraction=min_fraction,
+                    round_to=round_to,
+                    # a search's candidates share the blocks' copy; a single cut consumes it
+                    in_place=inplace or (bool(removed) and flops_target is None))
+                if removed:
+                    after_blocks(report, block_report, max_abs_diff(
+                        run_evaluating(pruned, inputs, kwargs), original))
             report.warnings[:0] = said
             return PruneResult(pruned, report, structure(removed, keep))
 
-        if flops_target is None:  # the blocks' step made a copy of its own to cut
-            result = cut(model, inputs, threshold, ratio, True)
+        if flops_target is None:
+            result = cut(model, inputs, threshold, ratio, inplace)
         else:
             result = search_flops(cut, model, inputs, flops_target, flops_search,
-                                  flops_tolerance, flops_search_steps, False, {})
+                                  flops_tolerance, flops_search_steps, inplace, {})
         # the study the result was cut from (None: the search's last try removed other
         # blocks, so the folding captures the result itself)
         work = studies.get(tuple(result.structure["removed_blocks"]))
-        check_training(model, result.model, inputs, kwargs)  # once, on the cut chosen
+        with changing(model, inplace):  # once, on the cut chosen
+            check_training(model, result.model, inputs, kwargs, model_trains)
     result.report.warnings[:0] = notes
     result.report.kept_dead_branches = list(stranded)
     if fold_bn:
-        result.report.folded_bn = aten_fold.fold_batch_norms(
-            result.model, inputs, kwargs, None if work is None else (work.capture, work.analysis))
+        with changing(model, inplace):
+            result.report.folded_bn = aten_fold.fold_batch_norms(
+                result.model, inputs, kwargs,
+                None if work is None else (work.capture, work.analysis))
         result.structure["folded_bn"] = [list(pair) for pair in result.report.folded_bn]
         result.report.params_after = count_params(result.model)  # the BatchNorms' are gone
     result.report.settings.update(
