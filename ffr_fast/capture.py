@@ -50,12 +50,28 @@ class ModuleCall:
     outputs: Tuple[str, ...]
 
 
+def _output_names(program: torch.export.ExportedProgram) -> Dict[str, str]:
+    """Output node name -> where the model's output holds it (`encoder_last_hidden_state`
+    of T5's Seq2SeqLMOutput, `1` of a tuple), so that a pin says which output keeps it."""
+    def leaves(spec) -> List[str]:
+        if spec.is_leaf():
+            return [""]
+        keys = spec.context if isinstance(spec.context, list) and len(
+            spec.context) == spec.num_children else range(spec.num_children)
+        return [".".join(str(part) for part in (key, inner) if part != "")
+                for key, child in zip(keys, spec.children()) for inner in leaves(child)]
+    names = leaves(program.call_spec.out_spec)
+    users = program.graph_signature.user_outputs
+    return dict(zip(users, names)) if len(users) == len(names) else {}
+
+
 class Capture:
-    """A model's ExportedProgram, with the module calls and parameter names looked up once."""
+    """A model's ExportedProgram, with the module calls and parameter names looked up once.
+    The program itself is not kept: its state_dict holds every parameter of the model, which
+    a pruner slicing the model in place must let go of (its graph is all that is read)."""
 
     def __init__(self, program: torch.export.ExportedProgram, calls_made: Dict[str, int],
                  one_tensor: Set[str] = frozenset()):
-        self.program = program
         self.graph: fx.Graph = program.graph
         self.nodes: Dict[str, fx.Node] = {node.name: node for node in self.graph.nodes}
         signature = program.graph_signature
@@ -69,6 +85,7 @@ class Capture:
                     path, int(index or 0),
                     tuple(getattr(a, "name", "") for a in entry.signature.inputs),
                     tuple(getattr(a, "name", "") for a in entry.signature.outputs))
+        self.output_names = _output_names(program)
         self._derived_ids: Dict[str, str] = {}  # stack key -> call id, for derived calls
         self._derive_unpreserved_calls(calls_made, one_tensor)
         self.order = {node: i for i, node in enumerate(self.graph.nodes)}

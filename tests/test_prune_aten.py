@@ -216,8 +216,8 @@ def test_an_op_outside_the_table_is_pinned_and_named():
 def test_export_analysis_refuses_what_only_fx_does():
     model = randomised(PixelShuffleNet())
     x = torch.randn(1, 3, 8, 8)
-    with pytest.raises(ValueError, match="inplace"):
-        ffr_fast.prune(model, x, ratio=0.5, analysis="export", inplace=True)
+    with pytest.raises(ValueError, match="emit='graph'"):
+        ffr_fast.prune(model, x, ratio=0.5, analysis="export", emit="graph")
     with pytest.raises(ValueError, match="analysis must be one of"):
         ffr_fast.prune(model, x, ratio=0.5, analysis="onnx")
 

@@ -15,7 +15,8 @@ torch.export's ATen graph, the default), aten_importance (what each channel emit
 there), aten_scorer (a callable importance there), aten_branches (what a residual
 branch emits), aten_norms (cut norms verified),
 slicing (tensors cut by name, size attributes fixed; register_size_rule), aten_fold
-(BatchNorm folding there) and aten_pruner (that path of prune()); importance
+(BatchNorm folding there), aten_study (a model captured, analysed and scored once),
+aten_cut (the channel cut, verified) and aten_pruner (that path of prune()); importance
 (scores), plan (what goes), flops_search (the search behind flops_target), blocks
 (residual branches: found, measured, removed), depth
 (whole blocks out of their containers, on the torch.export capture, for models torch.fx
@@ -24,6 +25,7 @@ folding), emit (the model's own class or the GraphModule), inplace (residual add
 in place in an emitted GraphModule), inputs (checks of what the caller passes), report,
 serialize, recalibrate (BatchNorm statistics after pruning).
 """
+from .aten_pruner import PrunedInPlaceError
 from .blocks import ResidualBranch
 from .flops_search import FlopsTargetWarning
 from .inputs import ExampleInputError, PrunedModelError
@@ -37,5 +39,5 @@ from .tracing import UntraceableModelError
 
 __all__ = ["prune", "PruneResult", "PruneReport", "residual_branches", "ResidualBranch",
            "save_pruned", "load_pruned", "recalibrate_bn", "UntraceableModelError",
-           "ExampleInputError", "PrunedModelError", "FlopsTargetWarning", "Rule", "register_rule",
-           "register_size_rule"]
+           "ExampleInputError", "PrunedModelError", "PrunedInPlaceError", "FlopsTargetWarning",
+           "Rule", "register_rule", "register_size_rule"]

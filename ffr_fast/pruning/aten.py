@@ -116,21 +116,6 @@ class Analysis:
         return [(p.layer, self.tensors[p.weight][p.dim]) for p in self.producers]
 
 
-def output_names(program: torch.export.ExportedProgram) -> Dict[str, str]:
-    """Output node name -> where the model's output holds it (`encoder_last_hidden_state`
-    of T5's Seq2SeqLMOutput, `1` of a tuple), so that a pin says which output keeps it."""
-    def leaves(spec) -> List[str]:
-        if spec.is_leaf():
-            return [""]
-        keys = spec.context if isinstance(spec.context, list) and len(
-            spec.context) == spec.num_children else range(spec.num_children)
-        return [".".join(str(part) for part in (key, inner) if part != "")
-                for key, child in zip(keys, spec.children()) for inner in leaves(child)]
-    names = leaves(program.call_spec.out_spec)
-    users = program.graph_signature.user_outputs
-    return dict(zip(users, names)) if len(users) == len(names) else {}
-
-
 OPS = {**COMPUTE_OPS, **LAYOUT_OPS}  # op name -> rule(analyzer, node) -> the output's ids
 
 
@@ -166,7 +151,7 @@ class _Analyzer:
 
     def renormalises(self, node: fx.Node, weight: str, ids: np.ndarray) -> None:
         """A LayerNorm over the channels `ids` with the parameter `weight`: its channels may
-        be cut, and the cut model then normalises over the kept ones only (aten_pruner.py
+        be cut, and the cut model then normalises over the kept ones only (aten_cut.py
         verifies it against a reference that does the same)."""
         layer = self.cap.module_path(node) or weight.rpartition(".")[0]
         self.result.renormalised.append((layer, weight, ids))
@@ -203,7 +188,7 @@ class _Analyzer:
             if node.op == "placeholder":
                 self.values[node] = self.placeholder(node)
             elif node.op == "output":
-                names = output_names(self.cap.program)
+                names = self.cap.output_names
                 for arg in node.all_input_nodes:
                     name = names.get(arg.name)
                     self.pin_value(self.values.get(arg), "feeds the model output"

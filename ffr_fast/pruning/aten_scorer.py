@@ -25,7 +25,7 @@ path, which passes no such layer to the scorer.
 
 A residual block scores what the scorer says of its branches' tails where a threshold is in
 play, as on the torch.fx path; without one a block goes only if its L2 norms say it emits
-exactly zero (aten_pruner.exact_emitters), whatever the scorer says.
+exactly zero (aten_study.exact_emitters), whatever the scorer says.
 """
 from typing import Dict, List, Optional
 

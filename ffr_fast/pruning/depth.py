@@ -18,7 +18,7 @@ same capture.
 """
 import copy
 from collections import Counter
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -147,10 +147,12 @@ def _stack_config(model: nn.Module, container: nn.Module, old_length: int):
 
 
 def remove(model: nn.Module, args, kwargs, names: Sequence[str],
-           removable: Optional[Sequence[str]] = None) -> Tuple[nn.Module, PruneReport]:
-    """A copy of `model` without the removable blocks `names` (`removable`: the model's
-    removable blocks where the caller found them already), verified against the original
-    with those blocks' parameters zeroed; `model` is left as it was."""
+           removable: Optional[Sequence[str]] = None, in_place: bool = False
+           ) -> Tuple[nn.Module, PruneReport]:
+    """`model` without the removable blocks `names` (`removable`: the model's removable blocks
+    where the caller found them already), verified against the original with those blocks'
+    parameters zeroed: a copy, `model` left as it was, or with `in_place` the model itself,
+    given its blocks back if the removal fails (not exact, or the model fails without them)."""
     kwargs = kwargs or {}
     if removable is None:
         removable = removable_blocks(model, capture(model, args, kwargs))
@@ -160,34 +162,73 @@ def remove(model: nn.Module, args, kwargs, names: Sequence[str],
             f"remove_branches: {unknown or list(names)} " + ("are not removable blocks"
                                                             if unknown else "lists a block twice")
             + f"; the removable blocks of {type(model).__name__} are {removable}")
-    # The copy never holds the removed blocks (placeholders stand in until cut() drops them),
-    # and the zeroed original is the original called with zeros for their parameters: the
-    # peak is the model and its pruned copy, not three models.
-    placeholders = {id(model.get_submodule(name)): nn.Identity() for name in names}
-    pruned = copy.deepcopy(model, placeholders)
-    cut(pruned, names)
+    # The zeroed original is the original called with zeros for the blocks' parameters, and
+    # a copy never holds the removed blocks (placeholders stand in until cut() drops them):
+    # the peak is the model and its pruned copy, not three models (in place: one model).
     zeros = {f"{name}.{key}": torch.zeros_like(parameter) for name in names
              for key, parameter in model.get_submodule(name).named_parameters()}
     with evaluating(model), torch.no_grad():
         reference = torch.func.functional_call(model, zeros, tuple(args), kwargs, strict=False)
+    del zeros
     original, flops_before = flops_of(run_evaluating, model, args, kwargs)
-    new, flops_after = flops_of(run_evaluating, pruned, args, kwargs)
-    report = PruneReport(
-        settings={"remove_branches": list(names)}, params_before=count_params(model),
-        params_after=count_params(pruned), flops_before=flops_before, flops_after=flops_after,
-        channels={}, removed_classes=0, prunable_classes=0,
-        removed_blocks=[{"block": name, "add": "", "shortcut": "identity (the block's input)"}
-                        for name in names],
-        max_abs_diff=max_abs_diff(new, reference),
-        reference_max_abs=max(float(t.float().abs().max()) for t in flat_tensors(reference)),
-        max_abs_diff_original=max_abs_diff(new, original))
-    if report.relative_diff > EXACT:
-        raise ValueError(
-            f"removing {list(names)} is not exact: the pruned model's output differs from the "
-            f"original's with those blocks' parameters zeroed by {report.relative_diff:.3g} "
-            "(relative); such a block does not pass its input through when its branch is zero "
-            "(a post-norm transformer layer normalises x + f(x)), so it cannot be removed whole")
+    params_before = count_params(model)
+    if in_place:
+        pruned, restore = model, _saved(model, names)
+    else:
+        placeholders = {id(model.get_submodule(name)): nn.Identity() for name in names}
+        pruned = copy.deepcopy(model, placeholders)
+    try:
+        cut(pruned, names)
+        new, flops_after = flops_of(run_evaluating, pruned, args, kwargs)
+        report = PruneReport(
+            settings={"remove_branches": list(names)}, params_before=params_before,
+            params_after=count_params(pruned), flops_before=flops_before,
+            flops_after=flops_after, channels={}, removed_classes=0, prunable_classes=0,
+            removed_blocks=[{"block": name, "add": "", "shortcut": "identity (the block's input)"}
+                            for name in names],
+            max_abs_diff=max_abs_diff(new, reference),
+            reference_max_abs=max(float(t.float().abs().max()) for t in flat_tensors(reference)),
+            max_abs_diff_original=max_abs_diff(new, original))
+        if report.relative_diff > EXACT:
+            raise ValueError(
+                f"removing {list(names)} is not exact: the pruned model's output differs from "
+                f"the original's with those blocks' parameters zeroed by "
+                f"{report.relative_diff:.3g} (relative); such a block does not pass its input "
+                "through when its branch is zero (a post-norm transformer layer normalises "
+                "x + f(x)), so it cannot be removed whole")
+    except Exception:
+        if in_place:
+            restore()
+        raise
     return pruned, report
+
+
+def _saved(model: nn.Module, names: Sequence[str]) -> Callable[[], None]:
+    """What cut(model, names) changes, saved: the function returned puts it back (the blocks
+    in their places under their names, the config's counts, every `layer_idx`)."""
+    members = _members(model)
+    attributes = [(name, model.get_submodule(name)) for name in names if name not in members]
+    containers = list({id(members[n][0]): members[n][0] for n in names if n in members}.values())
+    children = [(container, list(container.named_children())) for container in containers]
+    config = getattr(model, "config", None)
+    fields = {field: getattr(config, field) for field in LAYER_COUNTS + ("layer_types",)
+              if hasattr(config, field)}
+    layer_indices = [(module, module.layer_idx) for container in containers
+                     for module in container.modules()
+                     if isinstance(getattr(module, "layer_idx", None), int)]
+
+    def restore() -> None:
+        for name, module in attributes:
+            model.set_submodule(name, module)
+        for container, named in children:
+            del container[:]
+            for name, child in named:
+                container.add_module(name, child)
+        for field, value in fields.items():
+            setattr(config, field, value)
+        for module, index in layer_indices:
+            module.layer_idx = index
+    return restore
 
 
 def cut(model: nn.Module, names: Sequence[str]) -> None:

@@ -15,7 +15,8 @@ def search_flops(prune_once: Callable, model, inputs, target: float, search: str
     [target - tolerance, target]: the value is raised (a threshold doubled, since its scale
     is the model's) until the budget is met, then bisected (geometrically for a threshold).
     Every candidate prunes a copy (`prune_once`, pruner.py's one pruning); the chosen one is
-    redone with `inplace` if asked."""
+    redone with `inplace` if asked, and then no candidate's model is kept (one copy at a
+    time, not one per step)."""
     low, high = 0.0, None  # kept(low) > target >= kept(high)
     value = 1 - target ** 0.5 if search == "ratio" else 1.0
     tried: List[tuple] = []  # (kept, value)
@@ -23,7 +24,7 @@ def search_flops(prune_once: Callable, model, inputs, target: float, search: str
         result = prune_once(model, inputs, **{search: value}, **_other(search),
                              inplace=False, **options)
         kept = result.report.flops_after / result.report.flops_before
-        tried.append((kept, value, result))
+        tried.append((kept, value, None if inplace else result))
         if target - tolerance <= kept <= target:
             break
         if kept <= target:

@@ -123,12 +123,17 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
     Its submodules have the training flags of the original's (all eval with `fold_bn`);
     the output is verified on the example inputs (report.relative_diff). With
     `inplace=False` the model is not modified at all; with `inplace=True` it is not copied:
-    its modules are replaced and reused, and only `result.model` should be used afterwards
-    (a GraphModule was emitted: the model's own forward may still call removed branches).
+    its modules are sliced and reused, and only `result.model` should be used afterwards
+    (on the export path it is the model itself, `result.model is model`; on torch.fx, where
+    a GraphModule was emitted, the model's own forward may still call removed branches).
+    In place, the export path raises PrunedInPlaceError (a PrunedModelError) when a step
+    fails after the model began to change, and the model is then part-pruned; a
+    `flops_target` search measures its candidates on copies, one at a time, and cuts the
+    chosen one in place; "auto" does not go on to torch.fx from a model pruned in place.
 
     `analysis` says which capture the analysis reads: "export" (torch.export's ATen graph,
     aten_pruner.py: every op seen, so functional layers such as timm's BatchNormAct2d and
-    every Hugging Face transformer are cut; all of the above except `inplace` and
+    every Hugging Face transformer are cut; all of the above except
     `emit="graph"`, which it refuses by name; residual branches are whole blocks, members
     of an nn.ModuleList or nn.Sequential, named by module path;
     the result is always the model's own class, a Hugging Face config in step), "fx" (the
@@ -158,7 +163,7 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
     if example_kwargs and analysis == "fx":
         raise ValueError("example_kwargs are passed by the torch.export analysis only; "
                          "analysis='fx' traces the model with positional inputs")
-    fx_only = aten_pruner.needs_fx(inplace, emit)
+    fx_only = aten_pruner.needs_fx(emit)
     if analysis == "export" or example_kwargs:
         why = "analysis='export'" if analysis == "export" else \
             "example_kwargs are passed to the model"
@@ -170,10 +175,17 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
         try:
             exported = aten_pruner.prune(model, inputs, None, **on_export,
                                          why="analysis='auto'")
+        except aten_pruner.PrunedInPlaceError:
+            raise  # the model is changed: torch.fx cannot start from it
         except (PrunedModelError, UncapturableModelError, aten_pruner.NotABlockError) as error:
             export_failure = error
         else:
             if not exported.report.kept_dead_branches:
+                return _timed(exported, start)
+            if inplace:  # torch.fx would start from the model the export path pruned
+                exported.report.warnings.append(
+                    "with inplace=True torch.fx's graph, which can remove those branches, "
+                    "was not tried: the model was pruned in place already")
                 return _timed(exported, start)
     options = dict(importance=importance, scope=scope, min_channels=min_channels,
                    min_fraction=min_fraction, round_to=round_to, remove_blocks=remove_blocks,

@@ -18,8 +18,8 @@ from torch import nn
 
 from ..modes import restore_training_flags, training_flags
 from . import aten_fold, depth
-from .aten_pruner import STRUCTURE_FORMAT as EXPORT_FORMAT
-from .aten_pruner import apply_keep
+from .aten_cut import STRUCTURE_FORMAT as EXPORT_FORMAT
+from .aten_cut import apply_keep
 from .blocks import ResidualBranch, remove_branches
 from .emit import attach_structure, structure_of
 from .fold import bypass_batchnorm

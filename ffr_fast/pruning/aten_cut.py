@@ -1,0 +1,133 @@
+"""The channel step of prune() on torch.export's capture: a study's plan turned into the
+positions each tensor keeps, the model's tensors sliced to them by name (slicing.py), the
+sizes its modules and a Hugging Face config state fixed, and the result verified against
+the model with every removed position zeroed and every cut LayerNorm normalising over its
+kept channels (KeptChannelNorms). What save_pruned stores of a cut is written here too.
+"""
+import copy
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..capture import flat_tensors
+from ..metrics import count_params, flops_of
+from ..modes import run_evaluating
+from .aten import Analysis
+from .aten_norms import KeptChannelNorms, cut_norms
+from .aten_study import Study
+from .inputs import PrunedModelError
+from .plan import make_plan
+from .report import PruneReport, max_abs_diff
+from .slicing import (
+    Keep,
+    fix_sizes,
+    rescale_rms_norms,
+    rms_norm_eps,
+    slice_tensors,
+    update_config,
+    zero_removed,
+)
+
+EXACT = 1e-4  # relative difference to the zeroed original that float32 rounding stays under
+STRUCTURE_FORMAT = "ffr_fast.aten/1"
+
+
+def kept_positions(analysis: Analysis, removed: set) -> Keep:
+    """For every tensor that loses positions: the kept positions of each of its dims (None
+    for a dim that keeps all)."""
+    mask = np.zeros(analysis.cg.size, dtype=bool)
+    mask[list(removed)] = True
+    keep: Keep = {}
+    for name, dims in analysis.tensors.items():
+        kept = [np.flatnonzero(~mask[analysis.cg.roots(ids)]) for ids in dims]
+        if any(len(k) < len(ids) for k, ids in zip(kept, dims)):
+            keep[name] = [torch.from_numpy(k) if len(k) < len(ids) else None
+                          for k, ids in zip(kept, dims)]
+    return keep
+
+
+def apply_keep(model: nn.Module, keep: Keep) -> List[str]:
+    """Slice `model`'s tensors to `keep` in place and fix the sizes its modules (and a Hugging
+    Face config) state; returns the config warnings (what pruning and load_pruned both do)."""
+    rescale_rms_norms(model, keep)
+    slice_tensors(model, keep)
+    changed = {name.rpartition(".")[0] for name in keep}
+    changed |= {path.rpartition(".")[0] for path in changed if path}  # attention, MLP blocks
+    return update_config(model, {**fix_sizes(model, changed), **rms_norm_eps(model)})
+
+
+def cut_channels(work: Study, *, threshold, ratio, scope, min_channels, min_fraction,
+                 round_to, in_place: bool = False) -> Tuple[nn.Module, PruneReport, Keep]:
+    """The studied model with the planned channel classes cut, verified: a copy, or with
+    `in_place` the study's own model (a copy prune() made and needs no more, so that the peak
+    memory is two models, not three; or the caller's model, with prune(inplace=True))."""
+    model, args, kwargs, analysis = work.model, work.args, work.kwargs, work.analysis
+    layers = analysis.layers()
+    plan = make_plan(analysis.cg, work.scores, threshold=threshold, ratio=ratio, scope=scope,
+                     min_channels=min_channels, min_fraction=min_fraction, round_to=round_to,
+                     layers=layers)
+    keep = kept_positions(analysis, plan.removed)
+    params_before = count_params(model)
+    original, flops_before = work.output, work.flops
+    pruned = model if in_place else copy.deepcopy(model)
+    zero_removed(pruned, keep)  # slicing drops exactly the zeroed positions
+    renormalised = cut_norms(analysis, plan.removed)
+    with KeptChannelNorms(pruned, renormalised):
+        reference = run_evaluating(pruned, args, kwargs)
+    warnings = apply_keep(pruned, keep)
+    try:
+        new, flops_after = flops_of(run_evaluating, pruned, args, kwargs)
+    except Exception as error:
+        raise PrunedModelError(f"the pruned {type(model).__name__} failed on the example call "
+                               f"the original ran: {type(error).__name__}: {error}. A layer's "
+                               "code reads a size the slicing did not fix (register_size_rule "
+                               "teaches it one); please report the model") from error
+    roots = analysis.cg.roots
+    channels = {name: (len(ids), int(np.isin(roots(ids), list(plan.removed), invert=True).sum()))
+                for name, ids in layers}
+    layer_roots = set(np.concatenate([roots(ids) for _, ids in layers]).tolist()) if layers \
+        else set()
+    opaque = [{"op": op["op"], "reason": op["reason"]} for op in analysis.unknown_ops
+              if op["ids"] and layer_roots & set(np.concatenate(
+                  [roots(d) for d in op["ids"]]).tolist())]
+    report = PruneReport(
+        settings={}, params_before=params_before, params_after=count_params(pruned),
+        flops_before=flops_before, flops_after=flops_after, channels=channels,
+        removed_classes=len(plan.removed),
+        prunable_classes=sum(len(g.roots) - len(g.pinned) for g in plan.groups),
+        unpruned=plan.unpruned, opaque_ops=opaque, score_cutoff=plan.cutoff,
+        approximate=sorted({layer for layer, _, _ in renormalised}),
+        max_abs_diff=max_abs_diff(new, reference),
+        reference_max_abs=max(float(t.float().abs().max()) for t in flat_tensors(reference)),
+        max_abs_diff_original=max_abs_diff(new, original), warnings=warnings)
+    if report.relative_diff > EXACT:
+        raise PrunedModelError(
+            f"the pruned {type(model).__name__} differs from the original with the removed "
+            f"channels zeroed by {report.relative_diff:.3g} (relative) on the example call: "
+            "a layer's code reads a size the slicing did not fix (register_size_rule teaches "
+            "it one); please report the model")
+    return pruned, report, keep
+
+
+def after_blocks(channel_report: PruneReport, block_report: PruneReport,
+                 diff_to_original: float) -> PruneReport:
+    """The channel cut's report on a model whose blocks were removed first, counted from the
+    original: its parameters, FLOPs, blocks and the output's max difference to it."""
+    channel_report.params_before = block_report.params_before
+    channel_report.flops_before = block_report.flops_before
+    channel_report.removed_blocks = block_report.removed_blocks
+    channel_report.max_abs_diff_original = diff_to_original
+    return channel_report
+
+
+def structure(removed_blocks: Sequence[str], keep: Keep) -> dict:
+    """What save_pruned stores: the blocks removed, then per cut tensor and per dim the
+    positions kept, then the BatchNorms folded (fold_bn fills them in; load_pruned replays
+    all three on the original architecture)."""
+    return {"format": STRUCTURE_FORMAT, "removed_blocks": list(removed_blocks), "folded_bn": [],
+            "kept": {name: [None if index is None else index.tolist() for index in dims]
+                     for name, dims in keep.items()}}
+
+

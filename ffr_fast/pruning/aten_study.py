@@ -1,0 +1,80 @@
+"""A *Study*: one capture of a model on the example call (capture.py), analysed into channel
+classes (aten.py) with the channels of every ignored module pinned, and scored
+(aten_importance.py, or a callable importance through aten_scorer.py); with the model's
+output and FLOPs, which every candidate cut is verified and counted against. Every candidate
+of a FLOPs search plans on the same study.
+"""
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Union
+
+from torch import nn
+
+from ..capture import Capture, capture
+from ..modes import run_evaluating
+from . import depth
+from .aten import Analysis, analyze
+from .aten_importance import Emitter, class_scores, emitters
+from .aten_scorer import scorer_emitters
+from .importance import Scorer
+from .inputs import run_checked
+from .slicing import rms_norm_paths
+
+
+@dataclass
+class Study:
+    """One capture of a model, analysed and scored once."""
+    model: nn.Module
+    args: tuple
+    kwargs: dict
+    capture: Capture
+    analysis: Analysis
+    emitters: List[Emitter]
+    scores: Dict[int, float]  # channel class root -> importance
+    output: object  # the model's output on the example call, eval mode
+    flops: int  # and its FLOPs
+
+
+def study(model: nn.Module, args, kwargs: dict, importance: Union[str, Scorer],
+          ignored: Sequence[str]) -> Study:
+    """The model captured on the example call, its channel classes (the channels of every
+    module in `ignored` pinned) and their scores; its output and FLOPs (what every candidate
+    cut of the model is measured against)."""
+    cap = capture(model, args, kwargs)
+    analysis = analyze(cap, rms_norm_paths(model))
+    _pin_ignored(analysis, cap, ignored)
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    found = emitters(analysis, cap, tensors, importance) if isinstance(importance, str) \
+        else scorer_emitters(analysis, cap, model, tensors, importance)
+    # the inputs' fault named as such (the capture runs on fake tensors, which miss some)
+    output, flops = run_checked(model, args, lambda *a: run_evaluating(model, a, kwargs))
+    return Study(model, tuple(args), kwargs, cap, analysis, found,
+                 class_scores(analysis, found), output, flops)
+
+
+def _pin_ignored(analysis: Analysis, cap: Capture, ignored: Sequence[str]) -> None:
+    """Keep every channel a module of `ignored` holds, reads or writes (what the torch.fx
+    path does by tracing it as a leaf)."""
+    if not ignored:
+        return
+    reason = "read or written by an ignored module"
+    for name, ids in analysis.tensors.items():
+        if depth.inside(name.rpartition(".")[0], ignored):
+            for dim in ids:
+                analysis.cg.pin(dim, reason)
+    for node in cap.graph.nodes:
+        if not any(depth.inside(cap.calls[call].path, ignored) for call in cap.call_stack(node)):
+            continue
+        for value in [analysis.values.get(node.name)] + [
+                analysis.values.get(arg.name) for arg in node.all_input_nodes]:
+            for ids in (value if isinstance(value, list) else []):
+                analysis.cg.pin(ids, reason)
+
+
+def exact_emitters(work: Study) -> List[Emitter]:
+    """The studied model's emitters in the "l2" unit, where a channel scores 0 only if it
+    emits exactly zero: what a block is judged by without a threshold, whatever
+    `importance` ranks channels by (a zero |gamma| under "bn" may still shift its channel)."""
+    tensors = dict(work.model.named_parameters(remove_duplicate=False))
+    tensors.update(work.model.named_buffers(remove_duplicate=False))
+    return emitters(work.analysis, work.capture, tensors, "l2")
