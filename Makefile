@@ -13,7 +13,8 @@ LM_INSTALLED := $(VENV)/.ffr_fast-lm
 
 # -P: the repository root stays off sys.path, so its top-level kernels/ (installed as
 # ffr_fast.kernels) never shadows Hugging Face's `kernels` package, which transformers
-# imports where it is installed (a fresh environment gets it with transformers 5.25).
+# imports where it is installed (a fresh environment gets it with transformers 5.25); the
+# README's install section says why kernels/ stays a regular package.
 RUN := $(BIN)/python -P
 
 .PHONY: demo demo-vit demo-lm test bench sweep sweep-vit clean
