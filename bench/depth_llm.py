@@ -5,12 +5,15 @@ quarter of every MLP's channels, of every layer's KV groups and of the hidden si
 (scope="layer", L2), with
 the time each call takes, the process's peak memory against the model's own size, and
 greedy generate() tokens/s of the pruned model against the unpruned one, timed in
-interleaved rounds.
+interleaved rounds. With `--inplace` the model itself is pruned (prune(inplace=True): no
+second copy, which is what the peak memory shows); the unpruned model is then timed before
+the call, the pruned one after, not interleaved.
 
     .venv/bin/python bench/depth_llm.py --threads 2             # depth and width
     .venv/bin/python bench/depth_llm.py --threads 2 --ratio 0   # depth only
+    .venv/bin/python bench/depth_llm.py --threads 2 --inplace   # depth and width, in place
 
-Writes bench/results/depth_llm.json and .md.
+Writes bench/results/depth_llm.json and .md (depth_llm_inplace.* with --inplace).
 """
 import resource
 import time
@@ -42,6 +45,8 @@ def main():
                              "(0: none)")
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--inplace", action="store_true",
+                        help="prune the model itself, not a copy")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -55,23 +60,32 @@ def main():
     branches = ffr_fast.residual_branches(model, ids)
     listing = time.perf_counter() - start
     removed = [b.name for b in sorted(branches, key=lambda b: b.influence)[:args.remove]]
-    start = time.perf_counter()
-    width = dict(ratio=args.ratio, scope="layer") if args.ratio else {}
-    result = ffr_fast.prune(model, ids, remove_branches=removed, **width)
-    pruning = time.perf_counter() - start
-    peak = peak_rss_bytes()
-
     settings = dict(attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
                     min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        steps = {"unpruned": lambda: model.generate(ids, **settings),
-                 "pruned": lambda: result.model.generate(ids, **settings)}
-        seconds = {name: min(times) for name, times in
-                   interleaved_medians(steps, args.rounds, 1).items()}
+
+    def generate_seconds(steps):
+        with torch.no_grad():
+            return {name: min(times) for name, times in
+                    interleaved_medians(steps, args.rounds, 1).items()}
+
+    # in place, the unpruned model is gone after the call: it is timed before
+    seconds = generate_seconds({"unpruned": lambda: model.generate(ids, **settings)}) \
+        if args.inplace else {}
+    start = time.perf_counter()
+    width = dict(ratio=args.ratio, scope="layer") if args.ratio else {}
+    result = ffr_fast.prune(model, ids, remove_branches=removed, inplace=args.inplace,
+                            **width)
+    pruning = time.perf_counter() - start
+    peak = peak_rss_bytes()
+    steps = {"pruned": lambda: result.model.generate(ids, **settings)}
+    if not args.inplace:
+        steps["unpruned"] = lambda: model.generate(ids, **settings)
+    seconds.update(generate_seconds(steps))
     tokens_per_s = {name: args.new_tokens / s for name, s in seconds.items()}
     report = result.report
     data = dict(
         model=TINYLLAMA, threads=args.threads, removed=removed, ratio=args.ratio,
+        inplace=args.inplace,
         config_after={k: getattr(result.model.config, k) for k in (
             "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "intermediate_size", "hidden_size")},
@@ -83,7 +97,10 @@ def main():
         generate_tokens_per_s=tokens_per_s,
         speedup=tokens_per_s["pruned"] / tokens_per_s["unpruned"],
         rerun="python bench/depth_llm.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+            if not isinstance(v, bool)) + (" --inplace" if args.inplace else ""))
+    call = f"prune(remove_branches=..., ratio={args.ratio}" + (
+        ", inplace=True)" if args.inplace else ")")
     markdown = "\n".join([
         "# Depth and width pruning of a TinyLlama-1.1B-shaped LlamaForCausalLM", "",
         f"{args.threads} threads, random init, float32; removed (lowest Block Influence on a "
@@ -92,7 +109,7 @@ def main():
         f"config after: {data['config_after']}", "",
         "| | value |", "|---|---:|",
         f"| residual_branches() | {listing:.1f} s |",
-        f"| prune(remove_branches=..., ratio={args.ratio}) | {pruning:.1f} s |",
+        f"| {call} | {pruning:.1f} s |",
         f"| model size | {data['model_gib']:.2f} GiB |",
         f"| peak process memory (model included) | {data['peak_rss_gib']:.2f} GiB "
         f"({data['peak_over_model']:.2f}x the model) |",
@@ -101,9 +118,11 @@ def main():
         f"| relative difference to the zeroed original | {report.relative_diff:.2g} |",
         f"| greedy generate(), {args.new_tokens} new tokens | unpruned "
         f"{tokens_per_s['unpruned']:.2f} tok/s, pruned {tokens_per_s['pruned']:.2f} tok/s "
-        f"({data['speedup']:.2f}x) |", "",
+        f"({data['speedup']:.2f}x)"
+        + (" (timed before and after the call, not interleaved)" if args.inplace else "")
+        + " |", "",
         f"Rerun: `{data['rerun']}`", ""])
-    publish_results("depth_llm", data, markdown)
+    publish_results("depth_llm_inplace" if args.inplace else "depth_llm", data, markdown)
 
 
 if __name__ == "__main__":
