@@ -15,12 +15,12 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from ..capture import Capture, capture, flat_tensors
+from ..metrics import BATCH_NORMS
 from ..modes import run_evaluating
 from .aten import Analysis, analyze
 from .report import max_abs_diff
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 EXACT = 1e-4  # relative change that float32 rounding of the fold stays under
 
 

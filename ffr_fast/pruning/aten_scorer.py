@@ -34,13 +34,13 @@ import torch
 from torch import nn
 
 from ..capture import Capture
+from ..metrics import BATCH_NORMS
 from .aten import Affine, Analysis
 from .aten_importance import Emitter, emitters, gated_classes, readers
 from .importance import Scorer, layer_scores
 
 LINEAR_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # output channels: weight dim 0
 TRANSPOSED_LAYERS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)  # dim 1
-BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 NORMS = (nn.LayerNorm, nn.GroupNorm)
 
 
