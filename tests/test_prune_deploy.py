@@ -35,6 +35,22 @@ def test_fold_bn_equivalence(sparse_resnet):
     assert not folded.model.training
 
 
+def test_a_sync_batch_norm_folds_as_a_batch_norm():
+    """SyncBatchNorm in eval mode is a BatchNorm: it folds into its convolution."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.SyncBatchNorm(8), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3)).eval()
+    model[1].running_mean.normal_()
+    model[1].running_var.uniform_(0.5, 2.0)
+    model[1].weight.data.normal_()
+    model[1].bias.data.normal_()
+    x = torch.randn(2, 3, 16, 16)
+    result = prune(model, x, ratio=0.5, fold_bn=True)
+    assert result.report.folded_bn == [("0", "1")]
+    assert isinstance(result.model[1], nn.Identity)
+    assert result.report.relative_diff <= 1e-5
+
+
 def test_whole_module_pickle(sparse_resnet, tmp_path):
     result = prune(sparse_resnet, X, ratio=0.5, fold_bn=True)
     torch.save(result.model, tmp_path / "model.pt")
