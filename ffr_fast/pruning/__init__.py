@@ -8,22 +8,21 @@ branches leave the model, which comes back compact and verified.
     prune(model, x, remove_branches=["layer2.1"])   # depth pruning by name
     prune(model, x, flops_target=0.5)        # a FLOPs budget
 
-Modules: rules (the one table of layer types and functions; register_rule), tracing
-(torch.fx), graph (channel dependencies), layout (ids through ops that move dimensions) and
-channels (what it produces); aten, aten_ops and aten_layout (the same analysis on
-torch.export's ATen graph, the default), aten_importance (what each channel emits
-there), aten_scorer (a callable importance there), aten_branches (what a residual
-branch emits), aten_norms (cut norms verified),
-slicing (tensors cut by name, size attributes fixed; register_size_rule), aten_fold
-(BatchNorm folding there), aten_study (a model captured, analysed and scored once),
-aten_cut (the channel cut, verified) and aten_pruner (that path of prune()); importance
-(scores), plan (what goes), flops_search (the search behind flops_target), blocks
-(residual branches: found, measured, removed), depth
-(whole blocks out of their containers, on the torch.export capture, for models torch.fx
-cannot trace), surgery (slicing), attention (head-pruned attention layers), fold (BN
-folding), emit (the model's own class or the GraphModule), inplace (residual adds written
-in place in an emitted GraphModule), inputs (checks of what the caller passes), report,
-serialize, recalibrate (BatchNorm statistics after pruning).
+Modules, the torch.export path (the default): aten, aten_ops and aten_layout (the channel
+analysis on the ATen graph), aten_importance (what each channel emits), aten_scorer (a
+callable importance), aten_branches (what a residual branch emits), aten_norms (cut norms
+verified), aten_study (a model captured, analysed and scored once), aten_blocks (which
+blocks go), depth (whole blocks out of their containers), aten_cut (the channel cut,
+verified), slicing (tensors cut by name, size attributes fixed; register_size_rule),
+aten_fold (BatchNorm folding) and aten_pruner (that path of prune(), step by step).
+The torch.fx path: rules (the one table of layer types and functions; register_rule),
+tracing (torch.fx), graph (channel dependencies), layout (ids through ops that move
+dimensions), channels (what it produces), blocks (residual branches: found, measured,
+removed), surgery (slicing), attention (head-pruned attention layers), fold (BN folding),
+emit (the model's own class or the GraphModule), inplace (residual adds written in place in
+an emitted GraphModule). Both: importance (scores), plan (what goes), flops_search (the
+search behind flops_target), inputs (checks of what the caller passes), report, serialize,
+recalibrate (BatchNorm statistics after pruning), pruner (prune() and residual_branches()).
 """
 from .aten_pruner import PrunedInPlaceError
 from .blocks import ResidualBranch

@@ -1,11 +1,11 @@
 """prune() on torch.export's capture, step by step: residual blocks out of their containers
-(depth.py), then channels cut on a study of the model without them (aten_study.py: the
-capture analysed and scored once, every candidate of a FLOPs search planning on it; the cut
-itself in aten_cut.py), then with `fold_bn` its BatchNorms folded (aten_fold.py), each step
-verified. Importance (`importance=` "l2", "l1" or "bn") is what each channel emits
-(aten_importance.py), on the scale the torch.fx path uses, so a threshold compares channels
-and residual blocks in one unit; a callable importance scores the modules as on the torch.fx
-path (aten_scorer.py).
+(aten_blocks.py, depth.py), then channels cut on a study of the model without them
+(aten_study.py: the capture analysed and scored once, every candidate of a FLOPs search
+planning on it; the cut itself in aten_cut.py), then with `fold_bn` its BatchNorms folded
+(aten_fold.py), each step verified. Importance (`importance=` "l2", "l1" or "bn") is what
+each channel emits (aten_importance.py), on the scale the torch.fx path uses, so a
+threshold compares channels and residual blocks in one unit; a callable importance scores
+the modules as on the torch.fx path (aten_scorer.py).
 
 The result is the model's own class, a deep copy (with `inplace` the model itself, never
 copied) with its blocks removed, its tensors sliced and its size attributes (and a Hugging
@@ -14,20 +14,21 @@ blocks zeroed (depth.py), the channel cut against the model it cut with the remo
 positions zeroed (aten_cut.py): each must agree to float32 rounding, else PrunedModelError.
 In place, a block removal that fails gives the model its blocks back (the scores' choice
 falls back as on a copy); any later failure raises PrunedInPlaceError, the model left
-part-pruned. `prune` at the end of this file is the whole path.
+part-pruned. `prune` is the whole path, in phases: analyse and score, cut (blocks, then
+channels: `ChannelCut`), report and fold.
 """
 import contextlib
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional
 
 from torch import nn
 
 from ..metrics import count_params
 from ..modes import run_evaluating, training_failure
-from . import aten_fold, depth
-from .aten_branches import block_score, dead_branches
+from . import aten_fold
+from .aten_blocks import BlockSteps, choose_blocks
+from .aten_branches import dead_branches
 from .aten_cut import after_blocks, cut_channels, structure
-from .aten_importance import Emitter
-from .aten_study import Study, exact_emitters, study
+from .aten_study import exact_emitters, study
 from .emit import attach_structure
 from .flops_search import search_flops
 from .importance import label
@@ -56,22 +57,6 @@ def changing(model: nn.Module, in_place: bool):
             "and prune a copy or use inplace=False") from error
 
 
-class NotABlockError(ValueError):
-    """remove_branches names a branch that is not a whole removable block of the capture (a
-    sub-branch of a block, a block with a projection shortcut): only the torch.fx path's
-    rewired graph can remove it."""
-
-
-def removable_blocks(work: Study, ignored: Sequence[str], scored: List[Emitter]
-                     ) -> Dict[str, Optional[float]]:
-    """Every block depth.py can remove (outside `ignored`), in forward order, with its score:
-    the largest that its branches' tails emit into the stream by the emitters `scored`
-    (None: nothing scores it)."""
-    return {block: block_score(work.capture, work.analysis, scored, block)
-            for block in depth.removable_blocks(work.model, work.capture)
-            if not depth.inside(block, ignored)}
-
-
 def check_training(model: nn.Module, pruned: nn.Module, args, kwargs: dict,
                    model_trains: Optional[bool] = None) -> None:
     """PrunedModelError if `pruned`, cut from `model`, fails in training mode where `model`
@@ -97,10 +82,9 @@ def needs_fx(emit) -> List[str]:
 
 
 def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
-                     flops_target, flops_search, flops_tolerance, flops_search_steps,
-                     importance, scope, min_channels, min_fraction, round_to, remove_blocks,
-                     remove_branches, fold_bn, ignored, inplace, emit, why: str
-                     ) -> PruneResult:
+          flops_target, flops_search, flops_tolerance, flops_search_steps, importance, scope,
+          min_channels, min_fraction, round_to, remove_blocks, remove_branches, fold_bn,
+          ignored, inplace, emit, why: str) -> PruneResult:
     """prune() on torch.export's capture (module docstring), its arguments as prune()'s:
     residual blocks out of their containers, then channels; the options only the torch.fx
     path has are refused by name. A branch that scores at most the threshold but is no
@@ -116,114 +100,44 @@ def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
                          f"({why})")
     kwargs = dict(kwargs or {})
     ignored = resolve_ignored(model, ignored)
+    # analyse and score
     first = study(model, inputs, kwargs, importance, ignored)
-    notes: List[str] = []
     # a threshold (given, or tried by a FLOPs search) compares blocks in the importance's
     # unit; without one a block goes only if it emits exactly zero
     thresholded = threshold is not None or (flops_target is not None
                                             and flops_search == "threshold")
     scored = first.emitters if thresholded or importance == "l2" else exact_emitters(first)
-    blocks = removable_blocks(first, ignored, scored) if remove_branches or remove_blocks \
-        else {}
-    unknown = [name for name in remove_branches if name not in blocks]
-    if unknown:
-        raise NotABlockError(f"remove_branches: no residual branch named {unknown}; the "
-                             f"model's branches are {list(blocks)}")
-
-    def chosen_at(limit: float) -> Tuple[str, ...]:
-        """The named blocks and, with remove_blocks, those scoring at most `limit`."""
-        named = list(remove_branches)
-        scored = [b for b, score in blocks.items() if remove_blocks and b not in named
-                  and score is not None and score <= limit]
-        return tuple(sorted(named + scored, key=list(blocks).index))
-
+    choice = choose_blocks(first, ignored, scored, remove_branches, remove_blocks)
     limit = threshold or 0.0  # without a threshold: the blocks that emit exactly zero
     stranded = dead_branches(first.capture, first.analysis, scored, limit,
-                             list(chosen_at(limit)) + list(ignored)) if remove_blocks else []
-    if stranded:
-        notes.append(f"residual branches added in {stranded} emit at most the threshold "
-                     "but are no whole removable blocks, so they stay")
-    steps: Dict[tuple, tuple] = {}  # the last block step, by the blocks it chose and in_place
-    studies: Dict[Tuple[str, ...], Study] = {}  # the last study, by the blocks its model lacks
-
-    def without(chosen: Tuple[str, ...], in_place: bool):
-        """(blocks removed, the model without them, their report, notes), verified: a copy,
-        or with `in_place` the model itself (given its blocks back if they stay)."""
-        if (chosen, in_place) not in steps:
-            steps.clear()  # one model copy at a time, its study included
-            studies.clear()
-            removed, work_model, report, said = chosen, model, None, []
-            if chosen:
-                try:
-                    work_model, report = depth.remove(model, inputs, kwargs, chosen,
-                                                      list(blocks), in_place)
-                except ValueError as error:  # a block the scores chose is no identity
-                    scored = [b for b in chosen if b not in remove_branches]
-                    if not scored:
-                        raise
-                    said.append(f"the blocks {scored} score at most the threshold but stay: "
-                                f"{error}")
-                    removed = tuple(remove_branches)
-                    if removed:
-                        work_model, report = depth.remove(model, inputs, kwargs, removed,
-                                                          list(blocks), in_place)
-                    else:
-                        work_model = model
-            steps[(chosen, in_place)] = (removed, work_model, report, said)
-        return steps[(chosen, in_place)]
-
-    work = None
-
-    def studied(removed, work_model) -> Study:
-        """The study of `work_model`, the model without the blocks `removed` (the model
-        itself, removed in place, is studied again)."""
-        if removed not in studies or studies[removed].model is not work_model:
-            studies.clear()
-            studies[removed] = study(work_model, inputs, kwargs, importance, ignored) \
-                if removed else first
-        return studies[removed]
-
+                             list(choice.at(limit)) + list(ignored)) if remove_blocks else []
+    steps = BlockSteps(model, inputs, kwargs, choice, first, importance, ignored)
+    # cut: the blocks, then (if asked) the channels, each verified
     if threshold is None and ratio is None and flops_target is None:
-        removed, work_model, block_report, said = without(chosen_at(limit), inplace)
-        notes += said
-        result = PruneResult(work_model, block_report, structure(removed, {}))
+        step = steps.without(choice.at(limit), inplace)
+        result = PruneResult(step.model, step.report, structure(step.removed, {}))
+        result.report.warnings[:0] = step.notes
     else:
-        original = run_evaluating(model, inputs, kwargs) if blocks else None
-        # in place, the original is gone by the time the cut is run in training mode
-        model_trains = training_failure(model, inputs, kwargs) is None if inplace else None
-
-        def cut(_model, _inputs, threshold, ratio, inplace):
-            """The channels cut at `threshold` or `ratio`, after the blocks scoring at most
-            that threshold (a FLOPs search on the threshold removes more blocks as it goes):
-            on a copy, or with `inplace` on the model itself."""
-            removed, work_model, block_report, said = without(chosen_at(threshold or 0.0),
-                                                              inplace)
-            with changing(model, inplace):
-                pruned, report, keep = cut_channels(
-                    studied(removed, work_model), threshold=threshold, ratio=ratio,
-                    scope=scope, min_channels=min_channels, min_fraction=min_fraction,
-                    round_to=round_to,
-                    # a search's candidates share the blocks' copy; a single cut consumes it
-                    in_place=inplace or (bool(removed) and flops_target is None))
-                if removed:
-                    after_blocks(report, block_report, max_abs_diff(
-                        run_evaluating(pruned, inputs, kwargs), original))
-            report.warnings[:0] = said
-            return PruneResult(pruned, report, structure(removed, keep))
-
+        cut = ChannelCut(model, inputs, kwargs, steps, dict(
+            scope=scope, min_channels=min_channels, min_fraction=min_fraction,
+            round_to=round_to), single=flops_target is None)
         if flops_target is None:
             result = cut(model, inputs, threshold, ratio, inplace)
         else:
             result = search_flops(cut, model, inputs, flops_target, flops_search,
                                   flops_tolerance, flops_search_steps, inplace, {})
-        # the study the result was cut from (None: the search's last try removed other
-        # blocks, so the folding captures the result itself)
-        work = studies.get(tuple(result.structure["removed_blocks"]))
         with changing(model, inplace):  # once, on the cut chosen
-            check_training(model, result.model, inputs, kwargs, model_trains)
-    result.report.warnings[:0] = notes
+            check_training(model, result.model, inputs, kwargs, cut.model_trains)
+    # report, fold, record
+    if stranded:
+        result.report.warnings.insert(0, (
+            f"residual branches added in {stranded} emit at most the threshold but are no "
+            "whole removable blocks, so they stay"))
     result.report.kept_dead_branches = list(stranded)
     if fold_bn:
+        # the study the result was cut from; None: a search's last try removed other blocks,
+        # so the folding captures the result itself
+        work = steps.studied(tuple(result.structure["removed_blocks"]))
         with changing(model, inplace):
             result.report.folded_bn = aten_fold.fold_batch_norms(
                 result.model, inputs, kwargs,
@@ -238,3 +152,36 @@ def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
         ignored=list(ignored))
     attach_structure(result.model, result.structure)
     return result
+
+
+class ChannelCut:
+    """The channels cut at a threshold or a ratio after the blocks the choice picks under
+    that threshold (a FLOPs search on the threshold removes more blocks as it goes), verified:
+    a callable with the signature search_flops calls (its `model` and `inputs` are the ones
+    given here)."""
+
+    def __init__(self, model: nn.Module, inputs, kwargs: dict, steps: BlockSteps,
+                 plan_options: dict, single: bool):
+        self.model, self.inputs, self.kwargs, self.steps = model, inputs, kwargs, steps
+        self.plan_options, self.single = plan_options, single
+        # the original's output, what the report's difference to the original is taken to
+        self.original = run_evaluating(model, inputs, kwargs) if steps.choice.scores \
+            else None
+        # whether the original runs in training mode, asked while it is still there: in
+        # place it is gone by the time the cut is run in training mode (None: ask then)
+        self.model_trains: Optional[bool] = None
+
+    def __call__(self, _model, _inputs, threshold, ratio, inplace) -> PruneResult:
+        if inplace and self.model_trains is None:
+            self.model_trains = training_failure(self.model, self.inputs, self.kwargs) is None
+        step = self.steps.without(self.steps.choice.at(threshold or 0.0), inplace)
+        with changing(self.model, inplace):
+            pruned, report, keep = cut_channels(
+                self.steps.study(step), threshold=threshold, ratio=ratio, **self.plan_options,
+                # a search's candidates share the blocks' copy; a single cut consumes it
+                in_place=inplace or (bool(step.removed) and self.single))
+            if step.removed:
+                after_blocks(report, step.report, max_abs_diff(
+                    run_evaluating(pruned, self.inputs, self.kwargs), self.original))
+        report.warnings[:0] = step.notes
+        return PruneResult(pruned, report, structure(step.removed, keep))

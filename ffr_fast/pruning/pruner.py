@@ -13,6 +13,7 @@ from ..capture import UncapturableModelError, flat_tensors
 from ..metrics import count_params
 from ..modes import evaluating, restore_training_flags, training_flags
 from . import aten_pruner, depth
+from .aten_blocks import NotABlockError
 from .blocks import ResidualBranch, branch_score, find_branches, measure_branches, select_branches
 from .blocks import remove_branches as remove_from_graph
 from .emit import EMITS, adopt, attach_structure, own_forward, own_training_forward_fails
@@ -177,7 +178,7 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
                                          why="analysis='auto'")
         except aten_pruner.PrunedInPlaceError:
             raise  # the model is changed: torch.fx cannot start from it
-        except (PrunedModelError, UncapturableModelError, aten_pruner.NotABlockError) as error:
+        except (PrunedModelError, UncapturableModelError, NotABlockError) as error:
             export_failure = error
         else:
             if not exported.report.kept_dead_branches:
