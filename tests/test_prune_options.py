@@ -1,4 +1,7 @@
 """prune()'s options and its errors on bad input."""
+import math
+from fractions import Fraction
+
 import pytest
 import torch
 from torch import nn
@@ -44,7 +47,74 @@ def test_scope_layer_prunes_every_group_alike(resnet):
     result = prune(resnet, X, ratio=0.5, scope="layer")
     for path, (before, after) in result.report.channels.items():
         if path != "fc":
-            assert after == before - before // 2, path
+            assert after == before // 2, path
+
+
+class OddWidths(nn.Module):
+    """Convolutions of 5, 10 and 25 channels: ratios whose count is no whole number."""
+
+    def __init__(self, widths=(5, 10, 25)):
+        super().__init__()
+        ins = (3,) + widths[:-1]
+        self.convs = nn.ModuleList(nn.Conv2d(i, o, 3, padding=1) for i, o in zip(ins, widths))
+        self.fc = nn.Linear(widths[-1], 2)
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def kept_at(ratio: float, n: int) -> int:
+    """The channels of n that the fraction `ratio`, rounded up, leaves (exact arithmetic)."""
+    return n - math.ceil(Fraction(str(ratio)) * n)
+
+
+@pytest.mark.parametrize("analysis", ["fx", "export"])
+@pytest.mark.parametrize("ratio", [0.5, 0.3, 0.28])  # 0.28 * 25 is 7.000000000000001 in floats
+def test_layer_ratio_removes_its_fraction_rounded_up(analysis, ratio):
+    """ceil(ratio * n) of every layer's n channels go, as under Torch-Pruning: 5 at 0.5 keep
+    2, 10 at 0.3 keep 7, 25 at 0.28 keep 18 (the float error in 0.28 * 25 forgiven)."""
+    torch.manual_seed(0)
+    model = OddWidths().eval()
+    result = prune(model, torch.randn(1, 3, 8, 8), ratio=ratio, scope="layer",
+                   analysis=analysis)
+    assert result.report.settings["path"] == {"fx": "torch.fx", "export": "torch.export"}[
+        analysis]
+    for index, conv in enumerate(model.convs):
+        n = conv.out_channels
+        assert result.report.channels[f"convs.{index}"] == (n, kept_at(ratio, n)), index
+    assert result.report.relative_diff <= 1e-5
+
+
+def test_global_ratio_removes_its_fraction_rounded_up():
+    """0.5 of 5 channels removes 3 (round() took 2: half to even)."""
+    torch.manual_seed(0)
+    result = prune(OddWidths(widths=(5,)).eval(), torch.randn(1, 3, 8, 8), ratio=0.5,
+                   min_fraction=0.0)
+    assert result.report.channels["convs.0"] == (5, 2)
+
+
+class ThreeHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(12, 12)
+        self.mha = nn.MultiheadAttention(12, 3, batch_first=True)
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return self.head(self.mha(y, y, y, need_weights=False)[0] + y)
+
+
+@pytest.mark.parametrize("analysis", ["fx", "export"])
+def test_layer_ratio_rounds_heads_up(analysis):
+    """Heads follow the same rule: 3 heads at 0.5 keep 1 (deit_tiny's blocks)."""
+    torch.manual_seed(0)
+    result = prune(ThreeHeads().eval(), torch.randn(2, 5, 12), ratio=0.5, scope="layer",
+                   analysis=analysis)
+    assert result.model.get_submodule("mha").num_heads == 1
+    assert result.report.relative_diff <= 1e-5
 
 
 def test_importance_bn_ranks_by_gamma():

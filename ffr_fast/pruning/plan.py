@@ -5,11 +5,14 @@ the dependency graph (e.g. every conv that writes into one residual stream) toge
 their channel classes. Selection:
 - `threshold=t`: every prunable class whose score (importance.py) is <= t is removed.
 - neither: nothing is removed (prune() was asked for residual branches only).
-- `ratio=r`, `scope="global"`: the round(r * n) lowest-scored of all n prunable classes,
+- `ratio=r`, `scope="global"`: the ceil(r * n) lowest-scored of all n prunable classes,
   each score divided by the mean score of its group: raw norms are not comparable across
   layers (a kaiming-initialised filter's norm grows with its fan-in), so raw ranking would
-  empty the layers whose filters happen to be small.
-- `ratio=r`, `scope="layer"`: in every group, the floor(r * size) lowest-scored classes.
+  empty the layers whose filters happen to be small. Ceil as per layer, one rule for both
+  (round()'s half-to-even took 2 of 5 but 4 of 7).
+- `ratio=r`, `scope="layer"`: in every group, the ceil(r * size) lowest-scored classes (r
+  is the least fraction removed: 3 heads at r=0.5 lose 2, as Torch-Pruning, which keeps
+  int(size * (1 - r))).
 Then, per producer layer, classes are given back (highest score first) until the layer keeps
 at least `min_channels` channel classes, under a global ratio also at least the fraction
 `min_fraction` of them (rounded up), and, with `round_to=k`, a multiple of k channels (or
@@ -97,16 +100,23 @@ def make_plan(cg: ChannelGraph, scores: Dict[int, float], *, threshold=None, rat
         removed = set()
     elif scope == "global":
         relative = _relative_to_group(groups, scores)
-        removed = set(sorted(prunable, key=relative.get)[:round(ratio * len(prunable))])
+        ranked = sorted(prunable, key=relative.get)
+        removed = set(ranked[:_removed_by_ratio(ratio, len(prunable))])
     else:
         removed = set()
         for g in groups:
             candidates = sorted((r for r in g.roots if r not in g.pinned), key=scores.get)
-            removed.update(candidates[:int(ratio * len(g.roots))])
+            removed.update(candidates[:_removed_by_ratio(ratio, len(g.roots))])
     floor = min_fraction if ratio is not None and scope == "global" else 0.0
     _give_back(cg, layers, removed, scores, min_channels, floor, round_to)
     cutoff = max((scores[r] for r in removed), default=None)
     return Plan(removed, groups, _unpruned(groups), cutoff)
+
+
+def _removed_by_ratio(ratio: float, n: int) -> int:
+    """How many of n classes `ratio` removes: ceil(ratio * n), the product's float error
+    forgiven (0.28 * 25 is 7.000000000000001 in floats: 7 go, not 8)."""
+    return math.ceil(ratio * n - 1e-9)
 
 
 def _relative_to_group(groups: List[Group], scores: Dict[int, float]) -> Dict[int, float]:

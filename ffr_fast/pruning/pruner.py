@@ -98,10 +98,11 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
       0 removes exactly the all-zero filters) and, with `remove_blocks`, every residual
       branch whose last layer's channels all score <= t (the same unit; without a
       threshold, the branches whose last layer emits exactly zero);
-    - `ratio=r`: that fraction of the prunable channel classes, per "layer" (`scope`) or
-      "global"ly: ranked across layers by their scores relative to their layer's mean
-      (raw norms are not comparable across layers), every layer keeping at least the
-      fraction `min_fraction` of its channels (0 turns that floor off);
+    - `ratio=r`: that fraction of the channel classes rounded up (ceil(r * n) of n: 3 heads
+      at r=0.5 lose 2, as under Torch-Pruning), per "layer" (`scope`) or "global"ly: ranked
+      across layers by their scores relative to their layer's mean (raw norms are not
+      comparable across layers), every layer keeping at least the fraction `min_fraction`
+      of its channels (0 turns that floor off);
     - `flops_target=f`: the smallest pruning (a search on `flops_search`, "threshold" or
       "ratio") that keeps at most the fraction f of the FLOPs, accepted within
       `flops_tolerance` below f, in at most `flops_search_steps` prunings; when the search
