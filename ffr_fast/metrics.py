@@ -1,9 +1,10 @@
 """Model metrics: parameter count, FLOPs (torch's FlopCounterMode), sparsity, latency (the
 fastest of repeated runs, with how much the runs disagreed)."""
+import contextlib
 import statistics
 import time
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -23,8 +24,9 @@ def count_flops(model: nn.Module, inputs: Union[torch.Tensor, Sequence[torch.Ten
         return flops_of(model, *inputs)[1]
 
 
-def flops_of(fn: Callable[..., Any], *args) -> Tuple[Any, int]:
-    """`fn(*args)` and the FLOPs it ran, counted by torch.utils.flop_counter.
+@contextlib.contextmanager
+def counting_flops() -> Iterator[FlopCounterMode]:
+    """A FlopCounterMode over the block, its counts per module too.
 
     nn.MultiheadAttention's inference fast path is one fused op the counter has no formula
     for (a ViT's attention would count 0 FLOPs), so it is switched off while counting."""
@@ -32,9 +34,15 @@ def flops_of(fn: Callable[..., Any], *args) -> Tuple[Any, int]:
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with FlopCounterMode(display=False) as counter:
-            result = fn(*args)
+            yield counter
     finally:
         torch.backends.mha.set_fastpath_enabled(fast_path)
+
+
+def flops_of(fn: Callable[..., Any], *args) -> Tuple[Any, int]:
+    """`fn(*args)` and the FLOPs it ran, counted by torch.utils.flop_counter."""
+    with counting_flops() as counter:
+        result = fn(*args)
     return result, counter.get_total_flops()
 
 

@@ -9,12 +9,13 @@ import pytest
 import torch
 from torch import nn
 
+import ffr_fast
 from ffr_fast.pruning import load_pruned, prune, save_pruned
 from ffr_fast.pruning.attention import HeadPrunedMultiheadAttention
 from ffr_fast.testing import assert_same_output, relative_error, zero_heads
-from ffr_fast.torchvision_loader import load_torchvision
 
-tv = load_torchvision()
+import nets
+
 WIDTH, HEADS = 16, 4
 HEAD_DIM = WIDTH // HEADS
 
@@ -41,11 +42,7 @@ def self_attention(batch_first: bool):
 
 
 def small_vit():
-    torch.manual_seed(0)
-    model = tv.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
-                                        hidden_dim=32, mlp_dim=64, num_classes=10).eval()
-    nn.init.normal_(model.heads.head.weight)  # torchvision starts it at zero
-    return model
+    return nets.small_vit(num_layers=2)
 
 
 def kept_heads(result, path: str, num_heads: int, head_dim: int) -> list:
@@ -175,3 +172,15 @@ def test_other_attention_calls_keep_the_layer_whole_on_export(call):
     assert type(mha) is nn.MultiheadAttention and mha.num_heads == HEADS
     assert mha.in_proj_weight.shape == (3 * WIDTH, WIDTH)
     assert result.report.relative_diff <= 1e-5
+
+
+def test_a_vit_blocks_flops_count_its_attention():
+    """residual_branches() counts what removing a block saves, attention included (counted
+    without gradients, nn.MultiheadAttention would take its fused fast path, which the FLOP
+    counter does not see: each block counted half)."""
+    model, x = small_vit(), torch.randn(2, 3, 32, 32)
+    branches = ffr_fast.residual_branches(model, x, analysis="export")
+    layer = "encoder.layers.encoder_layer_1"
+    listed = next(b.flops for b in branches if b.name == layer)
+    report = prune(model, x, remove_branches=[layer], analysis="export").report
+    assert listed == report.flops_before - report.flops_after > 0

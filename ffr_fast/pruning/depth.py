@@ -22,11 +22,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..capture import Capture, capture, flat_tensors
 from ..flow.stream import residual_units
-from ..metrics import count_params, flops_of
+from ..metrics import count_params, counting_flops, flops_of
 from ..modes import evaluating, run_evaluating
 from .blocks import ResidualBranch, block_influence
 from .report import PruneReport, max_abs_diff
@@ -93,7 +92,7 @@ def measure(model: nn.Module, args, kwargs, names: Sequence[str]) -> List[Residu
     handles = [model.get_submodule(name).register_forward_hook(watch(name), with_kwargs=True)
                for name in names]
     try:
-        with FlopCounterMode(display=False) as counter:
+        with counting_flops() as counter:
             run_evaluating(model, args, kwargs)
     finally:
         for handle in handles:
