@@ -4,11 +4,14 @@ importance folded through batch norms, "bn" importance, ignored modules, and sav
 load_pruned replaying all of it on the original architecture. Each result is checked
 against what it claims: the FLOPs kept, the output of the original with the removed parts
 zeroed, the outputs of the reloaded model."""
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import ffr_fast
+from ffr_fast.pruning import ExampleInputError
 from ffr_fast.torchvision_loader import load_torchvision
 
 torchvision = load_torchvision()  # before transformers, on a CPU-only torch
@@ -173,6 +176,15 @@ def test_an_ignored_module_keeps_its_channels_on_the_export_capture():
     names = [b.name for b in ffr_fast.residual_branches(model, x, ignored=["blocks.0"],
                                                         analysis="export")]
     assert names == ["blocks.1", "blocks.2"]
+
+
+def test_inputs_the_model_cannot_run_are_named_as_such():
+    """Not as a capture failure: the shapes, the module and the model's own error."""
+    model = stack_net()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ExampleInputError, match=r"\(2, 5, 12, 12\).*expected input"):
+        ffr_fast.prune(model, torch.randn(2, 5, 12, 12), ratio=0.5, analysis="export")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_the_export_analysis_names_a_branch_it_does_not_have():

@@ -39,6 +39,9 @@ def study(model: nn.Module, args, kwargs: dict, importance: Union[str, Scorer],
     """The model captured on the example call, its channel classes (the channels of every
     module in `ignored` pinned) and their scores; its output and FLOPs (what every candidate
     cut of the model is measured against)."""
+    # the example run first: inputs the model cannot run are named as such (ExampleInputError,
+    # with the module and the shapes), not as a capture failure
+    output, flops = run_checked(model, args, lambda *a: run_evaluating(model, a, kwargs))
     cap = capture(model, args, kwargs)
     analysis = analyze(cap, rms_norm_paths(model))
     _pin_ignored(analysis, cap, ignored)
@@ -46,8 +49,6 @@ def study(model: nn.Module, args, kwargs: dict, importance: Union[str, Scorer],
     tensors.update(model.named_buffers(remove_duplicate=False))
     found = emitters(analysis, cap, tensors, importance) if isinstance(importance, str) \
         else scorer_emitters(analysis, cap, model, tensors, importance)
-    # the inputs' fault named as such (the capture runs on fake tensors, which miss some)
-    output, flops = run_checked(model, args, lambda *a: run_evaluating(model, a, kwargs))
     return Study(model, tuple(args), kwargs, cap, analysis, found,
                  class_scores(analysis, found), output, flops)
 
