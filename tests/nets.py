@@ -310,3 +310,20 @@ class FixedView(nn.Module):
         y = torch.relu(self.conv1(x))
         y = y.view(y.shape[0], 8, -1) if self.literal else y.view(y.shape[0], y.shape[1], -1)
         return self.fc(y.mean(2))
+
+
+def post_norm_bert():
+    """A 2-layer BertModel whose layer 1 has its branches' last layers zeroed: the layer
+    scores zero, but its post-norm still normalises x, so removing it is not exact."""
+    import transformers  # a test extra: imported by the tests that build this net
+
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4)).eval()
+    layer = bert.encoder.layer[1]
+    with torch.no_grad():
+        for dense in (layer.attention.output.dense, layer.output.dense):
+            dense.weight.zero_()
+            dense.bias.zero_()
+    return bert

@@ -14,6 +14,8 @@ import ffr_fast
 from ffr_fast.pruning import ExampleInputError
 from ffr_fast.torchvision_loader import load_torchvision
 
+from nets import post_norm_bert
+
 torchvision = load_torchvision()  # before transformers, on a CPU-only torch
 transformers = pytest.importorskip("transformers")
 
@@ -355,15 +357,7 @@ def test_fold_bn_on_the_export_path_folds_each_batch_norm_its_producer_alone_fee
 def test_a_block_that_scores_zero_but_is_no_identity_stays_and_the_report_says_why():
     """BERT's post-norm layer: its branches' last layers are zeroed, but it still normalises
     x, so removing it would not be exact: it stays, and the report names its dead branches."""
-    torch.manual_seed(0)
-    bert = transformers.BertModel(transformers.BertConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4)).eval()
-    layer = bert.encoder.layer[1]
-    with torch.no_grad():
-        for dense in (layer.attention.output.dense, layer.output.dense):
-            dense.weight.zero_()
-            dense.bias.zero_()
+    bert = post_norm_bert()
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     result = ffr_fast.prune(bert, ids, ratio=0.25, scope="layer")
     assert not result.report.removed_blocks and len(result.model.encoder.layer) == 2

@@ -10,7 +10,7 @@ from ffr_fast.pruning import PrunedInPlaceError, PrunedModelError
 from ffr_fast.testing import assert_unchanged, outputs, snapshot
 from ffr_fast.torchvision_loader import load_torchvision
 
-from nets import FixedView, kill_channels, look_trained
+from nets import FixedView, kill_channels, look_trained, post_norm_bert
 
 load_torchvision()  # before transformers, on a CPU-only torch
 transformers = pytest.importorskip("transformers")
@@ -85,21 +85,6 @@ def test_a_flops_search_in_place_cuts_the_chosen_candidate_into_the_model():
     assert result.model is model
     same_report(result.report, on_copy.report)
     torch.testing.assert_close(logits(model), logits(on_copy.model), rtol=0, atol=0)
-
-
-def post_norm_bert():
-    """BERT with layer 1's branches zeroed: it scores zero, but its post-norm layer is no
-    identity, so removing it is not exact."""
-    torch.manual_seed(0)
-    bert = transformers.BertModel(transformers.BertConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4)).eval()
-    layer = bert.encoder.layer[1]
-    with torch.no_grad():
-        for dense in (layer.attention.output.dense, layer.output.dense):
-            dense.weight.zero_()
-            dense.bias.zero_()
-    return bert
 
 
 def test_a_removal_that_is_not_exact_gives_the_model_its_blocks_back():
