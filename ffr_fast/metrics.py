@@ -1,9 +1,10 @@
 """Model metrics: parameter count, FLOPs (torch's FlopCounterMode), sparsity, latency (the
 fastest of repeated runs, with how much the runs disagreed)."""
+import contextlib
 import statistics
 import time
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -23,18 +24,28 @@ def count_flops(model: nn.Module, inputs: Union[torch.Tensor, Sequence[torch.Ten
         return flops_of(model, *inputs)[1]
 
 
+@contextlib.contextmanager
+def attention_fast_path_off() -> Iterator[None]:
+    """torch's inference fast path of nn.MultiheadAttention and the transformer layers off
+    inside (torch.backends.mha), as it was after. It computes otherwise than the layers'
+    own code: nn.TransformerEncoder's nested tensors write zeros at padded positions, the
+    fused kernel turns a float mask of -inf into NaN. So what prune() compares runs with it
+    off, as flops_of runs."""
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
+
+
 def flops_of(fn: Callable[..., Any], *args) -> Tuple[Any, int]:
     """`fn(*args)` and the FLOPs it ran, counted by torch.utils.flop_counter.
 
     nn.MultiheadAttention's inference fast path is one fused op the counter has no formula
     for (a ViT's attention would count 0 FLOPs), so it is switched off while counting."""
-    fast_path = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with FlopCounterMode(display=False) as counter:
-            result = fn(*args)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast_path)
+    with attention_fast_path_off(), FlopCounterMode(display=False) as counter:
+        result = fn(*args)
     return result, counter.get_total_flops()
 
 

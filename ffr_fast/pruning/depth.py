@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..capture import Capture, capture, flat_tensors
 from ..flow.stream import residual_units
-from ..metrics import count_params, flops_of
+from ..metrics import attention_fast_path_off, count_params, flops_of
 from ..modes import evaluating, run_evaluating
 from .blocks import ResidualBranch, block_influence
 from .report import PruneReport, max_abs_diff
@@ -167,7 +167,7 @@ def remove(model: nn.Module, args, kwargs, names: Sequence[str],
     # the peak is the model and its pruned copy, not three models (in place: one model).
     zeros = {f"{name}.{key}": torch.zeros_like(parameter) for name in names
              for key, parameter in model.get_submodule(name).named_parameters()}
-    with evaluating(model), torch.no_grad():
+    with evaluating(model), torch.no_grad(), attention_fast_path_off():  # as flops_of
         reference = torch.func.functional_call(model, zeros, tuple(args), kwargs, strict=False)
     del zeros
     original, flops_before = flops_of(run_evaluating, model, args, kwargs)
