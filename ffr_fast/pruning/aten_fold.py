@@ -33,7 +33,8 @@ def foldable_pairs(model: nn.Module, cap: Capture, analysis: Analysis) -> List[T
     pairs = []
     for producer in analysis.producers:
         affine = norms.get(producer.output)
-        if affine is None or producer.dim != 0 or not producer.weight.endswith(".weight"):
+        if (affine is None or producer.piece or producer.dim != 0
+                or not producer.weight.endswith(".weight")):
             continue
         conv, bn = producer.layer, affine.mean.rpartition(".")[0]
         once = all(f"{path}@1" not in cap.calls for path in (conv, bn))
