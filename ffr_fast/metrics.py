@@ -25,18 +25,26 @@ def count_flops(model: nn.Module, inputs: Union[torch.Tensor, Sequence[torch.Ten
 
 
 @contextlib.contextmanager
-def counting_flops() -> Iterator[FlopCounterMode]:
-    """A FlopCounterMode over the block, its counts per module too.
-
-    nn.MultiheadAttention's inference fast path is one fused op the counter has no formula
-    for (a ViT's attention would count 0 FLOPs), so it is switched off while counting."""
+def attention_fast_path_off() -> Iterator[None]:
+    """torch's inference fast path of nn.MultiheadAttention and the transformer layers off
+    inside (torch.backends.mha), as it was after. It computes otherwise than the layers'
+    own code: nn.TransformerEncoder's nested tensors write zeros at padded positions, the
+    fused kernel turns a float mask of -inf into NaN, and it is one fused op the FLOP
+    counter has no formula for (a ViT's attention would count 0 FLOPs). So what prune()
+    compares and counts runs with it off."""
     fast_path = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with FlopCounterMode(display=False) as counter:
-            yield counter
+        yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fast_path)
+
+
+@contextlib.contextmanager
+def counting_flops() -> Iterator[FlopCounterMode]:
+    """A FlopCounterMode over the block (its counts per module too), the fast path off."""
+    with attention_fast_path_off(), FlopCounterMode(display=False) as counter:
+        yield counter
 
 
 def flops_of(fn: Callable[..., Any], *args) -> Tuple[Any, int]:

@@ -7,6 +7,7 @@ Tolerances are relative to the largest reference value (relative_error): float64
 float32 1e-5, float16/bfloat16 1e-2 against the float64 reference of the upcast inputs.
 """
 import contextlib
+import copy
 import pickle
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence
@@ -112,6 +113,34 @@ def assert_same_output(original: nn.Module, result, x: Tensor) -> None:
     output, and its report says so without calling itself approximate."""
     assert relative_error(outputs(result.model, x), outputs(original, x)) <= 1e-5
     assert result.report.relative_diff <= 1e-5 and not result.report.approximate
+
+
+def zeroed_original(model: nn.Module, result) -> nn.Module:
+    """A copy of `model` with every parameter position that prune()'s `result` removed set
+    to zero: what the pruned model equals, on any input, where no norm was cut."""
+    twin = copy.deepcopy(model)
+    tensors = dict(twin.named_parameters())
+    with torch.no_grad():
+        for name, dims in result.structure["kept"].items():
+            for dim, kept in enumerate(dims):
+                if kept is not None and name in tensors:
+                    gone = sorted(set(range(tensors[name].shape[dim])) - set(kept))
+                    tensors[name].index_fill_(dim, torch.tensor(gone, dtype=torch.long), 0)
+    return twin
+
+
+def kept_heads(result, path: str, num_heads: int, head_dim: int) -> List[int]:
+    """The heads the pruned nn.MultiheadAttention at `path` kept, asserting that its q, k
+    and v rows and its output projection's columns kept the same whole heads."""
+    kept = result.structure["kept"]
+    rows, columns = kept[f"{path}.in_proj_weight"][0], kept[f"{path}.out_proj.weight"][1]
+    inner = num_heads * head_dim
+    heads = sorted({c // head_dim for c in columns})
+    whole = [h * head_dim + i for h in heads for i in range(head_dim)]
+    assert columns == whole
+    assert rows == [block * inner + c for block in range(3) for c in whole]
+    assert kept[f"{path}.in_proj_bias"][0] == rows
+    return heads
 
 
 def snapshot(model: nn.Module) -> dict:

@@ -3,16 +3,20 @@ in-projection viewed to (..., 3, E) with q, k and v selected, and its (L, N, E) 
 (L, N * H, D) view that folds the batch into the heads, both followed to the heads. A plain
 self-attention wrapper (batch first or not) and torchvision's VisionTransformer, every
 result checked against the original with the removed positions zeroed, saved and loaded."""
-import copy
-
 import pytest
 import torch
 from torch import nn
 
 import ffr_fast
 from ffr_fast.pruning import load_pruned, prune, save_pruned
-from ffr_fast.pruning.attention import HeadPrunedMultiheadAttention
-from ffr_fast.testing import assert_same_output, relative_error, zero_heads
+from ffr_fast.pruning.multihead import HeadPrunedMultiheadAttention
+from ffr_fast.testing import (
+    assert_same_output,
+    kept_heads,
+    relative_error,
+    zero_heads,
+    zeroed_original,
+)
 
 import nets
 
@@ -45,39 +49,12 @@ def small_vit():
     return nets.small_vit(num_layers=2)
 
 
-def kept_heads(result, path: str, num_heads: int, head_dim: int) -> list:
-    """The heads the pruned attention at `path` kept, asserting that its q, k and v rows and
-    its output projection's columns kept the same whole heads."""
-    kept = result.structure["kept"]
-    rows, columns = kept[f"{path}.in_proj_weight"][0], kept[f"{path}.out_proj.weight"][1]
-    inner = num_heads * head_dim
-    heads = sorted({c // head_dim for c in columns})
-    whole = [h * head_dim + i for h in heads for i in range(head_dim)]
-    assert columns == whole
-    assert rows == [block * inner + c for block in range(3) for c in whole]
-    assert kept[f"{path}.in_proj_bias"][0] == rows
-    return heads
-
-
 def assert_head_pruned(mha: nn.Module, heads: int, embed_dim: int) -> None:
     """The pruned layer's attributes agree with its tensors and with each other."""
     assert mha.num_heads == heads and mha.head_dim == HEAD_DIM and mha.embed_dim == embed_dim
     assert mha.in_proj_weight.shape == (3 * heads * HEAD_DIM, embed_dim)
     assert mha.out_proj.weight.shape == (embed_dim, heads * HEAD_DIM)
     assert mha.out_proj.in_features == heads * HEAD_DIM == mha.in_proj_weight.shape[0] // 3
-
-
-def zeroed(model: nn.Module, result) -> nn.Module:
-    """The original with every position the pruned model lacks set to zero."""
-    twin = copy.deepcopy(model)
-    tensors = dict(twin.named_parameters())
-    with torch.no_grad():
-        for name, dims in result.structure["kept"].items():
-            for dim, kept in enumerate(dims):
-                if kept is not None:
-                    gone = sorted(set(range(tensors[name].shape[dim])) - set(kept))
-                    tensors[name].index_fill_(dim, torch.tensor(gone, dtype=torch.long), 0)
-    return twin
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -108,7 +85,7 @@ def test_a_ratio_cuts_whole_heads_alike_in_q_k_v(batch_first):
     assert_head_pruned(mha, len(heads), result.model.fc.out_features)
     assert result.report.relative_diff <= 1e-5  # the pruner's own check, and ours:
     with torch.no_grad():
-        pruned, reference = result.model(x), zeroed(model, result)(x)
+        pruned, reference = result.model(x), zeroed_original(model, result)(x)
         assert relative_error(pruned, reference) <= 1e-5
         assert relative_error(pruned, model(x)) > 1e-3  # the cut changed the output
 
@@ -146,32 +123,40 @@ def test_vit_loses_heads_on_export_as_on_torch_fx():
     assert export.report.flops_after == fx.report.flops_after
 
 
-class MaskedAttention(SelfAttention):
-    """Self-attention with a mask, or cross-attention: calls a head-pruned layer cannot run."""
+class UnsupportedAttention(nn.Module):
+    """nn.MultiheadAttention with what the head-pruned layer does not run: separate q, k, v
+    projections (kdim, vdim: attending to a narrower memory), key / value biases, a zero
+    attention (self-attention)."""
 
-    def __init__(self, call: str):
-        super().__init__(batch_first=True)
-        self.call = call
-        self.register_buffer("mask", torch.triu(torch.full((5, 5), -1e4), diagonal=1))
+    def __init__(self, kind: str):
+        super().__init__()
+        options = {"separate": dict(kdim=12, vdim=12), "bias_kv": dict(add_bias_kv=True),
+                   "zero_attn": dict(add_zero_attn=True)}[kind]
+        self.fc = nn.Linear(WIDTH, WIDTH)
+        self.memory = nn.Linear(WIDTH, 12) if kind == "separate" else None
+        self.mha = nn.MultiheadAttention(WIDTH, HEADS, batch_first=True, **options)
+        self.head = nn.Linear(WIDTH, 8)
 
     def forward(self, x):
         y = self.fc(x)
-        if self.call == "cross":
-            return self.head(self.mha(y, x, x, need_weights=False)[0] + y)
-        return self.head(self.mha(y, y, y, attn_mask=self.mask, need_weights=False)[0] + y)
+        source = y if self.memory is None else self.memory(x)
+        return self.head(self.mha(y, source, source, need_weights=False)[0] + y)
 
 
-@pytest.mark.parametrize("call", ["mask", "cross"])
-def test_other_attention_calls_keep_the_layer_whole_on_export(call):
+@pytest.mark.parametrize("kind", ["separate", "bias_kv", "zero_attn"])
+def test_attention_the_head_pruned_layer_cannot_run_stays_whole(kind):
     torch.manual_seed(0)
-    model = MaskedAttention(call).eval()
-    zero_heads(model.mha.in_proj_weight, model.mha.in_proj_bias, [1], HEADS)
+    model = UnsupportedAttention(kind).eval()
+    if kind != "separate":
+        zero_heads(model.mha.in_proj_weight, model.mha.in_proj_bias, [1], HEADS)
     x = torch.randn(2, 5, WIDTH, generator=torch.Generator().manual_seed(1))
-    result = prune(model, x, ratio=0.5, analysis="export")  # no PrunedModelError
+    result = prune(model, x, threshold=0, analysis="export")
     mha = result.model.mha
     assert type(mha) is nn.MultiheadAttention and mha.num_heads == HEADS
-    assert mha.in_proj_weight.shape == (3 * WIDTH, WIDTH)
-    assert result.report.relative_diff <= 1e-5
+    assert [t.shape for t in mha.parameters()] == [t.shape for t in model.mha.parameters()]
+    reasons = [reason for entry in result.report.unpruned for reason in entry["reasons"]]
+    assert any("head-pruned MultiheadAttention does not run" in r for r in reasons)
+    assert_same_output(model, result, x)
 
 
 def test_a_vit_blocks_flops_count_its_attention():

@@ -370,3 +370,18 @@ def test_a_global_ratio_keeps_a_floor_of_every_layer(resnet50):
     assert most.report.settings["min_fraction"] == 0.1
     with pytest.raises(ValueError, match="min_fraction must be a number in"):
         prune(resnet50, x, ratio=0.5, min_fraction=1.5)
+
+
+def test_the_verification_counts_a_nan_as_a_difference():
+    """A NaN where the reference holds a number would pass `diff > tolerance` unseen."""
+    from ffr_fast.pruning.report import max_abs_diff
+
+    reference = torch.tensor([1.0, float("nan"), float("inf"), -2.0])
+    assert max_abs_diff(reference.clone(), reference) == 0.0  # NaN and inf agree with themselves
+    broken = reference.clone()
+    broken[0] = float("nan")
+    assert max_abs_diff(broken, reference) == float("inf")
+    broken = reference.clone()
+    broken[2] = 3.0
+    assert max_abs_diff(broken, reference) == float("inf")
+    assert max_abs_diff(reference + torch.tensor([0.5, 0, 0, 0]), reference) == 0.5

@@ -216,7 +216,9 @@ def test_ratio_cuts_heads_and_the_model_saves_loads_pickles_exports(build, tmp_p
 # ---- what the attention rule refuses: pinned, never guessed -------------------------------
 
 class AttentionCalls(nn.Module):
-    """nn.MultiheadAttention called as cross-attention or with a mask: not one input tensor."""
+    """nn.MultiheadAttention called as cross-attention or with a mask: not one input tensor,
+    which torch.fx's attention rule refuses (the export path cuts them:
+    test_prune_mha_masks.py)."""
 
     def __init__(self, call):
         super().__init__()
@@ -235,7 +237,7 @@ class AttentionCalls(nn.Module):
 
 
 @pytest.mark.parametrize("call", ["cross", "mask"])
-def test_attention_with_other_tensor_arguments_keeps_its_heads(call):
+def test_attention_with_other_tensor_arguments_keeps_its_heads_on_torch_fx(call):
     torch.manual_seed(0)
     model = AttentionCalls(call).eval()
     with torch.no_grad():
@@ -244,7 +246,7 @@ def test_attention_with_other_tensor_arguments_keeps_its_heads(call):
         model.mha.in_proj_weight[36:40] = 0
         model.mha.in_proj_bias.zero_()
     x = torch.randn(2, 5, 16)
-    result = prune(model, x, threshold=0)
+    result = prune(model, x, threshold=0, analysis="fx")
     assert result.model.mha.num_heads == 4
     assert result.model.mha.in_proj_weight.shape == (48, 16)  # the dead head's rows stay
     assert type(result.model.mha) is nn.MultiheadAttention

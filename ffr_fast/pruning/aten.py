@@ -11,6 +11,8 @@ How ids flow, each op described once in OPS below:
 - linear / addmm / mm / matmul / bmm: the contracted dimensions are tied; the output takes the
   row dims of the first operand and the column dim of the second (GPT-2's Conv1D is
   addmm(b, x, W): W is (in, out)); a contraction between two activations also pins it.
+  A weight that is one of the equal pieces of a parameter (q, k and v of a packed
+  projection, each applied to its own input) makes the parameter a producer.
 - convolution: the input's channels tie to the weight's dim 1 (depthwise: output c*m+j to
   input c; grouped: position p of every group tied across groups), the output's channels
   are the weight's dim 0 (dim 1 transposed); spatial dims fresh and pinned.
@@ -47,11 +49,16 @@ How ids flow, each op described once in OPS below:
   GQA's expand + reshape of the KV heads ties each query head to its KV head).
 - cat concatenates ids; split / chunk into equal pieces ties the pieces position by
   position; select, slice (other than whole), unbind, flip, roll, index pin the dim.
-- an nn.MultiheadAttention called with a mask or as cross-attention keeps every dim of
-  its tensors: the head-pruned layer it would become runs self-attention only.
+- the capture the pruner analyses runs, in every nn.MultiheadAttention it can cut by heads,
+  the forward of the head-pruned layer it becomes (multihead.py: self- and cross-attention,
+  masks, weights); a plain nn.MultiheadAttention in the graph is one it cannot cut (separate
+  q, k, v projections, key / value biases, a zero attention) and keeps every dim.
 - scaled_dot_product_attention ties q, k, v heads (grouped: each query head to its KV
   group) and batch dims; head dims and the key length are pinned.
 Any other op pins every id it reads and writes and is named (analysis.unknown_ops).
+A reduction or norm whose result no output depends on mixes nothing that matters, so it keeps
+no dim whole (the attention weights an nn.MultiheadAttention averages over its heads, where
+the caller drops them).
 
 The result is exact by construction against the original with every removed position of
 every parameter zeroed, and every cut LayerNorm (GroupNorm: every group) normalising over
@@ -69,7 +76,7 @@ import torch.fx as fx
 from ..capture import Capture
 from .aten_layout import LAYOUT_OPS, Split
 from .aten_ops import OPS as COMPUTE_OPS
-from .aten_ops import Ids, op_name, shape_of
+from .aten_ops import Ids, _arg, op_name, shape_of
 from .channels import ChannelGraph
 
 
@@ -83,6 +90,9 @@ class Producer:
     dim: int
     bias: Optional[str]
     output: str
+    # it reads one of equal pieces of `weight` (and of `bias`), such as the q rows of a packed
+    # projection: scored with all the tensor's rows, no batch norm folds into it
+    piece: bool = False
 
 
 @dataclass
@@ -127,6 +137,7 @@ class _Analyzer:
         self.splits: Dict[int, Split] = {}  # a split's lead dim's first id -> the split
         self.merges: Dict[int, tuple] = {}  # id() of a merged dim's ids -> (them, its parts)
         self.result = Analysis(self.cg, {})
+        self.dead = self.unused_nodes(cap.graph)
 
     # -- ids ------------------------------------------------------------------------------
     def fresh(self, shape, reason: Optional[str] = None) -> Ids:
@@ -145,9 +156,20 @@ class _Analyzer:
     def normalised(self, node: fx.Node, ids: np.ndarray, reason: str) -> None:
         """Dims a norm or a reduction mixes: whole, unless `node` runs in an RMS norm that
         the cut rescales (slicing.RMS_NORMS): its mean of squares over kept channels then
-        equals the original's over all channels, the removed ones being zero."""
-        if self.cap.module_path(node) not in self.rms_norms:
+        equals the original's over all channels, the removed ones being zero; or no output
+        depends on what it computes."""
+        if node not in self.dead and self.cap.module_path(node) not in self.rms_norms:
             self.whole(ids, reason)
+
+    @staticmethod
+    def unused_nodes(graph: fx.Graph) -> set:
+        """The ops no output of the graph depends on: neither an output nor an op with a
+        side effect (an in-place write) reads them, directly or through other ops."""
+        used = set()
+        for node in reversed(graph.nodes):
+            if node.op == "output" or node.is_impure() or any(u in used for u in node.users):
+                used.add(node)
+        return {node for node in graph.nodes if node not in used}
 
     def renormalises(self, node: fx.Node, weight: str, ids: np.ndarray) -> None:
         """A LayerNorm over the channels `ids` with the parameter `weight`: its channels may
@@ -202,20 +224,21 @@ class _Analyzer:
         return self.result
 
     def keep_unsupported_attention(self) -> None:
-        """Every dim of an nn.MultiheadAttention's tensors pinned where it is called other
-        than on one tensor (query, key and value) with no other tensor argument (a mask):
-        the layer it becomes once its widths change, attention.HeadPrunedMultiheadAttention,
-        runs that call only, as the torch.fx path's rule requires."""
-        types = {path: kind.rpartition(".")[2] for node in self.cap.graph.nodes
-                 for path, kind in (node.meta.get("nn_module_stack") or {}).values()}
-        for call in self.cap.calls.values():
-            if types.get(call.path) != "MultiheadAttention" or len(
-                    {name for name in call.inputs if name}) == 1:
-                continue
-            reason = (f"{call.path} is called with a mask or as cross-attention, which a "
-                      "head-pruned MultiheadAttention does not run")
+        """Every dim of the tensors of an nn.MultiheadAttention that ran torch's own forward
+        in the capture pinned: the pruner's capture runs the head-pruned forward
+        (multihead.HeadPrunedMultiheadAttention) in every layer it can cut, so this one has
+        separate q, k and v projections (kdim or vdim other than embed_dim), bias_k / bias_v
+        or add_zero_attn, which that forward does not run (a capture made without the swap,
+        to fold batch norms, keeps them all: it cuts nothing)."""
+        paths = {path for node in self.cap.graph.nodes
+                 for path, kind in (node.meta.get("nn_module_stack") or {}).values()
+                 if kind.rpartition(".")[2] == "MultiheadAttention"}
+        for path in paths:
+            reason = (f"{path} is an nn.MultiheadAttention with separate q, k, v projections, "
+                      "key / value biases or a zero attention, which a head-pruned "
+                      "MultiheadAttention does not run")
             for name, ids in self.result.tensors.items():
-                if name.startswith(f"{call.path}."):
+                if name.startswith(f"{path}."):
                     self.pin_value(ids, reason)
 
     def placeholder(self, node: fx.Node):
@@ -268,11 +291,27 @@ class _Analyzer:
         return None
 
     def produces(self, node: fx.Node, weight, dim: int, bias=None) -> None:
-        name = self.parameter(weight)
+        """Record a producer: `weight` a parameter (and `bias` one, or None), or one of the
+        equal pieces of a parameter (and `bias` the matching piece of one)."""
+        name, piece = self.parameter(weight), False
+        if name is None:
+            name, piece = self.piece_of_parameter(weight, dim), True
         if name is not None:
             layer = name[:-len(".weight")] if name.endswith(".weight") else name
-            self.result.producers.append(Producer(layer, name, dim, self.parameter(bias),
-                                                  node.name))
+            bias = self.piece_of_parameter(bias, 0) if piece else self.parameter(bias)
+            self.result.producers.append(Producer(layer, name, dim, bias, node.name, piece))
+
+    def piece_of_parameter(self, arg, dim: int) -> Optional[str]:
+        """The parameter that `arg` is one of the equal pieces of, cut along `dim` (a chunk or
+        split, then getitem), or None."""
+        if not (isinstance(arg, fx.Node) and arg.target is operator.getitem
+                and op_name(arg.args[0]) in ("chunk", "split", "split_with_sizes")):
+            return None
+        pieces, source = arg.args[0], arg.args[0].args[0]
+        shapes = {tuple(v.shape) for v in pieces.meta["val"]}
+        source_shape = shape_of(source)
+        cut_along = _arg(pieces, 2, "dim", 0) % len(source_shape) if source_shape else None
+        return self.parameter(source) if len(shapes) == 1 and cut_along == dim else None
 
     def tensor_name(self, arg) -> Optional[str]:
         """The parameter or buffer name of a placeholder argument, or None."""

@@ -33,7 +33,8 @@ def foldable_pairs(model: nn.Module, cap: Capture, analysis: Analysis) -> List[T
     pairs = []
     for producer in analysis.producers:
         affine = norms.get(producer.output)
-        if affine is None or producer.dim != 0 or not producer.weight.endswith(".weight"):
+        if (affine is None or producer.piece or producer.dim != 0
+                or not producer.weight.endswith(".weight")):
             continue
         conv, bn = producer.layer, affine.mean.rpartition(".")[0]
         once = all(f"{path}@1" not in cap.calls for path in (conv, bn))
@@ -70,7 +71,7 @@ def fold_batch_norms(model: nn.Module, args, kwargs: dict,
         after = run_evaluating(model, args, kwargs)
     model.eval()
     scale = max(float(t.float().abs().max()) for t in flat_tensors(before))
-    if max_abs_diff(after, before) > EXACT * max(scale, 1e-30):
+    if not max_abs_diff(after, before) <= EXACT * max(scale, 1e-30):  # NaN fails too
         raise RuntimeError(f"folding {pairs} changed the output of {type(model).__name__} by "
                            f"{max_abs_diff(after, before):.3g}; please report the model")
     return pairs

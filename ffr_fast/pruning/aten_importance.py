@@ -92,7 +92,7 @@ def emitters(analysis: Analysis, cap: Capture, tensors: Dict[str, torch.Tensor],
         rows = weight.movedim(producer.dim, 0).flatten(1).cpu()
         bias = (tensors[producer.bias].detach().cpu() if producer.bias is not None
                 else torch.zeros(rows.shape[0], dtype=torch.float64))
-        affine = sole_readers.get(producer.output)
+        affine = None if producer.piece else sole_readers.get(producer.output)
         if affine is not None and rows.ndim == 2:
             scale, shift = _scale_shift(affine, tensors, rows.shape[0])
             rows = rows.double() * scale[:, None]

@@ -83,7 +83,9 @@ def _split(a, flat: np.ndarray, sizes: List[int]) -> Ids:
     (N * H) dim attention code folds the batch into comes apart into batch and heads);
     otherwise, with two or more of size > 1, the last two are a pending Split (heads from
     H*D; from a fused q, k, v projection's (3, H, D) the heads too, each with its q, k and v
-    rows; a shuffle's groups), the others fresh and pinned."""
+    rows; a shuffle's groups), the others fresh and pinned. A dim that is kept splits into
+    kept dims, pinned for its reason (a per-head mask given as a model input keeps the
+    heads it is added to)."""
     big = [i for i, s in enumerate(sizes) if s > 1]
     merged, parts = a.merges.get(id(flat), (None, None))
     if merged is flat and [len(p) for p in parts] == [sizes[i] for i in big]:
@@ -93,6 +95,8 @@ def _split(a, flat: np.ndarray, sizes: List[int]) -> Ids:
     if len(big) <= 1:
         return [flat if i in big else a.fresh([1], "size-1 dimension")[0]
                 for i, s in enumerate(sizes)]
+    if a.pinned(flat):
+        return a.fresh(sizes, f"split from a kept dimension ({a.cg.pins[int(flat[0])]})")
     lead, inner = big[-2:]
     dims = [a.cg.fresh(size) if i in (lead, inner) else a.fresh(
         [size], "the outer part of a split dimension stays whole")[0]

@@ -92,6 +92,8 @@ def scorer_emitters(analysis: Analysis, cap: Capture, model: nn.Module,
     folded = set()
     found: List[Optional[Emitter]] = []
     for producer in analysis.producers:
+        if producer.piece:  # the scorer's module writes all of its rows: no opinion
+            continue
         affine = sole_readers.get(producer.output)
         if affine is not None:
             folded.add(id(affine))

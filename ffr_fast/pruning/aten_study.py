@@ -17,6 +17,7 @@ from .aten_importance import Emitter, class_scores, emitters
 from .aten_scorer import scorer_emitters
 from .importance import Scorer
 from .inputs import run_checked
+from .multihead import capturing_head_pruned
 from .slicing import rms_norm_paths
 
 
@@ -38,11 +39,13 @@ def study(model: nn.Module, args, kwargs: dict, importance: Union[str, Scorer],
           ignored: Sequence[str]) -> Study:
     """The model captured on the example call, its channel classes (the channels of every
     module in `ignored` pinned) and their scores; its output and FLOPs (what every candidate
-    cut of the model is measured against)."""
+    cut of the model is measured against). The capture runs, in every nn.MultiheadAttention,
+    the forward it runs once cut (multihead.capturing_head_pruned)."""
     # the example run first: inputs the model cannot run are named as such (ExampleInputError,
     # with the module and the shapes), not as a capture failure
     output, flops = run_checked(model, args, lambda *a: run_evaluating(model, a, kwargs))
-    cap = capture(model, args, kwargs)
+    with capturing_head_pruned(model):
+        cap = capture(model, args, kwargs)
     analysis = analyze(cap, rms_norm_paths(model))
     _pin_ignored(analysis, cap, ignored)
     tensors = dict(model.named_parameters(remove_duplicate=False))

@@ -1,15 +1,25 @@
 """What prune() did, verified on the example inputs: a dataclass, JSON-able and readable."""
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
+
+import torch
 
 from ..capture import flat_tensors
 
 
 def max_abs_diff(a, b) -> float:
-    """Max |a - b| over the tensors of two outputs of one model (verification)."""
-    return max(float((x.double() - y.double()).abs().max())
-               for x, y in zip(flat_tensors(a), flat_tensors(b)))
+    """Max |a - b| over the tensors of two outputs of one model (verification). Positions
+    that hold the same value (a NaN in both, an infinity of one sign) agree; a NaN where the
+    other holds a number differs infinitely (as a NaN it would pass every check)."""
+    worst = 0.0
+    for x, y in zip(flat_tensors(a), flat_tensors(b)):
+        x, y = x.double(), y.double()
+        same = (x == y) | (x.isnan() & y.isnan())
+        diff = torch.where(same, 0.0, (x - y).abs().nan_to_num(nan=math.inf, posinf=math.inf))
+        worst = max(worst, float(diff.max()) if diff.numel() else 0.0)
+    return worst
 
 
 @dataclass

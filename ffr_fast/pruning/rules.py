@@ -37,19 +37,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import (
-    HeadPrunedMultiheadAttention,
-    attention_heads,
-    inner_rows,
     relative_attention,
     relative_attention_heads,
     relative_attention_rows,
-    resize_attention,
     resize_relative_attention,
     resize_window_attention,
     shifted_window_attention,
     window_attention_heads,
     window_attention_rows,
 )
+from .multihead import HeadPrunedMultiheadAttention, attention_heads, inner_rows, resize_attention
 
 Roles = Tuple[Optional[str], ...]
 KINDS = ("producer", "channelwise", "reshape", "attention")

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from . import attention
+from . import attention, multihead
 
 Keep = Dict[str, List[Optional[torch.Tensor]]]  # tensor name -> kept positions per dim
 SizeRule = Callable[[nn.Module], Optional[dict]]
@@ -171,7 +171,7 @@ SIZE_RULES: Dict[str, SizeRule] = {
     "WindowAttention": _window_attention,  # timm's Swin attention
     # the layers whose code ties the inner width to the input width become their head-pruned
     # replacements (attention.py) where the cut unties them; load_pruned replays the same
-    "MultiheadAttention": attention.resize_attention,
+    "MultiheadAttention": multihead.resize_attention,
     "VisionTransformer": lambda m: setattr(m, "hidden_dim", m.conv_proj.weight.shape[0])
     if hasattr(m, "conv_proj") else None,  # torchvision's: the width it reshapes patches to
     "ShiftedWindowAttention": attention.resize_window_attention,  # torchvision's Swin, V1, V2
