@@ -11,10 +11,11 @@ branches leave the model, which comes back compact and verified.
 Modules, the torch.export path (the default): aten, aten_ops and aten_layout (the channel
 analysis on the ATen graph), aten_importance (what each channel emits), aten_scorer (a
 callable importance), aten_branches (what a residual branch emits), aten_norms (cut norms
-verified), aten_study (a model captured, analysed and scored once), aten_blocks (which
-blocks go), depth (whole blocks out of their containers), aten_cut (the channel cut,
-verified), slicing (tensors cut by name, size attributes fixed; register_size_rule),
-aten_fold (BatchNorm folding) and aten_pruner (that path of prune(), step by step).
+verified), aten_liveness (channels the output never sees), aten_study (a model captured,
+analysed and scored once), aten_blocks (which blocks go), depth (whole blocks out of their
+containers), aten_cut (the channel cut, verified), slicing (tensors cut by name, size
+attributes fixed; register_size_rule), aten_fold (BatchNorm folding) and aten_pruner (that
+path of prune(), step by step).
 The torch.fx path: rules (the one table of layer types and functions; register_rule),
 tracing (torch.fx), graph (channel dependencies), layout (ids through ops that move
 dimensions), channels (what it produces), blocks (residual branches: found, measured,

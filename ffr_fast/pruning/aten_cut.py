@@ -59,15 +59,17 @@ def apply_keep(model: nn.Module, keep: Keep) -> List[str]:
 
 
 def cut_channels(work: Study, *, threshold, ratio, scope, min_channels, min_fraction,
-                 round_to, in_place: bool = False) -> Tuple[nn.Module, PruneReport, Keep]:
-    """The studied model with the planned channel classes cut, verified: a copy, or with
-    `in_place` the study's own model (a copy prune() made and needs no more, so that the peak
-    memory is two models, not three; or the caller's model, with prune(inplace=True))."""
+                 round_to, remove_dead: bool, in_place: bool = False
+                 ) -> Tuple[nn.Module, PruneReport, Keep]:
+    """The studied model with the planned channel classes cut (with `remove_dead` also the
+    classes the output never sees), verified: a copy, or with `in_place` the study's own
+    model (a copy prune() made and needs no more, so that the peak memory is two models, not
+    three; or the caller's model, with prune(inplace=True))."""
     model, args, kwargs, analysis = work.model, work.args, work.kwargs, work.analysis
     layers = analysis.layers()
     plan = make_plan(analysis.cg, work.scores, threshold=threshold, ratio=ratio, scope=scope,
                      min_channels=min_channels, min_fraction=min_fraction, round_to=round_to,
-                     layers=layers)
+                     layers=layers, dead=work.dead if remove_dead else frozenset())
     keep = kept_positions(analysis, plan.removed)
     params_before = count_params(model)
     original, flops_before = work.output, work.flops

@@ -120,7 +120,7 @@ def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
     else:
         cut = ChannelCut(model, inputs, kwargs, steps, dict(
             scope=scope, min_channels=min_channels, min_fraction=min_fraction,
-            round_to=round_to), single=flops_target is None)
+            round_to=round_to, remove_dead=bool(remove_blocks)), single=flops_target is None)
         if flops_target is None:
             result = cut(model, inputs, threshold, ratio, inplace)
         else:

@@ -5,7 +5,7 @@ output and FLOPs, which every candidate cut is verified and counted against. Eve
 of a FLOPs search plans on the same study.
 """
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Sequence, Set, Union
 
 from torch import nn
 
@@ -14,6 +14,7 @@ from ..modes import run_evaluating
 from . import depth
 from .aten import Analysis, analyze
 from .aten_importance import Emitter, class_scores, emitters
+from .aten_liveness import dead_classes
 from .aten_scorer import scorer_emitters
 from .importance import Scorer
 from .inputs import run_checked
@@ -31,6 +32,7 @@ class Study:
     analysis: Analysis
     emitters: List[Emitter]
     scores: Dict[int, float]  # channel class root -> importance
+    dead: Set[int]  # class roots the output never sees (aten_liveness.py), scored 0
     output: object  # the model's output on the example call, eval mode
     flops: int  # and its FLOPs
 
@@ -52,8 +54,10 @@ def study(model: nn.Module, args, kwargs: dict, importance: Union[str, Scorer],
     tensors.update(model.named_buffers(remove_duplicate=False))
     found = emitters(analysis, cap, tensors, importance) if isinstance(importance, str) \
         else scorer_emitters(analysis, cap, model, tensors, importance)
-    return Study(model, tuple(args), kwargs, cap, analysis, found,
-                 class_scores(analysis, found), output, flops)
+    scores = class_scores(analysis, found)
+    dead = dead_classes(analysis, cap, tensors)
+    scores.update((root, 0.0) for root in dead if root in scores)
+    return Study(model, tuple(args), kwargs, cap, analysis, found, scores, dead, output, flops)
 
 
 def _pin_ignored(analysis: Analysis, cap: Capture, ignored: Sequence[str]) -> None:

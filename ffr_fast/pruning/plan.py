@@ -84,8 +84,9 @@ def find_groups(cg: ChannelGraph, layers: Layers) -> List[Group]:
 
 def make_plan(cg: ChannelGraph, scores: Dict[int, float], *, threshold=None, ratio=None,
               scope="global", min_channels=1, min_fraction=0.0, round_to=None,
-              layers: Optional[Layers] = None) -> Plan:
-    """The plan over `layers` (default: the producers of the torch.fx analysis)."""
+              layers: Optional[Layers] = None, dead: Set[int] = frozenset()) -> Plan:
+    """The plan over `layers` (default: the producers of the torch.fx analysis); the classes
+    `dead` go too, whatever the selection (their values never reach the output)."""
     layers = written_layers(cg) if layers is None else layers
     groups = find_groups(cg, layers)
     for group in groups:  # a class nothing scores (importance "bn" without a BN) stays
@@ -107,6 +108,7 @@ def make_plan(cg: ChannelGraph, scores: Dict[int, float], *, threshold=None, rat
         for g in groups:
             candidates = sorted((r for r in g.roots if r not in g.pinned), key=scores.get)
             removed.update(candidates[:_removed_by_ratio(ratio, len(g.roots))])
+    removed.update(r for r in prunable if r in dead)
     floor = min_fraction if ratio is not None and scope == "global" else 0.0
     _give_back(cg, layers, removed, scores, min_channels, floor, round_to)
     cutoff = max((scores[r] for r in removed), default=None)
