@@ -16,14 +16,16 @@ analysed and scored once), aten_blocks (which blocks go), depth (whole blocks ou
 containers), aten_cut (the channel cut, verified), slicing (tensors cut by name, size
 attributes fixed; register_size_rule), aten_fold (BatchNorm folding) and aten_pruner (that
 path of prune(), step by step).
-The torch.fx path: rules (the one table of layer types and functions; register_rule),
-tracing (torch.fx), graph (channel dependencies), layout (ids through ops that move
-dimensions), channels (what it produces), blocks (residual branches: found, measured,
-removed), surgery (slicing), attention (head-pruned attention layers), fold (BN folding),
-emit (the model's own class or the GraphModule), inplace (residual adds written in place in
-an emitted GraphModule). Both: importance (scores), plan (what goes), flops_search (the
-search behind flops_target), inputs (checks of what the caller passes), report, serialize,
-recalibrate (BatchNorm statistics after pruning), pruner (prune() and residual_branches()).
+The torch.fx path (being retired): fx_pruner (that path of prune()), rules (the one table
+of layer types and functions; register_rule), tracing (torch.fx), graph (channel
+dependencies), layout (ids through ops that move dimensions), channels (what it produces),
+blocks (residual branches: found, measured, removed), surgery (slicing), attention (head-
+pruned attention layers), fold (BN folding), emit (the model's own class or the
+GraphModule), inplace (residual adds written in place in an emitted GraphModule). Both:
+multihead (nn.MultiheadAttention cut by heads), importance (scores), plan (what goes),
+flops_search (the search behind flops_target), inputs (checks of what the caller passes),
+report, serialize, recalibrate (BatchNorm statistics after pruning), pruner (prune() and
+residual_branches()).
 """
 from .aten_pruner import PrunedInPlaceError
 from .blocks import ResidualBranch

@@ -14,7 +14,7 @@ def search_flops(prune_once: Callable, model, inputs, target: float, search: str
     """Search `search` ("threshold" or "ratio") until the FLOPs kept fall in
     [target - tolerance, target]: the value is raised (a threshold doubled, since its scale
     is the model's) until the budget is met, then bisected (geometrically for a threshold).
-    Every candidate prunes a copy (`prune_once`, pruner.py's one pruning); the chosen one is
+    Every candidate prunes a copy (`prune_once`: a path's one pruning); the chosen one is
     redone with `inplace` if asked, and then no candidate's model is kept (one copy at a
     time, not one per step)."""
     low, high = 0.0, None  # kept(low) > target >= kept(high)

@@ -1,6 +1,6 @@
-"""prune(): trace, remove residual branches, plan, cut, optionally fold BN, verify; and
-residual_branches(): the branches prune() can remove, measured on the example inputs."""
-import copy
+"""prune(): its settings checked, then the torch.export path (aten_pruner.py) or the torch.fx
+path (fx_pruner.py), "auto" choosing between them; and residual_branches(): the branches
+prune() can remove, measured on the example inputs."""
 import time
 from typing import Any, List, Optional, Sequence, Union
 
@@ -9,43 +9,21 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..capture import UncapturableModelError, flat_tensors
-from ..metrics import count_params
-from ..modes import evaluating, restore_training_flags, training_flags
-from . import aten_pruner, depth
+from ..capture import UncapturableModelError
+from ..modes import evaluating
+from . import aten_pruner, depth, fx_pruner
 from .aten_blocks import NotABlockError
-from .blocks import ResidualBranch, branch_score, find_branches, measure_branches, select_branches
-from .blocks import remove_branches as remove_from_graph
-from .emit import EMITS, adopt, attach_structure, own_forward, own_training_forward_fails
+from .blocks import ResidualBranch, find_branches, measure_branches
+from .emit import EMITS
 from .flops_search import search_flops
-from .fold import fold_batchnorms, foldable_pairs
-from .graph import analyze
-from .importance import Scorer, class_scores, label, scorer_for
-from .inplace import adds_in_place
+from .importance import Scorer, scorer_for
 from .inputs import PrunedModelError, as_inputs, check_model, resolve_ignored, run_checked
-from .plan import make_plan
-from .report import PruneReport, PruneResult, max_abs_diff
-from .surgery import (
-    apply_plan,
-    renormalized_layers,
-    resize_views,
-    set_submodule,
-    share_sliced,
-    tie_shared_tensors,
-    zero_removed,
-)
+from .report import PruneResult
 from .tracing import UntraceableModelError, reads_training_flag, trace
 
 SCOPES = ("global", "layer")
 ANALYSES = ("auto", "fx", "export")
 FLOPS_SEARCHES = ("threshold", "ratio")
-STRUCTURE_FORMAT = "ffr_fast.pruned/4"  # 4: the model's own class or a GraphModule
-
-
-TRAINING_FLAG_NOTE = (
-    "the model's traced forward reads self.training (torch.fx keeps the value it had when "
-    "traced, eval): the pruned model runs eval-mode code there even in training mode; make "
-    "such a module a leaf (ignored=[...] or register_rule) to keep its training behaviour")
 
 
 def residual_branches(model: nn.Module, example_inputs, ignored: Sequence[Any] = (), *,
@@ -107,17 +85,15 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
       "ratio") that keeps at most the fraction f of the FLOPs, accepted within
       `flops_tolerance` below f, in at most `flops_search_steps` prunings; when the search
       cannot land there (a threshold removes whole blocks at once) it warns
-      (FlopsTargetWarning) and the report's `warnings` say
-      what it kept;
+      (FlopsTargetWarning) and the report's `warnings` say what it kept;
     - none of them, with `remove_branches` only.
     `remove_branches` lists residual branches by name (see residual_branches()) to remove
     whatever their scores. `remove_blocks` says whether the removable branches (above: under
     the threshold, or emitting exactly zero) go too: None (the default) means yes unless
     `remove_branches` names some, and then only the named ones go; True removes them as
     well as the named ones; False, only the named ones. `importance` is "l2", "l1", "bn" or a
-    callable
-    (module, following_bn) -> one score per output channel (importance.py). `ignored` lists
-    modules (names, instances or classes) traced as opaque leaves whose channels are kept.
+    callable (module, following_bn) -> one score per output channel (importance.py).
+    `ignored` lists modules (names, instances or classes) whose channels are kept.
 
     The result's model is, with `emit="auto"`, the model's own class with its layers and
     parameters sliced when that is all pruning changed, and a torch.fx.GraphModule when
@@ -135,10 +111,10 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
 
     `analysis` says which capture the analysis reads: "export" (torch.export's ATen graph,
     aten_pruner.py: every op seen, so functional layers such as timm's BatchNormAct2d and
-    every Hugging Face transformer are cut; all of the above except
-    `emit="graph"`, which it refuses by name; residual branches are whole blocks, members
-    of an nn.ModuleList or nn.Sequential, named by module path;
-    the result is always the model's own class, a Hugging Face config in step), "fx" (the
+    every Hugging Face transformer are cut; all of the above except `emit="graph"`, which
+    it refuses by name; residual branches are whole blocks, members of an nn.ModuleList or
+    nn.Sequential, named by module path; the result is always the model's own class, a
+    Hugging Face config in step), "fx" (the
     torch.fx trace and its rule table) or "auto": "export", falling back to "fx" where the
     export path cannot serve and torch.fx traces the model (docs/export-design.md lists the
     cases; the report's warnings say which).
@@ -216,12 +192,12 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
                                         f"{export_error}") from export_error
     options["trains_differently"] = reads_flag
     if flops_target is None:
-        result = _prune_once(model, inputs, threshold, ratio, inplace, **options)
+        result = fx_pruner.prune_once(model, inputs, threshold, ratio, inplace, **options)
     else:
-        result = search_flops(_prune_once, model, inputs, flops_target, flops_search,
+        result = search_flops(fx_pruner.prune_once, model, inputs, flops_target, flops_search,
                               flops_tolerance, flops_search_steps, inplace, options)
     if reads_flag and isinstance(result.model, fx.GraphModule):
-        result.report.warnings.insert(0, TRAINING_FLAG_NOTE)
+        result.report.warnings.insert(0, fx_pruner.TRAINING_FLAG_NOTE)
     if exported is not None:
         # the export path keeps those branches but may cut more channels: the cheaper wins
         if exported.report.flops_after <= result.report.flops_after:
@@ -289,123 +265,3 @@ def _check_settings(threshold, ratio, flops_target, flops_search, flops_toleranc
     if isinstance(remove_branches, str):
         raise TypeError(f"remove_branches must be a list of branch names, got the string "
                         f"{remove_branches!r}; write remove_branches=[{remove_branches!r}]")
-
-
-def _prune_once(model: nn.Module, inputs, threshold, ratio, inplace, *, importance, scope,
-                min_channels, min_fraction, round_to, remove_blocks, remove_branches, fold_bn,
-                ignored, emit, trains_differently) -> PruneResult:
-    flags = training_flags(model)
-    work = model if inplace else copy.deepcopy(model)
-    work.eval()
-    try:
-        with torch.no_grad():
-            gm = trace(work, ignored)
-            params_before = count_params(gm)
-            # One pass records shapes for the analysis, the original output and its FLOPs.
-            original, flops_before = run_checked(gm, inputs, ShapeProp(gm).propagate)
-            modules = dict(gm.named_modules())
-            branches = find_branches(gm, ignored)
-            chosen = select_branches(branches, remove_branches)
-            if remove_blocks:  # without a threshold: the branches that emit exactly zero
-                exact = threshold is None
-                scorer = scorer_for("l2" if exact else importance)
-                tol = 0.0 if exact else threshold
-                chosen += [b for b in branches if b not in chosen
-                           and _at_most(branch_score(b, scorer, modules), tol)]
-            chosen.sort(key=branches.index)
-            blocks = remove_from_graph(gm.graph, chosen, modules)
-            gm.delete_all_unused_submodules()
-            gm.recompile()
-            cg = analyze(gm, ignored)
-            shared = tie_shared_tensors(cg, work)
-            plan = make_plan(cg, class_scores(cg, importance), threshold=threshold,
-                             ratio=ratio, scope=scope, min_channels=min_channels,
-                             min_fraction=min_fraction, round_to=round_to)
-            # The reference: the graph without the removed branches, every removed channel
-            # zeroed in the very modules it runs (the surgery below replaces them).
-            zero_removed(cg, plan.removed, gm)
-            reference, _ = run_checked(gm, inputs, count_flops=False, pruned=True)
-            approximate = renormalized_layers(cg, plan.removed)
-            channels = apply_plan(gm, cg, plan.removed)
-            share_sliced(shared, (gm, work))
-            view_sizes = resize_views(gm, cg, plan.removed)
-            folded_pairs = foldable_pairs(gm) if fold_bn else []
-            folded = fold_batchnorms(gm, folded_pairs) if fold_bn else []
-            gm.recompile()
-            out, emit_note, run = _emitted(work, gm, folded, inputs, emit, chosen, view_sizes,
-                                           trains_differently)
-            in_place = []
-            if out is gm:
-                in_place = adds_in_place(gm)
-                gm.recompile()
-                run = run_checked(gm, inputs, pruned=True)
-            pruned, flops_after = run
-            if inplace and out is gm:  # the caller's module tree gets the new modules too
-                kept = dict(gm.named_modules())
-                for path in channels.keys() & kept.keys():
-                    set_submodule(model, path, kept[path])
-    finally:
-        if inplace:
-            restore_training_flags(model, flags)
-    if fold_bn:
-        out.eval()
-    else:
-        restore_training_flags(out, flags)  # module paths are kept by the surgery
-    structure = {"format": STRUCTURE_FORMAT, "emitted": "graph" if out is gm else "module",
-                 "ignored": list(ignored),
-                 "removed_blocks": [[b.add, b.shortcut_arg] for b in chosen],
-                 "folded_bn": [list(p) for p in folded_pairs],
-                 "adds_in_place": [list(a) for a in in_place], "view_sizes": view_sizes}
-    attach_structure(out, structure)
-    report = PruneReport(
-        settings=dict(path="torch.fx", threshold=threshold, ratio=ratio,
-                      importance=label(importance),
-                      scope=scope, min_channels=min_channels, min_fraction=min_fraction,
-                      round_to=round_to,
-                      remove_blocks=remove_blocks, remove_branches=list(remove_branches),
-                      fold_bn=fold_bn, ignored=list(ignored)),
-        params_before=params_before, params_after=count_params(gm),
-        flops_before=flops_before, flops_after=flops_after,
-        channels=channels, removed_classes=len(plan.removed),
-        prunable_classes=sum(len(g.roots) - len(g.pinned) for g in plan.groups),
-        removed_blocks=blocks, unpruned=plan.unpruned, opaque_ops=cg.unknown_ops,
-        approximate=approximate,
-        folded_bn=folded,
-        score_cutoff=plan.cutoff, max_abs_diff=max_abs_diff(pruned, reference),
-        warnings=[emit_note] if emit_note else [],
-        reference_max_abs=max(float(t.abs().max()) for t in flat_tensors(reference)),
-        max_abs_diff_original=max_abs_diff(pruned, original))
-    return PruneResult(out, report, structure)
-
-
-def _emitted(work: nn.Module, gm: fx.GraphModule, folded, inputs, emit: str,
-             removed_branches: List[ResidualBranch], view_sizes: List[list],
-             trains_differently: bool):
-    """(the model to hand back, a note for the report or None, and its output and FLOPs on
-    `inputs` where they were measured here, else None): `work` given the pruned layers
-    (emit.py) or the GraphModule."""
-    if emit == "graph":
-        return gm, None, None
-    graph_only = [f"residual branch {b.name}" for b in removed_branches]
-    graph_only += [f"the size a view is given at node {name}" for name, _, _ in view_sizes]
-    if graph_only:
-        if emit == "module":
-            raise ValueError(
-                "emit='module' cannot express what only the pruned graph holds: "
-                f"{graph_only}; pass emit='auto' or 'graph' (or remove_blocks=False)")
-        return gm, None, None
-    adopt(work, gm, folded)
-    graph_output, flops = run_checked(gm, inputs, pruned=True)  # the same ops, so the same FLOPs
-    output, why = own_forward(work, graph_output, inputs)
-    if why is None and trains_differently:
-        why = own_training_forward_fails(work, inputs)
-    if why is None:
-        return work, None, (output, flops)
-    message = f"the model's own forward cannot serve as the pruned model: {why}"
-    if emit == "module":
-        raise ValueError(f"emit='module': {message}; pass emit='auto' or 'graph'")
-    return gm, f"{message}; a torch.fx.GraphModule was emitted instead", None
-
-
-def _at_most(score: Optional[float], threshold: float) -> bool:
-    return score is not None and score <= threshold

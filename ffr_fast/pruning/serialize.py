@@ -23,8 +23,8 @@ from .aten_cut import apply_keep
 from .blocks import ResidualBranch, remove_branches
 from .emit import attach_structure, structure_of
 from .fold import bypass_batchnorm
+from .fx_pruner import STRUCTURE_FORMAT
 from .inplace import replay_adds_in_place
-from .pruner import STRUCTURE_FORMAT
 from .report import PruneResult
 from .rules import resize_from_tensors
 from .surgery import replay_view_sizes, set_submodule
