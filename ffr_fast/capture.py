@@ -9,7 +9,7 @@ intermediate representation and how the pruner moves onto it.
 """
 import inspect
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -42,12 +42,17 @@ class UncapturableModelError(RuntimeError):
 class ModuleCall:
     """One call of a submodule: `path` (its name in the model), `index` (0 for its first call
     in one forward, 1 for the second, ...) and the graph values it took and handed out, in
-    the order torch.export flattens (args, kwargs) and the output ("" for a non-tensor)."""
+    the order torch.export flattens (args, kwargs) and the output ("" for a non-tensor);
+    `out_spec`, where export preserved the call's signature, is how the output is built of
+    them (a pytree TreeSpec: a tensor, a tuple of a tensor and None, ...), and
+    `constant_outputs` the values of its non-tensor outputs (None for a tensor)."""
 
     path: str
     index: int
     inputs: Tuple[str, ...]
     outputs: Tuple[str, ...]
+    out_spec: Any = None
+    constant_outputs: Tuple[Any, ...] = ()
 
 
 def _output_names(program: torch.export.ExportedProgram) -> Dict[str, str]:
@@ -67,11 +72,14 @@ def _output_names(program: torch.export.ExportedProgram) -> Dict[str, str]:
 
 class Capture:
     """A model's ExportedProgram, with the module calls and parameter names looked up once.
-    The program itself is not kept: its state_dict holds every parameter of the model, which
-    a pruner slicing the model in place must let go of (its graph is all that is read)."""
+    The program itself, with the example call it was captured on, is kept only when asked
+    (capture(keep_program=True)): its state_dict holds every parameter of the model, which a
+    pruner slicing the model in place must let go of (its graph is all the pruner reads)."""
 
     def __init__(self, program: torch.export.ExportedProgram, calls_made: Dict[str, int],
                  one_tensor: Set[str] = frozenset()):
+        self.program: Optional[torch.export.ExportedProgram] = None
+        self.example: Tuple[tuple, dict] = ((), {})
         self.graph: fx.Graph = program.graph
         self.nodes: Dict[str, fx.Node] = {node.name: node for node in self.graph.nodes}
         signature = program.graph_signature
@@ -84,7 +92,9 @@ class Capture:
                 self.calls[entry.fqn] = ModuleCall(
                     path, int(index or 0),
                     tuple(getattr(a, "name", "") for a in entry.signature.inputs),
-                    tuple(getattr(a, "name", "") for a in entry.signature.outputs))
+                    tuple(getattr(a, "name", "") for a in entry.signature.outputs),
+                    entry.signature.out_spec,
+                    tuple(getattr(a, "value", None) for a in entry.signature.outputs))
         self.output_names = _output_names(program)
         self._derived_ids: Dict[str, str] = {}  # stack key -> call id, for derived calls
         self._derive_unpreserved_calls(calls_made, one_tensor)
@@ -182,10 +192,15 @@ def _restore_hooks(suspended: List[Tuple[nn.Module, str, dict]]) -> None:
         setattr(module, attribute, hooks)
 
 
-def capture(model: nn.Module, args: Sequence = (), kwargs: Optional[dict] = None) -> Capture:
+def capture(model: nn.Module, args: Sequence = (), kwargs: Optional[dict] = None,
+            keep_program: bool = False, training: bool = False) -> Capture:
     """`model` exported on the example call `model(*args, **kwargs)`, in eval mode; every
     training flag, parameter and buffer of the model is left as it was. A failure raises
-    UncapturableModelError naming the innermost module whose forward was running."""
+    UncapturableModelError naming the innermost module whose forward was running. With
+    `keep_program` the capture holds the ExportedProgram, to run its graph (graph_values).
+    With `training` the forward is captured in training mode instead: code that runs only
+    in training (an auxiliary head) is in the graph, and the running statistics a batch
+    norm would update are not (export runs on fake tensors)."""
     if isinstance(model, torch.jit.ScriptModule):
         raise UncapturableModelError(
             f"{type(model).__name__} is a TorchScript module; torch.export captures the eager "
@@ -221,7 +236,7 @@ def capture(model: nn.Module, args: Sequence = (), kwargs: Optional[dict] = None
     hooks = [nn.modules.module.register_module_forward_pre_hook(enter),
              nn.modules.module.register_module_forward_hook(leave)]
     try:
-        model.eval()
+        model.train(training)
         with torch.no_grad():
             program = torch.export.export(model, tuple(args), kwargs, strict=False,
                                           preserve_module_call_signature=tuple(holders))
@@ -238,8 +253,28 @@ def capture(model: nn.Module, args: Sequence = (), kwargs: Optional[dict] = None
             hook.remove()
         _restore_hooks(suspended)
         restore_training_flags(model, flags)
-    return Capture(program, calls_made,
-                   {path for path in calls_made if path not in several})
+    cap = Capture(program, calls_made, {path for path in calls_made if path not in several})
+    if keep_program:
+        cap.program, cap.example = program, (tuple(args), kwargs)
+    return cap
+
+
+def graph_values(cap: Capture, names: Set[str]) -> Dict[str, torch.Tensor]:
+    """The values the nodes `names` of a capture kept with its program take on the example
+    call it was captured on, run through its ATen graph (the program's module, whose nodes
+    keep the capture's names) in eval mode."""
+    values: Dict[str, torch.Tensor] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node):
+            value = super().run_node(node)
+            if node.name in names:
+                values[node.name] = value
+            return value
+
+    with torch.no_grad():
+        Recorder(cap.program.module()).run(*tree_leaves(cap.example))
+    return values
 
 
 def _one_tensor(value) -> bool:

@@ -327,3 +327,17 @@ def post_norm_bert():
             dense.weight.zero_()
             dense.bias.zero_()
     return bert
+
+
+class AuxiliaryHead(nn.Module):
+    """Like Inception's auxiliary classifier: a head that only training runs, on the channels
+    of conv1, which an eval-mode capture or trace prunes without ever seeing it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.aux = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3), nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.conv1(x))
+        out = self.conv2(y).mean((2, 3))
+        return (out, self.aux(y.mean((2, 3)))) if self.training else out

@@ -51,8 +51,8 @@ def test_block_influence_of_known_branches():
     x = torch.randn(64, 4, dtype=torch.float64)
     model = rotating_net().double().eval()  # float64: the influence is a float64 reference
     influence = {b.name: b.influence for b in residual_branches(model, (x,))}
-    # the pruner names a branch after its module: block i's is "i.branch"
-    expected = {f"{i}.branch": 1 - (1 + a * a) ** -0.5 for i, a in enumerate(SCALES)}
+    # a block is named by its module path: block i of the Sequential is "i"
+    expected = {f"{i}": 1 - (1 + a * a) ** -0.5 for i, a in enumerate(SCALES)}
     assert influence.keys() == expected.keys()
     for name, value in expected.items():
         # the pruner measures cosines in float32 whatever the model's dtype
@@ -64,11 +64,11 @@ def test_influence_removal_takes_the_lowest_influence_first_up_to_the_budget():
     model = rotating_net().eval()
     # FLOPs per image: four branches of 32 and a head of 24 (152); keeping at most 60% means
     # saving 60.8: two branches, the two of lowest influence (a = 0.1, then a = 0.5).
-    assert pipeline.influence_removal(model, x, 0.6) == ["1.branch", "3.branch"]
-    assert pipeline.influence_removal(model, x, 0.4) == ["1.branch", "3.branch", "2.branch"]
+    assert pipeline.influence_removal(model, x, 0.6) == ["1", "3"]
+    assert pipeline.influence_removal(model, x, 0.4) == ["1", "3", "2"]
     with pytest.raises(ValueError, match="cannot reach 10%"):
         pipeline.influence_removal(model, x, 0.1)
-    result = prune(model, (x,), remove_branches=["1.branch", "3.branch"])
+    result = prune(model, (x,), remove_branches=["1", "3"])
     kept = nn.Sequential(model[0], model[2], model[4])  # the net without blocks 1 and 3
     assert torch.allclose(result.model(x), kept(x), atol=1e-6)
 

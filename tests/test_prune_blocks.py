@@ -38,22 +38,22 @@ def test_model_without_a_block_still_trains():
 
 
 def test_downsample_block_becomes_its_shortcut():
+    """A dead branch beside a projection shortcut: the block becomes its shortcut (and the
+    ReLU after the add), in the model's own class; torch.fx's rewired graph keeps as much."""
     model = look_trained(models.resnet20())
     kill_channels(model, "layer2.0.conv2", list(range(32)), "layer2.0.bn2")
     x = torch.randn(2, 3, 32, 32)
     result = prune(model, x, threshold=0.0)
-    # no whole block on the export path (its shortcut is a projection): "auto" prunes on
-    # both paths and keeps torch.fx's rewired graph, which is cheaper, saying so
-    exported = prune(model, x, threshold=0.0, analysis="export").report
-    assert exported.kept_dead_branches == ["layer2.0"] and not exported.removed_blocks
-    assert result.report.settings["path"] == "torch.fx"
-    assert f"would keep {exported.flops_after:,} FLOPs, torch.fx's graph " \
-        f"{result.report.flops_after:,}" in result.report.warnings[0]
+    assert result.report.settings["path"] == "torch.export"
+    assert not result.report.kept_dead_branches
     [block] = result.report.removed_blocks
-    assert block["block"] == "layer2.0" and "layer2.0.downsample.1" in block["shortcut"]
+    assert block["block"] == "layer2.0" and "layer2.0.downsample" in block["shortcut"]
+    assert isinstance(result.model, models.CifarResNet)
     names = module_names(result.model)
     assert "layer2.0.conv1" not in names and "layer2.0.downsample.0" in names
     assert_same_output(model, result, x)
+    graph = prune(model, x, threshold=0.0, analysis="fx").report
+    assert result.report.flops_after <= graph.flops_after
 
 
 @pytest.mark.parametrize("analysis, removed", [("auto", "features.6"),

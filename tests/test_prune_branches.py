@@ -104,13 +104,19 @@ def test_unknown_branch_is_a_clear_error_and_leaves_the_model(resnet18):
 
 
 def test_vit_attention_and_mlp_branches():
+    """unit="block" lists a transformer's layers, unit="branch" their attention and MLP
+    apart; either name is removed by prune(), the layer staying with its norms."""
     model = small_vit()
     x = torch.randn(2, 3, 32, 32)
-    branches = residual_branches(model, x)
     prefix = "encoder.layers.encoder_layer_"
+    layers = residual_branches(model, x)
+    assert [b.name for b in layers] == [f"{prefix}{i}" for i in range(4)]
+    branches = residual_branches(model, x, unit="branch")
     assert [b.name for b in branches] == [f"{prefix}{i}.{part}" for i in range(4)
                                           for part in ("self_attention", "mlp")]
     assert all(b.flops > 0 for b in branches)
+    assert [b.flops for b in layers] == [sum(b.flops for b in branches[2 * i:2 * i + 2])
+                                         for i in range(4)]
     removed = [f"{prefix}0.self_attention", f"{prefix}1.mlp"]
     result = prune(model, x, remove_branches=removed)
     report = result.report
@@ -137,9 +143,10 @@ def test_swin_and_convnext_branch_names():
     """Swin's attention reads its weights directly (no module call): named by the parameter;
     ConvNeXt's block branch is named by its block (its layer scale belongs to it)."""
     x = torch.randn(1, 3, 32, 32)
-    swin = [b.name for b in residual_branches(tv.models.swin_t().eval(), x)]
+    swin = [b.name for b in residual_branches(tv.models.swin_t().eval(), x, unit="branch")]
     assert swin[:4] == ["features.1.0.attn", "features.1.0.mlp", "features.1.1.attn",
                         "features.1.1.mlp"] and len(swin) == 24
-    convnext = [b.name for b in residual_branches(tv.models.convnext_tiny().eval(), x)]
+    convnext = [b.name for b in residual_branches(tv.models.convnext_tiny().eval(), x,
+                                                  unit="branch")]
     assert convnext[:3] == ["features.1.0", "features.1.1", "features.1.2"]
     assert len(convnext) == 18

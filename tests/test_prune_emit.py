@@ -14,7 +14,7 @@ from ffr_fast import load_pruned, models, prune, save_pruned
 from ffr_fast.testing import outputs
 from ffr_fast.torchvision_loader import load_torchvision
 
-from nets import kill_channels, look_trained
+from nets import AuxiliaryHead, kill_channels, look_trained
 
 X = torch.randn(2, 3, 32, 32)
 # emit= chooses what the torch.fx path hands back; the export path always gives the
@@ -124,20 +124,6 @@ def test_files_of_the_previous_format_still_load(tmp_path):
     loaded = load_pruned(tmp_path / "old.pt", models.resnet20)
     assert isinstance(loaded, fx.GraphModule)
     torch.testing.assert_close(outputs(loaded, X), outputs(result.model, X), rtol=0, atol=0)
-
-
-class AuxiliaryHead(nn.Module):
-    """Like Inception's auxiliary classifier: a head that only training runs, on channels
-    the eval-mode trace prunes without ever seeing it."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.conv2, self.aux = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3), nn.Linear(8, 2)
-
-    def forward(self, x):
-        y = torch.relu(self.conv1(x))
-        out = self.conv2(y).mean((2, 3))
-        return (out, self.aux(y.mean((2, 3)))) if self.training else out
 
 
 def test_a_training_only_branch_that_reads_pruned_channels_gives_the_graph():

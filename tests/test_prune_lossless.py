@@ -31,14 +31,16 @@ def test_vit_hidden_units_heads_and_branches():
     assert [b["block"] for b in result.report.removed_blocks] == [
         f"{LAYERS}2.self_attention", f"{LAYERS}3.mlp"]
     changed = {k: v for k, v in result.report.channels.items() if v[0] != v[1]}
+    # the export path reports nn.MultiheadAttention's heads by its packed q/k/v weight
+    assert result.report.settings["path"] == "torch.export"
     assert changed == {f"{LAYERS}0.mlp.0": (64, 32),
-                       f"{LAYERS}0.self_attention (heads)": (32, 24),
-                       f"{LAYERS}1.self_attention (heads)": (32, 16)}
+                       f"{LAYERS}0.self_attention.in_proj_weight": (96, 72),
+                       f"{LAYERS}1.self_attention.in_proj_weight": (96, 48)}
     attention = result.model.get_submodule(f"{LAYERS}1.self_attention")
     assert attention.num_heads == 2 and attention.in_proj_weight.shape == (48, 32)
     assert_same_output(original, result, x)
     # What was removed is exactly what residual_branches() would have named.
-    names = [b.name for b in residual_branches(original, x)]
+    names = [b.name for b in residual_branches(original, x, unit="branch")]
     assert {b["block"] for b in result.report.removed_blocks} <= set(names)
 
 

@@ -1,6 +1,7 @@
-"""The block step of prune() on torch.export's capture: which residual blocks leave their
-containers (named in `remove_branches`, and with `remove_blocks` those whose branches' tails
-emit at most a limit), and the model without them, verified by depth.py.
+"""The block step of prune() on torch.export's capture: which residual branches leave (named
+in `remove_branches`, and with `remove_blocks` those whose tails emit at most a limit: a
+whole block where all its branches do, else each branch that can leave alone), and the
+model without them, verified by depth.py.
 
 A FLOPs search on the threshold asks for several choices of blocks in turn (a higher
 threshold removes more blocks), so `BlockSteps` holds one choice at a time: its model
@@ -13,48 +14,59 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from torch import nn
 
 from . import depth
-from .aten_branches import block_score
+from .aten_branches import block_score, emitted
 from .aten_importance import Emitter
 from .aten_study import Study, study
 from .report import PruneReport
+from .sub_branches import Removal
 
 
 class NotABlockError(ValueError):
-    """remove_branches names a branch that is not a whole removable block of the capture (a
-    sub-branch of a block, a block with a projection shortcut): only the torch.fx path's
-    rewired graph can remove it."""
+    """remove_branches names what is no removable residual branch of the capture."""
 
 
 @dataclass
 class BlockChoice:
-    """The removable blocks (forward order) with their scores, and the rule that picks them:
-    the `named` ones always, with `by_score` also those scoring at most a limit."""
-    scores: Dict[str, Optional[float]]  # None: nothing scores the block
+    """The removable branches (forward order: depth.removals) with their scores, and the rule
+    that picks them: the `named` ones always, with `by_score` also those scoring at most a
+    limit (a branch inside a block that goes with it is not picked again)."""
+    scores: Dict[str, Optional[float]]  # None: nothing scores the branch
     named: Tuple[str, ...]
     by_score: bool
+    removals: Dict[str, Removal] = field(default_factory=dict)
 
     def at(self, limit: float) -> Tuple[str, ...]:
-        """The blocks chosen under `limit`, in forward order."""
+        """The branches chosen under `limit`, in forward order."""
         order = list(self.scores)
-        scored = [block for block, score in self.scores.items()
-                  if self.by_score and block not in self.named
-                  and score is not None and score <= limit]
-        return tuple(sorted([*self.named, *scored], key=order.index))
+        chosen = list(self.named)
+        for name, score in self.scores.items():
+            if self.by_score and name not in chosen and score is not None and score <= limit \
+                    and not depth.inside(name, chosen):
+                chosen = [c for c in chosen if not depth.inside(c, [name])] + [name]
+        return tuple(sorted(chosen, key=order.index))
+
+    def replaced(self, names: Sequence[str]) -> List[dict]:
+        """save_pruned's records of the stand-ins among the branches `names`."""
+        return [self.removals[n].record() for n in names if self.removals[n].kind != "block"]
 
 
 def choose_blocks(first: Study, ignored: Sequence[str], scored: List[Emitter],
                   remove_branches: Sequence[str], remove_blocks: bool) -> BlockChoice:
-    """Every block depth.py can remove from the studied model (outside `ignored`), scored by
-    the largest that its branches' tails emit into the stream by the emitters `scored`;
-    NotABlockError if `remove_branches` names anything else."""
-    scores = {block: block_score(first.capture, first.analysis, scored, block)
-              for block in depth.removable_blocks(first.model, first.capture)
-              if not depth.inside(block, ignored)} if remove_branches or remove_blocks else {}
+    """Every branch depth.py can remove from the studied model (outside `ignored`): a block
+    scored by the largest that its branches' tails emit into the stream by the emitters
+    `scored`, a branch alone by what its tail emits; NotABlockError if `remove_branches`
+    names anything else."""
+    found = {r.name: r for r in depth.removals(first.model, first.capture)
+             if not depth.inside(r.name, ignored)} if remove_branches or remove_blocks else {}
+    scores = {name: block_score(first.capture, first.analysis, scored, name)
+              if r.kind == "block" else emitted(first.capture, first.analysis, scored,
+                                                first.capture.nodes[r.branch])
+              for name, r in found.items()}
     unknown = [name for name in remove_branches if name not in scores]
     if unknown:
         raise NotABlockError(f"remove_branches: no residual branch named {unknown}; the "
                              f"model's branches are {list(scores)}")
-    return BlockChoice(scores, tuple(remove_branches), bool(remove_blocks))
+    return BlockChoice(scores, tuple(remove_branches), bool(remove_blocks), found)
 
 
 @dataclass
@@ -95,7 +107,7 @@ class BlockSteps:
             return self.first
         if self._study is None or self._study.model is not step.model:
             self._study = study(step.model, self.inputs, self.kwargs, self.importance,
-                                self.ignored)
+                                self.ignored, self.first.training)
         return self._study
 
     def studied(self, removed: Tuple[str, ...]) -> Optional[Study]:
@@ -109,7 +121,7 @@ class BlockSteps:
     def _remove(self, chosen: Tuple[str, ...], in_place: bool) -> BlockStep:
         if not chosen:
             return BlockStep((), self.model, None)
-        blocks = list(self.choice.scores)
+        blocks = self.choice.removals
         try:
             return BlockStep(chosen, *depth.remove(self.model, self.inputs, self.kwargs,
                                                    chosen, blocks, in_place))

@@ -37,19 +37,19 @@ KEEP_ZERO = {"relu", "relu6", "gelu", "silu", "mish", "hardswish", "hardtanh", "
 PASS_THROUGH = KEEP_ZERO - {"neg"}
 
 
-def _activations(cap: Capture, node: fx.Node) -> List[fx.Node]:
+def activations(cap: Capture, node: fx.Node) -> List[fx.Node]:
     """The operands of `node` that are activations (not parameters, buffers or constants)."""
     return [arg for arg in node.all_input_nodes
             if not (arg.op == "placeholder" and (arg.name in cap.parameters or
                                                  arg.name in cap.buffers))]
 
 
-def _shortcut_and_branch(cap: Capture, add: fx.Node, fork: fx.Node):
+def shortcut_and_branch(cap: Capture, add: fx.Node, fork: fx.Node):
     """(shortcut operand, branch operand) of residual add `add` whose shortcut starts at
     `fork`, or None when both operands compute with parameters (a projection shortcut)."""
     def plain(value: fx.Node) -> bool:  # reaches the fork through pass-through ops only
         while value is not fork:
-            inputs = _activations(cap, value)
+            inputs = activations(cap, value)
             if op_name(value) not in PASS_THROUGH or len(inputs) != 1 or \
                     value.all_input_nodes != inputs:
                 return False
@@ -74,13 +74,13 @@ def block_branches(cap: Capture, block: str) -> Optional[List[fx.Node]]:
     while node is not None and node.name not in inputs:
         fork = residual_fork(cap, node)
         if fork is not None and block in cap.call_stack(node):
-            split = _shortcut_and_branch(cap, node, fork)
+            split = shortcut_and_branch(cap, node, fork)
             if split is None:
                 return None
             node, branch = split
             branches.append(branch)
             continue
-        operands = _activations(cap, node)
+        operands = activations(cap, node)
         if op_name(node) not in PASS_THROUGH or len(operands) != 1:
             return None
         node = operands[0]
@@ -102,7 +102,7 @@ def tail(cap: Capture, analysis: Analysis, branch: fx.Node) -> Optional[Set[str]
         if node.op != "call_function":
             return None
         name = op_name(node)
-        operands = _activations(cap, node)
+        operands = activations(cap, node)
         if name == "batch_norm":  # its shift, or the producer it folds into
             sources.add(node.name)
             pending += operands[:1]
@@ -126,34 +126,36 @@ def block_score(cap: Capture, analysis: Analysis, found: List[Emitter], block: s
     branches = block_branches(cap, block)
     if branches is None:
         return None
-    sources: Set[str] = set()
-    for branch in branches:
-        found_tail = tail(cap, analysis, branch)
-        if found_tail is None:
-            return None
-        sources |= found_tail
-    written = [float(e.scores.max()) for e in found if sources.intersection(e.nodes)
-               and len(e.scores)]
+    scores = [emitted(cap, analysis, found, branch) for branch in branches]
+    return None if None in scores else max(scores)
+
+
+def emitted(cap: Capture, analysis: Analysis, found: List[Emitter], branch: fx.Node
+            ) -> Optional[float]:
+    """The largest score that residual branch `branch`'s tail emits by the emitters
+    `found` (None when it has no tail, or nothing scores it)."""
+    sources = tail(cap, analysis, branch)
+    written = [float(e.scores.max()) for e in found
+               if sources and sources.intersection(e.nodes) and len(e.scores)]
     return max(written) if written else None
 
 
 def dead_branches(cap: Capture, analysis: Analysis, found: List[Emitter], limit: float,
-                  removed: List[str]) -> List[str]:
-    """The modules holding the residual adds, outside the `removed` blocks (module paths),
-    whose branch's tail emits at most `limit`: branches that only a rewired graph could
-    remove."""
+                  removed: List[str], removed_adds: Set[str]) -> List[str]:
+    """The modules holding the residual adds, outside the `removed` modules and other than
+    the adds `removed_adds` whose branches leave alone, whose branch's tail emits at most
+    `limit`: branches that no removal here can take out."""
     out = []
     for node in cap.graph.nodes:
         fork = residual_fork(cap, node)
-        if fork is None or depth.inside(cap.module_path(node), removed):
+        if fork is None or node.name in removed_adds or depth.inside(cap.module_path(node),
+                                                                       removed):
             continue
-        split = _shortcut_and_branch(cap, node, fork)
+        split = shortcut_and_branch(cap, node, fork)
         # a projection shortcut: either side may be the branch that went dead
         for branch in [split[1]] if split else node.args[:2]:
-            sources = tail(cap, analysis, branch)
-            written = [float(e.scores.max()) for e in found
-                       if sources and sources.intersection(e.nodes) and len(e.scores)]
-            if written and max(written) <= limit:
+            score = emitted(cap, analysis, found, branch)
+            if score is not None and score <= limit:
                 out.append(cap.module_path(node))
                 break
     return list(dict.fromkeys(out))

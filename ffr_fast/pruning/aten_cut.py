@@ -124,11 +124,14 @@ def after_blocks(channel_report: PruneReport, block_report: PruneReport,
     return channel_report
 
 
-def structure(removed_blocks: Sequence[str], keep: Keep) -> dict:
-    """What save_pruned stores: the blocks removed, then per cut tensor and per dim the
-    positions kept, then the BatchNorms folded (fold_bn fills them in; load_pruned replays
-    all three on the original architecture)."""
-    return {"format": STRUCTURE_FORMAT, "removed_blocks": list(removed_blocks), "folded_bn": [],
+def structure(removed_blocks: Sequence[str], keep: Keep, replaced: Sequence[dict] = ()
+              ) -> dict:
+    """What save_pruned stores: the branches removed (`replaced`: how those that left alone
+    did, sub_branches.Removal.record), then per cut tensor and per dim the positions kept,
+    then the BatchNorms folded (fold_bn fills them in; load_pruned replays all of it on the
+    original architecture)."""
+    return {"format": STRUCTURE_FORMAT, "removed_blocks": list(removed_blocks),
+            "replaced": list(replaced), "folded_bn": [],
             "kept": {name: [None if index is None else index.tolist() for index in dims]
                      for name, dims in keep.items()}}
 

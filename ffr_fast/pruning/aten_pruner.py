@@ -69,11 +69,21 @@ def check_training(model: nn.Module, pruned: nn.Module, args, kwargs: dict,
     if model_trains is None:
         model_trains = training_failure(model, args, kwargs) is None
     if model_trains:
-        raise PrunedModelError(
+        raise TrainingOnlyCodeError(
             f"the pruned {type(model).__name__} fails in training mode, where the "
             f"original runs: {type(failure).__name__}: {failure}. Code that runs only in "
-            "training (an auxiliary head) reads channels the eval-mode capture did not see "
-            "(analysis='fx' can emit the pruned graph instead)") from failure
+            "training (an auxiliary head) reads channels the capture did not see") from failure
+
+
+class TrainingOnlyCodeError(PrunedModelError):
+    """The cut fails in training mode, where the original runs (check_training)."""
+
+
+# Said in the report of a cut analysed on the training-mode capture.
+TRAINING_CAPTURE_NOTE = (
+    "the model runs code in training mode that eval mode does not (an auxiliary head), "
+    "which read channels the eval-mode capture cut: the cut was analysed on the "
+    "training-mode capture, so that code is cut with them")
 
 
 def needs_fx(emit) -> List[str]:
@@ -81,19 +91,35 @@ def needs_fx(emit) -> List[str]:
     return ["emit='graph'"] if emit == "graph" else []
 
 
-def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
-          flops_target, flops_search, flops_tolerance, flops_search_steps, importance, scope,
-          min_channels, min_fraction, round_to, remove_blocks, remove_branches, fold_bn,
-          ignored, inplace, emit, why: str) -> PruneResult:
+def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, inplace, why: str, **options
+          ) -> PruneResult:
     """prune() on torch.export's capture (module docstring), its arguments as prune()'s:
-    residual blocks out of their containers, then channels; the options only the torch.fx
-    path has are refused by name. A branch that scores at most the threshold but is no
-    whole block (an attention sub-branch, a downsampling block) stays, listed in the
-    report's `kept_dead_branches` with a warning (torch.fx's rewired graph can remove it).
-    With `inplace` the model itself is cut, never copied, and is the result's model; every
-    step verified as on a copy (each zeroed reference computed before the model changes), a
-    failure after it changed raises PrunedInPlaceError. A FLOPs search measures each
-    candidate on a copy, one at a time, and cuts the chosen one in place."""
+    residual branches out, then channels; the options only the torch.fx path has are
+    refused by name. A branch that scores at most the threshold but that no removal can
+    take out (depth.py, sub_branches.py) stays, listed in the report's `kept_dead_branches`
+    with a warning. With `inplace` the model itself is cut, never copied, and is the
+    result's model; every step verified as on a copy (each zeroed reference computed before
+    the model changes), a failure after it changed raises PrunedInPlaceError. A FLOPs search
+    measures each candidate on a copy, one at a time, and cuts the chosen one in place.
+
+    The cut is analysed on the eval-mode capture; where it then fails in training mode (code
+    only training runs reads cut channels), on a copy it is analysed again on the
+    training-mode capture, which holds that code, and the report says so."""
+    try:
+        return _prune(model, inputs, kwargs, inplace=inplace, why=why, training=False,
+                      **options)
+    except TrainingOnlyCodeError:
+        if inplace:  # not reached: in place it is a PrunedInPlaceError
+            raise
+    result = _prune(model, inputs, kwargs, inplace=False, why=why, training=True, **options)
+    result.report.warnings.insert(0, TRAINING_CAPTURE_NOTE)
+    return result
+
+
+def _prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
+           flops_target, flops_search, flops_tolerance, flops_search_steps, importance, scope,
+           min_channels, min_fraction, round_to, remove_blocks, remove_branches, fold_bn,
+           ignored, inplace, emit, why: str, training: bool) -> PruneResult:
     fx_only = needs_fx(emit)
     if fx_only:
         raise ValueError(f"{fx_only} need the torch.fx analysis, which cannot serve here "
@@ -101,7 +127,7 @@ def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
     kwargs = dict(kwargs or {})
     ignored = resolve_ignored(model, ignored)
     # analyse and score
-    first = study(model, inputs, kwargs, importance, ignored)
+    first = study(model, inputs, kwargs, importance, ignored, training)
     # a threshold (given, or tried by a FLOPs search) compares blocks in the importance's
     # unit; without one a block goes only if it emits exactly zero
     thresholded = threshold is not None or (flops_target is not None
@@ -109,13 +135,17 @@ def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
     scored = first.emitters if thresholded or importance == "l2" else exact_emitters(first)
     choice = choose_blocks(first, ignored, scored, remove_branches, remove_blocks)
     limit = threshold or 0.0  # without a threshold: the blocks that emit exactly zero
+    going = choice.at(limit)
     stranded = dead_branches(first.capture, first.analysis, scored, limit,
-                             list(choice.at(limit)) + list(ignored)) if remove_blocks else []
+                             [n for n in going if choice.removals[n].kind == "block"]
+                             + list(ignored),
+                             {choice.removals[n].add for n in going}) if remove_blocks else []
     steps = BlockSteps(model, inputs, kwargs, choice, first, importance, ignored)
     # cut: the blocks, then (if asked) the channels, each verified
     if threshold is None and ratio is None and flops_target is None:
         step = steps.without(choice.at(limit), inplace)
-        result = PruneResult(step.model, step.report, structure(step.removed, {}))
+        result = PruneResult(step.model, step.report,
+                             structure(step.removed, {}, choice.replaced(step.removed)))
         result.report.warnings[:0] = step.notes
     else:
         cut = ChannelCut(model, inputs, kwargs, steps, dict(
@@ -131,8 +161,9 @@ def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, threshold, ratio,
     # report, fold, record
     if stranded:
         result.report.warnings.insert(0, (
-            f"residual branches added in {stranded} emit at most the threshold but are no "
-            "whole removable blocks, so they stay"))
+            f"residual branches added in {stranded} emit at most the threshold but stay: no "
+            "stand-in can take their place (docs/export-design.md, \"Residual branches that "
+            "leave alone\"); their interiors the output never sees are cut"))
     result.report.kept_dead_branches = list(stranded)
     if fold_bn:
         # the study the result was cut from; None: a search's last try removed other blocks,
@@ -184,4 +215,5 @@ class ChannelCut:
                 after_blocks(report, step.report, max_abs_diff(
                     run_evaluating(pruned, self.inputs, self.kwargs), self.original))
         report.warnings[:0] = step.notes
-        return PruneResult(pruned, report, structure(step.removed, keep))
+        return PruneResult(pruned, report, structure(step.removed, keep,
+                                                     self.steps.choice.replaced(step.removed)))

@@ -35,19 +35,21 @@ class Study:
     dead: Set[int]  # class roots the output never sees (aten_liveness.py), scored 0
     output: object  # the model's output on the example call, eval mode
     flops: int  # and its FLOPs
+    training: bool  # captured in training mode
 
 
 def study(model: nn.Module, args, kwargs: dict, importance: Union[str, Scorer],
-          ignored: Sequence[str]) -> Study:
+          ignored: Sequence[str], training: bool = False) -> Study:
     """The model captured on the example call, its channel classes (the channels of every
     module in `ignored` pinned) and their scores; its output and FLOPs (what every candidate
     cut of the model is measured against). The capture runs, in every nn.MultiheadAttention,
-    the forward it runs once cut (multihead.capturing_head_pruned)."""
+    the forward it runs once cut (multihead.capturing_head_pruned); with `training`, the
+    training-mode forward (capture.py), so that code only training runs is cut too."""
     # the example run first: inputs the model cannot run are named as such (ExampleInputError,
     # with the module and the shapes), not as a capture failure
     output, flops = run_checked(model, args, lambda *a: run_evaluating(model, a, kwargs))
     with capturing_head_pruned(model):
-        cap = capture(model, args, kwargs)
+        cap = capture(model, args, kwargs, training=training)
     analysis = analyze(cap, rms_norm_paths(model))
     _pin_ignored(analysis, cap, ignored)
     tensors = dict(model.named_parameters(remove_duplicate=False))
@@ -57,7 +59,8 @@ def study(model: nn.Module, args, kwargs: dict, importance: Union[str, Scorer],
     scores = class_scores(analysis, found)
     dead = dead_classes(analysis, cap, tensors)
     scores.update((root, 0.0) for root in dead if root in scores)
-    return Study(model, tuple(args), kwargs, cap, analysis, found, scores, dead, output, flops)
+    return Study(model, tuple(args), kwargs, cap, analysis, found, scores, dead, output, flops,
+                 training)
 
 
 def _pin_ignored(analysis: Analysis, cap: Capture, ignored: Sequence[str]) -> None:

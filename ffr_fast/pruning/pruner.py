@@ -12,7 +12,6 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..capture import UncapturableModelError
 from ..modes import evaluating
 from . import aten_pruner, depth, fx_pruner
-from .aten_blocks import NotABlockError
 from .blocks import ResidualBranch, find_branches, measure_branches
 from .emit import EMITS
 from .flops_search import search_flops
@@ -27,31 +26,34 @@ FLOPS_SEARCHES = ("threshold", "ratio")
 
 
 def residual_branches(model: nn.Module, example_inputs, ignored: Sequence[Any] = (), *,
-                      analysis: str = "auto", example_kwargs: Optional[dict] = None
-                      ) -> List[ResidualBranch]:
+                      unit: str = "block", analysis: str = "auto",
+                      example_kwargs: Optional[dict] = None) -> List[ResidualBranch]:
     """The residual branches of `model` that prune(remove_branches=[...]) can remove, in
-    forward order, each with its stable `name`, the `flops` removing it saves and its Block
-    Influence (ShortGPT) on `example_inputs` (blocks.ResidualBranch). `analysis` and
-    `example_kwargs` as in prune(): on the torch.export capture a branch is a whole block
-    (a decoder layer) named by its module path. The model runs in eval mode and is left
-    exactly as it was (every submodule's training flag included)."""
+    forward order, each with its stable `name` (a module path), the `flops` removing it
+    saves and its Block Influence (ShortGPT) on `example_inputs` (blocks.ResidualBranch).
+
+    `unit="block"` lists whole blocks (a decoder layer, a ResNet block), and a block that is
+    no identity without its branch (a projection shortcut) by its branch; `unit="branch"`
+    lists every residual add's branch on its own: a transformer layer's attention and MLP
+    apart (depth.removals). prune() removes names of either list. `analysis` and
+    `example_kwargs` as in prune(): "auto" is torch.export's capture; "fx" lists the torch.fx
+    trace's branches (unit="branch" only). The model runs in eval mode and is left exactly
+    as it was (every submodule's training flag included)."""
     check_model(model, "residual_branches")
     if analysis not in ANALYSES:
         raise ValueError(f"analysis must be one of {ANALYSES}, got {analysis!r}")
+    if unit not in depth.UNITS:
+        raise ValueError(f"unit must be one of {depth.UNITS}, got {unit!r}")
     inputs = as_inputs(example_inputs)
     ignored = resolve_ignored(model, ignored)
-    if example_kwargs and analysis == "fx":
-        raise ValueError("example_kwargs are passed by the torch.export analysis only; "
-                         "analysis='fx' traces the model with positional inputs")
-    if analysis == "export" or example_kwargs:
-        return depth.find(model, inputs, example_kwargs, ignored)
+    if analysis != "fx":
+        return depth.find(model, inputs, example_kwargs, ignored, unit)
+    if example_kwargs or unit != "branch":
+        raise ValueError("analysis='fx' traces the model with positional inputs and lists "
+                         "each residual add's branch: pass unit='branch' and no "
+                         "example_kwargs, or use the torch.export analysis")
     with evaluating(model), torch.no_grad():
-        try:
-            gm = trace(model, ignored)
-        except UntraceableModelError:  # the blocks torch.export's capture finds instead
-            if analysis == "fx":
-                raise
-            return depth.find(model, inputs, None, ignored)
+        gm = trace(model, ignored)
         run_checked(gm, inputs, ShapeProp(gm).propagate)
         branches = find_branches(gm, ignored)
         measure_branches(gm, inputs, branches)
@@ -112,9 +114,11 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
     `analysis` says which capture the analysis reads: "export" (torch.export's ATen graph,
     aten_pruner.py: every op seen, so functional layers such as timm's BatchNormAct2d and
     every Hugging Face transformer are cut; all of the above except `emit="graph"`, which
-    it refuses by name; residual branches are whole blocks, members of an nn.ModuleList or
-    nn.Sequential, named by module path; the result is always the model's own class, a
-    Hugging Face config in step), "fx" (the
+    it refuses by name; a residual branch, named by module path as residual_branches()
+    lists it, is a whole block that leaves its nn.ModuleList or nn.Sequential, or a branch
+    that leaves alone, a stand-in module in its place (sub_branches.py: an attention, an MLP,
+    a block that becomes its projection shortcut); the result is always the model's own
+    class, a Hugging Face config in step), "fx" (the
     torch.fx trace and its rule table) or "auto": "export", falling back to "fx" where the
     export path cannot serve and torch.fx traces the model (docs/export-design.md lists the
     cases; the report's warnings say which).
@@ -148,23 +152,14 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
         return _timed(aten_pruner.prune(model, inputs, example_kwargs, **on_export, why=why),
                       start)
     export_failure = None  # why the torch.export path could not serve "auto"
-    exported = None  # its result, where it keeps dead branches torch.fx's graph can remove
     if analysis == "auto" and not fx_only:
         try:
-            exported = aten_pruner.prune(model, inputs, None, **on_export,
-                                         why="analysis='auto'")
+            return _timed(aten_pruner.prune(model, inputs, None, **on_export,
+                                            why="analysis='auto'"), start)
         except aten_pruner.PrunedInPlaceError:
             raise  # the model is changed: torch.fx cannot start from it
-        except (PrunedModelError, UncapturableModelError, NotABlockError) as error:
+        except (PrunedModelError, UncapturableModelError) as error:
             export_failure = error
-        else:
-            if not exported.report.kept_dead_branches:
-                return _timed(exported, start)
-            if inplace:  # torch.fx would start from the model the export path pruned
-                exported.report.warnings.append(
-                    "with inplace=True torch.fx's graph, which can remove those branches, "
-                    "was not tried: the model was pruned in place already")
-                return _timed(exported, start)
     options = dict(importance=importance, scope=scope, min_channels=min_channels,
                    min_fraction=min_fraction, round_to=round_to, remove_blocks=remove_blocks,
                    remove_branches=list(remove_branches), fold_bn=fold_bn,
@@ -174,8 +169,6 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
     try:
         reads_flag = reads_training_flag(model, options["ignored"])
     except UntraceableModelError as error:
-        if exported is not None:  # the branches torch.fx would have removed stay
-            return _timed(exported, start)
         if isinstance(export_failure, UncapturableModelError):
             raise UntraceableModelError(f"{error}; torch.export cannot capture it either: "
                                         f"{export_failure}") from export_failure
@@ -198,20 +191,7 @@ def prune(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.T
                               flops_tolerance, flops_search_steps, inplace, options)
     if reads_flag and isinstance(result.model, fx.GraphModule):
         result.report.warnings.insert(0, fx_pruner.TRAINING_FLAG_NOTE)
-    if exported is not None:
-        # the export path keeps those branches but may cut more channels: the cheaper wins
-        if exported.report.flops_after <= result.report.flops_after:
-            exported.report.warnings.append(
-                f"torch.fx's graph that removes those branches would keep "
-                f"{result.report.flops_after:,} FLOPs, this result "
-                f"{exported.report.flops_after:,}")
-            return _timed(exported, start)
-        result.report.warnings.insert(0, (
-            f"residual branches added in {exported.report.kept_dead_branches} emit at most "
-            "the threshold but are no whole blocks the export path can remove; its result, "
-            f"which keeps them, would keep {exported.report.flops_after:,} FLOPs, torch.fx's "
-            f"graph {result.report.flops_after:,}"))
-    elif export_failure is not None:
+    if export_failure is not None:
         result.report.warnings.insert(0, (
             f"the torch.export analysis could not prune this model "
             f"({type(export_failure).__name__}: {export_failure}); the torch.fx analysis did"))

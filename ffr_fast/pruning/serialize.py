@@ -27,6 +27,7 @@ from .fx_pruner import STRUCTURE_FORMAT
 from .inplace import replay_adds_in_place
 from .report import PruneResult
 from .rules import resize_from_tensors
+from .sub_branches import Removal
 from .surgery import replay_view_sizes, set_submodule
 from .tracing import trace
 
@@ -153,7 +154,8 @@ def _replay(structure: dict, model: nn.Module, path, architecture: str) -> nn.Mo
         kept = {name: [None if index is None else torch.tensor(index, dtype=torch.long)
                        for index in dims] for name, dims in structure.get("kept", {}).items()}
         try:
-            depth.cut(model, structure["removed_blocks"])
+            depth.cut(model, structure["removed_blocks"],
+                      [Removal.read(record) for record in structure.get("replaced", [])])
             apply_keep(model, kept)
             aten_fold.fold(model, structure.get("folded_bn", []))
         except (ValueError, AttributeError, IndexError, RuntimeError) as error:

@@ -165,13 +165,16 @@ def cut(trained: Trained, splits, removal: str, keep: float, finetune: train.Tra
 def influence_removal(model: nn.Module, images: torch.Tensor, keep: float) -> List[str]:
     """ShortGPT's rule: the names of the residual branches with the lowest Block Influence on
     `images`, fewest first, just enough for the branches' FLOPs to leave at most `keep` of
-    the model's. Raises when removing every branch still keeps more than `keep`."""
+    the model's. Branches, not whole blocks (a transformer layer's attention and MLP apart):
+    finer steps land nearer the budget. Raises when removing every branch still keeps more
+    than `keep`."""
     if not 0 < keep < 1:
         raise ValueError(f"the FLOPs budget is a fraction of the original in (0, 1), got {keep}")
     total = metrics.count_flops(model, (images,))
     must_save = (1 - keep) * total
     chosen, saved = [], 0
-    for branch in sorted(residual_branches(model, (images,)), key=lambda b: b.influence):
+    for branch in sorted(residual_branches(model, (images,), unit="branch"),
+                         key=lambda b: b.influence):
         if saved >= must_save:
             break
         chosen.append(branch.name)
