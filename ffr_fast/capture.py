@@ -18,9 +18,9 @@ from torch import nn
 # torch.export flattens a call's arguments and outputs with this module, and no public name
 # for it exists (torch.export.pytree is only torch.export's own import of it): the one place
 # ffr_fast reads it, so that the places a capture records are read back the same way.
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
-from .modes import restore_training_flags, training_flags
+from .modes import evaluating, restore_training_flags, training_flags
 
 
 def flat_leaves(value) -> list:
@@ -35,7 +35,10 @@ def flat_tensors(value) -> List[torch.Tensor]:
 
 
 class UncapturableModelError(RuntimeError):
-    """torch.export could not capture the model; the message names the failing module."""
+    """torch.export could not capture the model; the message names the failing module, and
+    `module` holds its path ("" for the top-level forward)."""
+
+    module = ""
 
 
 @dataclass(frozen=True)
@@ -192,15 +195,113 @@ def _restore_hooks(suspended: List[Tuple[nn.Module, str, dict]]) -> None:
         setattr(module, attribute, hooks)
 
 
+# Modules the capture runs as one op it does not look into (capture's `opaque`): a call's id
+# -> (the module's own forward, how its arguments are rebuilt from their tensors, the
+# shapes and dtypes of the tensors it returned on the example, how its output is rebuilt).
+_OPAQUE: Dict[int, tuple] = {}
+
+
+@torch.library.custom_op("ffr_fast::opaque_module", mutates_args=())
+def opaque_module(inputs: List[torch.Tensor], key: int) -> List[torch.Tensor]:
+    """One call of a module the capture does not look into, run as it is."""
+    forward, arguments, _, _ = _OPAQUE[key]
+    args, kwargs = arguments(inputs)
+    return [t.clone() for t in flat_tensors(forward(*args, **kwargs))]
+
+
+@opaque_module.register_fake
+def _(inputs, key):
+    _, _, shapes, _ = _OPAQUE[key]
+    return [torch.empty(shape, dtype=dtype) for shape, dtype in shapes]
+
+
+class _Opaque:
+    """While it is entered, each of `paths` (modules of `model`) runs as one opaque_module op:
+    what torch.export then sees of it is its tensors in and out, with the shapes they had on
+    one eager run of the example call (recorded on entering)."""
+
+    def __init__(self, model: nn.Module, paths: Sequence[str], args, kwargs):
+        self.model, self.paths, self.example = model, list(paths), (tuple(args), kwargs)
+        self.keys: List[int] = []
+
+    def record(self) -> None:
+        """One eager run of the example call in eval mode, without gradients: the shapes and
+        structure of what each opaque module returns."""
+        self.seen: Dict[str, List[tuple]] = {path: [] for path in self.paths}
+        if not self.paths:
+            return
+
+        def record(path):
+            def hook(module, args, kwargs, output):
+                leaves, spec = tree_flatten(output)
+                if not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
+                    raise UncapturableModelError(
+                        f"the ignored module '{path}' returns other than tensors, which the "
+                        "capture cannot run as one op")
+                self.seen[path].append(([(leaf.shape, leaf.dtype) for leaf in leaves], spec))
+            return hook
+        handles = [self.model.get_submodule(path).register_forward_hook(record(path),
+                                                                        with_kwargs=True)
+                   for path in self.paths]
+        try:
+            with evaluating(self.model), torch.no_grad():
+                self.model(*self.example[0], **self.example[1])
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def __enter__(self):
+        self.own = {}  # a forward set on the instance before, put back on leaving
+        for path in self.paths:
+            module = self.model.get_submodule(path)
+            if "forward" in vars(module):
+                self.own[path] = vars(module)["forward"]
+            module.forward = self._standing_in(module, self.seen[path])
+        return self
+
+    def _standing_in(self, module: nn.Module, calls: List[tuple]):
+        forward, made = module.forward, [0]
+
+        def run_opaque(*args, **kwargs):
+            leaves, spec = tree_flatten((args, kwargs))
+            tensors = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+
+            def arguments(inputs):
+                rebuilt = list(leaves)
+                for i, tensor in zip(tensors, inputs):
+                    rebuilt[i] = tensor
+                return tree_unflatten(rebuilt, spec)
+            shapes, out_spec = calls[min(made[0], len(calls) - 1)]
+            made[0] += 1
+            key = len(_OPAQUE)
+            _OPAQUE[key] = (forward, arguments, shapes, out_spec)
+            self.keys.append(key)
+            outputs = opaque_module([leaves[i] for i in tensors], key)
+            return tree_unflatten(list(outputs), out_spec)
+        return run_opaque
+
+    def __exit__(self, *exc):
+        for path in self.paths:
+            module = self.model.get_submodule(path)
+            del module.forward  # the class's forward again
+            if path in self.own:
+                module.forward = self.own[path]
+        for key in self.keys:
+            del _OPAQUE[key]
+
+
 def capture(model: nn.Module, args: Sequence = (), kwargs: Optional[dict] = None,
-            keep_program: bool = False, training: bool = False) -> Capture:
+            keep_program: bool = False, training: bool = False, opaque: Sequence[str] = ()
+            ) -> Capture:
     """`model` exported on the example call `model(*args, **kwargs)`, in eval mode; every
     training flag, parameter and buffer of the model is left as it was. A failure raises
     UncapturableModelError naming the innermost module whose forward was running. With
     `keep_program` the capture holds the ExportedProgram, to run its graph (graph_values).
     With `training` the forward is captured in training mode instead: code that runs only
     in training (an auxiliary head) is in the graph, and the running statistics a batch
-    norm would update are not (export runs on fake tensors)."""
+    norm would update are not (export runs on fake tensors). The modules `opaque` (paths)
+    are captured as one op each, `ffr_fast::opaque_module`, their insides unseen: a module
+    export cannot capture (data-dependent control flow) that a pruner keeps whole."""
     if isinstance(model, torch.jit.ScriptModule):
         raise UncapturableModelError(
             f"{type(model).__name__} is a TorchScript module; torch.export captures the eager "
@@ -233,11 +334,17 @@ def capture(model: nn.Module, args: Sequence = (), kwargs: Optional[dict] = None
                and type(module).forward is not nn.Module.forward
                and next(module.children(), None) is not None]
     suspended = _suspend_hooks(model)
+    opaque_calls = _Opaque(model, opaque, args, kwargs)
+    try:
+        opaque_calls.record()  # before the hooks below count calls
+    except Exception:
+        _restore_hooks(suspended)
+        raise
     hooks = [nn.modules.module.register_module_forward_pre_hook(enter),
              nn.modules.module.register_module_forward_hook(leave)]
     try:
         model.train(training)
-        with torch.no_grad():
+        with torch.no_grad(), opaque_calls:
             program = torch.export.export(model, tuple(args), kwargs, strict=False,
                                           preserve_module_call_signature=tuple(holders))
     except Exception as error:
@@ -245,9 +352,11 @@ def capture(model: nn.Module, args: Sequence = (), kwargs: Optional[dict] = None
                  if running and running[-1] else f"the top-level forward of "
                                                  f"{type(model).__name__}")
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UncapturableModelError(
+        failure = UncapturableModelError(
             f"torch.export cannot capture {type(model).__name__}: it failed in {where}: "
-            f"{reason}") from error
+            f"{reason}")
+        failure.module = running[-1] if running else ""
+        raise failure from error
     finally:
         for hook in hooks:
             hook.remove()

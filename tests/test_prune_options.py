@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ffr_fast import models, prune
+from ffr_fast.capture import UncapturableModelError, capture
 from ffr_fast.pruning import ExampleInputError, UntraceableModelError
 
 from nets import GatedNet, ShuffleNet, look_trained
@@ -133,15 +134,33 @@ def test_importance_bn_ranks_by_gamma():
 
 
 def test_ignored_module_keeps_its_channels():
+    """The gate's data-dependent `if` stops torch.export; ignored, it is captured as one op
+    it does not look into (capture.py's opaque modules), and the rest is cut around it."""
     model = look_trained(GatedNet())
     x = torch.randn(2, 3, 16, 16)
     for ignored in (["gate"], [model.gate], [type(model.gate)]):
         result = prune(model, x, ratio=0.5, ignored=ignored)
+        assert result.report.settings["path"] == "torch.export"
+        assert isinstance(result.model, GatedNet) and "forward" not in vars(model.gate)
         assert result.report.channels["conv1.0"] == (16, 16)
         assert result.model.gate.conv.weight.shape == (16, 16, 1, 1)
         assert result.report.channels["conv2.0"][1] < 32
         assert any("ignored" in u["reason"] for u in result.report.opaque_ops)
         assert result.report.relative_diff <= 1e-5
+
+
+def test_an_opaque_module_is_one_op_in_the_capture_and_leaves_no_trace():
+    model = look_trained(GatedNet())
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(UncapturableModelError, match=r"module 'gate' \(Gate\)"):
+        capture(model, (x,))
+    cap = capture(model, (x,), opaque=["gate"])
+    ops = [n for n in cap.graph.nodes if "opaque_module" in str(n.target)]
+    assert len(ops) == 1 and cap.module_path(ops[0]) == "gate"
+    assert all(not cap.nodes[node].users for node, name in cap.parameters.items()
+               if name.startswith("gate."))  # its weights are read inside the op only
+    assert cap.calls["gate"].index == 0 and "gate@1" not in cap.calls  # called once
+    assert "forward" not in vars(model.gate) and not model.training
 
 
 def test_a_custom_mixing_function_is_read_through_its_ops():

@@ -67,7 +67,7 @@ from removed ones through a zeroed parameter (a linear layer's zeroed columns).
 """
 import operator
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -127,12 +127,16 @@ class Analysis:
 
 
 OPS = {**COMPUTE_OPS, **LAYOUT_OPS}  # op name -> rule(analyzer, node) -> the output's ids
+# Why an op outside the table is, where it is one of ffr_fast's own.
+UNKNOWN_REASONS = {"opaque_module": "an ignored module the capture runs as one op (export "
+                                    "cannot capture it): the channels it reads and writes "
+                                    "are kept"}
 
 
 class _Analyzer:
-    def __init__(self, cap: Capture, rms_norms: Sequence[str]):
+    def __init__(self, cap: Capture, rms_norms: Sequence[str], free_outputs: Set[str]):
         self.cap, self.cg = cap, ChannelGraph()
-        self.rms_norms = set(rms_norms)
+        self.rms_norms, self.free_outputs = set(rms_norms), set(free_outputs)
         self.values: Dict[fx.Node, object] = {}  # Ids, a tuple of Ids, or None
         self.splits: Dict[int, Split] = {}  # a split's lead dim's first id -> the split
         self.merges: Dict[int, tuple] = {}  # id() of a merged dim's ids -> (them, its parts)
@@ -212,6 +216,8 @@ class _Analyzer:
             elif node.op == "output":
                 names = self.cap.output_names
                 for arg in node.all_input_nodes:
+                    if arg.name in self.free_outputs:
+                        continue
                     name = names.get(arg.name)
                     self.pin_value(self.values.get(arg), "feeds the model output"
                                    + (f" ({name})" if name else ""))
@@ -271,8 +277,9 @@ class _Analyzer:
         for value in inputs:
             self.pin_value(value, reason)
         self.result.unknown_ops.append({"op": f"{op_name(node)} (node {node.name})",
-                                        "reason": "outside the channel analysis: the channels "
-                                                  "it reads and writes are kept",
+                                        "reason": UNKNOWN_REASONS.get(
+                                            op_name(node), "outside the channel analysis: "
+                                            "the channels it reads and writes are kept"),
                                         "ids": [d for v in inputs if isinstance(v, list)
                                                 for d in v]})
         return self.fresh_like(node, reason)
@@ -349,7 +356,9 @@ class _Analyzer:
                 for dim, size in zip(out, out_shape)]
 
 
-def analyze(cap: Capture, rms_norms: Sequence[str] = ()) -> Analysis:
+def analyze(cap: Capture, rms_norms: Sequence[str] = (), free_outputs: Set[str] = frozenset()
+            ) -> Analysis:
     """The channel classes of the captured model (module docstring); `rms_norms` are the
-    paths of the RMS norms whose channels may be cut (slicing.rms_norm_paths)."""
-    return _Analyzer(cap, rms_norms).run()
+    paths of the RMS norms whose channels may be cut (slicing.rms_norm_paths), and the
+    output nodes `free_outputs` do not pin theirs (aten_study.side_hidden_states)."""
+    return _Analyzer(cap, rms_norms, free_outputs).run()

@@ -5,7 +5,7 @@ the model with every removed position zeroed and every cut LayerNorm normalising
 kept channels (KeptChannelNorms). What save_pruned stores of a cut is written here too.
 """
 import copy
-from typing import List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -58,21 +58,46 @@ def apply_keep(model: nn.Module, keep: Keep) -> List[str]:
     return update_config(model, {**fix_sizes(model, changed), **rms_norm_eps(model)})
 
 
+def narrowing(work: Study, removed: set) -> Callable[[object], List[torch.Tensor]]:
+    """The tensors of an output of the studied model (flattened), each of the outputs the cut
+    may narrow (Study.free_outputs) narrowed to the positions it keeps: what the pruned
+    model's output is compared with."""
+    mask = np.zeros(work.analysis.cg.size, dtype=bool)
+    mask[list(removed)] = True
+    kept: Dict[int, List[torch.Tensor]] = {}
+    for index, node in enumerate(work.capture.output_names):
+        dims = work.analysis.values.get(node) if node in work.free_outputs else None
+        if isinstance(dims, list):
+            kept[index] = [torch.from_numpy(np.flatnonzero(~mask[work.analysis.cg.roots(ids)]))
+                           for ids in dims]
+
+    def narrow(output) -> List[torch.Tensor]:
+        tensors = flat_tensors(output)
+        for index, dims in kept.items():
+            for dim, positions in enumerate(dims):
+                tensors[index] = tensors[index].index_select(dim, positions)
+        return tensors
+    return narrow
+
+
 def cut_channels(work: Study, *, threshold, ratio, scope, min_channels, min_fraction,
-                 round_to, remove_dead: bool, in_place: bool = False
+                 round_to, remove_dead: bool, in_place: bool = False, original=None
                  ) -> Tuple[nn.Module, PruneReport, Keep]:
     """The studied model with the planned channel classes cut (with `remove_dead` also the
     classes the output never sees), verified: a copy, or with `in_place` the study's own
     model (a copy prune() made and needs no more, so that the peak memory is two models, not
-    three; or the caller's model, with prune(inplace=True))."""
+    three; or the caller's model, with prune(inplace=True)). The report's difference to the
+    original is taken to `original` (an output of the same structure; the study's own by
+    default)."""
     model, args, kwargs, analysis = work.model, work.args, work.kwargs, work.analysis
     layers = analysis.layers()
     plan = make_plan(analysis.cg, work.scores, threshold=threshold, ratio=ratio, scope=scope,
                      min_channels=min_channels, min_fraction=min_fraction, round_to=round_to,
                      layers=layers, dead=work.dead if remove_dead else frozenset())
     keep = kept_positions(analysis, plan.removed)
+    narrow = narrowing(work, plan.removed)
     params_before = count_params(model)
-    original, flops_before = work.output, work.flops
+    original, flops_before = work.output if original is None else original, work.flops
     pruned = model if in_place else copy.deepcopy(model)
     zero_removed(pruned, keep)  # slicing drops exactly the zeroed positions
     renormalised = cut_norms(analysis, plan.removed)
@@ -101,9 +126,17 @@ def cut_channels(work: Study, *, threshold, ratio, scope, min_channels, min_frac
         prunable_classes=sum(len(g.roots) - len(g.pinned) for g in plan.groups),
         unpruned=plan.unpruned, opaque_ops=opaque, score_cutoff=plan.cutoff,
         approximate=sorted({layer for layer, _, _ in renormalised}),
-        max_abs_diff=max_abs_diff(new, reference),
+        max_abs_diff=max_abs_diff(new, narrow(reference)),
         reference_max_abs=max(float(t.float().abs().max()) for t in flat_tensors(reference)),
-        max_abs_diff_original=max_abs_diff(new, original), warnings=warnings)
+        max_abs_diff_original=max_abs_diff(new, narrow(original)), warnings=warnings)
+    narrowed = {field: (full.shape[-1], cut.shape[-1]) for field, full, cut in zip(
+        work.capture.output_names.values(), flat_tensors(reference), flat_tensors(new))
+        if field in work.free_outputs.values() and full.shape != cut.shape}
+    if narrowed:
+        report.warnings.append(
+            f"the model's outputs {narrowed} (channels before, after) are narrower: hidden "
+            "states handed out beside the model's first output do not keep their channels "
+            "(the first output does)")
     if not report.relative_diff <= EXACT:  # a NaN (the reference's own) fails too
         raise PrunedModelError(
             f"the pruned {type(model).__name__} differs from the original with the removed "
@@ -113,14 +146,12 @@ def cut_channels(work: Study, *, threshold, ratio, scope, min_channels, min_frac
     return pruned, report, keep
 
 
-def after_blocks(channel_report: PruneReport, block_report: PruneReport,
-                 diff_to_original: float) -> PruneReport:
+def after_blocks(channel_report: PruneReport, block_report: PruneReport) -> PruneReport:
     """The channel cut's report on a model whose blocks were removed first, counted from the
-    original: its parameters, FLOPs, blocks and the output's max difference to it."""
+    original: its parameters, FLOPs and blocks."""
     channel_report.params_before = block_report.params_before
     channel_report.flops_before = block_report.flops_before
     channel_report.removed_blocks = block_report.removed_blocks
-    channel_report.max_abs_diff_original = diff_to_original
     return channel_report
 
 

@@ -33,7 +33,7 @@ from .emit import attach_structure
 from .flops_search import search_flops
 from .importance import label
 from .inputs import PrunedModelError, resolve_ignored
-from .report import PruneResult, max_abs_diff
+from .report import PruneResult
 
 
 class PrunedInPlaceError(PrunedModelError):
@@ -210,10 +210,10 @@ class ChannelCut:
             pruned, report, keep = cut_channels(
                 self.steps.study(step), threshold=threshold, ratio=ratio, **self.plan_options,
                 # a search's candidates share the blocks' copy; a single cut consumes it
-                in_place=inplace or (bool(step.removed) and self.single))
+                in_place=inplace or (bool(step.removed) and self.single),
+                original=self.original if step.removed else None)
             if step.removed:
-                after_blocks(report, step.report, max_abs_diff(
-                    run_evaluating(pruned, self.inputs, self.kwargs), self.original))
+                after_blocks(report, step.report)
         report.warnings[:0] = step.notes
         return PruneResult(pruned, report, structure(step.removed, keep,
                                                      self.steps.choice.replaced(step.removed)))

@@ -9,7 +9,7 @@ from typing import Dict, List, Sequence, Set, Union
 
 from torch import nn
 
-from ..capture import Capture, capture
+from ..capture import Capture, UncapturableModelError, capture, flat_tensors
 from ..modes import run_evaluating
 from . import depth
 from .aten import Analysis, analyze
@@ -36,6 +36,7 @@ class Study:
     output: object  # the model's output on the example call, eval mode
     flops: int  # and its FLOPs
     training: bool  # captured in training mode
+    free_outputs: Dict[str, str]  # output node -> its field: outputs that may narrow
 
 
 def study(model: nn.Module, args, kwargs: dict, importance: Union[str, Scorer],
@@ -49,8 +50,9 @@ def study(model: nn.Module, args, kwargs: dict, importance: Union[str, Scorer],
     # with the module and the shapes), not as a capture failure
     output, flops = run_checked(model, args, lambda *a: run_evaluating(model, a, kwargs))
     with capturing_head_pruned(model):
-        cap = capture(model, args, kwargs, training=training)
-    analysis = analyze(cap, rms_norm_paths(model))
+        cap = _capture(model, args, kwargs, ignored, training)
+    free = side_hidden_states(cap, output)
+    analysis = analyze(cap, rms_norm_paths(model), set(free))
     _pin_ignored(analysis, cap, ignored)
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
@@ -60,7 +62,41 @@ def study(model: nn.Module, args, kwargs: dict, importance: Union[str, Scorer],
     dead = dead_classes(analysis, cap, tensors)
     scores.update((root, 0.0) for root in dead if root in scores)
     return Study(model, tuple(args), kwargs, cap, analysis, found, scores, dead, output, flops,
-                 training)
+                 training, free)
+
+
+def side_hidden_states(cap: Capture, output) -> Dict[str, str]:
+    """The outputs whose channels a cut may narrow (node name -> field): the hidden states a
+    Hugging Face ModelOutput hands out beside its first field (T5's
+    `encoder_last_hidden_state` beside its logits), which would otherwise pin the whole
+    residual stream, as Torch-Pruning narrows them too. The first field (the logits, a
+    `last_hidden_state`) and every output of any other kind pin theirs."""
+    fields = list(cap.output_names.items())
+    if not (isinstance(output, dict) and hasattr(output, "to_tuple")) or not fields \
+            or len(flat_tensors(output)) != len(fields):
+        return {}
+    first = fields[0][1].split(".")[0]
+    return {node: field for node, field in fields[1:] if field.split(".")[0] != first
+            and field.split(".")[0].endswith(("hidden_state", "hidden_states"))}
+
+
+def _capture(model: nn.Module, args, kwargs: dict, ignored: Sequence[str], training: bool
+             ) -> Capture:
+    """The capture of the study. Where export fails, a module export cannot capture may be
+    one the caller keeps whole: then each ignored module runs as one op the capture does
+    not look into; without any, the error names the module to ignore."""
+    try:
+        return capture(model, args, kwargs, training=training)
+    except UncapturableModelError as error:
+        if ignored:
+            return capture(model, args, kwargs, training=training, opaque=ignored)
+        if not error.module:
+            raise
+        hinted = UncapturableModelError(
+            f"{error}. prune(ignored=['{error.module}']) keeps that module whole and "
+            "captures it as one op, unseen inside")
+        hinted.module = error.module
+        raise hinted from error
 
 
 def _pin_ignored(analysis: Analysis, cap: Capture, ignored: Sequence[str]) -> None:

@@ -130,6 +130,18 @@ def _t5_attention(m) -> dict:
     return {"num_attention_heads": m.n_heads}
 
 
+def _t5_logit_scale(m):
+    """T5ForConditionalGeneration multiplies the decoder's output by model_dim ** -0.5 before
+    its tied head, and from_pretrained sets model_dim from config.d_model: at a new width the
+    change of that factor goes into the decoder's last norm, so the logits stay as they were
+    and the config rebuilds them."""
+    width = m.shared.weight.shape[1]
+    if width != m.model_dim and m.config.tie_word_embeddings:
+        with torch.no_grad():
+            m.decoder.final_layer_norm.weight.mul_((width / m.model_dim) ** 0.5)
+    m.model_dim = width
+
+
 def _conv1d(m):
     m.nx, m.nf = m.weight.shape
 
@@ -154,6 +166,7 @@ SIZE_RULES: Dict[str, SizeRule] = {
     "GroupNorm": lambda m: setattr(m, "num_channels", len(m.weight)) if m.weight is not None
     else None,
     "Conv1D": _conv1d,  # transformers' GPT-2 layer: weight (in, out)
+    "T5ForConditionalGeneration": _t5_logit_scale,
     "LlamaAttention": _attention_heads, "Qwen2Attention": _attention_heads,
     "Qwen3Attention": _attention_heads, "MistralAttention": _attention_heads,
     "LlamaMLP": _gated_mlp, "Qwen2MLP": _gated_mlp, "Qwen3MLP": _gated_mlp,
