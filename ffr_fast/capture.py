@@ -8,6 +8,7 @@ chain discovery reads it (ffr_fast.flow.stream); docs/export-design.md says why 
 intermediate representation and how the pruner moves onto it.
 """
 import inspect
+import itertools
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -199,6 +200,7 @@ def _restore_hooks(suspended: List[Tuple[nn.Module, str, dict]]) -> None:
 # -> (the module's own forward, how its arguments are rebuilt from their tensors, the
 # shapes and dtypes of the tensors it returned on the example, how its output is rebuilt).
 _OPAQUE: Dict[int, tuple] = {}
+_KEYS = itertools.count()  # a key is never used twice, even across captures
 
 
 @torch.library.custom_op("ffr_fast::opaque_module", mutates_args=())
@@ -273,7 +275,7 @@ class _Opaque:
                 return tree_unflatten(rebuilt, spec)
             shapes, out_spec = calls[min(made[0], len(calls) - 1)]
             made[0] += 1
-            key = len(_OPAQUE)
+            key = next(_KEYS)
             _OPAQUE[key] = (forward, arguments, shapes, out_spec)
             self.keys.append(key)
             outputs = opaque_module([leaves[i] for i in tensors], key)

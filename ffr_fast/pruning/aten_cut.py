@@ -112,8 +112,9 @@ def cut_channels(work: Study, *, threshold, ratio, scope, min_channels, min_frac
                                "code reads a size the slicing did not fix (register_size_rule "
                                "teaches it one); please report the model") from error
     roots = analysis.cg.roots
-    channels = {name: (len(ids), int(np.isin(roots(ids), list(plan.removed), invert=True).sum()))
-                for name, ids in layers}
+    removed = np.zeros(analysis.cg.size, dtype=bool)  # one mask, not a search per layer
+    removed[list(plan.removed)] = True
+    channels = {name: (len(ids), int((~removed[roots(ids)]).sum())) for name, ids in layers}
     layer_roots = set(np.concatenate([roots(ids) for _, ids in layers]).tolist()) if layers \
         else set()
     opaque = [{"op": op["op"], "reason": op["reason"]} for op in analysis.unknown_ops
