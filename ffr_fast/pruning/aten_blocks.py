@@ -121,10 +121,10 @@ class BlockSteps:
     def _remove(self, chosen: Tuple[str, ...], in_place: bool) -> BlockStep:
         if not chosen:
             return BlockStep((), self.model, None)
-        blocks = self.choice.removals
+        removable = self.choice.removals
         try:
             return BlockStep(chosen, *depth.remove(self.model, self.inputs, self.kwargs,
-                                                   chosen, blocks, in_place))
+                                                   chosen, removable, in_place))
         except ValueError as error:  # a block the scores chose is no identity
             scored = [b for b in chosen if b not in self.choice.named]
             if not scored:
@@ -134,4 +134,4 @@ class BlockSteps:
         if not named:
             return BlockStep((), self.model, None, [note])
         return BlockStep(named, *depth.remove(self.model, self.inputs, self.kwargs, named,
-                                              blocks, in_place), [note])
+                                              removable, in_place), [note])

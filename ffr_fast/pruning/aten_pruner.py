@@ -1,5 +1,6 @@
-"""prune() on torch.export's capture, step by step: residual blocks out of their containers
-(aten_blocks.py, depth.py), then channels cut on a study of the model without them
+"""prune() on torch.export's capture, step by step: residual branches out (aten_blocks.py;
+depth.py: whole blocks out of their containers, sub_branches.py: a branch alone, a stand-in
+in its module's place), then channels cut on a study of the model without them
 (aten_study.py: the capture analysed and scored once, every candidate of a FLOPs search
 planning on it; the cut itself in aten_cut.py), then with `fold_bn` its BatchNorms folded
 (aten_fold.py), each step verified. Importance (`importance=` "l2", "l1" or "bn") is what
@@ -8,14 +9,15 @@ threshold compares channels and residual blocks in one unit; a callable importan
 the modules as on the torch.fx path (aten_scorer.py).
 
 The result is the model's own class, a deep copy (with `inplace` the model itself, never
-copied) with its blocks removed, its tensors sliced and its size attributes (and a Hugging
-Face config) fixed. The blocks' removal is verified against the original with the removed
-blocks zeroed (depth.py), the channel cut against the model it cut with the removed
+copied) with its branches removed, its tensors sliced and its size attributes (and a Hugging
+Face config) fixed. The branches' removal is verified against the original with the removed
+branches zeroed (depth.py), the channel cut against the model it cut with the removed
 positions zeroed (aten_cut.py): each must agree to float32 rounding, else PrunedModelError.
 In place, a block removal that fails gives the model its blocks back (the scores' choice
 falls back as on a copy); any later failure raises PrunedInPlaceError, the model left
-part-pruned. `prune` is the whole path, in phases: analyse and score, cut (blocks, then
-channels: `ChannelCut`), report and fold.
+part-pruned. `prune` is the whole path, in phases: analyse and score, cut (branches, then
+channels: `ChannelCut`), report and fold; a cut that fails in training mode is analysed
+again on the training-mode capture.
 """
 import contextlib
 from typing import List, Optional
