@@ -107,7 +107,7 @@ class BlockSteps:
             return self.first
         if self._study is None or self._study.model is not step.model:
             self._study = study(step.model, self.inputs, self.kwargs, self.importance,
-                                self.ignored, self.first.training)
+                                self.ignored, self.first.training, self.first.opaque)
         return self._study
 
     def studied(self, removed: Tuple[str, ...]) -> Optional[Study]:

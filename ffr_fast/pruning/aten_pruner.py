@@ -107,12 +107,11 @@ def prune(model: nn.Module, inputs, kwargs: Optional[dict], *, inplace, why: str
     The cut is analysed on the eval-mode capture; where it then fails in training mode (code
     only training runs reads cut channels), on a copy it is analysed again on the
     training-mode capture, which holds that code, and the report says so."""
-    try:
+    try:  # in place the failure is a PrunedInPlaceError, which is not caught here
         return _prune(model, inputs, kwargs, inplace=inplace, why=why, training=False,
                       **options)
     except TrainingOnlyCodeError:
-        if inplace:  # not reached: in place it is a PrunedInPlaceError
-            raise
+        pass
     result = _prune(model, inputs, kwargs, inplace=False, why=why, training=True, **options)
     result.report.warnings.insert(0, TRAINING_CAPTURE_NOTE)
     return result

@@ -5,7 +5,7 @@ output and FLOPs, which every candidate cut is verified and counted against. Eve
 of a FLOPs search plans on the same study.
 """
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Set, Union
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from torch import nn
 
@@ -37,20 +37,25 @@ class Study:
     flops: int  # and its FLOPs
     training: bool  # captured in training mode
     free_outputs: Dict[str, str]  # output node -> its field: outputs that may narrow
+    opaque: Tuple[str, ...]  # the modules captured as one op each (_capture)
 
 
 def study(model: nn.Module, args, kwargs: dict, importance: Union[str, Scorer],
-          ignored: Sequence[str], training: bool = False) -> Study:
+          ignored: Sequence[str], training: bool = False,
+          opaque: Optional[Sequence[str]] = None) -> Study:
     """The model captured on the example call, its channel classes (the channels of every
     module in `ignored` pinned) and their scores; its output and FLOPs (what every candidate
     cut of the model is measured against). The capture runs, in every nn.MultiheadAttention,
     the forward it runs once cut (multihead.capturing_head_pruned); with `training`, the
-    training-mode forward (capture.py), so that code only training runs is cut too."""
+    training-mode forward (capture.py), so that code only training runs is cut too. `opaque`:
+    the modules to capture as one op each, where an earlier study of the model found them
+    (None: found as _capture says)."""
     # the example run first: inputs the model cannot run are named as such (ExampleInputError,
     # with the module and the shapes), not as a capture failure
     output, flops = run_checked(model, args, lambda *a: run_evaluating(model, a, kwargs))
     with capturing_head_pruned(model):
-        cap = _capture(model, args, kwargs, ignored, training)
+        cap, opaque = _capture(model, args, kwargs, ignored, training) if opaque is None \
+            else (capture(model, args, kwargs, training=training, opaque=opaque), opaque)
     free = side_hidden_states(cap, output)
     analysis = analyze(cap, rms_norm_paths(model), set(free))
     _pin_ignored(analysis, cap, ignored)
@@ -62,7 +67,7 @@ def study(model: nn.Module, args, kwargs: dict, importance: Union[str, Scorer],
     dead = dead_classes(analysis, cap, tensors)
     scores.update((root, 0.0) for root in dead if root in scores)
     return Study(model, tuple(args), kwargs, cap, analysis, found, scores, dead, output, flops,
-                 training, free)
+                 training, free, tuple(opaque))
 
 
 def side_hidden_states(cap: Capture, output) -> Dict[str, str]:
@@ -81,15 +86,16 @@ def side_hidden_states(cap: Capture, output) -> Dict[str, str]:
 
 
 def _capture(model: nn.Module, args, kwargs: dict, ignored: Sequence[str], training: bool
-             ) -> Capture:
-    """The capture of the study. Where export fails, a module export cannot capture may be
-    one the caller keeps whole: then each ignored module runs as one op the capture does
-    not look into; without any, the error names the module to ignore."""
+             ) -> Tuple[Capture, Sequence[str]]:
+    """The capture of the study, and the modules it holds as one op each. Where export
+    fails, a module export cannot capture may be one the caller keeps whole: then each
+    ignored module runs as one op the capture does not look into; without any, the error
+    names the module to ignore."""
     try:
-        return capture(model, args, kwargs, training=training)
+        return capture(model, args, kwargs, training=training), ()
     except UncapturableModelError as error:
         if ignored:
-            return capture(model, args, kwargs, training=training, opaque=ignored)
+            return capture(model, args, kwargs, training=training, opaque=ignored), ignored
         if not error.module:
             raise
         hinted = UncapturableModelError(

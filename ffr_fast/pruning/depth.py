@@ -33,7 +33,7 @@ from ..modes import evaluating, run_evaluating
 from . import sub_branches
 from .blocks import ResidualBranch, block_influence
 from .report import PruneReport, max_abs_diff
-from .sub_branches import Removal, residual_adds
+from .sub_branches import BranchFinder, Removal, residual_adds
 
 # The relative difference to the zeroed original above which a removal is not exact: float32
 # rounding of a deep network stays far below it; a block that is not x + f(x) (a post-norm
@@ -100,13 +100,14 @@ def removals(model: nn.Module, cap: Capture, unit: str = "all") -> List[Removal]
     per_block = Counter(owner.values())
     found: Dict[str, Removal] = {block: Removal(block, "block") for block in blocks
                                  if unit == "all"}
+    finder = BranchFinder(cap)
     for add, fork in adds:
         block = owner[add]
         if block is not None and (unit == "block" or per_block[block] == 1):
             found.setdefault(block, Removal(block, "block"))
             continue
-        alone = sub_branches.find(cap, add, fork)
-        if alone is not None and not (unit == "block" and block is not None):
+        alone = finder.find(add, fork)
+        if alone is not None:
             found.setdefault(alone.name, alone)
     first: Dict[str, int] = {}
     for node in cap.graph.nodes:
@@ -219,10 +220,7 @@ def remove(model: nn.Module, args, kwargs, names: Sequence[str],
     # The zeroed original is the original called with zeros for the branches' parameters,
     # and a copy never holds the removed modules (placeholders stand in until cut() drops
     # them): the peak is the model and its pruned copy, not three models (in place: one).
-    zeros = {key: value for r in chosen for key, value in (
-        sub_branches.zeroed(model, r) if r.kind == "shortcut" else
-        {f"{r.name}.{key}": torch.zeros_like(parameter)
-         for key, parameter in model.get_submodule(r.name).named_parameters()}).items()}
+    zeros = {key: value for r in chosen for key, value in sub_branches.zeroed(model, r).items()}
     with evaluating(model), torch.no_grad(), attention_fast_path_off():  # as flops_of
         reference = torch.func.functional_call(model, zeros, tuple(args), kwargs, strict=False)
     del zeros

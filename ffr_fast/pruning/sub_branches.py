@@ -185,20 +185,6 @@ def residual_adds(cap: Capture) -> List[Tuple[fx.Node, fx.Node]]:
             if (fork := residual_fork(cap, node)) is not None]
 
 
-def find(cap: Capture, add: fx.Node, fork: fx.Node) -> Optional[Removal]:
-    """How the branch of residual add `add` can leave on its own, or None (module
-    docstring)."""
-    return _zero(cap, add, fork) or _shortcut(cap, add, fork)
-
-
-def _by_output(cap: Capture) -> Dict[str, List[str]]:
-    found: Dict[str, List[str]] = {}
-    for call_id, call in cap.calls.items():
-        if call.path and call.outputs and call.outputs[0]:
-            found.setdefault(call.outputs[0], []).append(call_id)
-    return found
-
-
 def _exclusive(add: fx.Node, start: fx.Node, order: Dict[fx.Node, int]) -> Set[fx.Node]:
     """The nodes only the operand `start` of `add` is computed from (start included)."""
     inside, pending = {start}, set(start.all_input_nodes)
@@ -211,68 +197,84 @@ def _exclusive(add: fx.Node, start: fx.Node, order: Dict[fx.Node, int]) -> Set[f
     return inside
 
 
-def _zero(cap: Capture, add: fx.Node, fork: fx.Node) -> Optional[Removal]:
-    split = shortcut_and_branch(cap, add, fork)
-    if split is None:
-        return None
-    value = node = split[1]
-    outputs, around = _by_output(cap), set(cap.call_stack(add))
-    candidates: List[str] = []  # module calls handing out the branch, latest first
-    while len(node.users) == 1:  # back through ops that keep a zero a zero
-        candidates += sorted((c for c in outputs.get(node.name, ()) if c not in around),
-                             key=lambda c: cap.calls[c].path.count("."))  # outermost first
-        operands = activations(cap, node)
-        if node.op != "call_function" or len(operands) != 1 or not (
-                op_name(node) in KEEP_ZERO or op_name(node) in LAYOUT_OPS
-                or op_name(node) in ("mul", "div")):
-            break
-        node = operands[0]
-    exclusive = _exclusive(add, value, cap.order)
-    counts = Counter(call.path for call in cap.calls.values())
-    for call_id in candidates:  # the first that computes the whole branch
-        call = cap.calls[call_id]
-        result, first = cap.nodes.get(call.outputs[0]), cap.nodes.get(call.inputs[0]) \
-            if call.inputs else None
-        layout = _layout(call)
-        if counts[call.path] != 1 or first is None or cap.shape(first) != cap.shape(result) \
-                or not _buildable(layout):
-            continue
-        if not any(n.op == "call_function" and op_name(n) in WEIGHTED
-                   and call_id not in cap.call_stack(n) for n in exclusive):
-            return Removal(call.path, "zero", layout, add=add.name, branch=value.name)
-    return None
+class BranchFinder:
+    """How the branches of one capture can leave on their own (module docstring): the module
+    calls looked up once, by the value each hands out first, by path, and by their nodes."""
 
-
-def _shortcut(cap: Capture, add: fx.Node, fork: fx.Node) -> Optional[Removal]:
-    if fork in add.args[:2]:  # an identity shortcut: the whole block goes (depth.py)
-        return None
-    after, node = [], add
-    counts = Counter(call.path for call in cap.calls.values())
-    for block_id in reversed(cap.call_stack(add)):  # the innermost block first
-        block = cap.calls[block_id]
-        if block.inputs == (fork.name,) and len(block.outputs) == 1:
-            break
-    else:
-        return None
-    while node.name != block.outputs[0]:
-        users = list(node.users)
-        if len(users) != 1 or op_name(users[0]) not in AFTER_ADD \
-                or activations(cap, users[0]) != [node]:
-            return None
-        node = users[0]
-        after.append(op_name(node))
-    if counts[block.path] != 1:
-        return None
-    children = []
-    for side, operand in enumerate(add.args[:2]):
+    def __init__(self, cap: Capture):
+        self.cap = cap
+        self.by_output: Dict[str, List[str]] = {}  # value -> ids of the calls handing it out
         for call_id, call in cap.calls.items():
-            child = call.path[len(block.path) + 1:]
-            if (call.path.startswith(block.path + ".") and "." not in child
-                    and call.inputs == (fork.name,) and call.outputs == (operand.name,)):
-                size = sum(call_id in cap.call_stack(n) for n in cap.graph.nodes)
-                children.append((size, side, child))
-    if not children:
+            if call.path and call.outputs and call.outputs[0]:
+                self.by_output.setdefault(call.outputs[0], []).append(call_id)
+        self.calls_of = Counter(call.path for call in cap.calls.values())
+        self.nodes_in = Counter(call_id for node in cap.graph.nodes
+                                for call_id in cap.call_stack(node))
+
+    def find(self, add: fx.Node, fork: fx.Node) -> Optional[Removal]:
+        """How the branch of residual add `add` can leave on its own, or None."""
+        return self._zero(add, fork) or self._shortcut(add, fork)
+
+    def _zero(self, add: fx.Node, fork: fx.Node) -> Optional[Removal]:
+        cap = self.cap
+        split = shortcut_and_branch(cap, add, fork)
+        if split is None:
+            return None
+        value = node = split[1]
+        around = set(cap.call_stack(add))
+        candidates: List[str] = []  # module calls handing out the branch, latest first
+        while len(node.users) == 1:  # back through ops that keep a zero a zero
+            candidates += sorted((c for c in self.by_output.get(node.name, ()) if c not in around),
+                                 key=lambda c: cap.calls[c].path.count("."))  # outermost first
+            operands = activations(cap, node)
+            if node.op != "call_function" or len(operands) != 1 or not (
+                    op_name(node) in KEEP_ZERO or op_name(node) in LAYOUT_OPS
+                    or op_name(node) in ("mul", "div")):
+                break
+            node = operands[0]
+        exclusive = _exclusive(add, value, cap.order)
+        for call_id in candidates:  # the first that computes the whole branch
+            call = cap.calls[call_id]
+            result, first = cap.nodes.get(call.outputs[0]), cap.nodes.get(call.inputs[0]) \
+                if call.inputs else None
+            layout = _layout(call)
+            if self.calls_of[call.path] != 1 or first is None \
+                    or cap.shape(first) != cap.shape(result) or not _buildable(layout):
+                continue
+            if not any(n.op == "call_function" and op_name(n) in WEIGHTED
+                       and call_id not in cap.call_stack(n) for n in exclusive):
+                return Removal(call.path, "zero", layout, add=add.name, branch=value.name)
         return None
-    _, side, child = min(children)  # the cheaper side is the shortcut
-    return Removal(block.path, "shortcut", shortcut=child, after=tuple(after), add=add.name,
-                   branch=add.args[1 - side].name)
+
+    def _shortcut(self, add: fx.Node, fork: fx.Node) -> Optional[Removal]:
+        cap = self.cap
+        if fork in add.args[:2]:  # an identity shortcut: the whole block goes (depth.py)
+            return None
+        after, node = [], add
+        for block_id in reversed(cap.call_stack(add)):  # the innermost block first
+            block = cap.calls[block_id]
+            if block.inputs == (fork.name,) and len(block.outputs) == 1:
+                break
+        else:
+            return None
+        while node.name != block.outputs[0]:
+            users = list(node.users)
+            if len(users) != 1 or op_name(users[0]) not in AFTER_ADD \
+                    or activations(cap, users[0]) != [node]:
+                return None
+            node = users[0]
+            after.append(op_name(node))
+        if self.calls_of[block.path] != 1:
+            return None
+        children = []
+        for side, operand in enumerate(add.args[:2]):
+            for call_id, call in cap.calls.items():
+                child = call.path[len(block.path) + 1:]
+                if (call.path.startswith(block.path + ".") and "." not in child
+                        and call.inputs == (fork.name,) and call.outputs == (operand.name,)):
+                    children.append((self.nodes_in[call_id], side, child))
+        if not children:
+            return None
+        _, side, child = min(children)  # the cheaper side is the shortcut
+        return Removal(block.path, "shortcut", shortcut=child, after=tuple(after), add=add.name,
+                       branch=add.args[1 - side].name)
